@@ -1,0 +1,11 @@
+"""``python -m entrypoints.X`` support: the same error handling as the ``isc`` command."""
+
+from __future__ import annotations
+
+import sys
+
+
+def cli(module: str) -> None:
+    from isc.cli import run_entrypoint
+
+    sys.exit(run_entrypoint(module, sys.argv[1:]))

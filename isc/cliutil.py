@@ -1,0 +1,66 @@
+"""argparse helpers shared by the entry points.
+
+* every ``--dash-option`` is also accepted as ``--dash_option`` because ``mlflow run -P key=value``
+  forwards undeclared parameters as ``--key value`` with the user's spelling;
+* ``""`` means "not given" for optional strings (MLproject cannot express ``None``);
+* numeric validators name the parameter in the error, before any work or MLflow run starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser that adds an underscore alias to every long option."""
+
+    def add_argument(self, *names: str, **kwargs: Any):  # type: ignore[override]
+        extra = [n.replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+        return super().add_argument(*names, *[e for e in extra if e not in names], **kwargs)
+
+    def add_argument_group(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        group = super().add_argument_group(*args, **kwargs)
+        original = group.add_argument
+
+        def add(*names: str, **kw: Any):
+            extra = [n.replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+            return original(*names, *[e for e in extra if e not in names], **kw)
+
+        group.add_argument = add  # type: ignore[method-assign]
+        return group
+
+
+def optional_str(text: str) -> str | None:
+    return text if text not in ("", "None", "none", "null") else None
+
+
+def str2bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "y", "on"):
+        return True
+    if t in ("0", "false", "no", "n", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got '{text}'")
+
+
+def _num(kind: type, cond, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got '{text}'") from exc
+        if not cond(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _num(int, lambda v: v > 0, "> 0")
+nonnegative_int = _num(int, lambda v: v >= 0, ">= 0")
+positive_float = _num(float, lambda v: v > 0, "> 0")
+nonnegative_float = _num(float, lambda v: v >= 0, ">= 0")

@@ -1,0 +1,228 @@
+"""ISC21 file formats: descriptor-track h5, training-descriptor h5, ground-truth and match CSVs.
+
+Descriptor-track h5 (the DrivenData submission format): datasets ``query`` [nq, d] float32,
+``reference`` [nr, d] float32, ``query_ids`` and ``reference_ids`` (ASCII bytes), rows sorted by id.
+Training descriptors (negatives for post-processing) live in their own h5: ``train`` [nt, d] float32
+and ``train_ids``.
+
+Every writer is atomic (temp file + rename) and every reader validates and names the file on error.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from isc.errors import DescriptorFileError
+from isc.fileutil import atomic_path
+
+MAX_DIM = 256  # the descriptor track's limit
+
+
+@dataclass
+class Descriptors:
+    """Query and reference descriptors with their ids (rows aligned with ids)."""
+
+    query: np.ndarray
+    query_ids: list[str]
+    reference: np.ndarray
+    reference_ids: list[str]
+
+    @property
+    def dim(self) -> int:
+        return int(self.query.shape[1])
+
+
+@dataclass
+class GroundTruth:
+    """ISC21 ground truth: every listed query (distractors included) and the positive pairs."""
+
+    queries: list[str]
+    positives: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def n_positives(self) -> int:
+        return len(self.positives)
+
+
+def _decode_ids(raw: np.ndarray) -> list[str]:
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in raw.tolist()]
+
+
+def _encode_ids(ids: Sequence[str]) -> np.ndarray:
+    return np.array([str(i).encode("ascii") for i in ids], dtype="S")
+
+
+def validate_matrix(
+    path: str | Path, name: str, x: np.ndarray, ids: Sequence[str], max_dim: int | None = MAX_DIM
+) -> None:
+    """Shape, dimension, finiteness and id checks shared by readers and writers."""
+    if x.ndim != 2:
+        raise DescriptorFileError(path, f"dataset '{name}' must be 2-D, got shape {x.shape}")
+    if x.shape[0] != len(ids):
+        raise DescriptorFileError(path, f"dataset '{name}' has {x.shape[0]} rows but {len(ids)} ids")
+    if x.shape[0] == 0:
+        raise DescriptorFileError(path, f"dataset '{name}' is empty")
+    if max_dim is not None and x.shape[1] > max_dim:
+        raise DescriptorFileError(
+            path, f"dataset '{name}' has dimension {x.shape[1]} > {max_dim} (pass allow_large_dim to accept)"
+        )
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = [ids[i] for i in np.flatnonzero(~finite)[:5]]
+        raise DescriptorFileError(path, f"dataset '{name}' has NaN/inf values (ids {bad}...)")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dups = [i for i in ids if i in seen or seen.add(i)]
+        raise DescriptorFileError(path, f"duplicate ids in '{name}': {dups[:5]}")
+
+
+def _read_dataset(path: Path, f: h5py.File, name: str) -> np.ndarray:
+    if name not in f:
+        raise DescriptorFileError(path, f"missing dataset '{name}' (has: {sorted(f.keys())})")
+    return f[name][()]
+
+
+def read_descriptors(path: str | Path, allow_large_dim: bool = False) -> Descriptors:
+    """Read and validate a descriptor-track h5."""
+    path = Path(path)
+    if not path.is_file():
+        raise DescriptorFileError(path, "no such descriptor file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise DescriptorFileError(path, f"not a readable HDF5 file ({exc})") from exc
+    with f:
+        q = np.asarray(_read_dataset(path, f, "query"), dtype=np.float32)
+        r = np.asarray(_read_dataset(path, f, "reference"), dtype=np.float32)
+        qids = _decode_ids(_read_dataset(path, f, "query_ids"))
+        rids = _decode_ids(_read_dataset(path, f, "reference_ids"))
+    max_dim = None if allow_large_dim else MAX_DIM
+    validate_matrix(path, "query", q, qids, max_dim)
+    validate_matrix(path, "reference", r, rids, max_dim)
+    if q.shape[1] != r.shape[1]:
+        raise DescriptorFileError(path, f"query dim {q.shape[1]} != reference dim {r.shape[1]}")
+    return Descriptors(q, qids, r, rids)
+
+
+def _sorted(x: np.ndarray, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+    return np.ascontiguousarray(x[order], dtype=np.float32), [ids[i] for i in order]
+
+
+def write_descriptors(
+    path: str | Path,
+    query: np.ndarray,
+    query_ids: Sequence[str],
+    reference: np.ndarray,
+    reference_ids: Sequence[str],
+    allow_large_dim: bool = False,
+) -> Path:
+    """Write a descriptor-track h5 (float32, rows sorted by id), atomically."""
+    path = Path(path)
+    max_dim = None if allow_large_dim else MAX_DIM
+    query, reference = np.asarray(query), np.asarray(reference)
+    validate_matrix(path, "query", query, list(query_ids), max_dim)
+    validate_matrix(path, "reference", reference, list(reference_ids), max_dim)
+    if query.shape[1] != reference.shape[1]:
+        raise DescriptorFileError(path, f"query dim {query.shape[1]} != reference dim {reference.shape[1]}")
+    q, qids = _sorted(query, list(query_ids))
+    r, rids = _sorted(reference, list(reference_ids))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("query", data=q)
+        f.create_dataset("reference", data=r)
+        f.create_dataset("query_ids", data=_encode_ids(qids))
+        f.create_dataset("reference_ids", data=_encode_ids(rids))
+    return path
+
+
+def read_train_descriptors(path: str | Path, allow_large_dim: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Read training descriptors (``train``/``train_ids``) used as negatives by post-processing."""
+    path = Path(path)
+    if not path.is_file():
+        raise DescriptorFileError(path, "no such training-descriptor file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise DescriptorFileError(path, f"not a readable HDF5 file ({exc})") from exc
+    with f:
+        x = np.asarray(_read_dataset(path, f, "train"), dtype=np.float32)
+        ids = _decode_ids(_read_dataset(path, f, "train_ids"))
+    validate_matrix(path, "train", x, ids, None if allow_large_dim else MAX_DIM)
+    return x, ids
+
+
+def write_train_descriptors(path: str | Path, train: np.ndarray, train_ids: Sequence[str]) -> Path:
+    path = Path(path)
+    validate_matrix(path, "train", np.asarray(train), list(train_ids), None)
+    x, ids = _sorted(np.asarray(train), list(train_ids))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("train", data=x)
+        f.create_dataset("train_ids", data=_encode_ids(ids))
+    return path
+
+
+def read_ground_truth(path: str | Path) -> GroundTruth:
+    """Read ``query_id,reference_id`` (header optional; empty reference = distractor query)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DescriptorFileError(path, "no such ground-truth file")
+    queries: list[str] = []
+    seen: set[str] = set()
+    positives: set[tuple[str, str]] = set()
+    with path.open(newline="") as fh:
+        for lineno, row in enumerate(csv.reader(fh), start=1):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if lineno == 1 and row[0].strip() == "query_id":
+                continue
+            if len(row) > 2:
+                raise DescriptorFileError(path, f"line {lineno}: expected 'query_id,reference_id', got {row}")
+            q = row[0].strip()
+            r = row[1].strip() if len(row) > 1 else ""
+            if q not in seen:
+                seen.add(q)
+                queries.append(q)
+            if r:
+                positives.add((q, r))
+    if not queries:
+        raise DescriptorFileError(path, "ground truth lists no query")
+    return GroundTruth(queries, positives)
+
+
+def write_ground_truth(path: str | Path, rows: Iterable[tuple[str, str | None]]) -> Path:
+    """Write ``query_id,reference_id`` rows (``None``/empty reference for distractors), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["query_id", "reference_id"])
+        for q, r in rows:
+            w.writerow([q, r or ""])
+    return Path(path)
+
+
+MAX_MATCHES = 500_000  # the matching track's cap
+
+
+def write_matches_csv(
+    path: str | Path, query_ids: Sequence[str], reference_ids: Sequence[str], scores: Sequence[float]
+) -> Path:
+    """Matching-track CSV ``query_id,reference_id,score``: best-first, deduplicated, at most 500,000 rows."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    seen: set[tuple[str, str]] = set()
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["query_id", "reference_id", "score"])
+        for i in order:
+            pair = (query_ids[i], reference_ids[i])
+            if pair in seen:
+                continue
+            seen.add(pair)
+            w.writerow([pair[0], pair[1], f"{float(scores[i]):.6f}"])
+            if len(seen) >= MAX_MATCHES:
+                break
+    return Path(path)

@@ -1,0 +1,282 @@
+"""MLflow conventions shared by every entry point.
+
+* Default store: an embedded SQLite database ``<project>/mlflow.db`` with an absolute artifact root
+  ``<project>/mlartifacts`` (never the deprecated ``./mlruns`` file store). ``MLFLOW_TRACKING_URI``
+  overrides it (a team ``mlflow server``, PostgreSQL, ...).
+* Runs started by ``mlflow run`` arrive with ``MLFLOW_RUN_ID`` set: :func:`tracked_run` resumes that
+  run instead of opening a new one, and :func:`log_params` never re-logs what the launcher logged.
+* Only the primary process (global rank 0 under ``torchrun``) talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from isc.errors import TrackingUnavailableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "isc"
+RUN_ID_PATTERN_LEN = 32
+
+
+def project_root() -> Path:
+    """Folder that holds the default store: ``$ISC_HOME`` or the repository root of this checkout."""
+    env = os.environ.get("ISC_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(__file__).resolve().parent.parent
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def default_artifact_root() -> str:
+    return str(project_root() / "mlartifacts")
+
+
+def is_primary() -> bool:
+    """True on the process that owns MLflow logging (global rank 0, or no ``torchrun`` at all)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer ``/health``."""
+    if not _is_http(uri):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
+            if resp.status >= 500:
+                raise TrackingUnavailableError(f"MLflow tracking server {uri} answered HTTP {resp.status}")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return  # auth-protected server: reachable; credentials are checked by the client
+        raise TrackingUnavailableError(f"MLflow tracking server {uri} answered HTTP {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it or set MLFLOW_TRACKING_URI"
+        ) from exc
+
+
+def configure(tracking_uri: str | None = None, check: bool = True) -> str:
+    """Point MLflow at ``tracking_uri`` (default: :func:`default_tracking_uri`) and return it.
+
+    Sets the environment variable too, so subprocesses (``mlflow.run`` steps, DataLoader workers,
+    torchrun ranks) use the same store.
+    """
+    import mlflow
+
+    uri = tracking_uri or default_tracking_uri()
+    if check:
+        check_reachable(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    # Bound every HTTP call so an outage mid-run turns into retries with backoff, not a hang.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    return uri
+
+
+def get_or_create_experiment(name: str) -> str:
+    """Return the id of experiment ``name``, creating it with an absolute artifact root if needed.
+
+    With a direct database URI MLflow would otherwise resolve ``./mlruns`` against whatever the
+    creator's working directory was; behind a server the server chooses (proxied artifacts).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not _is_http(os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri())):
+        location = str(Path(default_artifact_root()) / name.replace("/", "_"))
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        # Another process created it between our lookup and our create: use theirs.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def tracked_run(
+    experiment: str | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    nested: bool = False,
+    parent_run_id: str | None = None,
+    log_system_metrics: bool | None = None,
+    run_id: str | None = None,
+) -> Iterator[Any]:
+    """Start (or resume) the MLflow run of an entry point; yields the active run, or ``None`` off rank 0.
+
+    * Under ``mlflow run`` the launcher's run (``MLFLOW_RUN_ID``) is resumed.
+    * ``run_id`` resumes a given run (crash recovery continues the same run).
+    * On an exception the run ends FAILED with the error in the ``isc.error`` tag; on Ctrl-C, KILLED.
+    """
+    import mlflow
+
+    if not is_primary():
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        yield None
+        return
+    configure(check=True)
+    kwargs: dict[str, Any] = {"run_name": run_name, "tags": dict(tags or {}), "nested": nested}
+    if log_system_metrics is not None:
+        kwargs["log_system_metrics"] = log_system_metrics
+    if parent_run_id:
+        kwargs["parent_run_id"] = parent_run_id
+    resume_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    if resume_id:
+        kwargs["run_id"] = resume_id
+        kwargs.pop("run_name")
+    else:
+        exp_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        if os.environ.get("MLFLOW_EXPERIMENT_ID") and not experiment:
+            kwargs["experiment_id"] = os.environ["MLFLOW_EXPERIMENT_ID"]
+        else:
+            kwargs["experiment_id"] = get_or_create_experiment(exp_name)
+    run = mlflow.start_run(**kwargs)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.set_tag("isc.error", "interrupted")
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("isc.error", f"{type(exc).__name__}: {exc}"[:4000])
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
+    """Log params, skipping keys the run already has with the same value.
+
+    A key the launcher (``mlflow run``) already logged with another value -- e.g. a relative path it
+    recorded before we resolved it -- is logged as ``resolved.<key>`` instead of raising
+    ``Changing param values is not allowed``.
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    batch: dict[str, str] = {}
+    for key, value in params.items():
+        key = f"{prefix}{key}"
+        text = _param_text(value)
+        if key in existing:
+            if existing[key] != text:
+                batch[f"resolved.{key}"] = text
+        else:
+            batch[key] = text
+    if batch:
+        mlflow.log_params(batch)
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value, default=str)
+    elif isinstance(value, Path):
+        text = str(value)
+    else:
+        text = str(value)
+    return text[:6000]
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None, retries: int = 3) -> None:
+    """Log metrics on the primary process; transient store errors are retried with backoff.
+
+    Logging is best-effort: after the retries the failure is logged as a warning and training
+    continues, because the local checkpoint (not the metric) is what must never be lost.
+    """
+    import mlflow
+
+    if not is_primary() or mlflow.active_run() is None:
+        return
+    clean = {k: float(v) for k, v in metrics.items() if v is not None}
+    for attempt in range(retries + 1):
+        try:
+            mlflow.log_metrics(clean, step=step)
+            return
+        except Exception as exc:  # noqa: BLE001 -- network/db errors come in many types
+            if attempt == retries:
+                log.warning("could not log metrics %s after %d tries: %s", sorted(clean), retries + 1, exc)
+                return
+            time.sleep(min(2**attempt, 30))
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None, retries: int = 3) -> bool:
+    """Upload a file with retries; returns False (and warns) if the store stays unreachable."""
+    import mlflow
+
+    if not is_primary() or mlflow.active_run() is None:
+        return False
+    for attempt in range(retries + 1):
+        try:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if attempt == retries:
+                log.warning("could not upload %s after %d tries (kept locally): %s", path, retries + 1, exc)
+                return False
+            time.sleep(min(2**attempt, 30))
+    return False
+
+
+def looks_like_run_id(text: str) -> bool:
+    return len(text) == RUN_ID_PATTERN_LEN and all(c in "0123456789abcdef" for c in text)
+
+
+def resolve_artifact(ref: str | Path, default_subpath: str | None = None, dst: str | Path | None = None) -> Path:
+    """Turn a local path, a bare run id, ``runs:/``, ``models:/`` or any artifact URI into a local path.
+
+    A bare run id resolves to ``runs:/<id>/<default_subpath>``. Remote artifacts are downloaded.
+    Raises ``FileNotFoundError`` naming ``ref`` when nothing is there.
+    """
+    import mlflow
+
+    text = str(ref)
+    local = Path(text).expanduser()
+    if local.exists():
+        return local.resolve()
+    if text.startswith("file://"):
+        p = Path(text[len("file://") :])
+        if p.exists():
+            return p
+        raise FileNotFoundError(f"{ref}: no such file")
+    if looks_like_run_id(text):
+        text = f"runs:/{text}/{default_subpath or ''}".rstrip("/")
+    if "://" not in text and not text.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        raise FileNotFoundError(f"{ref}: no such file, and not an MLflow run id or artifact URI")
+    configure(check=True)
+    try:
+        out = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst) if dst else None)
+    except Exception as exc:  # noqa: BLE001 -- MlflowException, OSError...
+        raise FileNotFoundError(f"{ref}: cannot download ({exc})") from exc
+    return Path(out)

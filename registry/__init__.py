@@ -1,0 +1,1 @@
+"""Model-registry layer: the descriptor pyfunc model, promotion with aliases, pulling models."""

@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests never read ../shared and never download anything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+# Keep tests quiet and offline: no hub lookups by timm/huggingface.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh embedded SQLite MLflow store (absolute artifact root) for one test."""
+    import mlflow
+
+    home = tmp_path / "isc_home"
+    home.mkdir()
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    monkeypatch.setenv("ISC_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def mini_data(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny DISC21-shaped dataset built once per session from scikit-image's bundled photos."""
+    from isc.data.mini import make_mini
+
+    out = tmp_path_factory.mktemp("mini") / "mini"
+    return make_mini(out, seed=0, size="tiny")
