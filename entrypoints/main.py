@@ -1,0 +1,36 @@
+"""``isc main`` / MLproject ``main``: the whole pipeline, data to a promoted champion (see isc/driver.py)."""
+
+from __future__ import annotations
+
+from isc.cliutil import Parser, nonnegative_int, optional_str, str2bool
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="isc main", description=__doc__)
+    p.add_argument("--data", default="data/mini", help="DISC21-layout folder; built as a mini dataset if absent")
+    p.add_argument("--source", type=optional_str, default=None, help="photos for the mini dataset (default: bundled)")
+    p.add_argument("--profile", default="demo", help="demo (2 small stages on CPU) or full (the seed's 4 stages)")
+    p.add_argument("--n-trials", type=nonnegative_int, default=3, help="Optuna trials (0 skips tuning)")
+    p.add_argument("--force", type=str2bool, default=False, help="re-run every step instead of reusing finished runs")
+    p.add_argument("--model-name", default="isc-descriptor", help="registered model name")
+    p.add_argument("--experiment-name", type=optional_str, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from isc.driver import PROFILES, run_main
+    from isc.errors import ConfigError
+    from isc.tracking import tracked_run
+
+    args = build_parser().parse_args(argv)
+    if args.profile not in PROFILES:
+        raise ConfigError("profile", f"unknown profile '{args.profile}' (choose from {sorted(PROFILES)})")
+    with tracked_run(experiment=args.experiment_name, run_name="main", tags={"isc.step": "main"}):
+        run_main(args.data, args.source, args.profile, args.n_trials, args.force, args.model_name)
+    return 0
+
+
+if __name__ == "__main__":
+    from entrypoints._run import cli
+
+    cli("entrypoints.main")

@@ -1,0 +1,252 @@
+"""The main job: data -> training stages -> extract -> postprocess -> evaluate -> tune -> promote -> search.
+
+MLflow's multistep-workflow pattern: the driver owns a parent run and launches every step with
+``mlflow.run(".", <entry point>, ...)``, so each step is a nested run of its own. Steps hand results on as
+artifact URIs (``runs:/<id>/descriptors/descriptors.h5``). A step whose entry point, parameters and code
+version match a FINISHED run of the same experiment is reused instead of re-run; because upstream run ids
+are part of the downstream parameters (``model=<train run id>``, ``descriptors=runs:/<extract run>/...``),
+a change anywhere upstream invalidates everything below it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isc.errors import ConfigError
+
+log = logging.getLogger("isc.driver")
+
+# Each profile is a chain of training stages; each stage starts from the previous stage's run.
+# (config, how it starts from the previous stage: "init" = weights only, "resume" = full state)
+PROFILES: dict[str, list[tuple[str, str]]] = {
+    "demo": [("isc/configs/demo.yaml", "init"), ("isc/configs/demo_stage2.yaml", "init")],
+    "full": [
+        ("isc/configs/stage1.yaml", "init"),
+        ("isc/configs/stage1b.yaml", "resume"),
+        ("isc/configs/stage2.yaml", "init"),
+        ("isc/configs/stage3.yaml", "init"),
+        ("isc/configs/stage4.yaml", "init"),
+    ],
+}
+
+
+@dataclass
+class StepRecord:
+    step: str
+    entry_point: str
+    run_id: str
+    reused: bool
+    wall_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+class Pipeline:
+    """Runs and reuses MLflow project steps inside the driver's (parent) run."""
+
+    def __init__(self, project_dir: Path, experiment_id: str, force: bool = False):
+        from mlflow import MlflowClient
+
+        self.project_dir = project_dir
+        self.experiment_id = experiment_id
+        self.force = force
+        self.client = MlflowClient()
+        self.commit = git_commit(project_dir)
+        self.records: list[StepRecord] = []
+
+    def find_finished(self, entry_point: str, parameters: dict[str, Any]) -> Any | None:
+        """The newest FINISHED run of ``entry_point`` with exactly these parameters and code version."""
+        filt = f"tags.`mlflow.project.entryPoint` = '{entry_point}' and attributes.status = 'FINISHED'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"])
+        wanted = {k: str(v) for k, v in parameters.items()}
+        for run in runs:
+            if self.commit and run.data.tags.get("mlflow.source.git.commit") not in (self.commit, None):
+                continue
+            params = run.data.params
+            if all(params.get(k) == v for k, v in wanted.items()):
+                return run
+        return None
+
+    def run(self, step: str, entry_point: str, parameters: dict[str, Any]) -> StepRecord:
+        import mlflow
+
+        parameters = {k: v for k, v in parameters.items()}
+        existing = None if self.force else self.find_finished(entry_point, parameters)
+        if existing is not None:
+            wall = ((existing.info.end_time or 0) - (existing.info.start_time or 0)) / 1000.0
+            log.info("step %-22s reusing finished run %s (same entry point, parameters, code)", step, existing.info.run_id)
+            rec = StepRecord(step, entry_point, existing.info.run_id, True, 0.0, dict(existing.data.metrics))
+            rec.metrics["original_wall_s"] = wall
+        else:
+            log.info("step %-22s running entry point '%s'", step, entry_point)
+            t0 = time.perf_counter()
+            submitted = mlflow.run(
+                str(self.project_dir),
+                entry_point,
+                parameters=parameters,
+                experiment_id=self.experiment_id,
+                env_manager="local",
+                run_name=step,
+                synchronous=True,
+            )
+            wall = time.perf_counter() - t0
+            run = self.client.get_run(submitted.run_id)
+            rec = StepRecord(step, entry_point, submitted.run_id, False, wall, dict(run.data.metrics))
+        self.records.append(rec)
+        mlflow.log_metric(f"wall_s.{step}", rec.wall_s)
+        mlflow.set_tag(f"isc.step_run.{step}", rec.run_id)
+        return rec
+
+
+def run_main(
+    data: str,
+    source: str | None = None,
+    profile: str = "demo",
+    n_trials: int = 3,
+    force: bool = False,
+    model_name: str = "isc-descriptor",
+) -> "Any":
+    """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame."""
+    import mlflow
+    import pandas as pd
+
+    if profile not in PROFILES:
+        raise ConfigError("profile", f"unknown profile '{profile}' (choose from {sorted(PROFILES)})")
+    if n_trials < 0:
+        raise ConfigError("n_trials", f"must be >= 0, got {n_trials}")
+    project_dir = Path(__file__).resolve().parent.parent
+    # `mlflow.run(env_manager="local")` runs steps with the `python` first on PATH: make it ours.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    active = mlflow.active_run()
+    if active is None:
+        raise RuntimeError("run_main must run inside an active MLflow run")
+    pipe = Pipeline(project_dir, active.info.experiment_id, force=force)
+    data_dir = Path(data).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = (Path.cwd() / data_dir).resolve()
+
+    from isc.data.disc21 import DISC21
+
+    if not (data_dir / "reference_images").is_dir():
+        pipe.run("make_mini", "make_mini", {"source": source or "", "out": str(data_dir), "seed": 0})
+    ds = DISC21(data_dir)
+    test_gt = ds.ground_truth("test")
+    if not test_gt.exists():
+        test_gt = ds.ground_truth()
+    if not test_gt.exists():
+        raise ConfigError("data", f"{data_dir} has no ground_truth_test.csv / ground_truth.csv")
+
+    rows: list[dict[str, Any]] = []
+    base = pipe.run(
+        "baseline_phash", "baseline",
+        {"data": str(data_dir), "method": "phash", "ground_truth": str(test_gt), "output_dir": str(project_dir / "outputs" / "baseline")},
+    )
+    rows.append({"step": "baseline (pHash)", "uAP": base.metrics.get("average_precision"),
+                 "recall@P90": base.metrics.get("recall_p90")})
+
+    previous: str | None = None
+    for i, (config, start) in enumerate(PROFILES[profile], start=1):
+        params: dict[str, Any] = {"config": config, "data": str(data_dir)}
+        params["init_from"] = previous if (previous and start == "init") else ""
+        params["resume_from"] = previous if (previous and start == "resume") else ""
+        train = pipe.run(f"train_stage{i}", "train", params)
+        previous = train.run_id
+        ext = pipe.run(
+            f"extract_stage{i}", "extract",
+            {"model": train.run_id, "data": str(data_dir), "sets": "qrt",
+             "output_dir": str(project_dir / "outputs" / "extract" / train.run_id)},
+        )
+        raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
+        post = pipe.run(
+            f"postprocess_stage{i}", "postprocess",
+            {"descriptors": raw, "train_descriptors": f"runs:/{ext.run_id}/descriptors/train_descriptors.h5",
+             "output": str(project_dir / "outputs" / "postprocess" / ext.run_id / "descriptors_nes.h5")},
+        )
+        ev = pipe.run(
+            f"evaluate_stage{i}", "evaluate",
+            {"descriptors": f"runs:/{post.run_id}/descriptors/descriptors_nes.h5", "ground_truth": str(test_gt),
+             "before": raw, "data": str(data_dir), "model_ref": train.run_id,
+             "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"},
+        )
+        rows.append({
+            "step": f"stage {i} ({Path(config).stem})",
+            "uAP before NES": ev.metrics.get("before_average_precision"),
+            "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
+            "uAP": ev.metrics.get("average_precision"),
+            "recall@P90": ev.metrics.get("recall_p90"),
+        })
+
+    if n_trials > 0:
+        tune = pipe.run("tune", "tune", {"data": str(data_dir), "n_trials": n_trials,
+                                          "study_name": f"isc-tune-{active.info.experiment_id}"})
+        rows.append({"step": "tune (best trial, val split)", "uAP": tune.metrics.get("best_value")})
+
+    exp_name = mlflow.get_experiment(active.info.experiment_id).name
+    prom = pipe.run("promote", "promote", {"experiment": exp_name, "ground_truth": str(test_gt), "model_name": model_name})
+    champion = _champion(model_name)
+    search = pipe.run(
+        "search", "search",
+        {"model": f"models:/{model_name}@champion", "references": str(ds.reference_dir),
+         "queries": str(ds.query_dir), "index": str(project_dir / "outputs" / "search" / f"{model_name}.index"),
+         "output": str(project_dir / "outputs" / "search" / "matches.csv")},
+    )
+    del prom, search
+
+    summary = pd.DataFrame(rows)
+    timing = pd.DataFrame(
+        [{"step": r.step, "run_id": r.run_id, "reused": r.reused, "wall_s": round(r.wall_s, 1)} for r in pipe.records]
+    )
+    _report(summary, timing, champion, model_name)
+    return summary
+
+
+def _champion(model_name: str) -> dict[str, str] | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = MlflowClient().get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+    return {"version": mv.version, "uri": f"models:/{model_name}@champion", "source_run": mv.run_id or ""}
+
+
+def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_name: str) -> None:
+    import mlflow
+
+    from isc.tracking import default_tracking_uri
+
+    pd_opts = {"index": False, "float_format": lambda x: f"{x:.4f}"}
+    text = ["", "== quality (held-out test split) ==", summary.to_string(**pd_opts), "",
+            "== steps ==", timing.to_string(index=False), ""]
+    if champion:
+        text.append(f"champion: {champion['uri']} = version {champion['version']} (source run {champion['source_run']})")
+    else:
+        text.append(f"champion: none registered for '{model_name}'")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    text += [
+        f"MLflow UI:        mlflow server --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        if not uri.startswith("http") else f"MLflow UI:        {uri}",
+        "Optuna dashboard: optuna-dashboard <storage URL logged on the tune run> --host 127.0.0.1 --port 8080",
+    ]
+    report = "\n".join(text)
+    print(report, flush=True)
+    mlflow.log_text(report, "summary/summary.txt")
+    mlflow.log_text(summary.to_csv(index=False), "summary/quality.csv")
+    mlflow.log_text(timing.to_csv(index=False), "summary/steps.csv")
