@@ -12,20 +12,26 @@ import argparse
 from typing import Any
 
 
+def _underscore_aliases(names: tuple[str, ...]) -> list[str]:
+    """``--memory-size`` -> ``--memory_size`` (only long options that contain a dash)."""
+    out = ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+    return [o for o in out if o not in names]
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser that adds an underscore alias to every long option."""
 
     def add_argument(self, *names: str, **kwargs: Any):  # type: ignore[override]
-        extra = [n.replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
-        return super().add_argument(*names, *[e for e in extra if e not in names], **kwargs)
+        extra = _underscore_aliases(names)
+        return super().add_argument(*names, *extra, **kwargs)
 
     def add_argument_group(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         group = super().add_argument_group(*args, **kwargs)
         original = group.add_argument
 
         def add(*names: str, **kw: Any):
-            extra = [n.replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
-            return original(*names, *[e for e in extra if e not in names], **kw)
+            extra = _underscore_aliases(names)
+            return original(*names, *extra, **kw)
 
         group.add_argument = add  # type: ignore[method-assign]
         return group

@@ -121,7 +121,7 @@ def run_main(
     n_trials: int = 3,
     force: bool = False,
     model_name: str = "isc-descriptor",
-) -> "Any":
+) -> Any:
     """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame."""
     import mlflow
     import pandas as pd
