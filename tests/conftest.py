@@ -40,3 +40,35 @@ def mini_data(tmp_path_factory: pytest.TempPathFactory):
 
     out = tmp_path_factory.mktemp("mini") / "mini"
     return make_mini(out, seed=0, size="tiny")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend + proxied artifacts in tmp), one per test.
+
+    Yields a ``tests.servers.ServerHandle`` (``.url``, ``.stop()``, ``.kill()``, ``.log()``).
+    """
+    from tests.servers import start_mlflow_server
+
+    root = tmp_path / "mlflow_server"
+    root.mkdir()
+    server = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway PostgreSQL cluster (``tests.servers.PostgresHandle``: ``.url``, ``.new_database()``).
+
+    Skips only where no PostgreSQL server binaries are installed.
+    """
+    from tests.servers import start_postgres
+
+    handle = start_postgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield handle
+    finally:
+        handle.stop()
