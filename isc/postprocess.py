@@ -1,0 +1,282 @@
+"""Negative embedding subtraction (NES): the 1st-place ISC21 post-processing.
+
+Why: raw descriptors of unrelated images share a common component (the "typical image" direction);
+under the descriptor track's L2 matching that makes distances incomparable across queries. Subtracting,
+from every query and reference descriptor, a fraction of the mean of its nearest *training* descriptors
+(the legal background set, never references) removes that component inside the vectors themselves.
+
+Steps (recipe.md "Post-processing"), all on L2-normalised float32 rows of dimension d:
+
+1. :func:`dba` smooths the training bank T [nt, d]: each row becomes the sum of its ``k`` nearest rows
+   by inner product (itself included) weighted by ``sim ** alpha``, then L2-normalised.
+2. :func:`negative_embedding_subtraction` applies ``x <- normalise(x - beta * mean(k nearest bank rows))``
+   ``num_iter`` times, to queries and references separately with the same constants.
+
+Nearest neighbours come from an exact faiss ``IndexFlatIP`` (on GPU when faiss has one, CPU otherwise);
+the vectors being looked up are processed in batches, so memory is O((n + nt) * d) plus
+O(batch * k) -- never O(n * nt) -- and a 1M x 1M run fits in a few GB.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from isc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# The seed's constants (scripts/postprocess.py): NES k=10, beta=0.35, one iteration; DBA k=10, alpha=3.
+DEFAULT_K = 10
+DEFAULT_BETA = 0.35
+DEFAULT_NUM_ITER = 1
+DEFAULT_DBA_K = 10
+DEFAULT_DBA_ALPHA = 3.0
+DEFAULT_BATCH_SIZE = 65_536  # rows searched per faiss call: 65,536 x k results, a few MB
+
+_EPS = 1e-12  # guards the division when a vector is subtracted down to (numerically) zero
+
+
+@dataclass(frozen=True)
+class NESConfig:
+    """Every constant of the post-processing, with the seed's values as defaults."""
+
+    k: int = DEFAULT_K
+    beta: float = DEFAULT_BETA
+    num_iter: int = DEFAULT_NUM_ITER
+    dba_k: int = DEFAULT_DBA_K
+    dba_alpha: float = DEFAULT_DBA_ALPHA
+
+    def validate(self) -> NESConfig:
+        """Raise :class:`ConfigError` naming the first bad constant; return ``self``."""
+        if int(self.k) < 1:
+            raise ConfigError("k", f"must be >= 1, got {self.k}")
+        if not np.isfinite(self.beta) or self.beta < 0:
+            raise ConfigError("beta", f"must be a finite number >= 0, got {self.beta}")
+        if int(self.num_iter) < 0:
+            raise ConfigError("num_iter", f"must be >= 0, got {self.num_iter}")
+        if int(self.dba_k) < 0:
+            raise ConfigError("dba_k", f"must be >= 0 (0 disables DBA), got {self.dba_k}")
+        if not np.isfinite(self.dba_alpha) or self.dba_alpha < 0:
+            raise ConfigError("dba_alpha", f"must be a finite number >= 0, got {self.dba_alpha}")
+        return self
+
+
+def _as_matrix(name: str, x: np.ndarray) -> np.ndarray:
+    """C-contiguous float32 copy-if-needed of a non-empty, finite 2-D array, or ConfigError naming it."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ConfigError(name, f"must be a 2-D [n, d] array, got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ConfigError(name, f"is empty (shape {x.shape})")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)[:5].tolist()
+        raise ConfigError(name, f"has NaN/inf values in {int(bad.sum())} row(s), e.g. rows {rows}")
+    return x
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm (float32, [n, d]); an all-zero row stays zero instead of NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, _EPS)
+
+
+def _use_gpu(use_gpu: bool | None) -> bool:
+    import faiss
+
+    available = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if use_gpu and not available:
+        raise ConfigError("use_gpu", "faiss has no GPU here (install faiss-gpu or pass use_gpu=False)")
+    return available if use_gpu is None else bool(use_gpu)
+
+
+class InnerProductKNN:
+    """Exact k-NN by inner product over a fixed database, searched in batches (GPU when available).
+
+    ``database``: [nb, d] float32. :meth:`search` returns ``(sims [n, k] float32, idx [n, k] int64)``,
+    best first. Built once and reused, so the bank is uploaded to the GPU only once.
+    """
+
+    def __init__(self, database: np.ndarray, use_gpu: bool | None = None):
+        import faiss
+
+        database = _as_matrix("database", database)
+        self.ntotal, self.dim = database.shape
+        index = faiss.IndexFlatIP(self.dim)
+        self.on_gpu = _use_gpu(use_gpu)
+        if self.on_gpu:
+            self._resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
+        index.add(database)
+        self.index = index
+
+    def search(
+        self, queries: np.ndarray, k: int, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> tuple[np.ndarray, np.ndarray]:
+        queries = _as_matrix("queries", queries)
+        if queries.shape[1] != self.dim:
+            raise ConfigError("queries", f"dimension {queries.shape[1]} != database dimension {self.dim}")
+        if batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
+        k = min(int(k), self.ntotal)
+        n = queries.shape[0]
+        sims = np.empty((n, k), dtype=np.float32)
+        idx = np.empty((n, k), dtype=np.int64)
+        for s in range(0, n, batch_size):
+            d, i = self.index.search(queries[s : s + batch_size], k)
+            sims[s : s + batch_size] = d
+            idx[s : s + batch_size] = i
+        return sims, idx
+
+
+def _batches(n: int, batch_size: int, desc: str):
+    """Start offsets of ``batch_size`` blocks of ``n`` rows, with a tqdm bar when there are several."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
+    starts = range(0, n, batch_size)
+    return tqdm(starts, desc=desc, unit="batch", disable=len(starts) < 2)
+
+
+def dba(
+    train: np.ndarray,
+    k: int = DEFAULT_DBA_K,
+    alpha: float = DEFAULT_DBA_ALPHA,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    use_gpu: bool | None = None,
+) -> np.ndarray:
+    """Database-side augmentation of the training bank.
+
+    ``train``: [nt, d] L2-normalised descriptors. Each row t becomes
+    ``normalise(sum_j T[j] * sim_j ** alpha)`` over its ``k`` nearest rows by inner product, t itself
+    included (sim 1). Smoothing makes the bank's neighbourhoods less noisy before they are subtracted.
+    ``k == 0`` returns the bank unchanged (DBA off). Returns [nt, d] float32.
+
+    For an integer ``alpha`` (the seed's 3.0) this is exactly ``sim ** alpha``; for a fractional one
+    negative similarities are clipped to 0 first, because a negative base has no real fractional power.
+    """
+    train = _as_matrix("train", train)
+    if k < 0:
+        raise ConfigError("dba_k", f"must be >= 0, got {k}")
+    if alpha < 0 or not np.isfinite(alpha):
+        raise ConfigError("dba_alpha", f"must be a finite number >= 0, got {alpha}")
+    if k == 0:
+        return train.copy()
+    knn = InnerProductKNN(train, use_gpu=use_gpu)
+    out = np.empty_like(train)
+    integer_alpha = float(alpha).is_integer()
+    for s in _batches(train.shape[0], batch_size, "DBA"):
+        block = train[s : s + batch_size]
+        sims, idx = knn.search(block, k, batch_size=batch_size)
+        if not integer_alpha:
+            sims = np.clip(sims, 0.0, None)
+        weights = np.power(sims, np.float32(alpha)).astype(np.float32)  # [b, k]
+        # sum_j w_j * T[idx_j] without materialising [b, k, d] for large k: loop over the k columns.
+        acc = np.zeros_like(block)
+        for j in range(idx.shape[1]):
+            acc += weights[:, j : j + 1] * train[idx[:, j]]
+        out[s : s + batch_size] = l2_normalize(acc)
+    return out
+
+
+def negative_embedding_subtraction(
+    x: np.ndarray,
+    bank: np.ndarray | InnerProductKNN,
+    k: int = DEFAULT_K,
+    beta: float = DEFAULT_BETA,
+    num_iter: int = DEFAULT_NUM_ITER,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    use_gpu: bool | None = None,
+    bank_vectors: np.ndarray | None = None,
+) -> np.ndarray:
+    """Subtract ``beta`` x the mean of the ``k`` nearest bank vectors from each row, ``num_iter`` times.
+
+    ``x``: [n, d] descriptors (queries *or* references -- call once per set). ``bank``: [nt, d] the
+    (DBA-smoothed) training descriptors, or a prebuilt :class:`InnerProductKNN` over them (then pass
+    the vectors as ``bank_vectors``) to reuse one index for both sets. Each iteration re-searches with
+    the updated rows. Returns [n, d] float32, L2-normalised (``num_iter == 0`` returns ``x`` unchanged).
+    """
+    x = _as_matrix("descriptors", x)
+    if k < 1:
+        raise ConfigError("k", f"must be >= 1, got {k}")
+    if num_iter < 0:
+        raise ConfigError("num_iter", f"must be >= 0, got {num_iter}")
+    if beta < 0 or not np.isfinite(beta):
+        raise ConfigError("beta", f"must be a finite number >= 0, got {beta}")
+    if isinstance(bank, InnerProductKNN):
+        if bank_vectors is None:
+            raise ConfigError("bank_vectors", "required with a prebuilt InnerProductKNN")
+        knn, vectors = bank, _as_matrix("bank", bank_vectors)
+    else:
+        vectors = _as_matrix("bank", bank)
+        knn = None
+    if vectors.shape[1] != x.shape[1]:
+        raise ConfigError("bank", f"dimension {vectors.shape[1]} != descriptor dimension {x.shape[1]}")
+    if num_iter == 0:
+        return x.copy()
+    if knn is None:
+        knn = InnerProductKNN(vectors, use_gpu=use_gpu)
+    out = x.copy()
+    beta32 = np.float32(beta)
+    for it in range(num_iter):
+        for s in _batches(out.shape[0], batch_size, f"NES iter {it + 1}/{num_iter}"):
+            block = out[s : s + batch_size]
+            _, idx = knn.search(block, k, batch_size=batch_size)
+            mean = np.zeros_like(block)
+            for j in range(idx.shape[1]):
+                mean += vectors[idx[:, j]]
+            mean /= np.float32(idx.shape[1])
+            out[s : s + batch_size] = l2_normalize(block - beta32 * mean)
+    return out
+
+
+@dataclass
+class NESResult:
+    """Post-processed descriptors plus the DBA-smoothed bank that produced them."""
+
+    query: np.ndarray  # [nq, d] float32
+    reference: np.ndarray  # [nr, d] float32
+    bank: np.ndarray  # [nt, d] float32 (DBA-smoothed training descriptors)
+
+
+def postprocess_descriptors(
+    query: np.ndarray,
+    reference: np.ndarray,
+    train: np.ndarray,
+    config: NESConfig | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    use_gpu: bool | None = None,
+) -> NESResult:
+    """The whole recipe: DBA on ``train`` [nt, d], then NES on ``query`` [nq, d] and ``reference`` [nr, d].
+
+    One faiss index over the smoothed bank serves both sets. Shapes are checked first, so a dimension
+    mismatch fails before any work.
+    """
+    cfg = (config or NESConfig()).validate()
+    query = _as_matrix("query", query)
+    reference = _as_matrix("reference", reference)
+    train = _as_matrix("train", train)
+    if query.shape[1] != reference.shape[1]:
+        raise ConfigError("reference", f"dimension {reference.shape[1]} != query dimension {query.shape[1]}")
+    if train.shape[1] != query.shape[1]:
+        raise ConfigError(
+            "train", f"dimension {train.shape[1]} != query/reference dimension {query.shape[1]}"
+        )
+    bank = dba(train, k=cfg.dba_k, alpha=cfg.dba_alpha, batch_size=batch_size, use_gpu=use_gpu)
+    knn = InnerProductKNN(bank, use_gpu=use_gpu)
+    kw = {
+        "k": cfg.k,
+        "beta": cfg.beta,
+        "num_iter": cfg.num_iter,
+        "batch_size": batch_size,
+        "bank_vectors": bank,
+    }
+    q = negative_embedding_subtraction(query, knn, **kw)
+    r = negative_embedding_subtraction(reference, knn, **kw)
+    return NESResult(q, r, bank)
