@@ -1,0 +1,306 @@
+"""The ISC21 scorer: micro average precision, recall at 90 % precision, recall at rank 1/10.
+
+Reimplemented from the definition in ``docs/evaluation.md`` (the DrivenData descriptor-track scorer):
+
+* predictions are a flat list of (query_id, reference_id, score) with *higher score = more similar*;
+* ``official``: only queries listed in the ground truth count (distractor queries included, every
+  prediction for them is a false positive); candidates are the ``K = 10 x n GT queries`` globally
+  best pairs by ``-squared L2``;
+* all predictions are ranked together ("micro") by score descending; within equal scores negatives
+  come before positives (pessimistic: a constant score cannot earn a good AP);
+* ``µAP = (1/N_pos) x sum of precision at the true-positive ranks``, ``N_pos`` = number of GT pairs
+  (positives never predicted contribute 0);
+* ``recall@P90`` = the largest recall at a cut with precision >= 0.9, ``0.0`` when no cut reaches it
+  (then ``threshold_p90`` is ``None``);
+* ``recall@rank k`` per GT pair: the rank of the correct reference among that query's predictions,
+  counting every prediction with a score >= the correct one (ties pessimistic).
+
+Everything accumulates in float64. Functions are plain functions on arrays returning dataclasses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from isc import search
+from isc.errors import ConfigError, ISCError
+from isc.io import MAX_DIM, Descriptors, GroundTruth, validate_matrix
+from isc.search import DEFAULT_BATCH_SIZE, FlatIndex, global_topk
+
+PROTOCOLS = ("official", "max_results", "knn")
+RESULTS_PER_GT_QUERY = 10  # the DrivenData cap: K = 10 x number of GT queries
+P90 = 0.9
+
+
+class PredictionsError(ISCError):
+    """Predictions that cannot be scored (duplicate pairs, length mismatch, non-finite scores)."""
+
+
+@dataclass
+class Metrics:
+    """The scalar results of :func:`compute_metrics` (recalls and precisions are fractions in [0, 1])."""
+
+    average_precision: float
+    recall_p90: float
+    threshold_p90: float | None  # score at the P90 cut; None when precision never reaches 0.9
+    recall_at_rank1: float
+    recall_at_rank10: float
+    n_positives: int  # GT positive pairs (the recall denominator)
+    n_predictions: int  # predictions scored (after dropping non-GT queries)
+    n_true_positives: int  # predictions that are GT pairs
+
+
+@dataclass
+class RankedPredictions:
+    """Predictions in scoring order (score desc, negatives first within ties) with their labels."""
+
+    query_ids: np.ndarray  # object [n]
+    reference_ids: np.ndarray  # object [n]
+    scores: np.ndarray  # float64 [n]
+    labels: np.ndarray  # bool [n]
+    precision: np.ndarray  # float64 [n] precision of the prefix ending at each rank
+    recall: np.ndarray  # float64 [n] recall of that prefix
+
+    def __len__(self) -> int:
+        return int(self.scores.size)
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one descriptor file under one protocol, with the ranking for plots."""
+
+    metrics: Metrics
+    protocol: str
+    metric: str
+    n_queries: int  # queries searched (GT queries for official/knn, all queries for max_results)
+    n_candidates: int  # the search cap: K for official/max_results, k per query for knn
+    ranked: RankedPredictions = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no arrays). ``threshold_p90`` is ``None`` when P90 is never reached."""
+        m = self.metrics
+        return {
+            "average_precision": m.average_precision,
+            "recall_p90": m.recall_p90,
+            "threshold_p90": m.threshold_p90,
+            "recall_at_rank1": m.recall_at_rank1,
+            "recall_at_rank10": m.recall_at_rank10,
+            "n_queries": self.n_queries,
+            "n_positives": m.n_positives,
+            "n_predictions": m.n_predictions,
+            "n_true_positives": m.n_true_positives,
+            "n_candidates": self.n_candidates,
+            "protocol": self.protocol,
+            "metric": self.metric,
+        }
+
+
+def _codes(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense integer codes for an array of id strings: ``(unique_ids, codes)``."""
+    uniq, inv = np.unique(ids, return_inverse=True)
+    return uniq, inv.astype(np.int64)
+
+
+def _lookup(uniq: np.ndarray, values: Sequence[str]) -> np.ndarray:
+    """Codes of ``values`` in the sorted ``uniq`` array, -1 where absent."""
+    vals = np.asarray(list(values), dtype=object)
+    if vals.size == 0 or uniq.size == 0:
+        return np.full(vals.size, -1, dtype=np.int64)
+    pos = np.searchsorted(uniq, vals)
+    pos_c = np.minimum(pos, uniq.size - 1)
+    return np.where(uniq[pos_c] == vals, pos_c, -1).astype(np.int64)
+
+
+def compute_metrics(
+    pred_query_ids: Sequence[str],
+    pred_reference_ids: Sequence[str],
+    scores: Sequence[float] | np.ndarray,
+    gt: GroundTruth,
+    restrict_to_gt_queries: bool = True,
+    return_ranking: bool = False,
+) -> Metrics | tuple[Metrics, RankedPredictions]:
+    """Score a flat prediction list against ``gt`` (see the module docstring for the rules).
+
+    ``restrict_to_gt_queries`` drops predictions of queries absent from the GT (DrivenData); the
+    isc2021 ``--max_results`` variant keeps them (they are all false positives).
+    Raises :class:`PredictionsError` on duplicate pairs, mismatched lengths or non-finite scores, and
+    ``ConfigError`` when the GT has no positive pair (µAP is undefined).
+    """
+    qids = np.asarray(list(pred_query_ids), dtype=object)
+    rids = np.asarray(list(pred_reference_ids), dtype=object)
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if not (qids.size == rids.size == s.size):
+        raise PredictionsError(
+            f"predictions: {qids.size} query ids, {rids.size} reference ids and {s.size} scores differ in length"
+        )
+    if not np.isfinite(s).all():
+        bad = np.flatnonzero(~np.isfinite(s))[:5]
+        raise PredictionsError(f"predictions: non-finite scores at rows {bad.tolist()}")
+    n_pos = gt.n_positives
+    if n_pos == 0:
+        raise ConfigError("ground_truth", "has no positive pair; average precision is undefined")
+
+    if restrict_to_gt_queries and qids.size:
+        gt_q = np.asarray(sorted(set(gt.queries)), dtype=object)
+        keep = _lookup(gt_q, qids) >= 0
+        qids, rids, s = qids[keep], rids[keep], s[keep]
+
+    n = s.size
+    uq, qc = _codes(qids) if n else (np.empty(0, dtype=object), np.empty(0, dtype=np.int64))
+    ur, rc = _codes(rids) if n else (np.empty(0, dtype=object), np.empty(0, dtype=np.int64))
+    pair = qc * max(ur.size, 1) + rc
+    if n:
+        upair, counts = np.unique(pair, return_counts=True)
+        if (counts > 1).any():
+            dup = upair[counts > 1][:5]
+            names = [(uq[p // max(ur.size, 1)], ur[p % max(ur.size, 1)]) for p in dup]
+            raise PredictionsError(
+                f"predictions: {int((counts > 1).sum())} duplicate (query, reference) pairs, e.g. {names}"
+            )
+
+    # Labels: encode GT pairs with the same codes; pairs whose ids never appear are unreachable.
+    pos_q = _lookup(uq, [q for q, _ in gt.positives])
+    pos_r = _lookup(ur, [r for _, r in gt.positives])
+    ok = (pos_q >= 0) & (pos_r >= 0)
+    pos_codes = pos_q[ok] * max(ur.size, 1) + pos_r[ok]
+    y = np.isin(pair, pos_codes)
+
+    # Global ranking: score descending, negatives before positives within ties.
+    order = np.lexsort((y, -s))
+    ys = y[order]
+    tp = np.cumsum(ys, dtype=np.float64)
+    precision = tp / np.arange(1, n + 1, dtype=np.float64)
+    recall = tp / float(n_pos)
+    ap = float(precision[ys].sum() / n_pos)
+
+    valid = precision >= P90
+    if valid.any():
+        best = int(np.argmax(np.where(valid, recall, -1.0)))  # first cut with the largest recall
+        recall_p90, threshold = float(recall[best]), float(s[order][best])
+    else:
+        recall_p90, threshold = 0.0, None
+
+    r1, r10 = _recall_at_ranks(qc, s, y, n_pos, ranks=(1, 10))
+    metrics = Metrics(ap, recall_p90, threshold, r1, r10, n_pos, int(n), int(ys.sum()))
+    if not return_ranking:
+        return metrics
+    ranked = RankedPredictions(qids[order], rids[order], s[order], ys, precision, recall)
+    return metrics, ranked
+
+
+def _recall_at_ranks(qc: np.ndarray, s: np.ndarray, y: np.ndarray, n_pos: int, ranks: Sequence[int]):
+    """Fraction of GT pairs whose reference ranks <= k among its query's predictions (ties pessimistic).
+
+    rank = number of predictions of the same query with a score >= the correct one's.
+    """
+    if not y.any():
+        return tuple(0.0 for _ in ranks)
+    _, srank = np.unique(-s, return_inverse=True)  # 0 = best score; equal scores share a rank
+    width = int(srank.max()) + 2
+    key = qc * width + srank.astype(np.int64)
+    key_sorted = np.sort(key)
+    pos = np.flatnonzero(y)
+    upto = np.searchsorted(key_sorted, key[pos], side="right")
+    start = np.searchsorted(key_sorted, qc[pos] * width, side="left")
+    rank = upto - start
+    return tuple(float((rank <= k).sum() / n_pos) for k in ranks)
+
+
+def ground_truth_fingerprint(gt: GroundTruth) -> str:
+    """sha256 of the sorted query list and sorted positive pairs: equal iff two GTs score alike.
+
+    Promotion refuses to compare runs whose fingerprints differ.
+    """
+    h = hashlib.sha256()
+    h.update(b"queries\n")
+    for q in sorted(set(gt.queries)):
+        h.update(q.encode() + b"\n")
+    h.update(b"positives\n")
+    for q, r in sorted(gt.positives):
+        h.update(f"{q},{r}\n".encode())
+    return h.hexdigest()
+
+
+def check_ground_truth_ids(desc: Descriptors, gt: GroundTruth, source: str = "descriptors") -> None:
+    """Every GT query must have a query descriptor and every GT reference a reference descriptor."""
+    qset, rset = set(desc.query_ids), set(desc.reference_ids)
+    missing_q = [q for q in gt.queries if q not in qset]
+    if missing_q:
+        raise ISCError(
+            f"{source}: {len(missing_q)} ground-truth queries have no descriptor, e.g. {missing_q[:5]}"
+        )
+    missing_r = sorted({r for _, r in gt.positives if r not in rset})
+    if missing_r:
+        raise ISCError(
+            f"{source}: {len(missing_r)} ground-truth references have no descriptor, e.g. {missing_r[:5]}"
+        )
+
+
+def evaluate(
+    descriptors: Descriptors,
+    gt: GroundTruth,
+    protocol: str = "official",
+    max_results: int = 500_000,
+    knn: int = 10,
+    metric: str = "l2",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    allow_large_dim: bool = False,
+    source: str = "descriptors",
+) -> EvalResult:
+    """Search ``descriptors`` and score them against ``gt`` under ``protocol``.
+
+    * ``official`` (DrivenData): GT queries only, global top ``10 x n GT queries``, score -squared L2.
+    * ``max_results`` (isc2021 ``compute_metrics.py``): all queries, global top ``max_results``.
+    * ``knn`` (SSCD ``disc_eval.py`` default): GT queries only, ``knn`` results per query.
+
+    ``metric="ip"`` ranks by inner product instead. ``source`` names the file in error messages.
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError("protocol", f"must be one of {PROTOCOLS}, got '{protocol}'")
+    if metric not in ("l2", "ip"):
+        raise ConfigError("metric", f"must be 'l2' or 'ip', got '{metric}'")
+    if max_results <= 0:
+        raise ConfigError("max_results", f"must be > 0, got {max_results}")
+    if knn <= 0:
+        raise ConfigError("knn", f"must be > 0, got {knn}")
+    max_dim = None if allow_large_dim else MAX_DIM
+    validate_matrix(source, "query", np.asarray(descriptors.query), descriptors.query_ids, max_dim)
+    validate_matrix(
+        source, "reference", np.asarray(descriptors.reference), descriptors.reference_ids, max_dim
+    )
+    if descriptors.query.shape[1] != descriptors.reference.shape[1]:
+        raise ISCError(
+            f"{source}: query dim {descriptors.query.shape[1]} != reference dim {descriptors.reference.shape[1]}"
+        )
+    check_ground_truth_ids(descriptors, gt, source)
+
+    qids_all = np.asarray(descriptors.query_ids, dtype=object)
+    rids = np.asarray(descriptors.reference_ids, dtype=object)
+    if protocol == "max_results":
+        rows = np.arange(qids_all.size)
+    else:
+        gt_q = set(gt.queries)
+        rows = np.array([i for i, q in enumerate(descriptors.query_ids) if q in gt_q], dtype=np.int64)
+    query = np.asarray(descriptors.query)[rows]
+    index = FlatIndex(descriptors.reference, metric)
+    if protocol == "knn":
+        q_idx, r_idx, score = search.knn(query, None, knn, metric, batch_size, index=index)
+        cap = knn
+    else:
+        cap = RESULTS_PER_GT_QUERY * rows.size if protocol == "official" else max_results
+        top = global_topk(query, None, cap, metric, batch_size=batch_size, index=index)
+        q_idx, r_idx, score = top.q_idx, top.r_idx, top.score
+    metrics, ranked = compute_metrics(
+        qids_all[rows][q_idx],
+        rids[r_idx],
+        score,
+        gt,
+        restrict_to_gt_queries=protocol != "max_results",
+        return_ranking=True,
+    )
+    return EvalResult(metrics, protocol, metric, int(rows.size), int(cap), ranked)
