@@ -35,7 +35,7 @@ def brute_force_score(preds, gt: GroundTruth, restrict: bool = True) -> dict:
         if precision >= 0.9 and (best_recall is None or recall > best_recall):
             best_recall, threshold = recall, s
     ranks = []
-    for q, r, s, y in labelled:
+    for q, _r, s, y in labelled:
         if y:
             ranks.append(sum(1 for q2, _, s2, _ in labelled if q2 == q and s2 >= s))
     return {
