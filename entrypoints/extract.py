@@ -1,0 +1,133 @@
+"""``isc extract`` / MLproject ``extract``: query/reference/training descriptors of a DISC21 folder.
+
+``--model`` is a checkpoint path, a run id, a ``runs:/`` or ``models:/`` URI (aliases included). Writes
+``OUTPUT_DIR/descriptors.h5`` (q and/or r) and ``OUTPUT_DIR/train_descriptors.h5`` (t), streamed batch by
+batch, and logs them as ``descriptors/...`` artifacts of the run (tags ``isc.step=extract``,
+``isc.model_ref``). See ``docs/descriptors.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from isc import tracking
+from isc.cliutil import Parser, nonnegative_int, positive_int, str2bool
+from isc.data.disc21 import DISC21
+from isc.errors import ConfigError
+from isc.extract import extract_descriptors, parse_sets, resolve_device, resolve_input_size
+from isc.fileutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_DIR = "descriptors"
+BAD_IMAGES_FILE = "bad_images.txt"  # path<TAB>reason per skipped image
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="isc extract", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint path, run id, runs:/ or models:/ URI")
+    p.add_argument("--data", default="data/mini", help="DISC21-shaped root folder")
+    p.add_argument("--sets", default="qrt", help="any of q (queries), r (references), t (training)")
+    p.add_argument("--input-size", type=nonnegative_int, default=0, help="square side in px; 0 = the model's")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader decoding processes")
+    p.add_argument("--output-dir", default="outputs/extract")
+    p.add_argument(
+        "--skip-bad-images",
+        type=str2bool,
+        default=False,
+        help="skip (and list) unreadable images instead of failing",
+    )
+    p.add_argument(
+        "--tta",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="test-time augmentation: flip + rescales, summed",
+    )
+    p.add_argument("--limit", type=nonnegative_int, default=0, help="first N images of each set (0 = all)")
+    p.add_argument("--device", default="", help="cuda, cuda:1, cpu; empty = CUDA when available")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    letters = parse_sets(args.sets)
+    data = DISC21(args.data)
+    if not data.root.is_dir():
+        raise ConfigError("data", f"{data.root} is not a folder")
+    data.validate("".join(letters))
+    device = resolve_device(args.device or None)
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError("output_dir", f"{output_dir} exists and is not a folder")
+
+    from isc.models import load_model
+
+    model = load_model(args.model, device=device)
+    input_size = resolve_input_size(model, args.input_size)
+
+    with tracking.tracked_run(
+        run_name="extract", tags={"isc.step": "extract", "isc.model_ref": str(args.model)}
+    ):
+        tracking.log_params(
+            {
+                "model": args.model,
+                "data": str(data.root),
+                "sets": "".join(letters),
+                "input_size": args.input_size,
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "output_dir": str(output_dir),
+                "skip_bad_images": str(args.skip_bad_images).lower(),
+                "tta": str(args.tta).lower(),
+                "limit": args.limit,
+            }
+        )
+        tracking.log_params({"resolved_input_size": input_size, "device": str(device)})
+        out = extract_descriptors(
+            model,
+            data,
+            sets="".join(letters),
+            out_dir=output_dir,
+            input_size=input_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            skip_bad_images=args.skip_bad_images,
+            device=device,
+            limit=args.limit or None,
+            tta=args.tta,
+            model_ref=str(args.model),
+        )
+        metrics = {f"n_{name}": n for name, n in out["counts"].items()}
+        metrics |= {
+            "n_bad_images": len(out["bad_images"]),
+            "images_per_second": out["images_per_second"],
+            "extract_seconds": out["seconds"],
+        }
+        tracking.log_metrics(metrics)
+        for key in ("descriptors", "train_descriptors"):
+            if out[key]:
+                tracking.log_artifact(out[key], ARTIFACT_DIR)
+        listing = output_dir / BAD_IMAGES_FILE
+        if out["bad_images"]:
+            with atomic_path(listing) as tmp:
+                tmp.write_text("".join(f"{p}\t{reason}\n" for p, reason in out["bad_images"]))
+            tracking.log_artifact(listing, ARTIFACT_DIR)
+        else:
+            listing.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+    counts = ", ".join(f"{n} {name}" for name, n in out["counts"].items())
+    print(f"extracted {counts} descriptors ({out['images_per_second']:.1f} images/s) into {output_dir}")
+    if out["bad_images"]:
+        print(
+            f"warning: skipped {len(out['bad_images'])} unreadable image(s), listed in descriptors/bad_images.txt"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    from entrypoints._run import cli
+
+    cli(__name__ if __name__ != "__main__" else "entrypoints.extract")

@@ -1,0 +1,422 @@
+"""Batched, streamed descriptor extraction: DISC21 folders -> ISC21 descriptor h5 files.
+
+Why streamed: the real reference and training sets hold 1M images each (1 GB of float32 descriptors
+per set at d = 256). Rows are appended to resizable h5 datasets batch by batch, so host memory stays
+flat -- the model, one DataLoader's prefetched batches and one batch of descriptors -- however many
+images there are. The files are written under temporary names and renamed only when every requested
+set succeeded, so a failed or interrupted run never leaves a file that looks complete.
+
+Files written to ``out_dir`` (``sets`` is any combination of ``q``, ``r``, ``t``):
+
+* ``descriptors.h5`` when ``q`` or ``r`` is asked: ``query`` [nq, d] float32 + ``query_ids`` and/or
+  ``reference`` [nr, d] float32 + ``reference_ids`` (ASCII bytes), rows sorted by id. Only the asked
+  sets are in it: with ``q`` alone it has no ``reference`` dataset (and vice versa), so it is a partial
+  file that :func:`isc.io.read_descriptors` rejects until both halves are extracted together.
+* ``train_descriptors.h5`` when ``t`` is asked: ``train`` [nt, d] float32 + ``train_ids``.
+
+Each file carries attributes ``isc.model_ref``, ``isc.input_size`` and ``isc.tta`` (ignored by the
+ISC21 tooling). Descriptors come from the model in eval mode (the eval GeM exponent), under
+``torch.inference_mode`` and, on CUDA, float16 autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from isc.data.disc21 import DISC21
+from isc.data.images import load_image
+from isc.errors import BadImageError, BadImagesError, ConfigError
+from isc.fileutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+SET_NAMES = {"q": "query", "r": "reference", "t": "train"}
+DESCRIPTORS_FILE = "descriptors.h5"
+TRAIN_FILE = "train_descriptors.h5"
+# Test-time augmentation (v107 --tta): the model on the image, its horizontal flip, and the image
+# rescaled by these factors; the sum is re-normalised. The scale factors are our choice.
+TTA_SCALES = (0.75, 1.25)
+H5_CHUNK_ROWS = 1024
+
+
+def parse_sets(sets: str) -> list[str]:
+    """``"qrt"`` -> ``["q", "r", "t"]`` (order q, r, t; duplicates dropped); ConfigError('sets') otherwise."""
+    letters = [c for c in str(sets).strip().lower()]
+    bad = sorted({c for c in letters if c not in SET_NAMES})
+    if not letters or bad:
+        raise ConfigError("sets", f"must be a non-empty combination of q, r, t (got '{sets}')")
+    return [c for c in "qrt" if c in letters]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` = CUDA when available, else CPU."""
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError("device", f"unknown device '{device}'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "CUDA requested but no GPU is visible")
+    return dev
+
+
+def resolve_input_size(model: torch.nn.Module, input_size: int | None) -> int:
+    """``input_size`` if > 0, else the model's ``model_config['input_size']``."""
+    if input_size:
+        if int(input_size) < 0:
+            raise ConfigError("input_size", f"must be >= 0 (0 = the model's), got {input_size}")
+        return int(input_size)
+    size = getattr(model, "model_config", {}).get("input_size")
+    if not size:
+        raise ConfigError("input_size", "the model records no input_size; pass one explicitly")
+    return int(size)
+
+
+def eval_transform_for(model: torch.nn.Module, input_size: int) -> Callable[[Any], torch.Tensor]:
+    """Resize to ``input_size`` square, ToTensor, Normalize with the model's mean/std."""
+    from isc.data.augment import build_eval_transform
+
+    cfg = getattr(model, "model_config", {})
+    return build_eval_transform(
+        input_size, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    )
+
+
+# ---------------------------------------------------------------- model side
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (eval GeM p, frozen BN) for the block; the caller's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.float16):
+            return model(x.contiguous(memory_format=torch.channels_last)).float()
+    return model(x).float()
+
+
+def describe_tensors(model: torch.nn.Module, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
+    """Descriptors of pre-processed images.
+
+    batch: [B, 3, s, s] float tensor, already resized and normalised. Returns [B, d] float32 numpy,
+    L2-normalised rows. Runs on the model's device (AMP on CUDA) in eval mode under inference_mode.
+    With ``tta`` the descriptor is the normalised sum over the image, its flip and :data:`TTA_SCALES`.
+    """
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ConfigError("batch", f"expected [B, 3, H, W] images, got shape {tuple(batch.shape)}")
+    device = _model_device(model)
+    with _eval_mode(model), torch.inference_mode():
+        x = batch.to(device, non_blocking=True).float()
+        out = _forward(model, x, device)
+        if tta:
+            out = out + _forward(model, torch.flip(x, dims=[3]), device)
+            size = x.shape[-1]
+            for scale in TTA_SCALES:
+                side = max(8, int(round(size * scale)))
+                xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+                out = out + _forward(model, xs, device)
+            out = F.normalize(out, p=2, dim=1)
+        return out.cpu().numpy().astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------- data side
+
+
+class _ImageList(Dataset):
+    """(index, tensor or None, reason) per image: bad files are reported, not raised, so one pass sees all."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor]):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            img = load_image(self.paths[i])
+        except BadImageError as exc:
+            return i, None, exc.reason
+        return i, self.transform(img), ""
+
+
+def _collate(
+    items: list[tuple[int, torch.Tensor | None, str]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    good = [(i, t) for i, t, _ in items if t is not None]
+    bad = [(i, reason) for i, t, reason in items if t is None]
+    batch = torch.stack([t for _, t in good]) if good else None
+    return [i for i, _ in good], batch, bad
+
+
+def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,  # rows must come out in id order
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+def _describe_stream(
+    model: torch.nn.Module,
+    paths: Sequence[Path],
+    transform: Callable[[Any], torch.Tensor],
+    batch_size: int,
+    workers: int,
+    tta: bool,
+    desc: str,
+    run_model: Callable[[], bool] = lambda: True,
+) -> Iterator[tuple[list[int], np.ndarray | None, list[BadImageError]]]:
+    """Yield ``(row indices, descriptors [b, d] | None, bad images)`` per batch, in path order.
+
+    ``run_model()`` is asked before each forward pass: once it says False (a bad image was found and the
+    run is going to fail) the remaining batches are only decoded, so every bad file still gets listed
+    without spending model time.
+    """
+    device = _model_device(model)
+    loader = _loader(_ImageList(paths, transform), batch_size, workers, device)
+    for idx, batch, bad in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=2.0):
+        errors = [BadImageError(paths[i], reason) for i, reason in bad]
+        if batch is None or not run_model():
+            yield idx, None, errors
+        else:
+            yield idx, describe_tensors(model, batch, tta), errors
+
+
+def _check_common(batch_size: int, workers: int) -> None:
+    if int(batch_size) < 1:
+        raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
+    if int(workers) < 0:
+        raise ConfigError("workers", f"must be >= 0, got {workers}")
+
+
+def describe_images(
+    model: torch.nn.Module,
+    paths: Sequence[str | Path],
+    input_size: int | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device | None = None,
+    tta: bool = False,
+) -> np.ndarray:
+    """In-memory descriptors of image files (tuning, the registry's pyfunc, ad-hoc search).
+
+    Returns [len(paths), d] float32, L2-normalised, in the order of ``paths``. Any unreadable file
+    raises :class:`BadImagesError` listing every bad one. ``device=None`` keeps the model where it is.
+    """
+    _check_common(batch_size, workers)
+    paths = [Path(p) for p in paths]
+    if device is not None:
+        model.to(resolve_device(device))
+    size = resolve_input_size(model, input_size)
+    transform = eval_transform_for(model, size)
+    dim = int(getattr(model, "model_config", {}).get("dim", 0)) or None
+    rows: list[np.ndarray] = []
+    bad: list[BadImageError] = []
+    for _, x, errors in _describe_stream(
+        model, paths, transform, batch_size, workers, tta, "describe", run_model=lambda: not bad
+    ):
+        bad.extend(errors)
+        if x is not None and not bad:
+            rows.append(x)
+    if bad:
+        raise BadImagesError(bad)
+    if not rows:
+        return np.zeros((0, dim or 0), dtype=np.float32)
+    return np.concatenate(rows, axis=0)
+
+
+# ---------------------------------------------------------------- streamed h5 writing
+
+
+class _H5Appender:
+    """Append rows to ``<name>`` [n, d] float32 and ``<name>_ids`` (ASCII) in an open h5 file."""
+
+    def __init__(self, f: h5py.File, name: str, dim: int, id_len: int):
+        self.name = name
+        self.x = f.create_dataset(
+            name, shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=(H5_CHUNK_ROWS, dim)
+        )
+        self.ids = f.create_dataset(
+            f"{name}_ids", shape=(0,), maxshape=(None,), dtype=f"S{max(id_len, 1)}", chunks=(H5_CHUNK_ROWS,)
+        )
+        self.n = 0
+
+    def append(self, x: np.ndarray, ids: Sequence[str]) -> None:
+        if x.shape[1] != self.x.shape[1]:
+            raise ConfigError("model", f"produced {x.shape[1]}-d descriptors, expected {self.x.shape[1]}")
+        n, m = self.n, len(ids)
+        self.x.resize(n + m, axis=0)
+        self.ids.resize(n + m, axis=0)
+        self.x[n : n + m] = x
+        self.ids[n : n + m] = np.array([i.encode("ascii") for i in ids], dtype=self.ids.dtype)
+        self.n += m
+
+
+@dataclass
+class ExtractionResult:
+    """What :func:`extract_descriptors` wrote and measured."""
+
+    descriptors: Path | None = None  # out_dir/descriptors.h5 (q and/or r asked)
+    train_descriptors: Path | None = None  # out_dir/train_descriptors.h5 (t asked)
+    counts: dict[str, int] = field(default_factory=dict)  # set name -> rows written
+    bad_images: list[BadImageError] = field(default_factory=list)  # skipped files (skip_bad_images)
+    seconds: float = 0.0  # wall time of the extraction loop (decode + forward + write)
+    images_per_second: float = 0.0
+    input_size: int = 0
+    dim: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "descriptors": str(self.descriptors) if self.descriptors else None,
+            "train_descriptors": str(self.train_descriptors) if self.train_descriptors else None,
+            "counts": dict(self.counts),
+            "bad_images": [(str(e.path), e.reason) for e in self.bad_images],
+            "seconds": self.seconds,
+            "images_per_second": self.images_per_second,
+            "input_size": self.input_size,
+            "dim": self.dim,
+            "device": self.device,
+        }
+
+
+def extract_descriptors(
+    model: torch.nn.Module,
+    data: DISC21,
+    sets: str = "qrt",
+    out_dir: str | Path = "outputs/extract",
+    input_size: int | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    skip_bad_images: bool = False,
+    device: str | torch.device | None = None,
+    limit: int | None = None,
+    tta: bool = False,
+    model_ref: str = "",
+) -> dict[str, Any]:
+    """Extract the asked DISC21 sets with ``model`` and stream them to h5 files in ``out_dir``.
+
+    See the module docstring for the files. Bad images: with ``skip_bad_images=False`` every image of
+    every asked set is still decoded (the model stops running after the first bad one) and then one
+    :class:`BadImagesError` lists them all, leaving no new file behind; with ``True`` they are skipped
+    (their ids are absent from the output) and returned under ``bad_images``. ``limit`` keeps the first
+    N images (by id) of each set. Returns :meth:`ExtractionResult.to_dict`.
+    """
+    letters = parse_sets(sets)
+    _check_common(batch_size, workers)
+    if limit is not None and int(limit) < 0:
+        raise ConfigError("limit", f"must be >= 0 (0 = all), got {limit}")
+    dev = resolve_device(device)
+    size = resolve_input_size(model, input_size)
+    data.validate("".join(letters))
+    listings = {c: data.images(c, limit or None) for c in letters}
+    for c, items in listings.items():
+        if not items:
+            raise ConfigError("data", f"no images in {data.split_dir(c)}")
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    transform = eval_transform_for(model, size)
+    dim = int(getattr(model, "model_config", {}).get("dim", 0)) or _probe_dim(model, size)
+    out_dir = Path(out_dir)
+    result = ExtractionResult(input_size=size, dim=dim, device=str(dev))
+    attrs = {"isc.model_ref": model_ref, "isc.input_size": size, "isc.tta": int(bool(tta))}
+    bad: list[BadImageError] = []
+    n_images = sum(len(v) for v in listings.values())
+    log.info(
+        "extracting %s (%d images, %d px, batch %d, %d workers) on %s",
+        "".join(letters),
+        n_images,
+        size,
+        batch_size,
+        workers,
+        dev,
+    )
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        files: dict[str, h5py.File] = {}
+        for c in letters:
+            fname = TRAIN_FILE if c == "t" else DESCRIPTORS_FILE
+            if fname not in files:
+                tmp = stack.enter_context(atomic_path(out_dir / fname))
+                f = stack.enter_context(h5py.File(tmp, "w"))
+                f.attrs.update(attrs)
+                files[fname] = f
+            name = SET_NAMES[c]
+            items = listings[c]
+            ids = [i for i, _ in items]
+            writer = _H5Appender(files[fname], name, dim, max(len(i) for i in ids))
+            for idx, x, errors in _describe_stream(
+                model,
+                [p for _, p in items],
+                transform,
+                batch_size,
+                workers,
+                tta,
+                f"extract {name}",
+                run_model=lambda: skip_bad_images or not bad,
+            ):
+                for e in errors:
+                    log.warning("bad image: %s: %s", e.path, e.reason)
+                bad.extend(errors)
+                if x is not None and (skip_bad_images or not bad):
+                    writer.append(x, [ids[i] for i in idx])
+            result.counts[name] = writer.n
+            if bad and not skip_bad_images:
+                continue  # keep scanning the other sets so the error lists every bad file
+            if writer.n == 0:
+                raise ConfigError("data", f"every image in {data.split_dir(c)} is unreadable")
+        if bad and not skip_bad_images:
+            raise BadImagesError(bad)  # the stack closes and deletes every temp file
+        # Leaving the stack closes each h5 file, then renames it onto its final name (LIFO order).
+    result.seconds = time.perf_counter() - t0
+    written = sum(result.counts.values())
+    result.images_per_second = written / result.seconds if result.seconds > 0 else 0.0
+    result.bad_images = bad
+    if any(c in letters for c in "qr"):
+        result.descriptors = out_dir / DESCRIPTORS_FILE
+    if "t" in letters:
+        result.train_descriptors = out_dir / TRAIN_FILE
+    if bad:
+        log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(str(e.path) for e in bad[:20]))
+    return result.to_dict()
+
+
+def _probe_dim(model: torch.nn.Module, size: int) -> int:
+    """Descriptor size of a model without ``model_config['dim']``: one forward on a blank image."""
+    device = _model_device(model)
+    return int(describe_tensors(model, torch.zeros(1, 3, size, size, device=device)).shape[1])

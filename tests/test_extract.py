@@ -1,0 +1,218 @@
+"""Descriptor extraction: file format, streamed == in-memory vectors, bad images, the CLI step."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from entrypoints import extract as extract_entry
+from isc.data.disc21 import DISC21
+from isc.data.images import load_image
+from isc.errors import BadImagesError, ConfigError
+from isc.extract import describe_images, describe_tensors, eval_transform_for, extract_descriptors
+from isc.io import read_descriptors, read_train_descriptors
+from isc.models import create_model, save_checkpoint
+
+SIZE = 48  # tiny images keep every forward pass in milliseconds
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("test_efficientnet", pretrained=False, input_size=SIZE).eval()
+
+
+@pytest.fixture(scope="module")
+def extracted(model, mini_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("extract")
+    res = extract_descriptors(model, mini_data, "qrt", out, batch_size=16, workers=2)
+    return res, out
+
+
+def _small_copy(src: DISC21, dst: Path, n: int = 6) -> DISC21:
+    """A DISC21 folder with the first ``n`` images of each split (bad files get added to it)."""
+    for split in ("query", "reference", "train"):
+        folder = dst / src.split_dir(split).name
+        folder.mkdir(parents=True)
+        for _, p in src.images(split)[:n]:
+            shutil.copy(p, folder / p.name)
+    return DISC21(dst)
+
+
+def _add_bad_images(data: DISC21) -> list[Path]:
+    good = data.images("query")[0][1]
+    zero = data.query_dir / "Q90000.jpg"
+    zero.write_bytes(b"")
+    truncated = data.reference_dir / "R900000.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    text = data.training_dir / "T900000.jpg"
+    text.write_text("this is not a picture\n")
+    return [zero, truncated, text]
+
+
+def test_extraction_writes_isc21_format_with_sorted_ids_and_unit_float32_rows(extracted, mini_data):
+    res, out = extracted
+    desc = read_descriptors(out / "descriptors.h5")  # the format validator of isc.io
+    train, train_ids = read_train_descriptors(out / "train_descriptors.h5")
+    assert desc.query_ids == [i for i, _ in mini_data.images("query")]
+    assert desc.reference_ids == [i for i, _ in mini_data.images("reference")]
+    assert train_ids == [i for i, _ in mini_data.images("train")]
+    assert desc.query_ids == sorted(desc.query_ids) and train_ids == sorted(train_ids)
+    with h5py.File(out / "descriptors.h5") as f:
+        assert f["query"].dtype == np.float32 and f["reference"].dtype == np.float32
+        assert f["query"].shape == (40, 256)
+        assert f.attrs["isc.input_size"] == SIZE
+    for x in (desc.query, desc.reference, train):
+        np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert res["counts"] == {"query": 40, "reference": 64, "train": 64}
+    assert res["input_size"] == SIZE and res["dim"] == 256 and res["images_per_second"] > 0
+    assert not list(out.glob("*.partial"))
+
+
+def test_streamed_vectors_equal_an_in_memory_forward_pass(extracted, model, mini_data):
+    _, out = extracted
+    desc = read_descriptors(out / "descriptors.h5")
+    paths = [p for _, p in mini_data.images("query")][:10]
+    transform = eval_transform_for(model, SIZE)
+    batch = torch.stack([transform(load_image(p)) for p in paths])
+    with torch.inference_mode():
+        direct = model(batch).numpy()
+    np.testing.assert_allclose(desc.query[:10], direct, atol=1e-5)
+    np.testing.assert_allclose(describe_images(model, paths, batch_size=3), direct, atol=1e-5)
+    np.testing.assert_allclose(describe_tensors(model, batch), direct, atol=1e-5)
+
+
+def test_extraction_uses_eval_mode_and_restores_the_callers_mode(model):
+    net = create_model("test_efficientnet", pretrained=False, gem_p=3.0, gem_eval_p=1.0, input_size=SIZE)
+    net.load_state_dict(model.state_dict())
+    net.train()
+    x = torch.rand(2, 3, SIZE, SIZE)
+    got = describe_tensors(net, x)
+    assert net.training  # restored
+    with torch.inference_mode():
+        want = model.eval()(x).numpy()  # same weights, eval GeM p = 1
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_tta_is_the_normalised_sum_of_the_views(model):
+    x = torch.rand(3, 3, SIZE, SIZE)
+    got = describe_tensors(model, x, tta=True)
+    with torch.inference_mode():
+        views = [x, torch.flip(x, dims=[3])]
+        views += [
+            torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=True) for s in (36, 60)
+        ]
+        want = torch.nn.functional.normalize(sum(model(v) for v in views), dim=1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(got, describe_tensors(model, x), atol=1e-3)
+
+
+def test_query_only_extraction_writes_only_the_query_half(model, mini_data, tmp_path):
+    res = extract_descriptors(model, mini_data, "q", tmp_path, batch_size=32, workers=0, limit=5)
+    with h5py.File(tmp_path / "descriptors.h5") as f:
+        assert set(f.keys()) == {"query", "query_ids"}
+        assert f["query"].shape == (5, 256)
+    assert not (tmp_path / "train_descriptors.h5").exists()
+    assert res["train_descriptors"] is None and res["counts"] == {"query": 5}
+
+
+def test_bad_images_fail_listing_every_one_and_leave_no_output(model, mini_data, tmp_path):
+    data = _small_copy(mini_data, tmp_path / "data")
+    bad = _add_bad_images(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "descriptors.h5").write_bytes(b"previous run")
+    with pytest.raises(BadImagesError) as err:
+        extract_descriptors(model, data, "qrt", out, batch_size=4, workers=0)
+    assert sorted(e.path.name for e in err.value.errors) == sorted(p.name for p in bad)
+    for p in bad:
+        assert str(p) in str(err.value)
+    assert "0 bytes" in str(err.value) and "not a recognised image" in str(err.value)
+    # Nothing new: the earlier file is untouched, no train file, no temp files.
+    assert (out / "descriptors.h5").read_bytes() == b"previous run"
+    assert sorted(p.name for p in out.iterdir()) == ["descriptors.h5"]
+
+
+def test_skip_bad_images_leaves_them_out_and_lists_them(model, mini_data, tmp_path):
+    data = _small_copy(mini_data, tmp_path / "data")
+    bad = _add_bad_images(data)
+    res = extract_descriptors(
+        model, data, "qrt", tmp_path / "out", batch_size=4, workers=0, skip_bad_images=True
+    )
+    assert sorted(Path(p).name for p, _ in res["bad_images"]) == sorted(p.name for p in bad)
+    desc = read_descriptors(res["descriptors"])
+    assert "Q90000" not in desc.query_ids and "R900000" not in desc.reference_ids
+    assert len(desc.query_ids) == 6 and res["counts"] == {"query": 6, "reference": 6, "train": 6}
+
+
+def test_describe_images_raises_on_a_bad_file(model, tmp_path):
+    p = tmp_path / "x.jpg"
+    p.write_text("nope")
+    with pytest.raises(BadImagesError, match="x.jpg"):
+        describe_images(model, [p])
+
+
+def test_bad_parameters_are_named(model, mini_data, tmp_path):
+    for kwargs, param in [
+        ({"sets": "qx"}, "sets"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"workers": -1}, "workers"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            extract_descriptors(model, mini_data, out_dir=tmp_path, **({"sets": "q"} | kwargs))
+        assert err.value.param == param
+
+
+def test_cli_extracts_from_a_checkpoint_and_logs_to_mlflow(model, mini_data, tmp_path, tracking):
+    data = _small_copy(mini_data, tmp_path / "data", n=5)
+    _add_bad_images(data)
+    ckpt = save_checkpoint(tmp_path / "ckpt" / "checkpoint_0000.pth.tar", model, epoch=0, with_rng=False)
+    out = tmp_path / "out"
+    rc = extract_entry.main(
+        [
+            "--model",
+            str(ckpt),
+            "--data",
+            str(data.root),
+            "--output-dir",
+            str(out),
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--skip-bad-images",
+            "true",
+        ]
+    )
+    assert rc == 0
+    desc = read_descriptors(out / "descriptors.h5")
+    np.testing.assert_allclose(
+        desc.query, describe_images(model, [p for _, p in data.images("query")][:5]), atol=1e-5
+    )
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["isc.step"] == "extract" and run.data.tags["isc.model_ref"] == str(ckpt)
+    assert run.data.metrics["n_query"] == 5 and run.data.metrics["n_bad_images"] == 3
+    assert run.data.metrics["images_per_second"] > 0
+    assert run.data.params["resolved_input_size"] == str(SIZE)
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "descriptors")}
+    assert names == {
+        "descriptors/descriptors.h5",
+        "descriptors/train_descriptors.h5",
+        "descriptors/bad_images.txt",
+    }
+    listing = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="descriptors/bad_images.txt"
+    )
+    assert "Q90000.jpg" in Path(listing).read_text()
+
+
+def test_cli_bad_data_folder_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nowhere"):
+        extract_entry.main(["--model", "x", "--data", str(tmp_path / "nowhere")])
