@@ -12,7 +12,8 @@ Steps (recipe.md "Post-processing"), all on L2-normalised float32 rows of dimens
 2. :func:`negative_embedding_subtraction` applies ``x <- normalise(x - beta * mean(k nearest bank rows))``
    ``num_iter`` times, to queries and references separately with the same constants.
 
-Nearest neighbours come from an exact faiss ``IndexFlatIP`` (on GPU when faiss has one, CPU otherwise);
+Nearest neighbours come from an exact faiss inner-product index (:class:`isc.search.FlatIndex`, on
+GPU when faiss has one, CPU otherwise);
 the vectors being looked up are processed in batches, so memory is O((n + nt) * d) plus
 O(batch * k) -- never O(n * nt) -- and a 1M x 1M run fits in a few GB.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from isc.errors import ConfigError
+from isc.search import FlatIndex
 
 log = logging.getLogger(__name__)
 
@@ -86,52 +88,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, _EPS)
 
 
-def _use_gpu(use_gpu: bool | None) -> bool:
-    import faiss
-
-    available = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if use_gpu and not available:
-        raise ConfigError("use_gpu", "faiss has no GPU here (install faiss-gpu or pass use_gpu=False)")
-    return available if use_gpu is None else bool(use_gpu)
+def bank_index(bank: np.ndarray, use_gpu: bool | None = None) -> FlatIndex:
+    """Exact inner-product index over ``bank`` [nt, d] (GPU when faiss has one), reusable across sets."""
+    return FlatIndex(_as_matrix("bank", bank), metric="ip", use_gpu=use_gpu)
 
 
-class InnerProductKNN:
-    """Exact k-NN by inner product over a fixed database, searched in batches (GPU when available).
-
-    ``database``: [nb, d] float32. :meth:`search` returns ``(sims [n, k] float32, idx [n, k] int64)``,
-    best first. Built once and reused, so the bank is uploaded to the GPU only once.
-    """
-
-    def __init__(self, database: np.ndarray, use_gpu: bool | None = None):
-        import faiss
-
-        database = _as_matrix("database", database)
-        self.ntotal, self.dim = database.shape
-        index = faiss.IndexFlatIP(self.dim)
-        self.on_gpu = _use_gpu(use_gpu)
-        if self.on_gpu:
-            self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
-        index.add(database)
-        self.index = index
-
-    def search(
-        self, queries: np.ndarray, k: int, batch_size: int = DEFAULT_BATCH_SIZE
-    ) -> tuple[np.ndarray, np.ndarray]:
-        queries = _as_matrix("queries", queries)
-        if queries.shape[1] != self.dim:
-            raise ConfigError("queries", f"dimension {queries.shape[1]} != database dimension {self.dim}")
-        if batch_size < 1:
-            raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
-        k = min(int(k), self.ntotal)
-        n = queries.shape[0]
-        sims = np.empty((n, k), dtype=np.float32)
-        idx = np.empty((n, k), dtype=np.int64)
-        for s in range(0, n, batch_size):
-            d, i = self.index.search(queries[s : s + batch_size], k)
-            sims[s : s + batch_size] = d
-            idx[s : s + batch_size] = i
-        return sims, idx
+def _topk(index: FlatIndex, x: np.ndarray, k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sims [n, k'], idx [n, k'])`` with ``k' = min(k, index.ntotal)``, best first."""
+    return index.search(x, min(int(k), index.ntotal), batch_size=batch_size)
 
 
 def _batches(n: int, batch_size: int, desc: str):
@@ -168,12 +132,12 @@ def dba(
         raise ConfigError("dba_alpha", f"must be a finite number >= 0, got {alpha}")
     if k == 0:
         return train.copy()
-    knn = InnerProductKNN(train, use_gpu=use_gpu)
+    index = bank_index(train, use_gpu=use_gpu)
     out = np.empty_like(train)
     integer_alpha = float(alpha).is_integer()
     for s in _batches(train.shape[0], batch_size, "DBA"):
         block = train[s : s + batch_size]
-        sims, idx = knn.search(block, k, batch_size=batch_size)
+        sims, idx = _topk(index, block, k, batch_size)
         if not integer_alpha:
             sims = np.clip(sims, 0.0, None)
         weights = np.power(sims, np.float32(alpha)).astype(np.float32)  # [b, k]
@@ -187,20 +151,19 @@ def dba(
 
 def negative_embedding_subtraction(
     x: np.ndarray,
-    bank: np.ndarray | InnerProductKNN,
+    bank: np.ndarray | FlatIndex,
     k: int = DEFAULT_K,
     beta: float = DEFAULT_BETA,
     num_iter: int = DEFAULT_NUM_ITER,
     batch_size: int = DEFAULT_BATCH_SIZE,
     use_gpu: bool | None = None,
-    bank_vectors: np.ndarray | None = None,
 ) -> np.ndarray:
     """Subtract ``beta`` x the mean of the ``k`` nearest bank vectors from each row, ``num_iter`` times.
 
     ``x``: [n, d] descriptors (queries *or* references -- call once per set). ``bank``: [nt, d] the
-    (DBA-smoothed) training descriptors, or a prebuilt :class:`InnerProductKNN` over them (then pass
-    the vectors as ``bank_vectors``) to reuse one index for both sets. Each iteration re-searches with
-    the updated rows. Returns [n, d] float32, L2-normalised (``num_iter == 0`` returns ``x`` unchanged).
+    (DBA-smoothed) training descriptors, or :func:`bank_index` of them to reuse one faiss index for
+    both sets. Each iteration re-searches with the updated rows. Returns [n, d] float32, L2-normalised
+    (``num_iter == 0`` returns ``x`` unchanged).
     """
     x = _as_matrix("descriptors", x)
     if k < 1:
@@ -209,27 +172,23 @@ def negative_embedding_subtraction(
         raise ConfigError("num_iter", f"must be >= 0, got {num_iter}")
     if beta < 0 or not np.isfinite(beta):
         raise ConfigError("beta", f"must be a finite number >= 0, got {beta}")
-    if isinstance(bank, InnerProductKNN):
-        if bank_vectors is None:
-            raise ConfigError("bank_vectors", "required with a prebuilt InnerProductKNN")
-        knn, vectors = bank, _as_matrix("bank", bank_vectors)
-    else:
-        vectors = _as_matrix("bank", bank)
-        knn = None
+    index = bank if isinstance(bank, FlatIndex) else None
+    vectors = bank.reference if isinstance(bank, FlatIndex) else _as_matrix("bank", bank)
     if vectors.shape[1] != x.shape[1]:
         raise ConfigError("bank", f"dimension {vectors.shape[1]} != descriptor dimension {x.shape[1]}")
+    if index is not None and index.metric != "ip":
+        raise ConfigError("bank", f"the bank index must use inner product, not '{index.metric}'")
     if num_iter == 0:
         return x.copy()
-    if knn is None:
-        knn = InnerProductKNN(vectors, use_gpu=use_gpu)
+    index = index or bank_index(vectors, use_gpu=use_gpu)
     out = x.copy()
     beta32 = np.float32(beta)
     for it in range(num_iter):
         for s in _batches(out.shape[0], batch_size, f"NES iter {it + 1}/{num_iter}"):
             block = out[s : s + batch_size]
-            _, idx = knn.search(block, k, batch_size=batch_size)
+            _, idx = _topk(index, block, k, batch_size)
             mean = np.zeros_like(block)
-            for j in range(idx.shape[1]):
+            for j in range(idx.shape[1]):  # sum of k rows without a [b, k, d] temporary
                 mean += vectors[idx[:, j]]
             mean /= np.float32(idx.shape[1])
             out[s : s + batch_size] = l2_normalize(block - beta32 * mean)
@@ -269,14 +228,7 @@ def postprocess_descriptors(
             "train", f"dimension {train.shape[1]} != query/reference dimension {query.shape[1]}"
         )
     bank = dba(train, k=cfg.dba_k, alpha=cfg.dba_alpha, batch_size=batch_size, use_gpu=use_gpu)
-    knn = InnerProductKNN(bank, use_gpu=use_gpu)
-    kw = {
-        "k": cfg.k,
-        "beta": cfg.beta,
-        "num_iter": cfg.num_iter,
-        "batch_size": batch_size,
-        "bank_vectors": bank,
-    }
-    q = negative_embedding_subtraction(query, knn, **kw)
-    r = negative_embedding_subtraction(reference, knn, **kw)
+    index = bank_index(bank, use_gpu=use_gpu)
+    q = negative_embedding_subtraction(query, index, cfg.k, cfg.beta, cfg.num_iter, batch_size)
+    r = negative_embedding_subtraction(reference, index, cfg.k, cfg.beta, cfg.num_iter, batch_size)
     return NESResult(q, r, bank)

@@ -13,8 +13,8 @@ from entrypoints import postprocess as pp_entry
 from isc.errors import ConfigError, DescriptorFileError
 from isc.io import read_descriptors, read_train_descriptors, write_descriptors, write_train_descriptors
 from isc.postprocess import (
-    InnerProductKNN,
     NESConfig,
+    bank_index,
     dba,
     negative_embedding_subtraction,
     postprocess_descriptors,
@@ -94,8 +94,8 @@ def test_batched_search_gives_the_same_result_as_one_batch(vectors):
     np.testing.assert_array_equal(one.bank, many.bank)
     np.testing.assert_array_equal(one.query, many.query)
     np.testing.assert_array_equal(one.reference, many.reference)
-    sims1, idx1 = InnerProductKNN(t).search(q, 5, batch_size=10_000)
-    sims2, idx2 = InnerProductKNN(t).search(q, 5, batch_size=3)
+    sims1, idx1 = bank_index(t).search(q, 5, batch_size=10_000)
+    sims2, idx2 = bank_index(t).search(q, 5, batch_size=3)
     np.testing.assert_array_equal(idx1, idx2)
     np.testing.assert_array_equal(sims1, sims2)
 
