@@ -1,0 +1,557 @@
+"""Mini DISC21-shaped datasets built offline from bundled photographs (or any folder of photos).
+
+Why: the platform's tests and demo need a dataset with the structure of DISC21 -- references, edited
+copies of some of them as queries, distractor queries whose source is not a reference, and a disjoint
+training set -- without downloading anything.
+
+How the "source images" are made (and kept disjoint). There are only ~20 real photographs bundled with
+scikit-image (plus scikit-learn's two and matplotlib's one, when installed), so each photo is cut into
+NON-OVERLAPPING rectangles by a random k-d partition: a region whose longer side exceeds
+``target x U(1, 2)`` pixels is split across that side at U(35 %, 65 %), recursively. The leaves tile
+the photo without overlap and come out at different scales (the stop threshold is random). Leaves
+that are nearly flat (grey-level std < 8) or thinner than 32 px are dropped. The ``target`` side is
+chosen from the photos' total area so that enough leaves exist; if too few survive it shrinks and the
+cut is redone. Every leaf is resized so its long side is ``long_side`` px, and the shuffled leaves are
+dealt, each to exactly ONE pool:
+
+* references (``reference_images/``),
+* distractor sources (edited into distractor queries; never a reference or training image),
+* overlay partners (the "other image" of overlay edits; never a reference or training image),
+* training images (``training_images/``).
+
+So no two images of different pools share a pixel of the same photo (``mini_manifest.json`` records
+each image's photo and rectangle; the tests check pairwise non-overlap).
+
+Queries follow DISC21: a chain of 1-4 random copy edits (crops, text/emoji overlays, overlay onto or
+of another image, screenshot framing, meme format, colour changes, blur, JPEG, rotations, flips,
+padding, pixelisation, perspective, sharpening, grayscale, noise, pixel shuffling) applied to a
+reference (positive query) or to a distractor source (distractor query). Query ids are assigned in
+random order; most references are never queried. Everything is deterministic given ``seed``.
+
+Query splits: ``ground_truth.csv`` lists every query; ``ground_truth_{train,val,test}.csv`` partition the
+queries (stratified: each split has positives and distractors): *train* pairs feed stage 4, *val* scores
+tuning trials, *test* is held out for the reported numbers.
+
+The dataset is built in ``<out>.partial`` and renamed onto ``out`` at the end, so a crash never leaves a
+folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from isc.data import augly_ops as ops
+from isc.data.disc21 import DISC21, list_images
+from isc.data.images import IMAGE_EXTENSIONS, load_image
+from isc.errors import BadImageError, ConfigError
+from isc.io import write_ground_truth
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "mini_manifest.json"
+MIN_TILE_SIDE = 32  # px (in the working copy): thinner leaves are dropped
+MIN_TILE_STD = 8.0  # grey-level std below which a leaf counts as flat (black sky, white page margin)
+WORKING_LONG_SIDE = 2048  # photos larger than this are downscaled before tiling (bounds memory)
+SPLIT_FRACTIONS = {"train": 0.4, "val": 0.3, "test": 0.3}
+
+# scikit-image's bundled real photographs, read straight from its data folder (no loader call, so
+# nothing ever reaches for pooch or the network). Synthetic images (checkerboard, blobs, phantom, colour
+# wheel, logo) and the near-duplicates (``cat`` = ``chelsea``, ``motorcycle_right`` ~ ``_left``) and
+# uniform textures (brick, grass, gravel: their tiles look alike) are left out.
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "camera.png",
+    "cell.png",
+    "chelsea.png",
+    "clock_motion.png",
+    "coffee.png",
+    "coins.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "page.png",
+    "retina.jpg",
+    "rocket.jpg",
+    "text.png",
+)
+# Other real photographs that ship inside installed packages: (package, relative path).
+PACKAGE_PHOTOS = (
+    ("sklearn", "datasets/images/china.jpg"),
+    ("sklearn", "datasets/images/flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+)
+
+
+@dataclass(frozen=True)
+class MiniSpec:
+    """Counts and image size of one dataset size preset."""
+
+    n_references: int
+    n_queries: int
+    n_train: int
+    long_side: int  # px, long side of every reference / training image and the cap for queries
+    distractor_fraction: float  # of the queries
+    n_partners: int  # overlay partners ("other images" of overlay edits)
+
+
+SIZES: dict[str, MiniSpec] = {
+    "tiny": MiniSpec(
+        n_references=64, n_queries=40, n_train=64, long_side=160, distractor_fraction=0.35, n_partners=8
+    ),
+    "default": MiniSpec(
+        n_references=250, n_queries=160, n_train=500, long_side=256, distractor_fraction=0.35, n_partners=16
+    ),
+}
+
+
+@dataclass
+class Tile:
+    """One source image: a rectangle (x0, y0, x1, y1) of photo ``photo`` (working-copy pixels)."""
+
+    photo: str
+    rect: tuple[int, int, int, int]
+    image: Image.Image | None = None
+
+
+# ------------------------------------------------------------------------------------------ sources
+def bundled_photo_paths() -> list[Path]:
+    """The real photographs available offline: scikit-image's, plus scikit-learn's / matplotlib's."""
+    paths: list[Path] = []
+    spec = importlib.util.find_spec("skimage")
+    if spec and spec.submodule_search_locations:
+        data_dir = Path(next(iter(spec.submodule_search_locations))) / "data"
+        paths += [data_dir / n for n in SKIMAGE_PHOTOS if (data_dir / n).is_file()]
+    for package, rel in PACKAGE_PHOTOS:
+        spec = importlib.util.find_spec(package)
+        if spec and spec.submodule_search_locations:
+            p = Path(next(iter(spec.submodule_search_locations))) / rel
+            if p.is_file():
+                paths.append(p)
+    return paths
+
+
+def source_photo_paths(source: str | Path | None) -> list[Path]:
+    """Image files of ``source`` (recursively, sorted) or the bundled photos when ``source`` is empty."""
+    if source in (None, ""):
+        paths = bundled_photo_paths()
+        if not paths:
+            raise ConfigError(
+                "source", "no bundled photos found (is scikit-image installed?); pass --source DIR"
+            )
+        return paths
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise ConfigError("source", f"{root} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ConfigError("source", f"{root} contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def _load_working(path: Path) -> Image.Image:
+    img = load_image(path)
+    scale = WORKING_LONG_SIDE / max(img.size)
+    if scale < 1.0:
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BOX
+        )
+    return img
+
+
+def load_photos(paths: Sequence[Path]) -> list[tuple[str, Image.Image]]:
+    """Decode the source photos (downscaled to <= 2048 px); unreadable files are skipped with a warning."""
+    photos, bad = [], []
+    for p in tqdm(paths, desc="load photos", leave=False, disable=len(paths) < 50):
+        try:
+            img = _load_working(p)
+        except BadImageError as exc:
+            bad.append(exc)
+            continue
+        if min(img.size) >= MIN_TILE_SIDE:
+            photos.append((str(p), img))
+    for exc in bad[:20]:
+        log.warning("skipping unreadable source image %s", exc)
+    if not photos:
+        raise ConfigError(
+            "source", f"none of the {len(paths)} image files is a readable photo >= {MIN_TILE_SIDE} px"
+        )
+    return photos
+
+
+# ----------------------------------------------------------------------------------------- tiling
+def partition(width: int, height: int, target: float, rng: random.Random) -> list[tuple[int, int, int, int]]:
+    """Random k-d partition of a width x height photo into non-overlapping rectangles (x0, y0, x1, y1).
+
+    A region is split (across its longer side at U(35 %, 65 %)) while that side exceeds
+    ``target x U(1, 2)`` px, so leaves come at different scales; together they cover the photo exactly.
+    """
+    out: list[tuple[int, int, int, int]] = []
+    stack = [(0, 0, width, height)]
+    while stack:
+        x0, y0, x1, y1 = stack.pop()
+        w, h = x1 - x0, y1 - y0
+        if max(w, h) <= target * rng.uniform(1.0, 2.0) or max(w, h) < 2 * MIN_TILE_SIDE:
+            out.append((x0, y0, x1, y1))
+            continue
+        if w >= h:
+            cut = x0 + round(w * rng.uniform(0.35, 0.65))
+            stack += [(cut, y0, x1, y1), (x0, y0, cut, y1)]
+        else:
+            cut = y0 + round(h * rng.uniform(0.35, 0.65))
+            stack += [(x0, cut, x1, y1), (x0, y0, x1, cut)]
+    return out
+
+
+def _resize_long(img: Image.Image, long_side: int) -> Image.Image:
+    scale = long_side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def make_tiles(
+    photos: Sequence[tuple[str, Image.Image]], n_needed: int, long_side: int, seed: int
+) -> list[Tile]:
+    """At least ``n_needed`` non-flat, pairwise non-overlapping tiles, resized to ``long_side``, shuffled."""
+    area = sum(img.width * img.height for _, img in photos)
+    target = 1.5 * math.sqrt(area / n_needed)  # start too big, shrink until enough leaves survive
+    while True:
+        rng = random.Random(seed)
+        tiles: list[Tile] = []
+        for name, img in photos:
+            gray = np.asarray(img.convert("L"), dtype=np.float32)
+            for rect in partition(img.width, img.height, target, rng):
+                x0, y0, x1, y1 = rect
+                if min(x1 - x0, y1 - y0) < MIN_TILE_SIDE or gray[y0:y1, x0:x1].std() < MIN_TILE_STD:
+                    continue
+                tiles.append(Tile(name, rect))
+        if len(tiles) >= n_needed:
+            break
+        if target * 0.9 < MIN_TILE_SIDE:
+            raise ConfigError(
+                "source",
+                f"the photos yield only {len(tiles)} distinct regions >= {MIN_TILE_SIDE} px, {n_needed} are needed: "
+                "add photos or use a smaller --size",
+            )
+        target *= 0.9
+    rng.shuffle(tiles)
+    tiles = tiles[:n_needed]
+    by_name = dict(photos)
+    for t in tiles:
+        t.image = _resize_long(by_name[t.photo].crop(t.rect), long_side)
+    return tiles
+
+
+# ------------------------------------------------------------------------------------ query edits
+Edit = Callable[[Image.Image, random.Random, Image.Image], Image.Image]
+
+
+def _words(rng: random.Random) -> str:
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    return " ".join(
+        "".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(1, 3))
+    )
+
+
+def _colour(rng: random.Random) -> tuple[int, int, int]:
+    return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+
+
+def _edit_crop(img, rng, other):
+    w, h = rng.uniform(0.45, 0.9), rng.uniform(0.45, 0.9)
+    x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+    return ops.crop(img, x1=x, y1=y, x2=x + w, y2=y + h)
+
+
+def _edit_text(img, rng, other):
+    font = rng.choice(ops.font_paths())
+    return ops.overlay_glyphs(
+        img, [_words(rng)], font, font_size=rng.uniform(0.08, 0.2), color=_colour(rng),
+        x_pos=rng.uniform(0, 0.4), y_pos=rng.uniform(0, 0.8), opacity=rng.uniform(0.6, 1.0),
+    )  # fmt: skip
+
+
+def _edit_emoji(img, rng, other):
+    size = rng.uniform(0.15, 0.35)
+    return ops.paste_emoji(
+        img, rng.choice(ops.smiley_paths()), size=size,
+        x_pos=rng.uniform(0, 1 - size), y_pos=rng.uniform(0, 1 - size), opacity=rng.uniform(0.7, 1.0),
+    )  # fmt: skip
+
+
+def _edit_onto_other(img, rng, other):
+    size = rng.uniform(0.5, 0.85)
+    return ops.overlay_onto_background_image(
+        img, background_image=other, overlay_size=size, opacity=rng.uniform(0.85, 1.0),
+        x_pos=rng.uniform(0, 1 - size), y_pos=rng.uniform(0, 1 - size), scale_bg=rng.random() < 0.5,
+    )  # fmt: skip
+
+
+def _edit_other_onto(img, rng, other):
+    size = rng.uniform(0.2, 0.45)
+    return ops.overlay_image(
+        img, overlay=other, opacity=rng.uniform(0.6, 1.0), overlay_size=size,
+        x_pos=rng.uniform(0, 1 - size), y_pos=rng.uniform(0, 1 - size),
+    )  # fmt: skip
+
+
+def _edit_screenshot(img, rng, other):
+    return ops.overlay_onto_screenshot(img, template_filepath=rng.choice(ops.screenshot_templates()))
+
+
+def _edit_meme(img, rng, other):
+    return ops.meme_format(
+        img, text=_words(rng), font_path=rng.choice(ops.font_paths()), caption_height=rng.uniform(0.15, 0.3),
+        text_color=_colour(rng), bg_color=_colour(rng),
+    )  # fmt: skip
+
+
+def _edit_colour(img, rng, other):
+    return ops.color_jitter(
+        img, brightness_factor=rng.uniform(0.6, 1.5), contrast_factor=rng.uniform(0.6, 1.6),
+        saturation_factor=rng.uniform(0.3, 2.0),
+    )  # fmt: skip
+
+
+def _edit_blur(img, rng, other):
+    return ops.blur(img, radius=rng.uniform(1.0, 3.0))
+
+
+def _edit_jpeg(img, rng, other):
+    return ops.jpeg_roundtrip(img, rng.randint(5, 30))
+
+
+def _edit_rotate(img, rng, other):
+    if rng.random() < 0.5:
+        return img.rotate(rng.choice([90, 180, 270]), expand=True)
+    return ops.rotate(img, degrees=rng.uniform(-40, 40))
+
+
+def _edit_flip(img, rng, other):
+    return ops.hflip(img) if rng.random() < 0.7 else ops.vflip(img)
+
+
+def _edit_pad(img, rng, other):
+    return ops.pad(img, w_factor=rng.uniform(0.05, 0.3), h_factor=rng.uniform(0.05, 0.3), color=_colour(rng))
+
+
+def _edit_pixelize(img, rng, other):
+    return ops.pixelization(img, ratio=rng.uniform(0.25, 0.5))
+
+
+def _edit_perspective(img, rng, other):
+    return ops.perspective_transform(img, sigma=rng.uniform(0.03, 0.08), seed=rng.getrandbits(63))
+
+
+def _edit_sharpen(img, rng, other):
+    return ops.sharpen(img, factor=rng.uniform(3.0, 10.0))
+
+
+def _edit_gray(img, rng, other):
+    return ops.grayscale(img)
+
+
+def _edit_noise(img, rng, other):
+    return ops.random_noise(img, var=rng.uniform(0.003, 0.02), seed=rng.getrandbits(63))
+
+
+def _edit_shuffle(img, rng, other):
+    return ops.shuffle_pixels(img, factor=rng.uniform(0.05, 0.15), seed=rng.getrandbits(63))
+
+
+EDITS: dict[str, Edit] = {
+    "crop": _edit_crop,
+    "overlay_text": _edit_text,
+    "overlay_emoji": _edit_emoji,
+    "overlay_onto_image": _edit_onto_other,
+    "overlay_image_onto": _edit_other_onto,
+    "screenshot": _edit_screenshot,
+    "meme_format": _edit_meme,
+    "color_jitter": _edit_colour,
+    "blur": _edit_blur,
+    "jpeg": _edit_jpeg,
+    "rotate": _edit_rotate,
+    "flip": _edit_flip,
+    "pad": _edit_pad,
+    "pixelization": _edit_pixelize,
+    "perspective": _edit_perspective,
+    "sharpen": _edit_sharpen,
+    "grayscale": _edit_gray,
+    "noise": _edit_noise,
+    "shuffle_pixels": _edit_shuffle,
+}
+# Framing edits grow the canvas a lot; at most one per chain keeps the copied content visible.
+FRAMING = {"screenshot", "meme_format", "overlay_onto_image", "pad"}
+
+
+def edit_chain(
+    img: Image.Image, rng: random.Random, partners: Sequence[Image.Image], long_side: int
+) -> tuple[Image.Image, list[str]]:
+    """Apply 1-4 distinct random edits (at most one framing edit); return the RGB copy (long side <=
+    ``long_side``) and the edit names in order."""
+    names: list[str] = []
+    pool = list(EDITS)
+    for _ in range(rng.randint(1, 4)):
+        name = rng.choice([n for n in pool if n not in names and not (n in FRAMING and FRAMING & set(names))])
+        img = EDITS[name](img, rng, rng.choice(partners)).convert("RGB")
+        names.append(name)
+    if max(img.size) > long_side:
+        img = _resize_long(img, long_side)
+    return img, names
+
+
+# ------------------------------------------------------------------------------------------ splits
+def split_queries(
+    positive: Sequence[str], distractors: Sequence[str], rng: random.Random
+) -> dict[str, list[str]]:
+    """Disjoint train/val/test query splits (40/30/30 %), each holding positives AND distractors."""
+    out: dict[str, list[str]] = {k: [] for k in SPLIT_FRACTIONS}
+    for group in (list(positive), list(distractors)):
+        if len(group) < len(SPLIT_FRACTIONS):
+            raise ConfigError("size", f"need at least 3 positive and 3 distractor queries, got {len(group)}")
+        rng.shuffle(group)
+        n_val = max(1, round(len(group) * SPLIT_FRACTIONS["val"]))
+        n_test = max(1, round(len(group) * SPLIT_FRACTIONS["test"]))
+        n_train = len(group) - n_val - n_test
+        out["train"] += group[:n_train]
+        out["val"] += group[n_train : n_train + n_val]
+        out["test"] += group[n_train + n_val :]
+    return {k: sorted(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------- build
+def _save_jpeg(img: Image.Image, path: Path) -> None:
+    img.convert("RGB").save(path, format="JPEG", quality=90)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ConfigError(
+                "out", f"{out} already exists and is not empty (pass --overwrite to replace it)"
+            )
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Swap the finished ``partial`` folder onto ``out`` (the old ``out`` is removed only after)."""
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(partial, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def make_mini(
+    out: str | Path,
+    source: str | Path | None = None,
+    seed: int = 0,
+    size: str = "default",
+    overwrite: bool = False,
+) -> DISC21:
+    """Build a DISC21-shaped mini dataset in ``out`` and return it (see the module docstring).
+
+    ``size``: ``"tiny"`` (64 references, 40 queries, 64 training images, 160 px; for tests) or
+    ``"default"`` (250 / 160 / 500, 256 px; the demo). ``source``: a folder of photos, or ``None``/``""``
+    for the bundled photographs. Raises ``ConfigError`` naming ``source``/``out``/``size``/``seed``.
+    """
+    if size not in SIZES:
+        raise ConfigError("size", f"unknown size '{size}' (choose from {', '.join(SIZES)})")
+    if not isinstance(seed, int) or seed < 0:
+        raise ConfigError("seed", f"must be a non-negative integer, got {seed!r}")
+    spec = SIZES[size]
+    out = Path(out).expanduser().resolve()
+    paths = source_photo_paths(source)
+    partial = _prepare_out(out, overwrite)
+    try:
+        _build(partial, paths, spec, seed, size, source)
+        _publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return DISC21(out)
+
+
+def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: str, source) -> None:
+    rng = random.Random(seed)
+    n_distractors = round(spec.n_queries * spec.distractor_fraction)
+    n_positives = spec.n_queries - n_distractors
+    if n_positives > spec.n_references:
+        raise ConfigError("size", "more positive queries than references")
+    photos = load_photos(paths)
+    n_tiles = spec.n_references + n_distractors + spec.n_partners + spec.n_train
+    tiles = make_tiles(photos, n_tiles, spec.long_side, seed)
+    refs = tiles[: spec.n_references]
+    distractor_src = tiles[spec.n_references : spec.n_references + n_distractors]
+    partners = tiles[spec.n_references + n_distractors : spec.n_references + n_distractors + spec.n_partners]
+    train = tiles[spec.n_references + n_distractors + spec.n_partners :]
+
+    dirs = {
+        k: root / v for k, v in (("q", "query_images"), ("r", "reference_images"), ("t", "training_images"))
+    }
+    for d in dirs.values():
+        d.mkdir()
+    manifest: dict = {
+        "seed": seed, "size": size, "spec": asdict(spec), "source": str(source or "bundled"),
+        "photos": [name for name, _ in photos], "references": {}, "training": {}, "queries": {}, "partners": [],
+    }  # fmt: skip
+    photo_index = {name: i for i, (name, _) in enumerate(photos)}
+
+    def where(t: Tile) -> list[int]:
+        return [photo_index[t.photo], *t.rect]
+
+    ref_ids = [f"R{i:06d}" for i in range(len(refs))]
+    for rid, t in tqdm(list(zip(ref_ids, refs, strict=True)), desc="references", leave=False):
+        _save_jpeg(t.image, dirs["r"] / f"{rid}.jpg")
+        manifest["references"][rid] = where(t)
+    for i, t in enumerate(tqdm(train, desc="training", leave=False)):
+        _save_jpeg(t.image, dirs["t"] / f"T{i:06d}.jpg")
+        manifest["training"][f"T{i:06d}"] = where(t)
+    manifest["partners"] = [where(t) for t in partners]
+
+    # Which references get queried (most do not), and the order of query ids (positives and distractors mixed).
+    queried = rng.sample(range(len(refs)), n_positives)
+    items: list[tuple[Tile, str | None]] = [(refs[i], ref_ids[i]) for i in queried]
+    items += [(t, None) for t in distractor_src]
+    rng.shuffle(items)
+    partner_images = [t.image for t in partners]
+    rows: list[tuple[str, str | None]] = []
+    for i, (tile, rid) in enumerate(tqdm(items, desc="queries", leave=False)):
+        qid = f"Q{i:05d}"
+        # Positives are edited from the reference as published (its JPEG pixels), as in DISC21.
+        base = load_image(dirs["r"] / f"{rid}.jpg") if rid else tile.image
+        query, names = edit_chain(base, rng, partner_images, spec.long_side)
+        _save_jpeg(query, dirs["q"] / f"{qid}.jpg")
+        rows.append((qid, rid))
+        manifest["queries"][qid] = {"reference": rid, "edits": names, "source": where(tile)}
+
+    write_ground_truth(root / "ground_truth.csv", rows)
+    splits = split_queries([q for q, r in rows if r], [q for q, r in rows if not r], rng)
+    by_query = dict(rows)
+    for split, qids in splits.items():
+        write_ground_truth(root / f"ground_truth_{split}.csv", [(q, by_query[q]) for q in qids])
+    manifest["splits"] = splits
+    with open(root / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+    counts = {k: len(list_images(d)) for k, d in dirs.items()}
+    log.info("mini dataset: %d queries (%d distractors), %d references, %d training images",
+             counts["q"], n_distractors, counts["r"], counts["t"])  # fmt: skip

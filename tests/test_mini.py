@@ -1,0 +1,200 @@
+"""make_mini: DISC21 layout, disjoint pools and splits, distractors, determinism, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from isc.data.images import load_image
+from isc.data.mini import MANIFEST, SIZES, make_mini, partition
+from isc.errors import ConfigError
+from isc.io import read_ground_truth
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / MANIFEST).read_text())
+
+
+def test_tiny_dataset_has_disc21_layout_and_ids(mini_data):
+    spec = SIZES["tiny"]
+    q = mini_data.images("query")
+    r = mini_data.images("reference")
+    t = mini_data.images("train")
+    assert [i for i, _ in q] == [f"Q{i:05d}" for i in range(spec.n_queries)]
+    assert [i for i, _ in r] == [f"R{i:06d}" for i in range(spec.n_references)]
+    assert [i for i, _ in t] == [f"T{i:06d}" for i in range(spec.n_train)]
+    for _, path in r[:5] + t[:5]:
+        img = load_image(path)
+        assert max(img.size) == spec.long_side
+    for _, path in q:
+        assert max(load_image(path).size) <= spec.long_side
+    gt = read_ground_truth(mini_data.ground_truth())
+    assert gt.queries == [i for i, _ in q]
+    ref_ids = {i for i, _ in r}
+    assert {ref for _, ref in gt.positives} <= ref_ids
+
+
+def test_query_splits_are_disjoint_and_each_has_positives_and_distractors(mini_data):
+    full = read_ground_truth(mini_data.ground_truth())
+    seen: set[str] = set()
+    for split in ("train", "val", "test"):
+        gt = read_ground_truth(mini_data.ground_truth(split))
+        assert not seen & set(gt.queries), f"{split} shares queries with another split"
+        seen |= set(gt.queries)
+        assert gt.n_positives >= 1
+        assert len(gt.queries) - gt.n_positives >= 1
+        assert gt.positives <= full.positives
+    assert seen == set(full.queries)
+
+
+def test_distractor_fraction_is_between_20_and_50_percent_and_most_references_never_queried(mini_data):
+    gt = read_ground_truth(mini_data.ground_truth())
+    frac = 1 - gt.n_positives / len(gt.queries)
+    assert 0.2 <= frac <= 0.5
+    queried = {r for _, r in gt.positives}
+    assert len(queried) < len(mini_data.images("reference")) / 2
+
+
+def test_pools_come_from_pairwise_non_overlapping_photo_regions(mini_data):
+    m = _manifest(mini_data.root)
+    regions = list(m["references"].values()) + list(m["training"].values()) + m["partners"]
+    regions += [v["source"] for v in m["queries"].values() if v["reference"] is None]
+    assert len(regions) == len({tuple(x) for x in regions})
+    by_photo: dict[int, list] = {}
+    for photo, *rect in regions:
+        by_photo.setdefault(photo, []).append(rect)
+    for rects in by_photo.values():
+        a = np.array(rects)
+        for i in range(len(a)):
+            x0, y0, x1, y1 = a[i]
+            ox = np.minimum(x1, a[i + 1 :, 2]) - np.maximum(x0, a[i + 1 :, 0])
+            oy = np.minimum(y1, a[i + 1 :, 3]) - np.maximum(y0, a[i + 1 :, 1])
+            assert not ((ox > 0) & (oy > 0)).any()
+
+
+def test_positive_queries_differ_from_their_reference_pixelwise(mini_data):
+    gt = read_ground_truth(mini_data.ground_truth())
+    different = 0
+    for q, r in gt.positives:
+        qi = load_image(mini_data.query_dir / f"{q}.jpg")
+        ri = load_image(mini_data.reference_dir / f"{r}.jpg").resize(qi.size)
+        diff = np.abs(np.asarray(qi, dtype=np.float32) - np.asarray(ri, dtype=np.float32)).mean()
+        different += diff > 8.0  # mean absolute difference in grey levels (0-255)
+    assert different >= 0.8 * gt.n_positives
+
+
+def test_queries_use_varied_edit_chains_of_one_to_four_edits(mini_data):
+    m = _manifest(mini_data.root)
+    chains = [v["edits"] for v in m["queries"].values()]
+    assert all(1 <= len(c) <= 4 for c in chains)
+    assert len({e for c in chains for e in c}) >= 12
+
+
+def test_partition_tiles_the_photo_exactly_without_overlap():
+    import random
+
+    rects = partition(300, 200, 40, random.Random(3))
+    cover = np.zeros((200, 300), dtype=np.int32)
+    for x0, y0, x1, y1 in rects:
+        cover[y0:y1, x0:x1] += 1
+    assert (cover == 1).all()
+    assert len(rects) > 10
+
+
+def _photo_folder(root: Path, n: int = 4) -> Path:
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        # smooth random colour fields: never flat, never alike
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((480, 360), Image.Resampling.BICUBIC).save(root / f"p{i}.png")
+    (root / "notes.txt").write_text("not a photo")
+    return root
+
+
+def test_same_seed_gives_identical_dataset_and_other_seed_differs(tmp_path):
+    src = _photo_folder(tmp_path / "photos")
+    a = make_mini(tmp_path / "a", source=src, seed=5, size="tiny")
+    b = make_mini(tmp_path / "b", source=src, seed=5, size="tiny")
+    c = make_mini(tmp_path / "c", source=src, seed=6, size="tiny")
+    assert a.ground_truth().read_text() == b.ground_truth().read_text()
+    for split in ("query", "reference", "train"):
+        for (ia, pa), (ib, pb) in zip(a.images(split), b.images(split), strict=True):
+            assert ia == ib and pa.read_bytes() == pb.read_bytes()
+    assert a.ground_truth().read_text() != c.ground_truth().read_text()
+
+
+def test_source_folder_without_images_is_an_error_naming_it(tmp_path):
+    empty = tmp_path / "no_photos"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("hello")
+    with pytest.raises(ConfigError, match="no_photos"):
+        make_mini(tmp_path / "out", source=empty, size="tiny")
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_refuses_to_overwrite_a_non_empty_output_unless_asked(tmp_path):
+    src = _photo_folder(tmp_path / "photos", n=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="overwrite"):
+        make_mini(out, source=src, size="tiny")
+    assert (out / "precious.txt").read_text() == "keep me"
+    make_mini(out, source=src, size="tiny", overwrite=True)
+    assert not (out / "precious.txt").exists()
+    assert (out / "ground_truth_test.csv").is_file()
+
+
+def test_unknown_size_is_rejected_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="size"):
+        make_mini(tmp_path / "out", size="huge")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_builds_dataset_and_reports_counts(tmp_path):
+    src = _photo_folder(tmp_path / "photos", n=3)
+    out = tmp_path / "cli_out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "isc.cli", "data", "make-mini", "--source", str(src), "--out", str(out),
+         "--seed", "1", "--size", "tiny"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"n_queries={SIZES['tiny'].n_queries}" in proc.stdout
+    assert (out / "ground_truth_val.csv").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "entrypoints.make_mini", "make-mini", "--source", str(tmp_path / "missing"),
+         "--out", str(tmp_path / "x"), "--size", "tiny"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "error: source:" in bad.stderr and "missing" in bad.stderr
+
+
+def test_entrypoint_logs_counts_to_mlflow_when_tracked(tmp_path, tracking):
+    import mlflow
+
+    from entrypoints.make_mini import main
+
+    src = _photo_folder(tmp_path / "photos", n=3)
+    assert main(["make-mini", "--source", str(src), "--out", str(tmp_path / "o"), "--size", "tiny",
+                 "--track", "true"]) == 0  # fmt: skip
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["size"] == "tiny"
+    assert run.data.metrics["n_queries"] == SIZES["tiny"].n_queries
+    assert run.data.metrics["n_references"] == SIZES["tiny"].n_references
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "data")}
+    assert "data/ground_truth_test.csv" in arts
