@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,41 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "isc"
 RUN_ID_PATTERN_LEN = 32
+
+REDACTED = "***"
+# ``scheme://user:password@host`` (database URLs, tracking URIs with credentials, git remotes...).
+_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@\s/]+)@")
+# ``...?password=x&token=y`` query strings and ``PASSWORD=x`` assignments.
+_KV_SECRET_RE = re.compile(
+    r"(?i)(?P<key>\b[\w.\-]*(?:password|passwd|pwd|secret|token|api[_\-]?key|access[_\-]?key)=)"
+    r"(?P<val>[^&\s;,'\"]+)"
+)
+# Param/tag names whose whole value is a secret (matched on the name's ``._-`` separated words).
+_SECRET_WORDS = {"password", "passwd", "pwd", "secret", "token", "apikey", "credential", "credentials"}
+_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("auth", "token")}
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with passwords in URLs and ``password=``/``token=``-style values replaced by ``***``.
+
+    Why: params and tags are visible to everyone who can read the experiment, and storage URLs
+    (``postgresql://user:pw@host/db`` for Optuna or MLflow) are natural things to log.
+    """
+    text = _URL_PASSWORD_RE.sub(lambda m: f"{m.group('head')}:{REDACTED}@", text)
+    return _KV_SECRET_RE.sub(lambda m: f"{m.group('key')}{REDACTED}", text)
+
+
+def is_secret_key(key: str) -> bool:
+    """True for a param/tag name such as ``db_password`` or ``api_token`` (its value is never logged)."""
+    words = [w for w in re.split(r"[._\-\s/]+", key.lower()) if w]
+    if any(w in _SECRET_WORDS or w.endswith(("password", "secret")) for w in words):
+        return True
+    return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
+
+
+def safe_value(key: str, text: str) -> str:
+    """The loggable form of ``text`` under name ``key``: fully redacted for secret names, else scrubbed."""
+    return REDACTED if is_secret_key(key) and text else redact_secrets(text)
 
 
 def project_root() -> Path:
@@ -142,7 +178,8 @@ def tracked_run(
         yield None
         return
     configure(check=True)
-    kwargs: dict[str, Any] = {"run_name": run_name, "tags": dict(tags or {}), "nested": nested}
+    safe_tags = {k: safe_value(k, str(v)) for k, v in (tags or {}).items()}
+    kwargs: dict[str, Any] = {"run_name": run_name, "tags": safe_tags, "nested": nested}
     if log_system_metrics is not None:
         kwargs["log_system_metrics"] = log_system_metrics
     if parent_run_id:
@@ -166,7 +203,7 @@ def tracked_run(
         raise
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            mlflow.set_tag("isc.error", f"{type(exc).__name__}: {exc}"[:4000])
+            mlflow.set_tag("isc.error", redact_secrets(f"{type(exc).__name__}: {exc}")[:4000])
         mlflow.end_run(status="FAILED")
         raise
     else:
@@ -178,7 +215,7 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
 
     A key the launcher (``mlflow run``) already logged with another value -- e.g. a relative path it
     recorded before we resolved it -- is logged as ``resolved.<key>`` instead of raising
-    ``Changing param values is not allowed``.
+    ``Changing param values is not allowed``. Secrets never reach the store: see :func:`safe_value`.
     """
     import mlflow
 
@@ -189,7 +226,7 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
     batch: dict[str, str] = {}
     for key, value in params.items():
         key = f"{prefix}{key}"
-        text = _param_text(value)
+        text = safe_value(key, _param_text(value))
         if key in existing:
             if existing[key] != text:
                 batch[f"resolved.{key}"] = text

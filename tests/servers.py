@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -279,7 +280,16 @@ class PostgresHandle:
             return
         self._stopped = True
         subprocess.run(
-            [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"],
+            [
+                *self.run_as,
+                str(self.bin_dir / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
             capture_output=True,
             timeout=60,
             check=False,
@@ -331,7 +341,9 @@ def start_postgres(tmpdir: str | Path | None = None, timeout: float = 60.0) -> P
     )  # fmt: skip
     if init.returncode != 0:
         shutil.rmtree(base, ignore_errors=True)
-        raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout[-2000:]}\n{init.stderr[-2000:]}")
+        raise RuntimeError(
+            f"initdb failed ({init.returncode}):\n{init.stdout[-2000:]}\n{init.stderr[-2000:]}"
+        )
     last_err = ""
     for _ in range(3):  # a free port can be taken between free_port() and bind: retry
         port = free_port()
