@@ -1,0 +1,75 @@
+"""The single image loader every split goes through.
+
+Handles grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit, EXIF orientation and animated
+files (first frame). Anything that cannot be decoded -- zero-byte, truncated, not an image,
+decompression bombs -- raises :class:`~isc.errors.BadImageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from isc.errors import BadImageError
+
+# Pillow warns above ~89 Mpx and raises above twice that. We turn the warning into an error as well:
+# a copy-detection pipeline never needs a 100-Mpx image, and a crafted one can exhaust memory.
+MAX_PIXELS = 89_478_485
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully into an upright RGB ``PIL.Image`` or raise ``BadImageError``."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(path, "empty file (0 bytes)")
+    except FileNotFoundError as exc:
+        raise BadImageError(path, "no such file") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)  # animated GIF/WebP/APNG: the first frame
+                img.load()  # force the full decode now: truncation shows up here, not later
+                img = ImageOps.exif_transpose(img) or img
+                rgb = _to_rgb(img)
+                rgb.load()
+                return rgb.copy() if rgb is img else rgb
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(path, f"too large to decode safely ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise BadImageError(path, "not a recognised image format") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImageError(path, f"cannot decode ({exc})") from exc
