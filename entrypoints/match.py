@@ -1,0 +1,83 @@
+"""``isc match`` / MLproject ``match``: a matching-track CSV from descriptors.
+
+Writes ``query_id,reference_id,score`` (best first, at most 500,000 rows, no duplicate pair; score =
+-squared L2 or the inner product) from the global top ``--max-results`` pairs over all queries -- the
+same candidates the isc2021 ``--max_results`` evaluation scores. Logs the row count when an MLflow run
+is active or the command runs under ``mlflow run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+import numpy as np
+
+from entrypoints.evaluate import load_descriptors
+from isc import tracking
+from isc.cliutil import Parser, positive_int, str2bool
+from isc.errors import ConfigError
+from isc.io import MAX_MATCHES, Descriptors, write_matches_csv
+from isc.search import DEFAULT_BATCH_SIZE, global_topk
+
+
+def match_descriptors(
+    desc: Descriptors,
+    max_results: int = MAX_MATCHES,
+    metric: str = "l2",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[list[str], list[str], np.ndarray]:
+    """The ``max_results`` globally best (query, reference) pairs as ids and float32 scores, best first."""
+    if max_results <= 0:
+        raise ConfigError("max_results", f"must be > 0, got {max_results}")
+    top = global_topk(desc.query, desc.reference, max_results, metric, batch_size=batch_size)
+    qids = [desc.query_ids[i] for i in top.q_idx]
+    rids = [desc.reference_ids[i] for i in top.r_idx]
+    return qids, rids, top.score
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="isc match", description=__doc__.splitlines()[0])
+    p.add_argument("--descriptors", required=True, help="descriptor h5: path, run id or MLflow artifact URI")
+    p.add_argument("--output", default="outputs/match/matches.csv", help="CSV to write")
+    p.add_argument("--max-results", type=positive_int, default=MAX_MATCHES, help="rows (<= 500000)")
+    p.add_argument("--metric", choices=("l2", "ip"), default="l2")
+    p.add_argument("--allow-large-dim", type=str2bool, nargs="?", const=True, default=False)
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
+    return p
+
+
+def _log(args, n_matches: int) -> None:
+    tracking.log_params({"descriptors": args.descriptors, "max_results": args.max_results})
+    tracking.log_params({"metric": args.metric}, prefix="match.")
+    tracking.log_metrics({"n_matches": n_matches})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import mlflow
+
+    args = build_parser().parse_args(argv)
+    if args.max_results > MAX_MATCHES:
+        raise ConfigError(
+            "--max-results", f"the matching track allows at most {MAX_MATCHES} rows, got {args.max_results}"
+        )
+    desc = load_descriptors(args.descriptors, args.allow_large_dim)
+    qids, rids, scores = match_descriptors(desc, args.max_results, args.metric, args.batch_size)
+    path = write_matches_csv(args.output, qids, rids, scores)
+    summary = {"output": str(path), "n_matches": len(qids), "metric": args.metric}
+    if mlflow.active_run() is not None:
+        _log(args, len(qids))
+    elif os.environ.get("MLFLOW_RUN_ID"):
+        with contextlib.redirect_stdout(sys.stderr):
+            with tracking.tracked_run(run_name="match", tags={"isc.step": "match"}):
+                _log(args, len(qids))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    from entrypoints._run import cli
+
+    cli(__name__ if __name__ != "__main__" else "entrypoints.match")
