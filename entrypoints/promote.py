@@ -1,0 +1,54 @@
+"""``isc promote`` / MLproject ``promote``: register the best evaluated model and move ``@champion``.
+
+    isc promote --experiment isc --ground-truth data/mini/ground_truth_test.csv [--min-improvement 0.01]
+    isc promote --rollback [--model-name isc-descriptor]     # @champion back to @previous
+"""
+
+from __future__ import annotations
+
+import json
+
+from isc.cliutil import Parser, nonnegative_float, optional_str, str2bool
+from registry.model_logging import DEFAULT_MODEL_NAME
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="isc promote", description=__doc__.split("\n\n")[0])
+    p.add_argument("--experiment", type=optional_str, default=None,
+                   help="experiment (name or id) holding the evaluation runs (default: the active/\"isc\" one)")
+    p.add_argument("--ground-truth", type=optional_str, default=None,
+                   help="ground-truth CSV the candidates were scored on (selects runs by its fingerprint)")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="registered model name")
+    p.add_argument("--min-improvement", type=nonnegative_float, default=0.0,
+                   help="µAP margin the candidate must beat the champion by (absolute)")
+    p.add_argument("--force", type=str2bool, nargs="?", const=True, default=False,
+                   help="move @champion even if the candidate does not win")
+    p.add_argument("--rollback", type=str2bool, nargs="?", const=True, default=False,
+                   help="move @champion back to @previous instead of promoting")
+    p.add_argument("--json", type=str2bool, nargs="?", const=True, default=False, help="print the result as JSON")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from isc.errors import ConfigError
+    from registry.promote import promote, rollback
+
+    if args.ground_truth:
+        from pathlib import Path
+
+        if not Path(args.ground_truth).is_file():
+            raise ConfigError("ground_truth", f"{args.ground_truth}: no such file")
+    if args.rollback:
+        result = rollback(args.model_name)
+    else:
+        result = promote(args.experiment, args.ground_truth, args.model_name, args.min_improvement, args.force)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    from entrypoints._run import cli
+
+    cli(__name__ if __name__ != "__main__" else "entrypoints.promote")

@@ -1,0 +1,58 @@
+"""``isc search`` / MLproject ``search``: top-k reference matches of query images with a registered model.
+
+    isc search --model models:/isc-descriptor@champion --references data/mini/reference_images \\
+        --queries data/mini/query_images/Q00003.jpg other/folder --index outputs/search/reference.index \\
+        --output outputs/search/matches.csv --topk 5
+"""
+
+from __future__ import annotations
+
+from isc.cliutil import Parser, optional_str, positive_int, str2bool
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="isc search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="models:/isc-descriptor@champion",
+                   help="model URI: models:/name@alias, models:/name/version, models:/m-<id>, runs:/...")
+    p.add_argument("--references", nargs="+", required=True, help="reference image folder(s) and/or files")
+    p.add_argument("--queries", nargs="+", required=True, help="query image folder(s) and/or files")
+    p.add_argument("--index", default="outputs/search/reference.index",
+                   help="faiss index path (ids and meta are saved next to it; reused when still valid)")
+    p.add_argument("--output", type=optional_str, default="outputs/search/matches.csv",
+                   help="matching-track CSV query_id,reference_id,score ('' = do not write)")
+    p.add_argument("--topk", type=positive_int, default=5, help="matches per query")
+    p.add_argument("--log-run", type=str2bool, default=False, nargs="?", const=True,
+                   help="also log the CSV to an MLflow run (always on under `mlflow run`)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    import os
+
+    args = build_parser().parse_args(argv)
+    import pandas as pd
+
+    from isc.tracking import configure, log_artifact, log_params, tracked_run
+    from registry.search import search_images
+
+    configure(check=True)
+    if os.environ.get("MLFLOW_RUN_ID") or args.log_run:
+        with tracked_run(run_name="search", tags={"isc.step": "search"}):
+            result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output)
+            log_params({"resolved_model": result.model["resolved_uri"], "index_reused": result.index_reused})
+            if args.output:
+                log_artifact(args.output, "search")
+    else:
+        result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output)
+    with pd.option_context("display.max_rows", 200, "display.width", 160):
+        print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    where = f"; CSV: {args.output}" if args.output else ""
+    print(f"model {result.model['resolved_uri']} ({'reused' if result.index_reused else 'built'} index "
+          f"{args.index}){where}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from entrypoints._run import cli
+
+    cli(__name__ if __name__ != "__main__" else "entrypoints.search")

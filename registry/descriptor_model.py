@@ -1,0 +1,119 @@
+"""The registered descriptor model, as an MLflow *models-from-code* pyfunc definition.
+
+MLflow stores this file itself (not a pickle of an object) inside every logged model and executes it
+at load time; the last line, ``mlflow.models.set_model(...)``, tells MLflow which object serves
+``predict``. Why models-from-code: no CloudPickle of live objects (a security and portability hazard),
+and the inference contract is readable source next to the weights.
+
+Artifacts of a logged version (see :mod:`registry.model_logging`):
+
+* ``checkpoint`` -> ``artifacts/checkpoint.pth.tar``: an isc checkpoint (plain dict of tensors and
+  builtins, read with ``torch.load(weights_only=True)``; nothing is unpickled);
+* ``bank`` (optional) -> ``artifacts/nes_bank.h5``: the DBA-smoothed training descriptors
+  (datasets ``train`` [nt, 256] float32, ``train_ids``) used by negative embedding subtraction.
+
+``model_config`` (MLflow's per-model config dict): ``nes_k``, ``nes_beta``, ``nes_num_iter`` (the
+post-processing constants the version was evaluated with), ``batch_size`` for path inputs.
+
+predict(model_input, params={"postprocess": bool}) accepts a batch as
+
+* a pandas DataFrame with a string column ``path`` (image files), or a list/1-D array of paths;
+* a float32 array/tensor [N, 3, H, W], already resized and normalised with the checkpoint's
+  ``model_config['mean'/'std']``;
+
+and returns float32 descriptors [N, 256], L2-normalised. When the version carries a bank and
+``postprocess`` is true (the default), the rows are the negatively-subtracted descriptors, i.e. the ones
+the version's µAP was measured with. Queries and references must be described the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+
+
+class DescriptorModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: images (paths or tensors) -> [N, 256] float32 unit-norm descriptors."""
+
+    def load_context(self, context: Any) -> None:
+        import torch
+
+        from isc.models import load_model
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(context.artifacts["checkpoint"], self.device)
+        config = dict(context.model_config or {})
+        self.input_size = int(config.get("input_size") or self.model.model_config.get("input_size", 256))
+        self.batch_size = int(config.get("batch_size", 64))
+        self.nes = {
+            "k": int(config.get("nes_k", 10)),
+            "beta": float(config.get("nes_beta", 0.35)),
+            "num_iter": int(config.get("nes_num_iter", 1)),
+        }
+        self.bank: np.ndarray | None = None
+        self._bank_index = None
+        bank_path = (context.artifacts or {}).get("bank")
+        if bank_path:
+            from isc.io import read_train_descriptors
+            from isc.postprocess import InnerProductKNN
+
+            self.bank, _ = read_train_descriptors(bank_path)
+            self._bank_index = InnerProductKNN(self.bank)
+
+    # -- input handling ---------------------------------------------------------------------------
+    def _describe_paths(self, paths: list[str]) -> np.ndarray:
+        from isc.extract import describe_images
+
+        return np.asarray(
+            describe_images(self.model, paths, input_size=self.input_size, batch_size=self.batch_size),
+            dtype=np.float32,
+        )
+
+    def _describe_tensor(self, batch: Any) -> np.ndarray:
+        import torch
+
+        from isc.extract import describe_tensors
+
+        x = torch.as_tensor(batch)
+        if x.dtype != torch.float32:
+            raise TypeError(f"image tensors must be float32 (resized and normalised), got {x.dtype}")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"image tensors must have shape (N, 3, H, W), got {tuple(x.shape)}")
+        dim = int(self.model.model_config.get("dim", 256))
+        blocks = [describe_tensors(self.model, x[s : s + self.batch_size]) for s in range(0, x.shape[0], self.batch_size)]
+        return np.concatenate(blocks, axis=0) if blocks else np.zeros((0, dim), dtype=np.float32)
+
+    def describe(self, model_input: Any) -> np.ndarray:
+        """Raw descriptors [N, D] for any accepted input form (no post-processing)."""
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            if "path" not in model_input.columns:
+                raise ValueError(f"a DataFrame input needs a 'path' column, got columns {list(model_input.columns)}")
+            return self._describe_paths([str(p) for p in model_input["path"].tolist()])
+        if isinstance(model_input, pd.Series):
+            return self._describe_paths([str(p) for p in model_input.tolist()])
+        if isinstance(model_input, (list, tuple)):
+            if not all(isinstance(p, str) for p in model_input):
+                raise TypeError("a list input must hold image file paths (str)")
+            return self._describe_paths(list(model_input))
+        if isinstance(model_input, np.ndarray) and model_input.dtype.kind in ("U", "S", "O"):
+            return self._describe_paths([p.decode() if isinstance(p, bytes) else str(p) for p in model_input.ravel()])
+        return self._describe_tensor(model_input)
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        x = self.describe(model_input)
+        postprocess = bool((params or {}).get("postprocess", True))
+        if postprocess and self.bank is not None and x.shape[0] > 0:
+            from isc.postprocess import negative_embedding_subtraction
+
+            x = negative_embedding_subtraction(
+                x, self._bank_index, k=self.nes["k"], beta=self.nes["beta"], num_iter=self.nes["num_iter"],
+                bank_vectors=self.bank,
+            )
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+mlflow.models.set_model(DescriptorModel())

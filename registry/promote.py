@@ -1,0 +1,401 @@
+"""Promotion with registry aliases: register the best evaluated model and move ``@champion`` if it wins.
+
+Why aliases: registry *stages* are deprecated in MLflow 3; an alias points at exactly one version and
+moving it is the promotion. Aliases keep no history, so every promotion/rollback is also recorded as a
+registered-model tag ``isc.promotion.NNNN`` (JSON) and as tags on the versions involved.
+
+The flow of :func:`promote`:
+
+1. :func:`find_best_evaluation`: the FINISHED ``isc evaluate`` runs (tag ``isc.step=evaluate``) of an
+   experiment that were scored on one ground truth (tag ``isc.gt_fingerprint``; a ``--ground-truth``
+   file selects it, otherwise the runs must agree), that name the model they scored (``isc.model_ref``),
+   ranked by ``average_precision`` (µAP).
+2. The best run is registered once: a version tagged ``isc.source_eval_run=<run>`` already existing is
+   reused, so running promotion twice creates no duplicate version.
+3. ``@champion`` moves to it only if its µAP beats the champion's by more than ``min_improvement`` (and
+   both were scored on the same ground truth); the old champion becomes ``@previous``.
+
+:func:`rollback` moves ``@champion`` back to ``@previous`` and marks the demoted version
+``isc.rolled_back=true`` so a later promotion does not silently re-promote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isc.errors import ConfigError, ISCError
+from registry.model_logging import DEFAULT_MODEL_NAME, log_descriptor_model
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+EVAL_STEP = "evaluate"
+
+# Version tags written by promotion.
+TAG_AP = "isc.average_precision"
+TAG_RECALL = "isc.recall_p90"
+TAG_FINGERPRINT = "isc.gt_fingerprint"
+TAG_GT_PATH = "isc.gt_path"
+TAG_SOURCE_RUN = "isc.source_eval_run"
+TAG_MODEL_REF = "isc.model_ref"
+TAG_GIT = "isc.git_commit"
+TAG_NES_BANK = "isc.nes_bank"
+TAG_NES_PARAMS = "isc.nes_params"
+TAG_ROLLED_BACK = "isc.rolled_back"
+PROMOTION_TAG_PREFIX = "isc.promotion."
+
+
+@dataclass
+class Candidate:
+    """One FINISHED evaluation run that can be registered."""
+
+    run_id: str
+    average_precision: float
+    recall_p90: float | None
+    gt_fingerprint: str
+    gt_path: str
+    model_ref: str
+    nes_bank: str | None = None
+    nes_params: dict[str, Any] = field(default_factory=dict)
+    git_commit: str | None = None
+
+
+@dataclass
+class PromotionResult:
+    """What :func:`promote` / :func:`rollback` did. ``action`` is one of
+    ``promoted`` (champion moved), ``registered`` (new version, champion kept), ``kept`` (nothing new,
+    champion kept), ``unchanged`` (best is already champion), ``rolled_back``."""
+
+    action: str
+    model_name: str
+    version: str | None
+    champion: str | None
+    previous: str | None
+    message: str
+    candidate: Candidate | None = None
+    registered_new_version: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    from isc.tracking import configure
+
+    configure(check=True)
+    return MlflowClient()
+
+
+def resolve_experiment(experiment: str | None) -> Any:
+    """The experiment to search: a name or id; empty = ``MLFLOW_EXPERIMENT_ID``/``_NAME`` or ``isc``."""
+    from isc.tracking import DEFAULT_EXPERIMENT
+
+    client = _client()
+    text = (experiment or "").strip()
+    if not text and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        exp = client.get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"])
+        if exp is not None:
+            return exp
+    text = text or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    exp = client.get_experiment_by_name(text)
+    if exp is None and text.isdigit():
+        try:
+            exp = client.get_experiment(text)
+        except Exception:  # noqa: BLE001 -- MlflowException when no such id
+            exp = None
+    if exp is None:
+        raise ConfigError("experiment", f"no MLflow experiment named (or with id) '{text}'")
+    return exp
+
+
+def _fingerprint_of(ground_truth: str | Path) -> str:
+    from isc.io import read_ground_truth
+    from isc.metrics import ground_truth_fingerprint
+
+    return ground_truth_fingerprint(read_ground_truth(ground_truth))
+
+
+def _search_all_runs(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token,
+            order_by=["metrics.average_precision DESC"],
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _candidate(run: Any) -> Candidate:
+    tags, metrics = run.data.tags, run.data.metrics
+    nes_params: dict[str, Any] = {}
+    if tags.get("isc.nes_params"):
+        try:
+            nes_params = dict(json.loads(tags["isc.nes_params"]))
+        except (ValueError, TypeError):
+            log.warning("run %s: unreadable isc.nes_params tag %r (seed defaults used)", run.info.run_id,
+                        tags["isc.nes_params"])
+    return Candidate(
+        run_id=run.info.run_id,
+        average_precision=float(metrics["average_precision"]),
+        recall_p90=float(metrics["recall_p90"]) if "recall_p90" in metrics else None,
+        gt_fingerprint=tags.get("isc.gt_fingerprint", ""),
+        gt_path=tags.get("isc.gt_path", ""),
+        model_ref=tags.get("isc.model_ref", ""),
+        nes_bank=tags.get("isc.nes_bank") or None,
+        nes_params=nes_params,
+        git_commit=tags.get("mlflow.source.git.commit") or None,
+    )
+
+
+def find_best_evaluation(experiment: str | None = None, ground_truth: str | Path | None = None) -> Candidate:
+    """The FINISHED evaluation run with the highest µAP on one ground truth (see module doc).
+
+    Raises ``ConfigError('ground_truth', ...)`` listing the fingerprints when runs were scored on
+    several ground truths and none was chosen, or when none matches the given file.
+    """
+    client = _client()
+    exp = resolve_experiment(experiment)
+    runs = _search_all_runs(
+        client, exp.experiment_id, f"attributes.status = 'FINISHED' and tags.`isc.step` = '{EVAL_STEP}'"
+    )
+    usable = [r for r in runs if "average_precision" in r.data.metrics and r.data.tags.get("isc.model_ref")]
+    skipped = len(runs) - len(usable)
+    if skipped:
+        log.info("%d evaluation run(s) skipped: no isc.model_ref (e.g. hash baselines) or no µAP", skipped)
+    if not usable:
+        raise ISCError(
+            f"experiment '{exp.name}' has no FINISHED evaluation run (tag isc.step=evaluate) with a model "
+            "reference (tag isc.model_ref) and an average_precision metric"
+        )
+    by_fp: dict[str, list[Any]] = {}
+    for r in usable:
+        by_fp.setdefault(r.data.tags.get("isc.gt_fingerprint", ""), []).append(r)
+
+    def listing() -> str:
+        return "; ".join(
+            f"{fp[:12] or '<none>'} ({len(rs)} run(s), e.g. {rs[0].data.tags.get('isc.gt_path', '?')})"
+            for fp, rs in sorted(by_fp.items())
+        )
+
+    if ground_truth:
+        fp = _fingerprint_of(ground_truth)
+        if fp not in by_fp:
+            raise ConfigError(
+                "ground_truth",
+                f"no evaluation run in '{exp.name}' was scored on {ground_truth} (fingerprint {fp[:12]}); "
+                f"fingerprints found: {listing()}",
+            )
+        chosen = by_fp[fp]
+    else:
+        if len(by_fp) > 1:
+            raise ConfigError(
+                "ground_truth",
+                "evaluation runs were scored on different ground truths and cannot be compared; pass "
+                f"--ground-truth to choose one. Fingerprints: {listing()}",
+            )
+        chosen = next(iter(by_fp.values()))
+    best = max(chosen, key=lambda r: (r.data.metrics["average_precision"], -r.info.start_time))
+    return _candidate(best)
+
+
+def _git_commit() -> str | None:
+    """HEAD of this checkout, for versions whose evaluation run carries no git tag."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+            text=True, timeout=10, check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _all_versions(client: Any, model_name: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        return []
+    out: list[Any] = []
+    token = None
+    while True:
+        page = client.search_model_versions(f"name = '{model_name}'", max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _alias_version(client: Any, model_name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def _record(client: Any, model_name: str, entry: dict[str, Any]) -> None:
+    """Append a promotion record as registered-model tag ``isc.promotion.NNNN`` (aliases keep no history)."""
+    rm = client.get_registered_model(model_name)
+    n = sum(1 for k in rm.tags if k.startswith(PROMOTION_TAG_PREFIX))
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
+    client.set_registered_model_tag(model_name, f"{PROMOTION_TAG_PREFIX}{n + 1:04d}", json.dumps(entry))
+
+
+def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAME) -> Any:
+    """Package the candidate's checkpoint (+ NES bank) as the pyfunc and register a new version.
+
+    Logs into a ``promote`` run (tag ``isc.step=promote``) of the candidate's experiment, or into the
+    run ``mlflow run`` started. Returns the ``ModelVersion`` with its provenance tags set.
+    """
+    import mlflow
+
+    from isc.models import resolve_checkpoint
+    from isc.tracking import log_params, resolve_artifact, tracked_run
+
+    client = _client()
+    eval_run = client.get_run(candidate.run_id)
+    experiment = client.get_experiment(eval_run.info.experiment_id).name
+    checkpoint = resolve_checkpoint(candidate.model_ref)
+    bank = None
+    if candidate.nes_bank:
+        try:
+            bank = resolve_artifact(candidate.nes_bank)
+        except FileNotFoundError as exc:
+            raise ConfigError("nes_bank", f"evaluation run {candidate.run_id}: {exc}") from exc
+    with tracked_run(experiment=experiment, run_name=f"promote-{candidate.run_id[:8]}",
+                     tags={"isc.step": "promote"}) as run:
+        log_params({"model_name": model_name, "source_eval_run": candidate.run_id, "model_ref": candidate.model_ref})
+        info = log_descriptor_model(checkpoint, bank=bank, nes_params=candidate.nes_params)
+        tags = {
+            TAG_AP: f"{candidate.average_precision:.6f}",
+            TAG_FINGERPRINT: candidate.gt_fingerprint,
+            TAG_GT_PATH: candidate.gt_path,
+            TAG_SOURCE_RUN: candidate.run_id,
+            TAG_MODEL_REF: candidate.model_ref,
+            TAG_GIT: candidate.git_commit or _git_commit() or "unknown",
+        }
+        if candidate.recall_p90 is not None:
+            tags[TAG_RECALL] = f"{candidate.recall_p90:.6f}"
+        if candidate.nes_bank:
+            tags[TAG_NES_BANK] = candidate.nes_bank
+            tags[TAG_NES_PARAMS] = json.dumps(candidate.nes_params)
+        version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+        if run is not None:
+            mlflow.set_tags({"isc.registered_model": model_name, "isc.registered_version": str(version.version)})
+    log.info("registered %s version %s from evaluation run %s", model_name, version.version, candidate.run_id)
+    return client.get_model_version(model_name, version.version)
+
+
+def promote(
+    experiment: str | None = None,
+    ground_truth: str | Path | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    min_improvement: float = 0.0,
+    force: bool = False,
+) -> PromotionResult:
+    """Register the best evaluation run of ``experiment`` and move ``@champion`` if it wins (module doc).
+
+    ``min_improvement``: µAP margin (absolute, e.g. 0.01) the candidate must exceed the champion by.
+    ``force``: move the alias even when the candidate does not win or was scored on another ground truth.
+    """
+    if min_improvement < 0:
+        raise ConfigError("min_improvement", f"must be >= 0, got {min_improvement}")
+    if not model_name:
+        raise ConfigError("model_name", "empty registered model name")
+    candidate = find_best_evaluation(experiment, ground_truth)
+    client = _client()
+    existing = [v for v in _all_versions(client, model_name) if v.tags.get(TAG_SOURCE_RUN) == candidate.run_id]
+    registered = False
+    if existing:
+        version = min(existing, key=lambda v: int(v.version))
+    else:
+        version = register_candidate(candidate, model_name)
+        registered = True
+    champion = _alias_version(client, model_name, CHAMPION)
+    previous = _alias_version(client, model_name, PREVIOUS)
+    prev_v = previous.version if previous else None
+
+    def result(action: str, message: str, champ: str | None, prev: str | None) -> PromotionResult:
+        print(f"promote: {message}", flush=True)
+        return PromotionResult(action, model_name, str(version.version), champ, prev, message, candidate, registered)
+
+    if champion is not None and champion.version == version.version:
+        return result("unchanged", f"{model_name} v{version.version} (µAP {candidate.average_precision:.4f}, "
+                      f"eval run {candidate.run_id}) is already @champion", champion.version, prev_v)
+    if version.tags.get(TAG_ROLLED_BACK) == "true" and not force:
+        return result(
+            "registered" if registered else "kept",
+            f"best evaluation run {candidate.run_id} is {model_name} v{version.version}, which was rolled back; "
+            "not re-promoting it (use --force to override)",
+            champion.version if champion else None, prev_v,
+        )
+    if champion is not None and not force:
+        champ_fp = champion.tags.get(TAG_FINGERPRINT, "")
+        if champ_fp != candidate.gt_fingerprint:
+            raise ConfigError(
+                "ground_truth",
+                f"@champion ({model_name} v{champion.version}) was scored on ground truth {champ_fp[:12] or '<none>'} "
+                f"({champion.tags.get(TAG_GT_PATH, '?')}) but the candidate on {candidate.gt_fingerprint[:12]} "
+                f"({candidate.gt_path}); µAPs on different ground truths cannot be compared "
+                "(evaluate both on one ground truth, or pass --force)",
+            )
+        champ_ap = float(champion.tags.get(TAG_AP, "nan"))
+        if not candidate.average_precision > champ_ap + min_improvement:
+            return result(
+                "registered" if registered else "kept",
+                f"candidate {model_name} v{version.version} µAP {candidate.average_precision:.4f} does not beat "
+                f"@champion v{champion.version} µAP {champ_ap:.4f} by more than {min_improvement:g}; champion kept",
+                champion.version, prev_v,
+            )
+    if champion is not None:
+        client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
+    client.set_registered_model_alias(model_name, CHAMPION, version.version)
+    client.set_model_version_tag(model_name, version.version, "isc.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    client.set_model_version_tag(model_name, version.version, "isc.promoted_over",
+                                 champion.version if champion else "")
+    _record(client, model_name, {
+        "action": "promote", "champion": version.version, "previous": champion.version if champion else None,
+        "average_precision": candidate.average_precision, "source_eval_run": candidate.run_id, "forced": force,
+    })
+    old = f"v{champion.version} -> @previous" if champion else "no previous champion"
+    return result("promoted", f"{model_name} v{version.version} (µAP {candidate.average_precision:.4f}, eval run "
+                  f"{candidate.run_id}) is now @champion ({old})",
+                  version.version, champion.version if champion else prev_v)
+
+
+def rollback(model_name: str = DEFAULT_MODEL_NAME) -> PromotionResult:
+    """Move ``@champion`` back to ``@previous``; the demoted version is tagged ``isc.rolled_back=true``."""
+    client = _client()
+    champion = _alias_version(client, model_name, CHAMPION)
+    previous = _alias_version(client, model_name, PREVIOUS)
+    if previous is None:
+        raise ISCError(f"{model_name} has no @previous version to roll back to")
+    client.set_registered_model_alias(model_name, CHAMPION, previous.version)
+    client.delete_registered_model_alias(model_name, PREVIOUS)
+    if champion is not None:
+        client.set_model_version_tag(model_name, champion.version, TAG_ROLLED_BACK, "true")
+        client.set_model_version_tag(model_name, champion.version, "isc.rolled_back_at",
+                                     time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _record(client, model_name, {"action": "rollback", "champion": previous.version,
+                                 "demoted": champion.version if champion else None})
+    message = (f"{model_name} @champion rolled back to v{previous.version}"
+               + (f" (v{champion.version} marked {TAG_ROLLED_BACK}=true)" if champion else ""))
+    print(f"promote: {message}", flush=True)
+    return PromotionResult("rolled_back", model_name, previous.version, previous.version, None, message)

@@ -1,0 +1,236 @@
+"""Find copies of query images with a registered descriptor model (``isc search``).
+
+Pulls a pyfunc (default ``models:/isc-descriptor@champion``), describes the reference images once and
+keeps them in a faiss index saved next to ``--index``:
+
+    <index>             faiss IndexFlatIP over the reference descriptors [n_ref, 256] float32
+    <index>.ids.txt     reference ids, one per line, in index row order
+    <index>.meta.json   which model version built it (name/version/model id) and which references
+
+The index is reloaded instead of rebuilt when the meta file names the same model version (an alias is
+resolved to its version first, so moving ``@champion`` invalidates the index) and the same reference
+files (ids, sizes, modification times). Queries are described with the same model, searched exactly
+(GPU when faiss has one) and the top-k references per query are returned with their score, the inner
+product of unit vectors (cosine similarity, higher = more similar; -squared L2 = 2 x score - 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from isc.errors import ConfigError
+from isc.fileutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_URI = "models:/isc-descriptor@champion"
+INDEX_FORMAT = 1
+
+
+@dataclass
+class SearchResult:
+    """Top-k matches: one row per (query, rank); ``table`` is the same as a DataFrame."""
+
+    query_ids: list[str]
+    reference_ids: list[str]
+    ranks: list[int]
+    scores: np.ndarray  # float32 [n_rows], cosine similarity
+    index_reused: bool
+    model: dict[str, str]
+
+    @property
+    def table(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"query_id": self.query_ids, "rank": self.ranks, "reference_id": self.reference_ids,
+                             "score": self.scores})
+
+
+def model_identity(model_uri: str) -> dict[str, str]:
+    """``{"uri", "name", "version", "model_id"}`` of ``model_uri``, aliases resolved to their version.
+
+    Non-registry URIs (``runs:/``, ``models:/m-...``, local paths) are identified by the URI itself.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from isc.tracking import configure
+
+    uri = model_uri.strip()
+    if not uri.startswith("models:/"):
+        return {"uri": uri, "resolved_uri": uri}
+    configure(check=True)
+    rest = uri[len("models:/"):].strip("/")
+    client = MlflowClient()
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        elif "/" in rest:
+            name, version = rest.split("/", 1)
+            mv = client.get_model_version(name, version)
+        else:
+            return {"uri": uri, "resolved_uri": uri}  # models:/m-<id>: already immutable
+    except MlflowException as exc:
+        raise ConfigError("model", f"{model_uri}: not found in the model registry ({exc.message})") from exc
+    return {
+        "uri": uri,
+        "name": mv.name,
+        "version": str(mv.version),
+        "model_id": str(getattr(mv, "model_id", "") or ""),
+        "resolved_uri": f"models:/{mv.name}/{mv.version}",
+    }
+
+
+def load_descriptor_model(model_uri: str) -> tuple[Any, dict[str, str]]:
+    """``(pyfunc, identity)``: the model is loaded through its resolved (version-pinned) URI."""
+    import mlflow
+
+    ident = model_identity(model_uri)
+    try:
+        model = mlflow.pyfunc.load_model(ident["resolved_uri"])
+    except Exception as exc:  # noqa: BLE001 -- MlflowException, OSError...
+        raise ConfigError("model", f"{model_uri}: cannot load the model ({exc})") from exc
+    return model, ident
+
+
+def collect_images(sources: list[str | Path], param: str) -> list[tuple[str, Path]]:
+    """``(id, path)`` from folders and/or image files (id = file stem), sorted by id, ids unique."""
+    from isc.data.disc21 import list_images
+
+    items: dict[str, Path] = {}
+    for src in sources:
+        p = Path(src).expanduser()
+        if p.is_dir():
+            found = list_images(p)
+        elif p.is_file():
+            found = [(p.stem, p)]
+        else:
+            raise ConfigError(param, f"{src}: no such image file or folder")
+        for image_id, path in found:
+            if image_id in items and items[image_id] != path:
+                raise ConfigError(param, f"two images share the id '{image_id}': {items[image_id]} and {path}")
+            items[image_id] = path
+    if not items:
+        raise ConfigError(param, f"no image found in {', '.join(map(str, sources))}")
+    return sorted(items.items())
+
+
+def _references_fingerprint(items: list[tuple[str, Path]]) -> str:
+    h = hashlib.sha256()
+    for image_id, path in items:
+        st = path.stat()
+        h.update(f"{image_id}\t{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def describe(model: Any, items: list[tuple[str, Path]]) -> np.ndarray:
+    """Descriptors [n, d] float32 of ``items`` with the pyfunc (its own post-processing included)."""
+    import pandas as pd
+
+    x = model.predict(pd.DataFrame({"path": [str(p) for _, p in items]}))
+    x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] != len(items):
+        raise ConfigError("model", f"expected [{len(items)}, d] descriptors from the model, got {x.shape}")
+    return x
+
+
+def _side_paths(index_path: Path) -> tuple[Path, Path]:
+    return index_path.with_name(index_path.name + ".ids.txt"), index_path.with_name(index_path.name + ".meta.json")
+
+
+def load_index(index_path: Path, ident: dict[str, str], references_fp: str) -> tuple[np.ndarray, list[str]] | None:
+    """``(reference vectors, ids)`` from a saved index if it was built by this model on these files."""
+    import faiss
+
+    ids_path, meta_path = _side_paths(index_path)
+    if not (index_path.is_file() and ids_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != INDEX_FORMAT or meta.get("model", {}).get("resolved_uri") != ident["resolved_uri"]:
+        log.info("index %s was built by %s; rebuilding for %s", index_path, meta.get("model", {}).get("resolved_uri"),
+                 ident["resolved_uri"])
+        return None
+    if meta.get("references_fingerprint") != references_fp:
+        log.info("reference images changed since %s was built; rebuilding", index_path)
+        return None
+    index = faiss.read_index(str(index_path))
+    ids = ids_path.read_text().splitlines()
+    if index.ntotal != len(ids):
+        return None
+    return index.reconstruct_n(0, index.ntotal), ids
+
+
+def save_index(index_path: Path, vectors: np.ndarray, ids: list[str], ident: dict[str, str], references_fp: str,
+               references: list[str]) -> None:
+    """Write the faiss index, ids and meta atomically (meta last: a torn set is never reused)."""
+    import faiss
+
+    ids_path, meta_path = _side_paths(index_path)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    with atomic_path(index_path) as tmp:
+        faiss.write_index(index, str(tmp))
+    with atomic_path(ids_path) as tmp:
+        tmp.write_text("\n".join(ids) + "\n")
+    meta = {"format": INDEX_FORMAT, "model": ident, "references_fingerprint": references_fp,
+            "references": references, "n": len(ids), "dim": int(vectors.shape[1])}
+    with atomic_path(meta_path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
+
+
+def search_images(
+    model_uri: str,
+    references: list[str | Path],
+    queries: list[str | Path],
+    index_path: str | Path,
+    topk: int = 5,
+    output: str | Path | None = None,
+) -> SearchResult:
+    """Top-``topk`` references for every query image (see module doc); writes the matching-track CSV
+    ``query_id,reference_id,score`` to ``output`` when given."""
+    from isc.io import write_matches_csv
+    from isc.search import FlatIndex
+
+    if topk <= 0:
+        raise ConfigError("topk", f"must be > 0, got {topk}")
+    ref_items = collect_images(list(references), "references")
+    query_items = collect_images(list(queries), "queries")
+    index_path = Path(index_path)
+    model, ident = load_descriptor_model(model_uri)
+    ref_fp = _references_fingerprint(ref_items)
+    loaded = load_index(index_path, ident, ref_fp)
+    reused = loaded is not None
+    if loaded is None:
+        log.info("describing %d reference images with %s", len(ref_items), ident["resolved_uri"])
+        ref_vectors = describe(model, ref_items)
+        ref_ids = [i for i, _ in ref_items]
+        save_index(index_path, ref_vectors, ref_ids, ident, ref_fp, [str(r) for r in references])
+    else:
+        ref_vectors, ref_ids = loaded
+        log.info("reusing index %s (%d references, %s)", index_path, len(ref_ids), ident["resolved_uri"])
+    query_vectors = describe(model, query_items)
+    scores, idx = FlatIndex(ref_vectors, metric="ip").search(query_vectors, topk, progress=True)
+    qids, rids, ranks, flat = [], [], [], []
+    for qi, (query_id, _) in enumerate(query_items):
+        for rank in range(scores.shape[1]):
+            if idx[qi, rank] < 0:
+                continue
+            qids.append(query_id)
+            rids.append(ref_ids[int(idx[qi, rank])])
+            ranks.append(rank + 1)
+            flat.append(float(scores[qi, rank]))
+    result = SearchResult(qids, rids, ranks, np.asarray(flat, dtype=np.float32), reused, ident)
+    if output:
+        write_matches_csv(output, qids, rids, flat)
+    return result
