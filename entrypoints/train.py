@@ -1,0 +1,110 @@
+"""``isc train`` / MLproject ``train``, ``demo`` and ``train_stage*``: train one recipe stage.
+
+Like timm's train.py: ``--config YAML`` gives the defaults, flags override them. Run it under
+``torchrun --nproc-per-node N`` for DDP (``--batch-size`` is the GLOBAL batch, split over ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from isc.cliutil import Parser, optional_str, str2bool
+from isc.train.config import FIELDS, STAGES, TrainConfig, apply_overrides, config_path, read_yaml
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="isc train", description=__doc__.split("\n\n")[0],
+               argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", type=optional_str, default=None,
+                   help="YAML file or packaged name (demo, stage1, stage1b, stage2, stage3, stage4)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="DISC21-shaped dataset root (training_images/, reference_images/, ...)")
+    g.add_argument("--stage", choices=STAGES, help="augmentation + dataset kind of the recipe stage")
+    g.add_argument("--sample-size", type=int, help="train on the first N sorted training images")
+    g.add_argument("--pairs", type=optional_str, help="v107: positive GT CSV (default: the train split)")
+    g.add_argument("--num-negatives", type=optional_str,
+                   help="extra negative references per item (default: 2 for v98, 30 for v107)")
+    g.add_argument("--workers", "-j", type=int, help="DataLoader worker processes per rank")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", "-a", "--arch", dest="backbone", help="timm model name")
+    g.add_argument("--pretrained", type=str2bool, help="timm pretrained weights (hub/cache)")
+    g.add_argument("--weights-file", type=optional_str, help="local backbone weights file (offline pretrained)")
+    g.add_argument("--input-size", type=int, help="training crop side in pixels")
+    g.add_argument("--gem-p", type=float, help="GeM exponent while training")
+    g.add_argument("--gem-eval-p", type=float, help="GeM exponent at extraction")
+    g.add_argument("--init-from", type=optional_str,
+                   help="start from these weights (run id, runs:/, models:/, path): the seed's --weight")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--wd", "--weight-decay", dest="wd", type=float, help="weight decay (weights only)")
+    g.add_argument("--schedule", choices=("constant", "cosine"))
+    g.add_argument("--batch-size", "-b", type=int, help="GLOBAL batch of items, split across ranks")
+    g.add_argument("--amp", choices=("auto", "true", "false"), help="mixed precision (auto = on CUDA)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (0 = whole epoch)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--ncrops", type=int, help="views per image (1 moderate + ncrops-1 hard)")
+    g.add_argument("--pos-margin", type=float)
+    g.add_argument("--neg-margin", type=float)
+    g.add_argument("--memory-size", type=int, help="cross-batch memory slots (embeddings)")
+    g = p.add_argument_group("run")
+    g.add_argument("--resume-from", type=optional_str,
+                   help="continue from a full checkpoint (run id, runs:/, path): model, optimizer, RNG, XBM")
+    g.add_argument("--checkpoint-every-steps", type=int, help="extra mid-epoch checkpoints (0 = per epoch)")
+    g.add_argument("--keep-checkpoints", type=int, help="local checkpoints kept (newest)")
+    g.add_argument("--log-every-steps", type=int, help="per-step metric logging period")
+    g.add_argument("--log-checkpoints", type=str2bool, help="upload epoch checkpoints as artifacts")
+    g.add_argument("--experiment-name", type=optional_str)
+    g.add_argument("--run-name", type=optional_str)
+    g.add_argument("--output-dir", type=optional_str, help="local folder for checkpoints (default outputs/train/<run>)")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    return p
+
+
+def resolve_config(argv: list[str]) -> TrainConfig:
+    """Dataclass defaults < resumed checkpoint's config (no --config) < YAML < flags."""
+    args = vars(build_parser().parse_args(argv))
+    config = args.pop("config", None)
+    cfg = TrainConfig()
+    if config:
+        cfg = apply_overrides(cfg, read_yaml(config_path(config)), source=str(config))
+    elif args.get("resume_from"):
+        cfg = _config_of_checkpoint(args["resume_from"]) or cfg
+    flags = {k: v for k, v in args.items() if k in FIELDS}
+    return apply_overrides(cfg, flags, source="command line")
+
+
+def _config_of_checkpoint(ref: str) -> TrainConfig | None:
+    from isc.errors import ConfigError
+    from isc.models import load_checkpoint, resolve_checkpoint
+    from isc.tracking import is_primary
+
+    if not is_primary():
+        return None
+    try:
+        saved = load_checkpoint(resolve_checkpoint(ref)).get("train_config") or {}
+    except ConfigError as exc:
+        raise ConfigError("resume_from", str(exc)) from exc
+    saved = {k: v for k, v in saved.items() if k in FIELDS and k not in ("resume_from", "init_from")}
+    return apply_overrides(TrainConfig(), saved, source=f"checkpoint {ref}")
+
+
+def main(argv: list[str]) -> int:
+    from isc.train import train
+
+    cfg = resolve_config(argv)
+    result = train(cfg)
+    if result.run_id:
+        print(f"run {result.run_id}: {result.epochs_done} epoch(s), final model {result.final_model_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    from entrypoints._run import cli
+
+    cli(__name__ if __name__ != "__main__" else "entrypoints.train")

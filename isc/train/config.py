@@ -1,0 +1,262 @@
+"""Training configuration: one dataclass, YAML files for the recipe stages, validation before any work.
+
+Precedence (lowest first): dataclass defaults < the resumed checkpoint's ``train_config`` (only when
+resuming without ``--config``) < the YAML file < command-line flags / keyword overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isc.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+STAGES = ("demo", "v83", "v86", "v98", "v107")
+# Extra negative images per training item, as in the seed: v98 adds two random references (moderate
+# transform), v107 thirty random references that are nobody's positive.
+DEFAULT_NEGATIVES = {"demo": 0, "v83": 0, "v86": 0, "v98": 2, "v107": 30}
+NEGATIVE_STAGES = ("v98", "v107")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of one training stage. Units: pixels, images, epochs, optimizer steps."""
+
+    # data
+    data: str = "data/mini"
+    stage: str = "demo"
+    sample_size: int = 1_000_000
+    pairs: str | None = None
+    num_negatives: int | None = None  # None = the stage default (DEFAULT_NEGATIVES)
+    workers: int = 2
+    # model
+    backbone: str = "tf_efficientnetv2_m.in21k_ft_in1k"
+    pretrained: bool = False
+    weights_file: str | None = None
+    input_size: int = 256
+    gem_p: float = 1.0
+    gem_eval_p: float = 1.0
+    dim: int = 256
+    init_from: str | None = None
+    # optimisation
+    epochs: int = 5
+    lr: float = 0.1
+    momentum: float = 0.9
+    wd: float = 1e-6
+    schedule: str = "constant"
+    batch_size: int = 128  # global, split across ranks
+    amp: str = "auto"
+    seed: int = 0
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch
+    # loss
+    ncrops: int = 2
+    pos_margin: float = 0.0
+    neg_margin: float = 1.0
+    memory_size: int = 20000
+    # run / tracking
+    resume_from: str | None = None
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+    log_checkpoints: bool = True
+    experiment_name: str | None = None
+    run_name: str | None = None
+    output_dir: str | None = None
+    device: str = "auto"
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def negatives(self) -> int:
+        return DEFAULT_NEGATIVES[self.stage] if self.num_negatives is None else int(self.num_negatives)
+
+    @property
+    def images_per_item(self) -> int:
+        return self.ncrops + self.negatives
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Parse a YAML/CLI value into the field's type; '' / 'none' mean None for optional fields."""
+    ftype = str(FIELDS[name].type)
+    optional = "None" in ftype
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "null") and optional:
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(name, "must not be empty")
+    try:
+        if ftype.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected a boolean, got '{value}'")
+        if ftype.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"expected an integer, got {value}")
+            return int(value)
+        if ftype.startswith("float"):
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError(f"expected a finite number, got {value}")
+            return out
+        if ftype.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a mapping, got {value!r}")
+            return {str(k): str(v) for k, v in value.items()}
+        if ftype.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(name, str(exc)) from exc
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "override") -> TrainConfig:
+    """Return a copy of ``cfg`` with ``overrides`` (dash or underscore keys) applied and coerced."""
+    values = cfg.to_dict()
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        if name == "arch" or name == "a":
+            name = "backbone"
+        if name not in FIELDS:
+            close = [f for f in FIELDS if f.startswith(name[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(key, f"unknown training option in {source}{hint}")
+        values[name] = _coerce(name, value)
+    return TrainConfig(**values)
+
+
+def config_path(path_or_name: str | Path) -> Path:
+    """``demo`` / ``stage1``... -> the packaged YAML; anything else is a file path."""
+    text = str(path_or_name)
+    packaged = CONFIG_DIR / f"{text}.yaml"
+    if "/" not in text and not text.endswith((".yaml", ".yml")) and packaged.is_file():
+        return packaged
+    path = Path(text).expanduser()
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError("config", f"{text}: no such file, and not a packaged config ({', '.join(names)})")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path}: invalid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path}: expected a mapping of option: value")
+    return data
+
+
+def load_config(path_or_name: str | Path | None = "demo", base: TrainConfig | None = None,
+                **overrides: Any) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a packaged config name or YAML path plus keyword overrides.
+
+    ``load_config("demo", epochs=2, lr=0.05)``; ``load_config("isc/configs/stage1.yaml")``.
+    Values are coerced to the field types; unknown keys raise ``ConfigError``. Not validated yet: call
+    :func:`validate_config` (``isc.train.train`` does, before opening a run).
+    """
+    cfg = base or TrainConfig()
+    if path_or_name is not None:
+        path = config_path(path_or_name)
+        cfg = apply_overrides(cfg, read_yaml(path), source=str(path))
+    return apply_overrides(cfg, {k: v for k, v in overrides.items()}, source="overrides")
+
+
+def _check(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(name, message)
+
+
+def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Raise ``ConfigError`` naming the first bad parameter. Touches no run, reads only folder listings."""
+    from isc.data.disc21 import DISC21
+    from isc.models.iscnet import check_backbone
+
+    _check(cfg.stage in STAGES, "stage", f"unknown stage '{cfg.stage}' (one of {', '.join(STAGES)})")
+    _check(cfg.epochs > 0, "epochs", f"must be > 0, got {cfg.epochs}")
+    _check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+    _check(0 <= cfg.momentum < 1, "momentum", f"must be in [0, 1), got {cfg.momentum}")
+    _check(cfg.wd >= 0, "wd", f"must be >= 0, got {cfg.wd}")
+    _check(cfg.schedule in ("constant", "cosine"), "schedule", f"constant or cosine, got '{cfg.schedule}'")
+    _check(cfg.amp in ("auto", "true", "false", "on", "off"), "amp", f"auto, true or false, got '{cfg.amp}'")
+    _check(cfg.input_size > 0, "input_size", f"must be > 0, got {cfg.input_size}")
+    _check(cfg.sample_size > 0, "sample_size", f"must be > 0, got {cfg.sample_size}")
+    _check(cfg.gem_p > 0, "gem_p", f"must be > 0, got {cfg.gem_p}")
+    _check(cfg.gem_eval_p > 0, "gem_eval_p", f"must be > 0, got {cfg.gem_eval_p}")
+    _check(cfg.dim > 0, "dim", f"must be > 0, got {cfg.dim}")
+    _check(cfg.ncrops >= 2, "ncrops", f"must be >= 2 (one moderate + hard views), got {cfg.ncrops}")
+    _check(cfg.stage != "v107" or cfg.ncrops == 2, "ncrops", "v107 items are (query, reference): ncrops must be 2")
+    _check(cfg.pos_margin >= 0, "pos_margin", f"must be >= 0, got {cfg.pos_margin}")
+    _check(cfg.neg_margin > 0, "neg_margin", f"must be > 0, got {cfg.neg_margin}")
+    _check(cfg.neg_margin > cfg.pos_margin, "neg_margin",
+           f"must exceed pos_margin ({cfg.pos_margin}), got {cfg.neg_margin}")
+    _check(cfg.num_negatives is None or cfg.num_negatives >= 0, "num_negatives",
+           f"must be >= 0, got {cfg.num_negatives}")
+    _check(cfg.memory_size > 0, "memory_size", f"must be > 0, got {cfg.memory_size}")
+    _check(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
+    _check(cfg.batch_size % world_size == 0, "batch_size",
+           f"global batch {cfg.batch_size} does not split evenly over {world_size} processes")
+    per_step = cfg.batch_size * cfg.images_per_item
+    _check(cfg.memory_size >= per_step, "memory_size",
+           f"{cfg.memory_size} is smaller than one global batch of {per_step} embeddings "
+           f"(batch_size {cfg.batch_size} x {cfg.images_per_item} images per item)")
+    _check(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
+    _check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
+    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")
+    _check(cfg.log_every_steps >= 1, "log_every_steps", f"must be >= 1, got {cfg.log_every_steps}")
+    _check(cfg.max_steps_per_epoch >= 0, "max_steps_per_epoch", "must be >= 0")
+    _check(not (cfg.init_from and cfg.resume_from), "init_from",
+           "give either init_from (weights only, new stage) or resume_from (full state), not both")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
+           f"auto, cpu or cuda[:N], got '{cfg.device}'")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        _check(torch.cuda.is_available(), "device", f"{cfg.device} requested but CUDA is not available")
+    check_backbone(cfg.backbone)
+    if cfg.weights_file:
+        _check(Path(cfg.weights_file).expanduser().is_file(), "weights_file",
+               f"{cfg.weights_file} does not exist")
+
+    data = DISC21(cfg.data)
+    _check(data.root.is_dir(), "data", f"{data.root} does not exist")
+    if cfg.stage == "v107":
+        pairs = resolve_pairs_path(cfg)
+        _check(pairs.is_file(), "pairs", f"{pairs} does not exist (v107 trains on positive GT pairs)")
+        for split in ("val", "test"):
+            held_out = data.ground_truth(split)
+            _check(not (held_out.exists() and held_out.resolve() == pairs.resolve()), "pairs",
+                   f"{pairs} is the {split} split; v107 must train on the train split, never on scored pairs")
+        _check(data.query_dir.is_dir(), "data", f"missing {data.query_dir}")
+    else:
+        _check(data.training_dir.is_dir(), "data", f"missing {data.training_dir}")
+        _check(any(data.training_dir.iterdir()), "data", f"{data.training_dir} holds no images")
+    if cfg.stage in NEGATIVE_STAGES and cfg.negatives > 0:
+        _check(data.reference_dir.is_dir(), "data", f"missing {data.reference_dir} (needed for negatives)")
+
+
+def resolve_pairs_path(cfg: TrainConfig) -> Path:
+    """v107's positive-pair CSV: ``--pairs`` or the dataset's *train* ground-truth split."""
+    from isc.data.disc21 import DISC21
+
+    if cfg.pairs:
+        return Path(cfg.pairs).expanduser().resolve()
+    return DISC21(cfg.data).ground_truth("train")
