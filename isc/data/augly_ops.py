@@ -191,11 +191,13 @@ def random_noise(img: Image.Image, var: float = 0.01, seed: int | None = None) -
     Replaces AugLy's version, which reseeds numpy's global RNG with 42 on every call.
     """
     rng = np.random.default_rng(seed if seed is not None else random.getrandbits(63))
-    arr = np.asarray(img).astype(np.float32) / 255.0
-    noise = rng.normal(0.0, var**0.5, arr.shape).astype(np.float32)
+    arr = np.asarray(img).astype(np.float32)
+    noise = rng.standard_normal(arr.shape, dtype=np.float32)
+    noise *= np.float32(255.0 * var**0.5)  # std on the 0-255 scale
     if img.mode == "RGBA":
         noise[..., 3] = 0.0  # leave the alpha channel alone
-    out = np.clip((arr + noise) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    arr += noise
+    out = np.clip(arr + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(out, mode=img.mode)
 
 

@@ -23,7 +23,8 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha composited on white, 16-bit/float scaled to 0-255, palette expanded."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -62,7 +63,7 @@ def load_image(path: str | Path) -> Image.Image:
                 img.seek(0)  # animated GIF/WebP/APNG: the first frame
                 img.load()  # force the full decode now: truncation shows up here, not later
                 img = ImageOps.exif_transpose(img) or img
-                rgb = _to_rgb(img)
+                rgb = to_rgb(img)
                 rgb.load()
                 return rgb.copy() if rgb is img else rgb
     except BadImageError:

@@ -1,0 +1,301 @@
+"""The recipe's image views: eval, moderate and hard pipelines per stage, and ``NCropsTransform``.
+
+Each training image yields ``ncrops`` views sharing its label: one *moderate* view (a mild crop + flip)
+and ``ncrops - 1`` *hard* views that imitate ISC copy edits, so the contrastive loss learns to match an
+image with its edited copies:
+
+hard = AugLy RandomRotation(p) -> RandomOverlayImageAndResizedCrop -> ShuffledAug(list, random order,
+each op with its own p) -> RGB -> ToTensor -> RandomErasing(value='random', p 0.25) -> Normalize
+
+Stage parameters (recipe.md "Views"):
+
+=========  =========================  =================  =========  ======================
+stage      colour jitter b/c/s (hue)  p of list ops      overlay_p  opacity_lower, size
+=========  =========================  =================  =========  ======================
+v83        0.7 (0.2)                  0.25               0.05       0.6, 0.4-0.6
+v86        0.75 (0.2)                 0.30               0.075      0.5, 0.3-0.7
+v98        0.8 (0.2)                  0.35 (edge 0.3)    0.10       0.4, 0.2-0.8
+v107       = v98 (our choice, below)
+demo       = v83
+=========  =========================  =================  =========  ======================
+
+Stage 4 (v107) trains on (query, reference) pairs; recipe.md gives no view table for it, so we take
+v98's hard parameters and apply the same pipeline -- :func:`build_pair_transform` -- to the query and
+to its reference (independent draws). ``build_train_transform("v107", ...)`` is v98's NCropsTransform.
+
+Choices the recipe leaves open (documented here, used everywhere): the rotation op uses the stage's p
+and AugLy's default range (0-180 degrees, cropped to the largest inner rectangle); RandomPixelization,
+RandomBlur and torchvision RandomPerspective use their libraries' default ranges; ColorJitter, grayscale,
+perspective, JPEG (one of q 10/20/30/50), pixelisation, pixel shuffling (factor 0.1), blur, text and
+emoji overlays each fire with the stage's p; flips 0.5 (horizontal) / 0.1 (vertical); edge enhancement
+with the stage's edge p.
+
+Randomness comes only from python ``random`` and torch's RNG, both of which PyTorch seeds in every
+DataLoader worker, so a seeded run is reproducible. Every object here pickles (no lambdas).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from isc.data import augly_ops as ops
+from isc.data.images import load_image, to_rgb
+from isc.errors import ConfigError
+
+Op = Callable[[Image.Image], Image.Image]
+
+
+@dataclass(frozen=True)
+class StageViews:
+    """Hard-view parameters of one training stage (see the module table)."""
+
+    jitter: float  # ColorJitter brightness = contrast = saturation (hue is 0.2)
+    p: float  # probability of most list ops and of the rotation
+    edge_p: float  # probability of the edge-enhance OneOf
+    overlay_p: float  # probability of overlaying another training image
+    opacity_lower: float  # overlay opacity ~ U(opacity_lower, 1)
+    size_range: tuple[float, float]  # overlay size ~ U(*size_range), fraction of the base image height
+
+
+STAGES: dict[str, StageViews] = {
+    "v83": StageViews(
+        jitter=0.7, p=0.25, edge_p=0.25, overlay_p=0.05, opacity_lower=0.6, size_range=(0.4, 0.6)
+    ),
+    "v86": StageViews(
+        jitter=0.75, p=0.30, edge_p=0.30, overlay_p=0.075, opacity_lower=0.5, size_range=(0.3, 0.7)
+    ),
+    "v98": StageViews(
+        jitter=0.8, p=0.35, edge_p=0.30, overlay_p=0.10, opacity_lower=0.4, size_range=(0.2, 0.8)
+    ),
+}
+STAGES["v107"] = STAGES["v98"]
+STAGES["demo"] = STAGES["v83"]
+
+HUE = 0.2
+JPEG_QUALITIES = (10, 20, 30, 50)
+ERASING_P = 0.25
+MODERATE_SCALE = (0.7, 1.0)
+OVERLAY_CROP_SCALE = (0.7, 1.0)
+PLAIN_CROP_SCALE = (0.15, 1.0)
+
+
+def stage_views(stage: str) -> StageViews:
+    """Parameters of ``stage`` (v83, v86, v98, v107, demo) or a ``ConfigError`` naming ``stage``."""
+    if stage not in STAGES:
+        raise ConfigError("stage", f"unknown augmentation stage '{stage}' (choose from {', '.join(STAGES)})")
+    return STAGES[stage]
+
+
+def _check_size(input_size: int) -> int:
+    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size <= 0:
+        raise ConfigError("input_size", f"must be a positive integer, got {input_size!r}")
+    return input_size
+
+
+def _check_norm(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError("mean/std", f"need 3 values each (RGB), got {mean} / {std}")
+    if any(s <= 0 for s in std):
+        raise ConfigError("std", f"must be > 0, got {std}")
+    return mean, std
+
+
+class ToRGB:
+    """Any PIL mode -> RGB (alpha composited on white, 16-bit scaled), as the image loader does."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return to_rgb(img)
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
+
+
+class ShuffledAug:
+    """Apply every op of ``ops`` in a fresh random order (each op decides itself whether to fire)."""
+
+    def __init__(self, ops_list: Sequence[Op]):
+        self.ops = list(ops_list)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        order = list(self.ops)
+        random.shuffle(order)
+        for op in order:
+            img = op(img)
+        return img
+
+    def __repr__(self) -> str:
+        return f"ShuffledAug({self.ops!r})"
+
+
+class RandomOverlayImageAndResizedCrop:
+    """With prob ``overlay_p`` blend this image with a random image from ``overlay_paths``, then crop.
+
+    Overlay (50/50): this image pasted onto the other, or the other pasted onto this one; opacity
+    U(opacity_lower, 1), size U(size_range) x the base image's height, random position; followed by
+    RandomResizedCrop(input_size, scale 0.7-1). Without overlay: RandomResizedCrop(scale 0.15-1).
+    Output: an ``input_size`` x ``input_size`` image.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        overlay_paths: Sequence[str | Path] = (),
+        overlay_p: float = 0.05,
+        opacity_lower: float = 0.6,
+        size_range: tuple[float, float] = (0.4, 0.6),
+    ):
+        self.overlay_paths = [str(p) for p in overlay_paths]
+        self.overlay_p, self.opacity_lower, self.size_range = (
+            float(overlay_p),
+            float(opacity_lower),
+            size_range,
+        )
+        self.overlay_crop = T.RandomResizedCrop(input_size, scale=OVERLAY_CROP_SCALE)
+        self.plain_crop = T.RandomResizedCrop(input_size, scale=PLAIN_CROP_SCALE)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if not self.overlay_paths or random.random() >= self.overlay_p:
+            return self.plain_crop(img)
+        other = load_image(random.choice(self.overlay_paths))
+        opacity = random.uniform(self.opacity_lower, 1.0)
+        size = random.uniform(*self.size_range)
+        x, y = random.uniform(0.0, 1.0 - size), random.uniform(0.0, 1.0 - size)
+        img = to_rgb(img)
+        if random.random() < 0.5:
+            out = ops.overlay_onto_background_image(
+                img, background_image=other, opacity=opacity, overlay_size=size, x_pos=x, y_pos=y
+            )
+        else:
+            out = ops.overlay_image(img, overlay=other, opacity=opacity, overlay_size=size, x_pos=x, y_pos=y)
+        return self.overlay_crop(to_rgb(out))
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomOverlayImageAndResizedCrop(n_paths={len(self.overlay_paths)}, p={self.overlay_p}, "
+            f"opacity_lower={self.opacity_lower}, size_range={self.size_range})"
+        )
+
+
+def hard_ops(views: StageViews) -> list[Op]:
+    """The ShuffledAug list of a stage (each op carries its own probability)."""
+    p, j = views.p, views.jitter
+    return [
+        T.RandomApply([T.ColorJitter(j, j, j, HUE)], p=p),
+        ops.RandomPixelization(p=p),
+        ops.ShufflePixels(factor=0.1, p=p),
+        ops.OneOf([ops.EncodingQuality(q) for q in JPEG_QUALITIES], p=p),
+        T.RandomGrayscale(p=p),
+        ops.RandomBlur(p=p),
+        T.RandomPerspective(p=p),
+        T.RandomHorizontalFlip(p=0.5),
+        T.RandomVerticalFlip(p=0.1),
+        ops.RandomOverlayText(p=p),
+        ops.RandomEmojiOverlay(p=p),
+        ops.OneOf([ops.EdgeEnhance(more=False), ops.EdgeEnhance(more=True)], p=views.edge_p),
+    ]
+
+
+def build_eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Extraction view: resize to (s, s) (no crop), ToTensor, Normalize -> float tensor [3, s, s]."""
+    s = _check_size(input_size)
+    mean, std = _check_norm(mean, std)
+    return T.Compose([ToRGB(), T.Resize((s, s)), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def build_moderate_transform(input_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Moderate view: RandomResizedCrop(s, scale 0.7-1), HFlip, ToTensor, Normalize -> [3, s, s]."""
+    s = _check_size(input_size)
+    mean, std = _check_norm(mean, std)
+    return T.Compose(
+        [
+            ToRGB(),
+            T.RandomResizedCrop(s, scale=MODERATE_SCALE),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def build_hard_transform(
+    stage: str,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    overlay_paths: Sequence[str | Path] = (),
+) -> T.Compose:
+    """Hard view of ``stage`` -> float tensor [3, s, s] (see the module docstring for the op list).
+
+    ``overlay_paths``: training images that RandomOverlayImageAndResizedCrop may blend in (empty: the
+    overlay never fires and only the 0.15-1 crop is used).
+    """
+    views = stage_views(stage)
+    s = _check_size(input_size)
+    mean, std = _check_norm(mean, std)
+    return T.Compose(
+        [
+            ToRGB(),
+            ops.RandomRotation(p=views.p),
+            RandomOverlayImageAndResizedCrop(
+                s, overlay_paths, views.overlay_p, views.opacity_lower, views.size_range
+            ),
+            ShuffledAug(hard_ops(views)),
+            ToRGB(),
+            T.ToTensor(),
+            T.RandomErasing(p=ERASING_P, value="random"),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+class NCropsTransform:
+    """``ncrops`` views of one image: ``[moderate(img)] + [hard(img)] * (ncrops - 1)`` (fresh draws)."""
+
+    def __init__(self, moderate: Callable, hard: Callable, ncrops: int = 2):
+        if not isinstance(ncrops, int) or ncrops < 1:
+            raise ConfigError("ncrops", f"must be an integer >= 1, got {ncrops!r}")
+        self.moderate, self.hard, self.ncrops = moderate, hard, ncrops
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        return [self.moderate(img)] + [self.hard(img) for _ in range(self.ncrops - 1)]
+
+    def __repr__(self) -> str:
+        return f"NCropsTransform(ncrops={self.ncrops}, moderate={self.moderate!r}, hard={self.hard!r})"
+
+
+def build_train_transform(
+    stage: str,
+    input_size: int,
+    ncrops: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    overlay_paths: Sequence[str | Path] = (),
+) -> NCropsTransform:
+    """The training views of ``stage``: 1 moderate + (ncrops - 1) hard tensors of shape [3, s, s]."""
+    return NCropsTransform(
+        build_moderate_transform(input_size, mean, std),
+        build_hard_transform(stage, input_size, mean, std, overlay_paths),
+        ncrops,
+    )
+
+
+def build_pair_transform(
+    stage: str,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    overlay_paths: Sequence[str | Path] = (),
+) -> T.Compose:
+    """Stage-4 (v107) view applied alike to a query and to its reference: the stage's hard view.
+
+    For v107 that is v98's hard pipeline (recipe.md gives no separate table; see the module docstring).
+    """
+    return build_hard_transform(stage, input_size, mean, std, overlay_paths)

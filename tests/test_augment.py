@@ -1,0 +1,266 @@
+"""AugLy ops and the recipe's view pipelines: odd images, shapes, normalisation, seeding, pickling."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from isc.data import augly_ops as ops
+from isc.data.augment import (
+    STAGES,
+    RandomOverlayImageAndResizedCrop,
+    build_eval_transform,
+    build_hard_transform,
+    build_moderate_transform,
+    build_pair_transform,
+    build_train_transform,
+    hard_ops,
+)
+from isc.data.images import to_rgb
+from isc.errors import ConfigError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _photo(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """A smooth random colour field (cheap to make at any size, never flat)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
+    img = small.resize((w, h), Image.Resampling.BILINEAR)
+    if mode == "RGBA":
+        img = img.convert("RGBA")
+        img.putalpha(Image.linear_gradient("L").resize((w, h)))
+        return img
+    return img.convert(mode)
+
+
+ODD_IMAGES = {
+    "tiny_8x8": lambda: _photo(8, 8),
+    "huge_3000x2000": lambda: _photo(3000, 2000),
+    "grayscale": lambda: _photo(120, 90, "L"),
+    "rgba": lambda: _photo(90, 120, "RGBA"),
+}
+
+# Ops forced to fire (p=1); "same" = output keeps the input size.
+FORCED_OPS = {
+    "RandomRotation": (ops.RandomRotation(p=1.0), "smaller"),
+    "RandomPixelization": (ops.RandomPixelization(p=1.0), "same"),
+    "ShufflePixels": (ops.ShufflePixels(0.1, p=1.0), "same"),
+    "EncodingQuality": (ops.EncodingQuality(10, p=1.0), "same"),
+    "RandomBlur": (ops.RandomBlur(p=1.0), "same"),
+    "RandomOverlayText": (ops.RandomOverlayText(p=1.0), "same"),
+    "RandomEmojiOverlay": (ops.RandomEmojiOverlay(p=1.0), "same"),
+    "EdgeEnhance": (ops.EdgeEnhance(), "same"),
+    "EdgeEnhanceMore": (ops.EdgeEnhance(more=True), "same"),
+    "RandomPerspective": (ops.RandomPerspective(p=1.0), "same"),
+    "meme_format": (ops.meme_format, "taller"),
+    "random_noise": (ops.random_noise, "same"),
+    "screenshot": (ops.overlay_onto_screenshot, "any"),
+    "pad": (ops.pad, "larger"),
+}
+
+
+@pytest.mark.parametrize("image_kind", sorted(ODD_IMAGES))
+def test_every_op_runs_on_odd_images_and_keeps_mode_and_size_rules(image_kind):
+    img = ODD_IMAGES[image_kind]()
+    random.seed(0)
+    for name, (op, rule) in FORCED_OPS.items():
+        out = op(img)
+        assert isinstance(out, Image.Image), name
+        assert out.mode in (img.mode, "RGB"), f"{name}: mode {out.mode} from {img.mode}"
+        w, h = out.size
+        assert w >= 1 and h >= 1, name
+        if rule == "same":
+            assert out.size == img.size, f"{name}: {out.size} != {img.size}"
+        elif rule == "smaller":
+            assert w <= img.width and h <= img.height, name
+        elif rule == "taller":
+            assert w == img.width and h > img.height, name
+        elif rule == "larger":
+            assert w >= img.width and h >= img.height and (w, h) != img.size, name
+
+
+@pytest.mark.parametrize("image_kind", ["tiny_8x8", "grayscale", "rgba"])
+def test_hard_list_ops_run_on_odd_images(image_kind):
+    # In the pipeline the list sees RGB crops of input_size (ToRGB + crop come first); huge inputs are
+    # covered by test_hard_view_of_huge_image_is_input_size.
+    img = to_rgb(ODD_IMAGES[image_kind]())
+    random.seed(1)
+    torch.manual_seed(1)
+    for op in hard_ops(STAGES["v98"]):
+        force = getattr(op, "p", None)
+        if force is not None:
+            op.p = 1.0
+        out = op(img)
+        assert isinstance(out, Image.Image) and out.size == img.size, repr(op)
+
+
+def test_perspective_replacement_warps_pixels_but_keeps_size():
+    img = _photo(64, 48)
+    out = ops.perspective_transform(img, sigma=0.08, seed=3)
+    assert out.size == img.size
+    assert np.abs(np.asarray(out, np.float32) - np.asarray(img, np.float32)).mean() > 2.0
+
+
+def test_meme_format_replacement_adds_a_caption_band_of_the_requested_height():
+    img = _photo(100, 80)
+    out = ops.meme_format(
+        img, text="HELLO", caption_height=0.25, bg_color=(255, 255, 255), text_color=(0, 0, 0)
+    )
+    assert out.size == (100, 100)
+    band = np.asarray(out)[:20]
+    assert (band < 128).any(), "caption text was drawn"
+    assert np.array_equal(np.asarray(out)[20:], np.asarray(img))
+
+
+def test_shuffle_pixels_permutes_about_factor_of_the_pixels():
+    img = _photo(50, 40)
+    out = ops.shuffle_pixels(img, factor=0.2, seed=0)
+    a = np.asarray(img).reshape(-1, 3)
+    b = np.asarray(out).reshape(-1, 3)
+    assert sorted(map(tuple, a)) == sorted(map(tuple, b))  # same pixels, moved
+    moved = (a != b).any(axis=1).mean()
+    assert 0.1 < moved <= 0.2
+
+
+def test_our_random_ops_do_not_reseed_global_rngs():
+    # AugLy's RandomEmojiOverlay calls random.seed(42) and its noise/shuffle np.random.seed(const).
+    img = _photo(32, 32)
+    draws = []
+    for seed in (0, 1):
+        random.seed(seed)
+        np.random.seed(seed)
+        ops.RandomEmojiOverlay(p=1.0)(img)
+        ops.ShufflePixels(p=1.0)(img)
+        ops.random_noise(img)
+        draws.append((random.random(), np.random.rand()))
+    assert draws[0][0] != draws[1][0]
+    assert draws[0][1] != draws[1][1]
+
+
+def test_eval_and_moderate_views_normalise_with_mean_and_std():
+    colour = (200, 100, 50)
+    img = Image.new("RGB", (70, 50), colour)
+    expected = (torch.tensor(colour) / 255.0 - torch.tensor(MEAN)) / torch.tensor(STD)
+    for t in (build_eval_transform(32, MEAN, STD), build_moderate_transform(32, MEAN, STD)):
+        x = t(img)
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert torch.allclose(x.mean(dim=(1, 2)), expected, atol=1e-4)
+        assert torch.allclose(x.std(dim=(1, 2)), torch.zeros(3), atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_gives_ncrops_views_of_the_right_shape(stage, mini_data):
+    overlays = [str(p) for _, p in mini_data.images("train")[:8]]
+    t = build_train_transform(stage, 48, 3, MEAN, STD, overlays)
+    random.seed(0)
+    torch.manual_seed(0)
+    for kind in ("tiny_8x8", "grayscale", "rgba"):
+        views = t(ODD_IMAGES[kind]())
+        assert len(views) == 3
+        for v in views:
+            assert v.shape == (3, 48, 48) and v.dtype == torch.float32
+            assert torch.isfinite(v).all()
+    # an undisturbed view of a real photo spans roughly the normalised [0, 1] range, not raw pixels
+    v = build_moderate_transform(48, MEAN, STD)(_photo(90, 60))
+    lo = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
+    hi = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert (v.amin(dim=(1, 2)) >= lo - 1e-4).all() and (v.amax(dim=(1, 2)) <= hi + 1e-4).all()
+
+
+def test_stage_table_matches_the_recipe():
+    assert (STAGES["v83"].jitter, STAGES["v83"].p, STAGES["v83"].overlay_p) == (0.7, 0.25, 0.05)
+    assert (STAGES["v86"].opacity_lower, STAGES["v86"].size_range) == (0.5, (0.3, 0.7))
+    assert (STAGES["v98"].p, STAGES["v98"].edge_p, STAGES["v98"].overlay_p) == (0.35, 0.3, 0.1)
+    assert STAGES["v107"] == STAGES["v98"] and STAGES["demo"] == STAGES["v83"]
+
+
+def test_hard_view_of_huge_image_is_input_size():
+    t = build_hard_transform("v98", 64, MEAN, STD)
+    random.seed(2)
+    torch.manual_seed(2)
+    assert t(ODD_IMAGES["huge_3000x2000"]()).shape == (3, 64, 64)
+
+
+def test_same_seed_gives_identical_views_and_other_seed_differs():
+    t = build_train_transform("v98", 40, 2, MEAN, STD)
+    img = _photo(120, 90)
+
+    def views(seed):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        return torch.cat([torch.cat(t(img)) for _ in range(4)])
+
+    assert torch.equal(views(7), views(7))
+    assert not torch.equal(views(7), views(8))
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, transform):
+        self.transform = transform
+        self.images = [_photo(64, 48, seed=i) for i in range(6)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.stack(self.transform(self.images[i]))
+
+
+def test_train_transform_pickles_and_is_reproducible_in_dataloader_workers(mini_data):
+    overlays = [p for _, p in mini_data.images("train")[:4]]
+    t = build_train_transform("v83", 32, 2, MEAN, STD, overlays)
+    t2 = pickle.loads(pickle.dumps(t))
+    assert isinstance(t2.hard.transforms[2], RandomOverlayImageAndResizedCrop)
+
+    def run(seed):
+        loader = torch.utils.data.DataLoader(
+            _Images(t2), batch_size=3, num_workers=2, generator=torch.Generator().manual_seed(seed)
+        )
+        return torch.cat(list(loader))
+
+    a, b = run(3), run(3)
+    assert a.shape == (6, 2, 3, 32, 32)
+    assert torch.equal(a, b)
+
+
+def test_overlay_blends_another_training_image_when_it_fires(tmp_path: Path):
+    white = tmp_path / "white.png"
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(white)
+    black = Image.new("RGB", (80, 60), (0, 0, 0))
+    random.seed(0)
+    torch.manual_seed(0)
+    always = RandomOverlayImageAndResizedCrop(
+        32, [white], overlay_p=1.0, opacity_lower=1.0, size_range=(0.5, 0.5)
+    )
+    never = RandomOverlayImageAndResizedCrop(32, [white], overlay_p=0.0)
+    blended = [np.asarray(always(black)).max() for _ in range(6)]
+    assert sum(m > 200 for m in blended) >= 4  # cropped views may miss the pasted patch now and then
+    assert all(np.asarray(never(black)).max() == 0 for _ in range(6))
+    assert always(black).size == (32, 32)
+
+
+def test_pair_transform_of_v107_is_the_v98_hard_view():
+    t = build_pair_transform("v107", 40, MEAN, STD)
+    assert t.transforms[1].p == 0.35  # rotation fires with v98's p
+    assert t.transforms[2].overlay_p == 0.10 and t.transforms[2].size_range == (0.2, 0.8)
+    random.seed(0)
+    torch.manual_seed(0)
+    assert t(_photo(60, 60)).shape == (3, 40, 40)
+
+
+def test_bad_parameters_raise_config_errors_naming_them():
+    with pytest.raises(ConfigError, match="stage"):
+        build_hard_transform("v999", 32, MEAN, STD)
+    with pytest.raises(ConfigError, match="input_size"):
+        build_eval_transform(0, MEAN, STD)
+    with pytest.raises(ConfigError, match="ncrops"):
+        build_train_transform("demo", 32, 0, MEAN, STD)
+    with pytest.raises(ConfigError, match="mean"):
+        build_moderate_transform(32, (0.5,), STD)
