@@ -1,0 +1,260 @@
+"""Extraction benchmark: pipeline throughput vs. the bare forward pass, and memory vs. image count.
+
+Two numbers, each measured in one run of this script:
+
+1. **throughput ratio** = images/s of :func:`isc.extract.extract_descriptors` (JPEG decode in DataLoader
+   workers, resize + normalise, host->device copy, forward under inference_mode (AMP on CUDA), L2
+   normalisation, streamed h5 append, worker start-up) divided by images/s of the bare forward pass of
+   the same network at the same batch size on tensors decoded beforehand. Goal >= 0.9: the pipeline
+   should keep the model busy. On a CPU-only machine the decoding workers compete with the forward
+   pass for the same cores, so the ratio there is a lower bound of what a GPU box gets.
+2. **memory flatness** = peak RSS of an extraction of 4N images / peak RSS of N images, each in a fresh
+   subprocess (RSS of the main process sampled with psutil every 20 ms, plus its DataLoader workers).
+   Goal ~1.0: descriptors are appended to h5 batch by batch, nothing grows with N.
+
+Synthetic JPEGs (smooth random colour fields, 256x256) are written to a temporary DISC21-shaped folder.
+Random-init weights (no download). Default run: ~1-2 minutes on 2 CPU cores.
+
+    .venv/bin/python bench/bench_extract.py                      # defaults
+    .venv/bin/python bench/bench_extract.py --backbone tf_efficientnetv2_m.in21k_ft_in1k \\
+        --input-size 512 --batch-size 64 --n-images 2048 --mem-images 2000   # GPU box, recipe model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def make_images(folder: Path, n: int, side: int = 256, seed: int = 0) -> None:
+    """``n`` smooth random JPEGs named R000000.jpg ... (cheap to make, realistic to decode)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((side, side), Image.BICUBIC)
+        img.save(folder / f"R{i:06d}.jpg", quality=90)
+
+
+def build_model(args: argparse.Namespace):
+    import torch
+
+    from isc.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(args.backbone, pretrained=False, input_size=args.input_size).eval()
+
+
+def bare_forward_rate(model, data, args, device) -> float:
+    """Images/s of model(x) alone on pre-decoded, pre-normalised tensors already on ``device``."""
+    import torch
+
+    from isc.data.images import load_image
+    from isc.extract import eval_transform_for
+
+    transform = eval_transform_for(model, args.input_size)
+    paths = [p for _, p in data.images("reference")][: args.n_images]
+    x = torch.stack([transform(load_image(p)) for p in paths]).to(device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    batches = list(torch.split(x, args.batch_size))
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"),
+    ):
+        model(batches[0])  # warm-up (cudnn autotune, allocator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in batches:
+            out = model(b)
+        out.float().cpu()  # the pipeline also brings descriptors back to the host
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(paths) / (time.perf_counter() - t0)
+
+
+def throughput(args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
+    from isc.data.disc21 import DISC21
+    from isc.extract import extract_descriptors, resolve_device
+
+    device = resolve_device(args.device or None)
+    with tempfile.TemporaryDirectory() as tmp:
+        make_images(Path(tmp) / "data" / "reference_images", args.n_images)
+        data = DISC21(Path(tmp) / "data")
+        model = build_model(args).to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        bare = bare_forward_rate(model, data, args, device)
+        # Warm-up run of the pipeline itself on one batch (first-call costs), then the measured run.
+        extract_descriptors(
+            model,
+            data,
+            "r",
+            Path(tmp) / "warm",
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=device,
+            limit=args.batch_size,
+        )
+        t0 = time.perf_counter()
+        res = extract_descriptors(
+            model,
+            data,
+            "r",
+            Path(tmp) / "out",
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=device,
+        )
+        wall = time.perf_counter() - t0
+    return {
+        "bare_images_per_s": bare,
+        "extract_images_per_s": res["counts"]["reference"] / wall,
+        "device": str(device),
+    }
+
+
+def child_peak_rss(args: argparse.Namespace) -> None:
+    """Run one extraction of ``--n`` images and print JSON {peak_rss_mb, baseline_rss_mb}."""
+    import psutil
+
+    from isc.data.disc21 import DISC21
+    from isc.extract import extract_descriptors
+
+    proc = psutil.Process()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_images(Path(tmp) / "data" / "reference_images", args.n)
+        data = DISC21(Path(tmp) / "data")
+        model = build_model(args)
+        baseline = proc.memory_info().rss
+        peak = {"main": baseline, "total": baseline}
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                main = proc.memory_info().rss
+                workers = 0
+                for c in proc.children(recursive=True):
+                    try:
+                        workers += c.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak["main"] = max(peak["main"], main)
+                peak["total"] = max(peak["total"], main + workers)
+                time.sleep(0.02)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        extract_descriptors(
+            model,
+            data,
+            "r",
+            Path(tmp) / "out",
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device or None,
+        )
+        stop.set()
+        th.join()
+    mb = 1024 * 1024
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "baseline_rss_mb": baseline / mb,
+                "peak_rss_mb": peak["main"] / mb,
+                "peak_rss_with_workers_mb": peak["total"] / mb,
+            }
+        )
+    )
+
+
+def memory(args: argparse.Namespace) -> list[dict[str, float]]:
+    rows = []
+    for n in (args.mem_images, 4 * args.mem_images):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--n",
+            str(n),
+            "--backbone",
+            args.backbone,
+            "--input-size",
+            str(args.input_size),
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+            "--device",
+            args.device,
+        ]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="efficientnet_b0", help="timm model name (random init)")
+    p.add_argument("--input-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (the CLI default)")
+    p.add_argument("--n-images", type=int, default=256, help="images for the throughput comparison")
+    p.add_argument("--mem-images", type=int, default=128, help="N for the memory runs (N and 4N)")
+    p.add_argument("--device", default="", help="cuda/cpu; empty = CUDA when available")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child_peak_rss(args)
+        return
+
+    import torch
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, backbone {args.backbone}, "
+        f"{args.input_size}px, batch {args.batch_size}, {args.workers} workers"
+    )
+    t = throughput(args)
+    ratio = t["extract_images_per_s"] / t["bare_images_per_s"]
+    print(
+        f"[{t['device']}] bare forward: {t['bare_images_per_s']:.1f} images/s; "
+        f"extract pipeline: {t['extract_images_per_s']:.1f} images/s; ratio {ratio:.3f} (goal >= 0.9)"
+    )
+    if args.skip_memory:
+        return
+    rows = memory(args)
+    for r in rows:
+        print(
+            f"n={r['n']:>6}: peak RSS main {r['peak_rss_mb']:.1f} MB (baseline after model load "
+            f"{r['baseline_rss_mb']:.1f} MB), with workers {r['peak_rss_with_workers_mb']:.1f} MB"
+        )
+    a, b = rows
+    print(
+        f"memory ratio 4N/N: main {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}, "
+        f"growth above baseline {b['peak_rss_mb'] - b['baseline_rss_mb']:.1f} MB vs "
+        f"{a['peak_rss_mb'] - a['baseline_rss_mb']:.1f} MB (goal: flat)"
+    )
+
+
+if __name__ == "__main__":
+    main()
