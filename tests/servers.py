@@ -146,6 +146,8 @@ def _write_auth_config(folder: Path, admin_password: str) -> Path:
         "admin_username = admin\n"
         f"admin_password = {admin_password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # PBKDF2 checks cost seconds on a loaded CI machine: verify each credential once.
+        "auth_cache_ttl_seconds = 600\n"
     )
     ini.chmod(0o600)
     return ini
@@ -157,7 +159,7 @@ def start_mlflow_server(
     port: int | None = None,
     app_name: str | None = None,
     env: Mapping[str, str] | None = None,
-    host: str = LOOPBACK,
+    host: str | None = LOOPBACK,
     timeout: float = 90.0,
 ) -> ServerHandle:
     """Start the real ``mlflow server`` (one worker, proxied artifacts) and wait for ``/health``.
@@ -165,11 +167,12 @@ def start_mlflow_server(
     ``app_name="basic-auth"`` enables MLflow's basic auth; unless ``env`` brings its own
     ``MLFLOW_AUTH_CONFIG_PATH``, a config with a fresh random admin password is written next to
     ``artifacts_dir`` and exposed as ``handle.admin_username`` / ``handle.admin_password``.
-    The server log goes to ``<artifacts_dir>/../mlflow-server-PORT.log``.
+    The server log goes to ``<artifacts_dir>/../mlflow-server-PORT.log``. ``host=None`` passes no
+    ``--host`` at all (MLflow's own default binding, which must be loopback).
     """
     artifacts_dir = Path(artifacts_dir).resolve()
     artifacts_dir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port(host)
+    port = port or free_port(host or LOOPBACK)
     child_env = dict(os.environ)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         child_env.pop(var, None)
@@ -179,10 +182,11 @@ def start_mlflow_server(
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", backend_uri,
         "--artifacts-destination", str(artifacts_dir),
-        "--host", host,
         "--port", str(port),
         "--workers", "1",
     ]  # fmt: skip
+    if host is not None:
+        cmd += ["--host", host]
     if app_name:
         cmd += ["--app-name", app_name]
         if app_name == "basic-auth" and "MLFLOW_AUTH_CONFIG_PATH" not in child_env:
@@ -192,6 +196,8 @@ def start_mlflow_server(
             child_env.pop("MLFLOW_AUTH_ADMIN_USERNAME", None)
             ini = _write_auth_config(artifacts_dir.parent / f"auth-{port}", admin_pw)
             child_env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+        # CSRF protection of the auth app needs a stable secret (one per server is enough here).
+        child_env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
     log_path = artifacts_dir.parent / f"mlflow-server-{port}.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
@@ -203,7 +209,7 @@ def start_mlflow_server(
             cwd=str(artifacts_dir.parent),
             start_new_session=True,  # own process group: stop() reaches every worker
         )
-    url = f"http://{host}:{port}"
+    url = f"http://{host or LOOPBACK}:{port}"
     handle = ServerHandle(proc, url, port, log_path, backend_uri, artifacts_dir, admin_user, admin_pw)
     try:
         wait_http_ok(url + "/health", proc, log_path, timeout)
