@@ -57,10 +57,10 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
         bank_path = (context.artifacts or {}).get("bank")
         if bank_path:
             from isc.io import read_train_descriptors
-            from isc.postprocess import InnerProductKNN
+            from isc.postprocess import bank_index
 
             self.bank, _ = read_train_descriptors(bank_path)
-            self._bank_index = InnerProductKNN(self.bank)
+            self._bank_index = bank_index(self.bank)  # built once, reused by every predict call
 
     # -- input handling ---------------------------------------------------------------------------
     def _describe_paths(self, paths: list[str]) -> np.ndarray:
@@ -103,15 +103,15 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
             return self._describe_paths([p.decode() if isinstance(p, bytes) else str(p) for p in model_input.ravel()])
         return self._describe_tensor(model_input)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # untyped on purpose: type hints make MLflow infer an input schema
+        """[N, 256] float32 descriptors; see the module doc for the accepted inputs."""
         x = self.describe(model_input)
         postprocess = bool((params or {}).get("postprocess", True))
         if postprocess and self.bank is not None and x.shape[0] > 0:
             from isc.postprocess import negative_embedding_subtraction
 
             x = negative_embedding_subtraction(
-                x, self._bank_index, k=self.nes["k"], beta=self.nes["beta"], num_iter=self.nes["num_iter"],
-                bank_vectors=self.bank,
+                x, self._bank_index, k=self.nes["k"], beta=self.nes["beta"], num_iter=self.nes["num_iter"]
             )
         return np.ascontiguousarray(x, dtype=np.float32)
 

@@ -18,6 +18,7 @@ The *output* is declared as ``Tensor(float32, (-1, 256))`` and the *params* sche
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -113,15 +114,20 @@ def log_descriptor_model(
             read_train_descriptors(bank)  # validate before packaging
             artifacts["bank"] = str(shutil.copyfile(bank, Path(tmp) / BANK_FILE))
         code_paths = [str(ISC_PACKAGE_DIR)] if include_code else None
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(MODEL_CODE_PATH),
-            artifacts=artifacts,
-            model_config=config,
-            signature=descriptor_signature(int(model_config.get("dim", 256))),
-            pip_requirements=_pip_requirements(),
-            code_paths=code_paths,
-            registered_model_name=registered_model_name,
-        )
+        with contextlib.ExitStack() as stack:
+            if mlflow.active_run() is None:  # never fall back to MLflow's CWD-relative ./mlruns
+                from isc.tracking import tracked_run
+
+                stack.enter_context(tracked_run(run_name="log-descriptor-model", tags={"isc.step": "package"}))
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(MODEL_CODE_PATH),
+                artifacts=artifacts,
+                model_config=config,
+                signature=descriptor_signature(int(model_config.get("dim", 256))),
+                pip_requirements=_pip_requirements(),
+                code_paths=code_paths,
+                registered_model_name=registered_model_name,
+            )
     log.info("logged descriptor pyfunc %s (bank: %s)", info.model_uri, bank is not None)
     return info

@@ -330,21 +330,21 @@ def promote(
         registered = True
     champion = _alias_version(client, model_name, CHAMPION)
     previous = _alias_version(client, model_name, PREVIOUS)
-    prev_v = previous.version if previous else None
+    prev_v = str(previous.version) if previous else None
 
     def result(action: str, message: str, champ: str | None, prev: str | None) -> PromotionResult:
         print(f"promote: {message}", flush=True)
         return PromotionResult(action, model_name, str(version.version), champ, prev, message, candidate, registered)
 
-    if champion is not None and champion.version == version.version:
+    if champion is not None and str(champion.version) == str(version.version):
         return result("unchanged", f"{model_name} v{version.version} (µAP {candidate.average_precision:.4f}, "
-                      f"eval run {candidate.run_id}) is already @champion", champion.version, prev_v)
+                      f"eval run {candidate.run_id}) is already @champion", str(champion.version), prev_v)
     if version.tags.get(TAG_ROLLED_BACK) == "true" and not force:
         return result(
             "registered" if registered else "kept",
             f"best evaluation run {candidate.run_id} is {model_name} v{version.version}, which was rolled back; "
             "not re-promoting it (use --force to override)",
-            champion.version if champion else None, prev_v,
+            str(champion.version) if champion else None, prev_v,
         )
     if champion is not None and not force:
         champ_fp = champion.tags.get(TAG_FINGERPRINT, "")
@@ -362,22 +362,22 @@ def promote(
                 "registered" if registered else "kept",
                 f"candidate {model_name} v{version.version} µAP {candidate.average_precision:.4f} does not beat "
                 f"@champion v{champion.version} µAP {champ_ap:.4f} by more than {min_improvement:g}; champion kept",
-                champion.version, prev_v,
+                str(champion.version), prev_v,
             )
     if champion is not None:
-        client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
-    client.set_registered_model_alias(model_name, CHAMPION, version.version)
-    client.set_model_version_tag(model_name, version.version, "isc.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    client.set_model_version_tag(model_name, version.version, "isc.promoted_over",
-                                 champion.version if champion else "")
+        client.set_registered_model_alias(model_name, PREVIOUS, str(champion.version))
+    client.set_registered_model_alias(model_name, CHAMPION, str(version.version))
+    client.set_model_version_tag(model_name, str(version.version), "isc.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    client.set_model_version_tag(model_name, str(version.version), "isc.promoted_over",
+                                 str(champion.version) if champion else "")
     _record(client, model_name, {
-        "action": "promote", "champion": version.version, "previous": champion.version if champion else None,
+        "action": "promote", "champion": str(version.version), "previous": str(champion.version) if champion else None,
         "average_precision": candidate.average_precision, "source_eval_run": candidate.run_id, "forced": force,
     })
     old = f"v{champion.version} -> @previous" if champion else "no previous champion"
     return result("promoted", f"{model_name} v{version.version} (µAP {candidate.average_precision:.4f}, eval run "
                   f"{candidate.run_id}) is now @champion ({old})",
-                  version.version, champion.version if champion else prev_v)
+                  str(version.version), str(champion.version) if champion else prev_v)
 
 
 def rollback(model_name: str = DEFAULT_MODEL_NAME) -> PromotionResult:
@@ -387,15 +387,15 @@ def rollback(model_name: str = DEFAULT_MODEL_NAME) -> PromotionResult:
     previous = _alias_version(client, model_name, PREVIOUS)
     if previous is None:
         raise ISCError(f"{model_name} has no @previous version to roll back to")
-    client.set_registered_model_alias(model_name, CHAMPION, previous.version)
+    client.set_registered_model_alias(model_name, CHAMPION, str(previous.version))
     client.delete_registered_model_alias(model_name, PREVIOUS)
     if champion is not None:
-        client.set_model_version_tag(model_name, champion.version, TAG_ROLLED_BACK, "true")
-        client.set_model_version_tag(model_name, champion.version, "isc.rolled_back_at",
+        client.set_model_version_tag(model_name, str(champion.version), TAG_ROLLED_BACK, "true")
+        client.set_model_version_tag(model_name, str(champion.version), "isc.rolled_back_at",
                                      time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _record(client, model_name, {"action": "rollback", "champion": previous.version,
-                                 "demoted": champion.version if champion else None})
+    _record(client, model_name, {"action": "rollback", "champion": str(previous.version),
+                                 "demoted": str(champion.version) if champion else None})
     message = (f"{model_name} @champion rolled back to v{previous.version}"
                + (f" (v{champion.version} marked {TAG_ROLLED_BACK}=true)" if champion else ""))
     print(f"promote: {message}", flush=True)
-    return PromotionResult("rolled_back", model_name, previous.version, previous.version, None, message)
+    return PromotionResult("rolled_back", model_name, str(previous.version), str(previous.version), None, message)
