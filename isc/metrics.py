@@ -80,6 +80,7 @@ class EvalResult:
     n_queries: int  # queries searched (GT queries for official/knn, all queries for max_results)
     n_candidates: int  # the search cap: K for official/max_results, k per query for knn
     ranked: RankedPredictions = field(repr=False)
+    n_research: int = 0  # queries global_topk searched again with a larger k' (exactness guard)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no arrays). ``threshold_p90`` is ``None`` when P90 is never reached."""
@@ -153,22 +154,51 @@ def compute_metrics(
     n = s.size
     uq, qc = _codes(qids) if n else (np.empty(0, dtype=object), np.empty(0, dtype=np.int64))
     ur, rc = _codes(rids) if n else (np.empty(0, dtype=object), np.empty(0, dtype=np.int64))
-    pair = qc * max(ur.size, 1) + rc
-    if n:
-        upair, counts = np.unique(pair, return_counts=True)
-        if (counts > 1).any():
-            dup = upair[counts > 1][:5]
-            names = [(uq[p // max(ur.size, 1)], ur[p % max(ur.size, 1)]) for p in dup]
-            raise PredictionsError(
-                f"predictions: {int((counts > 1).sum())} duplicate (query, reference) pairs, e.g. {names}"
-            )
-
     # Labels: encode GT pairs with the same codes; pairs whose ids never appear are unreachable.
     pos_q = _lookup(uq, [q for q, _ in gt.positives])
     pos_r = _lookup(ur, [r for _, r in gt.positives])
     ok = (pos_q >= 0) & (pos_r >= 0)
-    pos_codes = pos_q[ok] * max(ur.size, 1) + pos_r[ok]
-    y = np.isin(pair, pos_codes)
+    metrics, order, ys, precision, recall = score_coded(
+        qc, rc, s, pos_q[ok], pos_r[ok], n_pos, names=(uq, ur)
+    )
+    if not return_ranking:
+        return metrics
+    ranked = RankedPredictions(qids[order], rids[order], s[order], ys, precision, recall)
+    return metrics, ranked
+
+
+def score_coded(
+    qc: np.ndarray,
+    rc: np.ndarray,
+    s: np.ndarray,
+    pos_q: np.ndarray,
+    pos_r: np.ndarray,
+    n_pos: int,
+    names: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[Metrics, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The scorer on integer-coded predictions (fast path: no string work).
+
+    ``qc``/``rc`` [n] int64 query/reference codes (any non-negative ints), ``s`` [n] scores, ``pos_q``/
+    ``pos_r`` the codes of the GT pairs that can occur, ``n_pos`` the number of GT pairs (recall
+    denominator). ``names`` (code -> id arrays) only makes the duplicate error readable.
+    Returns ``(metrics, order, labels_in_order, precision, recall)`` with ``order`` the pessimistic ranking.
+    """
+    s = np.asarray(s, dtype=np.float64)
+    n = s.size
+    width = int(max(rc.max(initial=-1), pos_r.max(initial=-1))) + 1
+    pair = qc.astype(np.int64) * width + rc
+    if n:
+        sorted_pairs = np.sort(pair)
+        dup_mask = sorted_pairs[1:] == sorted_pairs[:-1]
+        if dup_mask.any():
+            dup = np.unique(sorted_pairs[1:][dup_mask])
+            shown = [(int(p // width), int(p % width)) for p in dup[:5]]
+            if names is not None:
+                shown = [(names[0][a], names[1][b]) for a, b in shown]
+            raise PredictionsError(
+                f"predictions: {dup.size} duplicate (query, reference) pairs, e.g. {shown}"
+            )
+    y = np.isin(pair, pos_q.astype(np.int64) * width + pos_r)
 
     # Global ranking: score descending, negatives before positives within ties.
     order = np.lexsort((y, -s))
@@ -185,12 +215,9 @@ def compute_metrics(
     else:
         recall_p90, threshold = 0.0, None
 
-    r1, r10 = _recall_at_ranks(qc, s, y, n_pos, ranks=(1, 10))
+    r1, r10 = _recall_at_ranks(qc.astype(np.int64), s, y, n_pos, ranks=(1, 10))
     metrics = Metrics(ap, recall_p90, threshold, r1, r10, n_pos, int(n), int(ys.sum()))
-    if not return_ranking:
-        return metrics
-    ranked = RankedPredictions(qids[order], rids[order], s[order], ys, precision, recall)
-    return metrics, ranked
+    return metrics, order, ys, precision, recall
 
 
 def _recall_at_ranks(qc: np.ndarray, s: np.ndarray, y: np.ndarray, n_pos: int, ranks: Sequence[int]):
@@ -288,19 +315,31 @@ def evaluate(
         rows = np.array([i for i, q in enumerate(descriptors.query_ids) if q in gt_q], dtype=np.int64)
     query = np.asarray(descriptors.query)[rows]
     index = FlatIndex(descriptors.reference, metric)
+    n_research = 0
     if protocol == "knn":
         q_idx, r_idx, score = search.knn(query, None, knn, metric, batch_size, index=index)
         cap = knn
     else:
         cap = RESULTS_PER_GT_QUERY * rows.size if protocol == "official" else max_results
         top = global_topk(query, None, cap, metric, batch_size=batch_size, index=index)
-        q_idx, r_idx, score = top.q_idx, top.r_idx, top.score
-    metrics, ranked = compute_metrics(
-        qids_all[rows][q_idx],
-        rids[r_idx],
-        score,
-        gt,
-        restrict_to_gt_queries=protocol != "max_results",
-        return_ranking=True,
+        q_idx, r_idx, score, n_research = top.q_idx, top.r_idx, top.score, top.n_research
+    if not np.isfinite(score).all():
+        raise ISCError(f"{source}: the search returned non-finite scores (overflowing descriptor values?)")
+    # Integer fast path: codes are query rows of the searched subset and reference rows.
+    qrow = {q: i for i, q in enumerate(qids_all[rows])}
+    rrow = {r: i for i, r in enumerate(descriptors.reference_ids)}
+    pos = [(qrow[q], rrow[r]) for q, r in gt.positives if q in qrow]
+    pos_q = np.array([p[0] for p in pos], dtype=np.int64)
+    pos_r = np.array([p[1] for p in pos], dtype=np.int64)
+    if gt.n_positives == 0:
+        raise ConfigError("ground_truth", "has no positive pair; average precision is undefined")
+    metrics, order, ys, precision, recall = score_coded(q_idx, r_idx, score, pos_q, pos_r, gt.n_positives)
+    ranked = RankedPredictions(
+        qids_all[rows][q_idx[order]],
+        rids[r_idx[order]],
+        np.asarray(score, np.float64)[order],
+        ys,
+        precision,
+        recall,
     )
-    return EvalResult(metrics, protocol, metric, int(rows.size), int(cap), ranked)
+    return EvalResult(metrics, protocol, metric, int(rows.size), int(cap), ranked, n_research)
