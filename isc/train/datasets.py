@@ -46,7 +46,7 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 def seed_everything(s: int) -> None:
     random.seed(s)
     np.random.seed(s % (2**32))
-    torch.manual_seed(s)
+    torch.random.default_generator.manual_seed(s)  # CPU generator only: transforms never touch CUDA
 
 
 class _StageDataset(Dataset):
