@@ -114,13 +114,13 @@ def gallery_png(
             axq.imshow(_thumb(queries.get(qid)))
             axq.set_title(f"#{i + 1} {qid}", fontsize=8)
             axr.imshow(_thumb(refs.get(rid)))
-            axr.set_title(f"{rid}  {score:.4g}", fontsize=8)
+            axr.set_title(f"{rid}  {float(score) + 0.0:.4g}", fontsize=8)  # + 0.0: no "-0"
             color = "tab:green" if ok else "tab:red"
             for spine in axr.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(4)
         fig.suptitle("top matches (green = true copy, red = false)", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / rows))
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
     finally:
