@@ -251,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=args.output_dir,
                 gt_path=inputs.gt_path,
             )
-            tracking.log_params({"descriptors": args.descriptors, "ground_truth": args.ground_truth})
+            given = {
+                "descriptors": args.descriptors,
+                "ground_truth": args.ground_truth,
+                "before": args.before,
+            }
+            tracking.log_params({k: v for k, v in given.items() if v is not None})
     print(json.dumps(out, indent=2))
     return 0
 
