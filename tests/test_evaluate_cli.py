@@ -53,6 +53,7 @@ def _only_evaluate_run():
     return runs[0]
 
 
+@pytest.mark.slow
 def test_evaluate_cli_logs_metrics_tags_and_artifacts(tracking, eval_inputs, capsys, tmp_path):
     with mlflow.start_run() as producer:  # --before comes from an MLflow artifact URI
         mlflow.log_artifact(str(eval_inputs["before"]), artifact_path="descriptors")
