@@ -1,0 +1,199 @@
+"""Optuna tuning: nested MLflow runs, pruning, exact trial counts with parallel workers (real SQLite stores)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from isc.errors import ConfigError
+from isc.tune import (
+    build_pruner,
+    load_tune_config,
+    redact_url,
+    resolve_validation_gt,
+    run_study,
+    trial_counts,
+)
+
+PROJECT = Path(__file__).resolve().parent.parent
+# The demo profile shrunk to seconds per trial: 32 px, 1 step of 16 images per epoch, no artifacts.
+TINY_TRAIN = {"input_size": 32, "workers": 0, "batch_size": 16, "max_steps_per_epoch": 1, "log_checkpoints": False}
+
+
+def write_config(tmp_path: Path, **extra) -> Path:
+    cfg = {
+        "profile": "demo",
+        "epochs_per_trial": 2,
+        "train_overrides": TINY_TRAIN,
+        "search_space": {
+            "pos_margin": {"type": "float", "low": 0.0, "high": 0.3},
+            "neg_margin": {"type": "float", "low": 0.6, "high": 1.3},
+            "memory_size": {"type": "categorical", "choices": [64, 256]},
+            "lr": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
+        },
+        "sampler": {"type": "tpe", "seed": 0},
+        "pruner": {"type": "median", "n_startup_trials": 1},
+        **extra,
+    }
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class PruneTrialNumbers(optuna.pruners.BasePruner):
+    """Prunes exactly the given trial numbers at their first report: the pruner's *decision* made
+    deterministic, so the test can check how a pruned trial is recorded (Optuna + MLflow)."""
+
+    def __init__(self, numbers: set[int]):
+        self.numbers = numbers
+
+    def prune(self, study, trial) -> bool:
+        return trial.number in self.numbers
+
+
+@pytest.mark.slow
+def test_study_nests_trials_under_one_study_run_and_records_the_pruned_trial_as_killed(tracking, mini_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = load_tune_config(write_config(tmp_path))
+    result = run_study(cfg, mini_data.root, n_trials=3, study_name="tiny", storage=storage,
+                       pruner=PruneTrialNumbers({1}))
+
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert result.n_trials_here == 3 and result.counts["finished"] == 3
+    assert study.user_attrs["mlflow_parent_run_id"] == result.parent_run_id
+
+    client = mlflow.MlflowClient()
+    for trial, status in zip(study.trials, ["FINISHED", "KILLED", "FINISHED"], strict=True):
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        tags = run.data.tags
+        assert run.info.status == status
+        assert tags["mlflow.parentRunId"] == result.parent_run_id
+        assert (tags["optuna.study"], tags["optuna.trial"]) == ("tiny", str(trial.number))
+        assert tags["optuna.state"] == trial.state.name
+        assert {k: run.data.params[k] for k in trial.params} == {k: str(v) for k, v in trial.params.items()}
+        history = client.get_metric_history(run.info.run_id, "val_average_precision")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == sorted(trial.intermediate_values)
+        if trial.state == TrialState.COMPLETE:
+            assert len(history) == 2 and run.data.metrics["objective"] == pytest.approx(trial.value)
+            assert 0.0 <= trial.value <= 1.0
+    assert len(study.trials[1].intermediate_values) == 1  # stopped after its first epoch
+
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["isc.step"] == "tune"
+    params = parent.data.params
+    assert params["study_name"] == "tiny" and params["storage"] == storage
+    assert params["validation_split"] == "val" and params["validation_ground_truth"].endswith("ground_truth_val.csv")
+    assert '"memory_size": {"type": "categorical", "choices": [64, 256]}' in params["search_space"]
+    assert params["pruner"].startswith("PruneTrialNumbers") and params["sampler"].startswith("TPESampler")
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert {k[len("best_params."):]: v for k, v in parent.data.tags.items() if k.startswith("best_params.")} == {
+        k: str(v) for k, v in study.best_params.items()}
+    arts = {a.path for a in client.list_artifacts(result.parent_run_id, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/param_importances.png", "optuna/best_params.json"} <= arts
+
+    again = run_study(cfg, mini_data.root, n_trials=3, study_name="tiny", storage=storage)  # resumed: target met
+    assert again.n_trials_here == 0 and again.parent_run_id == result.parent_run_id
+    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 3
+
+
+@pytest.mark.slow
+def test_two_worker_processes_finish_exactly_n_trials_without_duplicates(tracking, mini_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    config = write_config(tmp_path, epochs_per_trial=1)
+    mlflow.MlflowClient().search_experiments()  # create the MLflow schema once, before the fan-out
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(PROJECT)}
+    cmd = [sys.executable, "-m", "entrypoints.tune", "--config", str(config), "--data", str(mini_data.root),
+           "--n-trials", "5", "--study-name", "par", "--storage", storage]
+    workers = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=400)[0] for w in workers]
+    for w, out in zip(workers, outputs, strict=True):
+        assert w.returncode == 0, out[-3000:]
+
+    study = optuna.load_study(study_name="par", storage=storage)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3, 4]
+    assert trial_counts(study)["finished"] == 5 and all(t.state.is_finished() for t in study.trials)
+    ran_here = [int(re.search(r"(\d+) run here", out).group(1)) for out in outputs]
+    assert sum(ran_here) == 5
+    points = {tuple(sorted(t.params.items())) for t in study.trials}
+    assert len(points) == 5  # no trial ran twice and the workers did not propose the same point
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in study.trials]
+    assert len(set(run_ids)) == 5
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    client = mlflow.MlflowClient()
+    for rid in run_ids:
+        assert client.get_run(rid).data.tags["mlflow.parentRunId"] == parent
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 5
+
+
+def test_tuning_refuses_the_test_split_and_anything_sharing_its_queries(mini_data):
+    assert resolve_validation_gt(mini_data.root, "val") == mini_data.ground_truth("val")
+    with pytest.raises(ConfigError, match="never the test split") as err:
+        resolve_validation_gt(mini_data.root, "test")
+    assert err.value.param == "split"
+    with pytest.raises(ConfigError, match="is the test split"):
+        resolve_validation_gt(mini_data.root, "val", mini_data.ground_truth("test"))
+    with pytest.raises(ConfigError, match="shares .* queries with the test split"):
+        resolve_validation_gt(mini_data.root, "val", mini_data.ground_truth())  # all queries, test included
+
+
+def test_bad_search_space_and_pruner_are_config_errors_naming_the_entry(tmp_path):
+    def bad(**space):
+        path = write_config(tmp_path, search_space=space)
+        with pytest.raises(ConfigError) as err:
+            load_tune_config(path)
+        return err.value
+
+    assert bad(margin={"type": "float", "low": 0, "high": 1}).param == "search_space.margin"
+    assert "low <= high" in str(bad(lr={"type": "float", "low": 0.5, "high": 0.1}))
+    assert "log scale needs low > 0" in str(bad(lr={"type": "float", "low": 0.0, "high": 0.1, "log": True}))
+    assert "choices" in str(bad(memory_size={"type": "categorical", "choices": []}))
+    assert bad(lr={"type": "normal", "low": 0, "high": 1}).param == "search_space.lr"
+    with pytest.raises(ConfigError, match="type must be one of") as err:
+        load_tune_config(write_config(tmp_path, pruner={"type": "medain"}))
+    assert err.value.param == "pruner"
+    median = build_pruner({"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1})
+    assert isinstance(median, optuna.pruners.MedianPruner) and median._n_startup_trials == 3
+    packaged = load_tune_config()
+    assert set(packaged.search_space) == {"pos_margin", "neg_margin", "memory_size", "lr"}
+
+
+def test_storage_url_is_logged_without_its_password():
+    assert redact_url("postgresql://isc:s3cret@db.example:5432/optuna") == "postgresql://isc:***@db.example:5432/optuna"
+    assert redact_url("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
+
+
+def test_a_failing_trial_ends_its_run_failed_with_the_error_and_the_study_goes_on(tracking):
+    from isc.tracking import tracked_run
+    from isc.tune import _trial_run
+
+    study = optuna.create_study(direction="maximize")
+
+    def objective(trial):
+        with _trial_run("unit", trial) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            if trial.number == 0:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return 0.5
+
+    with tracked_run(experiment="isc", run_name="study") as parent:
+        study.optimize(objective, n_trials=2, catch=(RuntimeError,))
+        assert mlflow.active_run().info.run_id == parent.info.run_id  # the parent is still the active run
+    client = mlflow.MlflowClient()
+    failed, ok = (client.get_run(t.user_attrs["mlflow_run_id"]) for t in study.trials)
+    assert (failed.info.status, failed.data.tags["optuna.state"]) == ("FAILED", "FAIL")
+    assert "CUDA out of memory" in failed.data.tags["isc.error"]
+    assert (ok.info.status, ok.data.tags["optuna.state"]) == ("FINISHED", "COMPLETE")
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
