@@ -489,7 +489,9 @@ def _trial_run(study_name: str, trial: Any) -> Iterator[Any]:
     import mlflow
     import optuna
 
+    parent = mlflow.active_run()
     run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
+                           experiment_id=parent.info.experiment_id if parent is not None else None,
                            tags={"optuna.study": study_name, "optuna.trial": str(trial.number),
                                  "isc.step": "tune_trial", "optuna.state": "RUNNING"})
     run_id = run.info.run_id
