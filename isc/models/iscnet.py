@@ -53,8 +53,11 @@ def _close_backbones(name: str, n: int = 5) -> list[str]:
     import timm
 
     arch = name.split(".", 1)[0]
-    pool = sorted(set(timm.list_models()) | set(timm.list_models(pretrained=True)))
-    return difflib.get_close_matches(name, pool, n=n) or difflib.get_close_matches(arch, pool, n=n, cutoff=0.4)
+    archs = timm.list_models()
+    close = difflib.get_close_matches(arch, archs, n=n)
+    if not close:
+        close = difflib.get_close_matches(arch, archs, n=n, cutoff=0.4)
+    return close
 
 
 def check_backbone(name: str) -> None:

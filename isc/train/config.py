@@ -214,10 +214,6 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
     _check(cfg.batch_size % world_size == 0, "batch_size",
            f"global batch {cfg.batch_size} does not split evenly over {world_size} processes")
-    per_step = cfg.batch_size * cfg.images_per_item
-    _check(cfg.memory_size >= per_step, "memory_size",
-           f"{cfg.memory_size} is smaller than one global batch of {per_step} embeddings "
-           f"(batch_size {cfg.batch_size} x {cfg.images_per_item} images per item)")
     _check(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     _check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")
@@ -251,6 +247,10 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         _check(any(data.training_dir.iterdir()), "data", f"{data.training_dir} holds no images")
     if cfg.stage in NEGATIVE_STAGES and cfg.negatives > 0:
         _check(data.reference_dir.is_dir(), "data", f"missing {data.reference_dir} (needed for negatives)")
+    per_step = cfg.batch_size * cfg.images_per_item
+    _check(cfg.memory_size >= per_step, "memory_size",
+           f"{cfg.memory_size} is smaller than one global batch of {per_step} embeddings "
+           f"(batch_size {cfg.batch_size} x {cfg.images_per_item} images per item)")
 
 
 def resolve_pairs_path(cfg: TrainConfig) -> Path:

@@ -97,11 +97,14 @@ def _resolve_on_primary(info: ddp.DistInfo, param: str, ref: str | None) -> Path
     if info.primary:
         try:
             result = (str(resolve_checkpoint(ref)), None)
-        except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+        except ConfigError as exc:  # resolve_checkpoint names the generic 'model' parameter: rename it
+            text = str(exc)
+            result = (None, text[len(exc.param) + 2:] if text.startswith(f"{exc.param}: ") else text)
+        except (CheckpointError, FileNotFoundError) as exc:
             result = (None, str(exc))
     path, error = ddp.broadcast_object(info, result)
     if error:
-        raise ConfigError(param, f"{ref}: {error}")
+        raise ConfigError(param, error if error.startswith(str(ref)) else f"{ref}: {error}")
     return Path(path)
 
 
