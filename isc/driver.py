@@ -23,17 +23,32 @@ from isc.errors import ConfigError
 
 log = logging.getLogger("isc.driver")
 
-# Each profile is a chain of training stages; each stage starts from the previous stage's run.
-# (config, how it starts from the previous stage: "init" = weights only, "resume" = full state)
-PROFILES: dict[str, list[tuple[str, str]]] = {
-    "demo": [("isc/configs/demo.yaml", "init"), ("isc/configs/demo_stage2.yaml", "init")],
-    "full": [
-        ("isc/configs/stage1.yaml", "init"),
-        ("isc/configs/stage1b.yaml", "resume"),
-        ("isc/configs/stage2.yaml", "init"),
-        ("isc/configs/stage3.yaml", "init"),
-        ("isc/configs/stage4.yaml", "init"),
-    ],
+# Each profile is a chain of training stages; each stage starts from the previous stage's run
+# ("init" = weights only, the seed's --weight; "resume" = full state, the seed's --resume), plus the
+# Optuna search run by the tune step. "smoke" is a seconds-long pipeline check for tests and CI.
+@dataclass(frozen=True)
+class Profile:
+    stages: tuple[tuple[str, str], ...]
+    tune_config: str
+
+
+PROFILES: dict[str, Profile] = {
+    "demo": Profile(
+        (("isc/configs/demo.yaml", "init"), ("isc/configs/demo_stage2.yaml", "init")), "isc/configs/tune.yaml"
+    ),
+    "full": Profile(
+        (
+            ("isc/configs/stage1.yaml", "init"),
+            ("isc/configs/stage1b.yaml", "resume"),
+            ("isc/configs/stage2.yaml", "init"),
+            ("isc/configs/stage3.yaml", "init"),
+            ("isc/configs/stage4.yaml", "init"),
+        ),
+        "isc/configs/tune.yaml",
+    ),
+    "smoke": Profile(
+        (("isc/configs/smoke.yaml", "init"), ("isc/configs/smoke_stage2.yaml", "init")), "isc/configs/tune_smoke.yaml"
+    ),
 }
 
 
@@ -130,7 +145,10 @@ def run_main(
         raise ConfigError("profile", f"unknown profile '{profile}' (choose from {sorted(PROFILES)})")
     if n_trials < 0:
         raise ConfigError("n_trials", f"must be >= 0, got {n_trials}")
+    from isc.tracking import project_root
+
     project_dir = Path(__file__).resolve().parent.parent
+    out_root = project_root() / "outputs"  # $ISC_HOME/outputs, next to the default store
     # `mlflow.run(env_manager="local")` runs steps with the `python` first on PATH: make it ours.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     active = mlflow.active_run()
@@ -155,13 +173,13 @@ def run_main(
     rows: list[dict[str, Any]] = []
     base = pipe.run(
         "baseline_phash", "baseline",
-        {"data": str(data_dir), "method": "phash", "ground_truth": str(test_gt), "output_dir": str(project_dir / "outputs" / "baseline")},
+        {"data": str(data_dir), "method": "phash", "ground_truth": str(test_gt), "output_dir": str(out_root / "baseline")},
     )
     rows.append({"step": "baseline (pHash)", "uAP": base.metrics.get("average_precision"),
                  "recall@P90": base.metrics.get("recall_p90")})
 
     previous: str | None = None
-    for i, (config, start) in enumerate(PROFILES[profile], start=1):
+    for i, (config, start) in enumerate(PROFILES[profile].stages, start=1):
         params: dict[str, Any] = {"config": config, "data": str(data_dir)}
         params["init_from"] = previous if (previous and start == "init") else ""
         params["resume_from"] = previous if (previous and start == "resume") else ""
@@ -170,13 +188,13 @@ def run_main(
         ext = pipe.run(
             f"extract_stage{i}", "extract",
             {"model": train.run_id, "data": str(data_dir), "sets": "qrt",
-             "output_dir": str(project_dir / "outputs" / "extract" / train.run_id)},
+             "output_dir": str(out_root / "extract" / train.run_id)},
         )
         raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
         post = pipe.run(
             f"postprocess_stage{i}", "postprocess",
             {"descriptors": raw, "train_descriptors": f"runs:/{ext.run_id}/descriptors/train_descriptors.h5",
-             "output": str(project_dir / "outputs" / "postprocess" / ext.run_id / "descriptors_nes.h5")},
+             "output": str(out_root / "postprocess" / ext.run_id / "descriptors_nes.h5")},
         )
         ev = pipe.run(
             f"evaluate_stage{i}", "evaluate",
@@ -193,8 +211,11 @@ def run_main(
         })
 
     if n_trials > 0:
-        tune = pipe.run("tune", "tune", {"data": str(data_dir), "n_trials": n_trials,
-                                          "study_name": f"isc-tune-{active.info.experiment_id}"})
+        # The study is keyed by experiment so a plain re-run reuses it; --force starts a fresh study
+        # (n_trials is a study-wide target, so reusing a full study would run no trial).
+        study = f"isc-tune-{active.info.experiment_id}" + (f"-{active.info.run_id[:8]}" if force else "")
+        tune = pipe.run("tune", "tune", {"config": PROFILES[profile].tune_config, "data": str(data_dir),
+                                          "n_trials": n_trials, "study_name": study})
         rows.append({"step": "tune (best trial, val split)", "uAP": tune.metrics.get("best_value")})
 
     exp_name = mlflow.get_experiment(active.info.experiment_id).name
@@ -203,8 +224,8 @@ def run_main(
     search = pipe.run(
         "search", "search",
         {"model": f"models:/{model_name}@champion", "references": str(ds.reference_dir),
-         "queries": str(ds.query_dir), "index": str(project_dir / "outputs" / "search" / f"{model_name}.index"),
-         "output": str(project_dir / "outputs" / "search" / "matches.csv")},
+         "queries": str(ds.query_dir), "index": str(out_root / "search" / f"{model_name}.index"),
+         "output": str(out_root / "search" / "matches.csv")},
     )
     del prom, search
 

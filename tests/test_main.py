@@ -1,0 +1,55 @@
+"""The main job end to end (smoke profile) through `mlflow run`, and its reuse path."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import PROJECT_ROOT
+
+STEPS = [
+    "baseline_phash", "train_stage1", "extract_stage1", "postprocess_stage1", "evaluate_stage1",
+    "train_stage2", "extract_stage2", "postprocess_stage2", "evaluate_stage2", "tune", "promote", "search",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, capsys):
+    params = {"data": str(mini_data.root), "profile": "smoke", "n_trials": 2}
+    first = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_name="main-e2e",
+                       env_manager="local", synchronous=True)
+    client = MlflowClient()
+    parent = client.get_run(first.run_id)
+    assert parent.info.status == "FINISHED"
+    step_runs = {s: parent.data.tags[f"isc.step_run.{s}"] for s in STEPS}
+    for step, run_id in step_runs.items():
+        child = client.get_run(run_id)
+        assert child.info.status == "FINISHED", step
+        assert child.data.tags.get("mlflow.parentRunId") == first.run_id, step
+    # stage 2 starts from stage 1's run, and evaluation points at the model that produced the descriptors
+    train2 = client.get_run(step_runs["train_stage2"])
+    assert train2.data.params["init_from"] == step_runs["train_stage1"]
+    ev2 = client.get_run(step_runs["evaluate_stage2"])
+    assert ev2.data.tags["isc.model_ref"] == step_runs["train_stage2"]
+    assert 0.0 <= ev2.data.metrics["average_precision"] <= 1.0
+    assert "before_average_precision" in ev2.data.metrics
+    # a champion was promoted from one of the evaluated stages
+    champion = client.get_model_version_by_alias("isc-descriptor", "champion")
+    assert champion.tags["isc.model_ref"] in (step_runs["train_stage1"], step_runs["train_stage2"])
+    summary = mlflow.artifacts.load_text(f"runs:/{first.run_id}/summary/summary.txt")
+    assert "champion: models:/isc-descriptor@champion" in summary
+    assert "baseline (pHash)" in summary
+
+    exp_id = parent.info.experiment_id
+    n_runs_before = len(client.search_runs([exp_id], max_results=1000))
+    second = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_name="main-e2e",
+                        env_manager="local", synchronous=True)
+    rerun = client.get_run(second.run_id)
+    assert rerun.info.status == "FINISHED"
+    assert {s: rerun.data.tags[f"isc.step_run.{s}"] for s in STEPS} == step_runs
+    # nothing but the new parent run was created: every step was reused
+    assert len(client.search_runs([exp_id], max_results=1000)) == n_runs_before + 1
+    reused = mlflow.artifacts.load_text(f"runs:/{second.run_id}/summary/steps.csv")
+    assert reused.count("True") == len(STEPS)
