@@ -22,6 +22,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,10 @@ def log_descriptor_model(
             artifacts["bank"] = str(shutil.copyfile(bank, Path(tmp) / BANK_FILE))
         code_paths = [str(ISC_PACKAGE_DIR)] if include_code else None
         with contextlib.ExitStack() as stack:
+            # Deliberate choices (see module doc): no input schema/example, untyped predict.
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
             if mlflow.active_run() is None:  # never fall back to MLflow's CWD-relative ./mlruns
                 from isc.tracking import tracked_run
 
