@@ -80,12 +80,15 @@ def resolve_config(argv: list[str]) -> TrainConfig:
 
 
 def _config_of_checkpoint(ref: str) -> TrainConfig | None:
+    from pathlib import Path
+
     from isc.errors import ConfigError
     from isc.models import load_checkpoint, resolve_checkpoint
-    from isc.tracking import is_primary
+    from isc.train.distributed import world_size_from_env
 
-    if not is_primary():
-        return None
+    if world_size_from_env() > 1 and not Path(ref).expanduser().exists():
+        raise ConfigError("config", "under torchrun, resuming from a run id or URI needs --config "
+                                    "(every rank must build the same configuration)")
     try:
         saved = load_checkpoint(resolve_checkpoint(ref)).get("train_config") or {}
     except ConfigError as exc:

@@ -458,13 +458,23 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
             log.info("epoch %d: loss %.4f, %.1f images/s, xbm %d/%d, checkpoint %s", epoch,
                      epoch_metrics["epoch_loss"], epoch_metrics["epoch_images_per_s"], criterion.memory_fill,
                      criterion.memory_size, path)
-            if epoch_callback is not None:
+        stop: BaseException | None = None
+        if info.primary and epoch_callback is not None:
+            try:
                 callback_metrics = dict(epoch_callback(epoch, net) or {})
-                if callback_metrics:
-                    if run is not None:
-                        tracking.log_metrics(callback_metrics, step=epoch)
-                    summary_rows[-1].update(callback_metrics)
-                    _write_summary(summary_path, summary_rows)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised below, after telling the other ranks
+                stop = exc
+            if callback_metrics:
+                if run is not None:
+                    tracking.log_metrics(callback_metrics, step=epoch)
+                summary_rows[-1].update(callback_metrics)
+                _write_summary(summary_path, summary_rows)
+        # the callback runs on rank 0 only: share whether it stopped training so no rank is left waiting
+        if ddp.broadcast_object(info, stop is not None):
+            if stop is not None:
+                raise stop
+            return TrainResult(run_id=None, checkpoint_path=str(last_ckpt) if last_ckpt else None,
+                               final_model_path=None, epochs_done=epoch + 1, metrics=epoch_metrics)
         epoch_metrics.update(callback_metrics)
 
     final_path = None
