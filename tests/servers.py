@@ -40,6 +40,20 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(ip, port) of every listening TCP socket of process ``pid`` and its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    out = set()
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    out.add((conn.laddr.ip, conn.laddr.port))
+    return out
+
+
 def _tail(path: Path, n: int = 4000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]

@@ -14,7 +14,7 @@ import pytest
 
 from isc import tracking as isc_tracking
 from isc.tracking import REDACTED, is_secret_key, redact_secrets
-from tests.servers import PROJECT_ROOT, start_mlflow_server
+from tests.servers import PROJECT_ROOT, listening_addresses, start_mlflow_server
 
 DB_PASSWORD = "pg-S3cret-xyz"
 DB_URL = f"postgresql+psycopg2://isc:{DB_PASSWORD}@db.internal:5432/optuna"
@@ -115,8 +115,6 @@ def test_basic_auth_server_refuses_anonymous_clients_and_accepts_admin(tmp_path,
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tests.test_servers import _listen_addresses
-
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_USERNAME",
                 "MLFLOW_TRACKING_PASSWORD"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
@@ -125,7 +123,7 @@ def test_basic_auth_server_refuses_anonymous_clients_and_accepts_admin(tmp_path,
     with start_mlflow_server(
         f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", app_name="basic-auth", host=None
     ) as server:
-        addrs = _listen_addresses(server.proc.pid)
+        addrs = listening_addresses(server.proc.pid)
         assert addrs and all(ip == "127.0.0.1" for ip, _ in addrs), addrs
         user, password = server.admin_username, server.admin_password
         api = server.url + "/api/2.0/mlflow/experiments/search?max_results=1"

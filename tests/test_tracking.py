@@ -18,7 +18,7 @@ import pytest
 from isc import tracking
 from isc.errors import TrackingUnavailableError
 from isc.io import write_descriptors, write_ground_truth
-from tests.servers import PROJECT_ROOT, free_port, start_mlflow_server
+from tests.servers import PROJECT_ROOT, free_port, listening_addresses, start_mlflow_server
 
 
 def _closed_port_uri() -> str:
@@ -146,6 +146,11 @@ def test_metric_logging_retries_across_server_death_and_keeps_local_checkpoint(
         assert len(stored) == 1
         assert hashlib.sha256(stored[0].read_bytes()).hexdigest() == digest
         assert mlflow.active_run() is None
+        addrs = listening_addresses(restarted[0].proc.pid)
+        assert addrs and all(ip == "127.0.0.1" for ip, _ in addrs), addrs
     finally:
         for server in restarted:
             server.stop()
+    assert not restarted[0].alive
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        assert s.connect_ex(("127.0.0.1", mlflow_server.port)) != 0  # stop() took every worker down
