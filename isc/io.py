@@ -82,6 +82,15 @@ def validate_matrix(
         raise DescriptorFileError(path, f"duplicate ids in '{name}': {dups[:5]}")
 
 
+def _open_h5(path: Path, what: str) -> h5py.File:
+    if not path.is_file():
+        raise DescriptorFileError(path, f"no such {what} file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DescriptorFileError(path, f"not a readable HDF5 file ({exc})") from exc
+
+
 def _read_dataset(path: Path, f: h5py.File, name: str) -> np.ndarray:
     if name not in f:
         raise DescriptorFileError(path, f"missing dataset '{name}' (has: {sorted(f.keys())})")
@@ -91,13 +100,7 @@ def _read_dataset(path: Path, f: h5py.File, name: str) -> np.ndarray:
 def read_descriptors(path: str | Path, allow_large_dim: bool = False) -> Descriptors:
     """Read and validate a descriptor-track h5."""
     path = Path(path)
-    if not path.is_file():
-        raise DescriptorFileError(path, "no such descriptor file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise DescriptorFileError(path, f"not a readable HDF5 file ({exc})") from exc
-    with f:
+    with _open_h5(path, "descriptor") as f:
         q = np.asarray(_read_dataset(path, f, "query"), dtype=np.float32)
         r = np.asarray(_read_dataset(path, f, "reference"), dtype=np.float32)
         qids = _decode_ids(_read_dataset(path, f, "query_ids"))
@@ -144,13 +147,7 @@ def write_descriptors(
 def read_train_descriptors(path: str | Path, allow_large_dim: bool = False) -> tuple[np.ndarray, list[str]]:
     """Read training descriptors (``train``/``train_ids``) used as negatives by post-processing."""
     path = Path(path)
-    if not path.is_file():
-        raise DescriptorFileError(path, "no such training-descriptor file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise DescriptorFileError(path, f"not a readable HDF5 file ({exc})") from exc
-    with f:
+    with _open_h5(path, "training-descriptor") as f:
         x = np.asarray(_read_dataset(path, f, "train"), dtype=np.float32)
         ids = _decode_ids(_read_dataset(path, f, "train_ids"))
     validate_matrix(path, "train", x, ids, None if allow_large_dim else MAX_DIM)

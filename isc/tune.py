@@ -151,19 +151,14 @@ class TuneConfig:
 
 def load_tune_config(path: str | Path | None = None, **overrides: Any) -> TuneConfig:
     """Read a tune YAML (default ``isc/configs/tune.yaml``); keyword overrides win (``None`` = keep)."""
-    import yaml
+    from isc.train.config import read_yaml
 
     path = Path(path) if path else DEFAULT_TUNE_CONFIG
     if not path.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
         path = CONFIG_DIR / f"{path}.yaml"
     if not path.is_file():
         raise ConfigError("config", f"{path}: no such tune config")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", f"{path}: invalid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError("config", f"{path}: expected a mapping")
+    raw = read_yaml(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in dataclasses.fields(TuneConfig)}
     unknown = set(raw) - names
