@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from isc.errors import ConfigError
+from isc.tracking import normalize_param
 
 log = logging.getLogger("isc.driver")
 
@@ -89,12 +90,12 @@ class Pipeline:
         """The newest FINISHED run of ``entry_point`` with exactly these parameters and code version."""
         filt = f"tags.`mlflow.project.entryPoint` = '{entry_point}' and attributes.status = 'FINISHED'"
         runs = self.client.search_runs([self.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"])
-        wanted = {k: str(v) for k, v in parameters.items()}
+        wanted = {k: normalize_param(str(v)) for k, v in parameters.items()}
         for run in runs:
             if self.commit and run.data.tags.get("mlflow.source.git.commit") not in (self.commit, None):
                 continue
             params = run.data.params
-            if all(params.get(k) == v for k, v in wanted.items()):
+            if all(normalize_param(params.get(k)) == v for k, v in wanted.items()):
                 return run
         return None
 
@@ -245,7 +246,8 @@ def _champion(model_name: str) -> dict[str, str] | None:
         mv = MlflowClient().get_model_version_by_alias(model_name, "champion")
     except MlflowException:
         return None
-    return {"version": mv.version, "uri": f"models:/{model_name}@champion", "source_run": mv.run_id or ""}
+    return {"version": mv.version, "uri": f"models:/{model_name}@champion",
+            "source_run": mv.tags.get("isc.source_eval_run", mv.run_id or "")}
 
 
 def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_name: str) -> None:
@@ -257,7 +259,7 @@ def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_na
     text = ["", "== quality (held-out test split) ==", summary.to_string(**pd_opts), "",
             "== steps ==", timing.to_string(index=False), ""]
     if champion:
-        text.append(f"champion: {champion['uri']} = version {champion['version']} (source run {champion['source_run']})")
+        text.append(f"champion: {champion['uri']} = version {champion['version']} (scored by evaluation run {champion['source_run']})")
     else:
         text.append(f"champion: none registered for '{model_name}'")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()

@@ -228,12 +228,24 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
         key = f"{prefix}{key}"
         text = safe_value(key, _param_text(value))
         if key in existing:
-            if existing[key] != text:
+            if normalize_param(existing[key]) != normalize_param(text):
                 batch[f"resolved.{key}"] = text
         else:
             batch[key] = text
     if batch:
         mlflow.log_params(batch)
+
+
+_EMPTY_PARAMS = ("", "''", '""', "None")
+
+
+def normalize_param(text: str | None) -> str:
+    """Param text with every spelling of "not given" folded to ``""``.
+
+    ``mlflow run`` logs an empty MLproject parameter as the shell-quoted ``''``; our CLIs read it as
+    ``None``. Reuse checks and re-logging must treat these as the same value.
+    """
+    return "" if text is None or text in _EMPTY_PARAMS else str(text)
 
 
 def _param_text(value: Any) -> str:
