@@ -88,7 +88,8 @@ def test_sigkilled_training_resumes_from_its_run_id_in_the_same_run(tracking, mi
            "--workers", "0", "--epochs", "2", "--max-steps-per-epoch", "3", "--checkpoint-every-steps", "1",
            "--keep-checkpoints", "3", "--output-dir", str(out), "--experiment-name", "kill"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = out / "checkpoints" / "checkpoint_0000-step000001.pth.tar"
+    # step 2's file on disk means step 1's checkpoint was already uploaded (uploads follow each write)
+    target = out / "checkpoints" / "checkpoint_0000-step000002.pth.tar"
     deadline = time.time() + 240
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
