@@ -34,6 +34,21 @@ for i in range({N_RUNS}):
 print("done", wid)
 """
 
+TRAIN_WORKER = """
+import sys, time, pathlib
+from isc import tracking
+from entrypoints import train
+wid, data, out, go, ready = sys.argv[1], sys.argv[2], sys.argv[3], pathlib.Path(sys.argv[4]), pathlib.Path(sys.argv[5])
+tracking.configure()
+ready.touch()
+while not go.exists():
+    time.sleep(0.02)
+rc = train.main(["--config", "isc/configs/smoke.yaml", "--data", data, "--experiment-name", "concurrent-train",
+                 "--run-name", f"train-{wid}", "--seed", wid, "--output-dir", out])
+assert rc == 0, rc
+print("done", wid)
+"""
+
 OPTUNA_WORKER = f"""
 import sys, time, pathlib
 import optuna
@@ -105,6 +120,27 @@ def test_two_processes_logging_to_mlflow_server_on_postgres_lose_and_duplicate_n
             history = client.get_metric_history(run.info.run_id, "loss")
             assert sorted(m.step for m in history) == list(range(N_STEPS))
             assert run.data.metrics["worker"] == float(run.data.tags["worker"])
+
+
+@pytest.mark.slow
+def test_two_training_runs_at_once_on_one_store_keep_their_own_metrics_and_checkpoints(postgres, mini_data, tmp_path):
+    from mlflow import MlflowClient
+
+    with start_mlflow_server(postgres.new_database(), tmp_path / "artifacts") as server:
+        args = [[w, str(mini_data.root), str(tmp_path / f"out{w}")] for w in ("1", "2")]
+        _run_together(TRAIN_WORKER, args, tmp_path, _clean_env(MLFLOW_TRACKING_URI=server.url))
+        client = MlflowClient(tracking_uri=server.url)
+        exp = client.get_experiment_by_name("concurrent-train")
+        runs = client.search_runs([exp.experiment_id])
+        assert sorted(r.info.run_name for r in runs) == ["train-1", "train-2"]
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            assert run.data.params["seed"] == run.info.run_name[-1]
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+            assert steps == sorted(set(steps)) and steps, "loss history lost or duplicated"
+            logged = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")}
+            assert logged == {"checkpoints/checkpoint_0000.pth.tar"}
+            assert (tmp_path / f"out{run.info.run_name[-1]}").exists()
 
 
 @pytest.mark.slow
