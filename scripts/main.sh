@@ -4,4 +4,9 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ISC_ROOT"
-exec mlflow run . -e main --env-manager local --experiment-name "${MLFLOW_EXPERIMENT_NAME:-isc}" "$@"
+# Create the store and the experiment ourselves, with an absolute artifact root under the project:
+# `mlflow run` would otherwise create the experiment with a ./mlruns artifact location.
+export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$ISC_ROOT/mlflow.db}"
+export MLFLOW_EXPERIMENT_NAME="${MLFLOW_EXPERIMENT_NAME:-isc}"
+python -c "from isc.tracking import configure, get_or_create_experiment as g; configure(); g('$MLFLOW_EXPERIMENT_NAME')"
+exec mlflow run . -e main --env-manager local --experiment-name "$MLFLOW_EXPERIMENT_NAME" "$@"

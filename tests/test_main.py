@@ -17,8 +17,11 @@ STEPS = [
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, capsys):
+    from isc.tracking import get_or_create_experiment
+
     params = {"data": str(mini_data.root), "profile": "smoke", "n_trials": 2}
-    first = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_name="main-e2e",
+    exp = get_or_create_experiment("main-e2e")  # absolute artifact root (the launcher would use ./mlruns)
+    first = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp,
                        env_manager="local", synchronous=True)
     client = MlflowClient()
     parent = client.get_run(first.run_id)
@@ -44,7 +47,7 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
 
     exp_id = parent.info.experiment_id
     n_runs_before = len(client.search_runs([exp_id], max_results=1000))
-    second = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_name="main-e2e",
+    second = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp,
                         env_manager="local", synchronous=True)
     rerun = client.get_run(second.run_id)
     assert rerun.info.status == "FINISHED"
