@@ -32,12 +32,6 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(uri)
-    # A bare `mlflow.start_run()` would log into the Default experiment, whose artifact root MLflow resolves
-    # to ./mlruns under the current directory (the checkout). Make the active experiment one with an
-    # absolute artifact root inside this test's home instead.
-    from isc.tracking import get_or_create_experiment
-
-    mlflow.set_experiment(experiment_id=get_or_create_experiment("tests"))
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()
