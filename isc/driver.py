@@ -254,6 +254,7 @@ def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_na
     import mlflow
 
     from isc.tracking import default_tracking_uri
+    from isc.tune import default_storage_url
 
     pd_opts = {"index": False, "float_format": lambda x: f"{x:.4f}"}
     text = ["", "== quality (held-out test split) ==", summary.to_string(**pd_opts), "",
@@ -266,7 +267,7 @@ def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_na
     text += [
         f"MLflow UI:        mlflow server --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
         if not uri.startswith("http") else f"MLflow UI:        {uri}",
-        "Optuna dashboard: optuna-dashboard <storage URL logged on the tune run> --host 127.0.0.1 --port 8080",
+        f"Optuna dashboard: optuna-dashboard {default_storage_url()} --host 127.0.0.1 --port 8080",
     ]
     report = "\n".join(text)
     print(report, flush=True)
