@@ -18,7 +18,6 @@ from isc.data.augment import (
     build_eval_transform,
     build_hard_transform,
     build_moderate_transform,
-    build_pair_transform,
     build_train_transform,
     hard_ops,
 )
@@ -244,15 +243,6 @@ def test_overlay_blends_another_training_image_when_it_fires(tmp_path: Path):
     assert sum(m > 200 for m in blended) >= 4  # cropped views may miss the pasted patch now and then
     assert all(np.asarray(never(black)).max() == 0 for _ in range(6))
     assert always(black).size == (32, 32)
-
-
-def test_pair_transform_of_v107_is_the_v98_hard_view():
-    t = build_pair_transform("v107", 40, MEAN, STD)
-    assert t.transforms[1].p == 0.35  # rotation fires with v98's p
-    assert t.transforms[2].overlay_p == 0.10 and t.transforms[2].size_range == (0.2, 0.8)
-    random.seed(0)
-    torch.manual_seed(0)
-    assert t(_photo(60, 60)).shape == (3, 40, 40)
 
 
 def test_bad_parameters_raise_config_errors_naming_them():

@@ -19,9 +19,9 @@ v107       = v98 (our choice, below)
 demo       = v83
 =========  =========================  =================  =========  ======================
 
-Stage 4 (v107) trains on (query, reference) pairs; recipe.md gives no view table for it, so we take
-v98's hard parameters and apply the same pipeline -- :func:`build_pair_transform` -- to the query and
-to its reference (independent draws). ``build_train_transform("v107", ...)`` is v98's NCropsTransform.
+Stage 4 (v107) trains on (query, reference) pairs; as the seed's v107.py, the training loop feeds those
+pairs through a plain resize-and-normalise transform (see isc/train/datasets.py); recipe.md gives no view
+table for it, so ``build_train_transform("v107", ...)`` is v98's NCropsTransform.
 
 Choices the recipe leaves open (documented here, used everywhere): the rotation op uses the stage's p
 and AugLy's default range (0-180 degrees, cropped to the largest inner rectangle); RandomPixelization,
@@ -285,17 +285,3 @@ def build_train_transform(
         build_hard_transform(stage, input_size, mean, std, overlay_paths),
         ncrops,
     )
-
-
-def build_pair_transform(
-    stage: str,
-    input_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    overlay_paths: Sequence[str | Path] = (),
-) -> T.Compose:
-    """Stage-4 (v107) view applied alike to a query and to its reference: the stage's hard view.
-
-    For v107 that is v98's hard pipeline (recipe.md gives no separate table; see the module docstring).
-    """
-    return build_hard_transform(stage, input_size, mean, std, overlay_paths)
