@@ -207,6 +207,22 @@ def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def _log_missing_epoch_metrics(run_id: str, resume: dict, start_epoch: int, start_step: int) -> None:
+    """Log the finished epoch's metrics from its checkpoint when the run never received them.
+
+    The epoch-end checkpoint is written before the epoch's metrics are logged, so a crash between the
+    two would otherwise lose that epoch's ``epoch_*`` metrics; the checkpoint carries them.
+    """
+    import mlflow
+
+    metrics = resume.get("metrics") or {}
+    if start_step or start_epoch == 0 or "epoch_loss" not in metrics:
+        return
+    history = mlflow.MlflowClient().get_metric_history(run_id, "epoch_loss")
+    if all(m.step != start_epoch - 1 for m in history):
+        tracking.log_metrics(metrics, step=start_epoch - 1)
+
+
 def _prune(folder: Path, keep: int, protect: Path | None) -> None:
     ckpts = sorted((p for p in folder.glob("checkpoint_*.pth.tar") if checkpoint_order(p.name)),
                    key=lambda p: checkpoint_order(p.name))
@@ -351,6 +367,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
     if info.primary and resume is not None and summary_path.is_file():
         with open(summary_path, newline="") as f:
             summary_rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < start_epoch]
+    if info.primary and run is not None and resume is not None:
+        _log_missing_epoch_metrics(run_id, resume, start_epoch, start_step)
     epoch_metrics: dict[str, float] = {}
     bad_seen: set[str] = set()
     images_per_rank_step = per_rank * cfg.images_per_item
