@@ -103,26 +103,13 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
             model.to(memory_format=torch.channels_last)
         bare_before = bare_forward_rate(model, data, args, device)
         # Warm-up run of the pipeline itself on one batch (first-call costs), then the measured run.
-        extract_descriptors(
-            model,
-            data,
-            "r",
-            Path(tmp) / "warm",
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=device,
-            limit=args.batch_size,
-        )
+        def run(out: str, limit: int | None = None) -> dict:
+            return extract_descriptors(model, data, "r", Path(tmp) / out, batch_size=args.batch_size,
+                                       workers=args.workers, device=device, limit=limit)
+
+        run("warm", limit=args.batch_size)
         t0 = time.perf_counter()
-        res = extract_descriptors(
-            model,
-            data,
-            "r",
-            Path(tmp) / "out",
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=device,
-        )
+        res = run("out")
         wall = time.perf_counter() - t0
         # Bare pass again after: on a shared machine the load drifts, so compare with the mean of both.
         bare_after = bare_forward_rate(model, data, args, device)
