@@ -264,4 +264,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from entrypoints._run import cli
 
-    cli(__name__ if __name__ != "__main__" else "entrypoints.evaluate")
+    cli("entrypoints.evaluate")

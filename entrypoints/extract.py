@@ -130,4 +130,4 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     from entrypoints._run import cli
 
-    cli(__name__ if __name__ != "__main__" else "entrypoints.extract")
+    cli("entrypoints.extract")
