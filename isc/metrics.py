@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.special import digamma
 
 from isc import search
 from isc.errors import ConfigError, ISCError
@@ -343,3 +344,86 @@ def evaluate(
         recall,
     )
     return EvalResult(metrics, protocol, metric, int(rows.size), int(cap), ranked, n_research)
+
+
+# ------------------------------------------------------------------------------------ uncertainty
+@dataclass
+class BootstrapResult:
+    """Query-bootstrap distribution of µAP for one or more rankings scored on the same ground truth.
+
+    ``samples[k, b]`` is ranking ``k``'s µAP on bootstrap replicate ``b``; every ranking sees the same
+    resampled queries (paired), so differences between rankings are meaningful replicate by replicate.
+    """
+
+    samples: np.ndarray  # float64 [n_rankings, n_boot]
+    queries: list[str]  # the GT queries, sorted; columns of ``counts``
+    counts: np.ndarray  # int32 [n_boot, n_queries]: how often replicate b drew each query
+    confidence: float
+
+    def interval(self, k: int = 0) -> tuple[float, float]:
+        """Percentile interval of ranking ``k``'s µAP at ``confidence``."""
+        a = (1.0 - self.confidence) / 2
+        lo, hi = np.quantile(self.samples[k], [a, 1.0 - a])
+        return float(lo), float(hi)
+
+    def difference(self, a: int = 0, b: int = 1) -> tuple[float, float, float]:
+        """``(low, high, p_better)`` of µAP[a] - µAP[b]: its interval and the share of replicates a > b."""
+        d = self.samples[a] - self.samples[b]
+        q = (1.0 - self.confidence) / 2
+        lo, hi = np.quantile(d, [q, 1.0 - q])
+        return float(lo), float(hi), float((d > 0).mean())
+
+
+def bootstrap_average_precision(
+    rankings: Sequence[RankedPredictions],
+    gt: GroundTruth,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> BootstrapResult:
+    """Resample the GT queries (distractors included) with replacement and re-score each ranking.
+
+    Why: a mini or validation split has tens of queries, and µAP moves by several points when a few
+    of them change; an interval says whether "A beats B" is a finding or noise. A replicate draws
+    ``n`` of the ``n`` GT queries with replacement; a query drawn ``m`` times weighs ``m`` in the global
+    ranking (its predictions count ``m`` times) and in the number of positives. The global order and the
+    official ``10 x n`` candidate list are kept from the full evaluation (its cap is not recomputed per
+    replicate, which is exact in expectation). Rankings come from :func:`evaluate` (``.ranked``).
+    """
+    if n_boot < 1:
+        raise ConfigError("n_boot", f"must be >= 1, got {n_boot}")
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError("confidence", f"must be in (0, 1), got {confidence}")
+    queries = sorted(set(gt.queries))
+    if not queries or gt.n_positives == 0:
+        raise ConfigError("ground_truth", "has no positive pair; average precision is undefined")
+    qindex = {q: i for i, q in enumerate(queries)}
+    pos_per_query = np.zeros(len(queries), dtype=np.float64)
+    for q, _ in gt.positives:
+        pos_per_query[qindex[q]] += 1
+    rng = np.random.default_rng(seed)
+    # Multiplicities [n_boot, n_queries]: how often each query is drawn in each replicate.
+    draws = rng.integers(0, len(queries), size=(n_boot, len(queries)))
+    counts = np.zeros((n_boot, len(queries)), dtype=np.int32)
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1)
+    mult = counts.astype(np.float64)
+    n_pos = mult @ pos_per_query  # [n_boot]
+    out = np.zeros((len(rankings), n_boot), dtype=np.float64)
+    for k, r in enumerate(rankings):
+        rows = np.array([qindex.get(q, -1) for q in r.query_ids], dtype=np.int64)
+        keep = rows >= 0  # predictions of non-GT queries (max_results protocol) do not count
+        rows, y = rows[keep], np.asarray(r.labels, dtype=bool)[keep]
+        # Chunks of replicates bound memory at ~ chunk x n_predictions floats.
+        chunk = max(1, min(n_boot, 2_000_000 // max(1, rows.size)))
+        for s in range(0, n_boot, chunk):
+            w = mult[s : s + chunk][:, rows]  # [c, n]
+            wy = w * y
+            seen_before = np.cumsum(w, axis=1) - w
+            fp_before = seen_before - (np.cumsum(wy, axis=1) - wy)
+            # A positive drawn m times is m consecutive hits after `seen` predictions of which `fp` were
+            # false: sum_{j=1..m} (seen - fp + j) / (seen + j) = m - fp * (psi(seen + m + 1) - psi(seen + 1)).
+            hits = wy - fp_before * (digamma(seen_before + wy + 1) - digamma(seen_before + 1))
+            ap = np.where(wy > 0, hits, 0.0).sum(axis=1)
+            out[k, s : s + chunk] = np.divide(ap, n_pos[s : s + chunk], out=np.zeros_like(ap),
+                                              where=n_pos[s : s + chunk] > 0)
+    return BootstrapResult(out, queries, counts, float(confidence))

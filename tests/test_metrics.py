@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from isc.errors import ConfigError, DescriptorFileError, ISCError
 from isc.io import Descriptors, GroundTruth, read_descriptors
-from isc.metrics import PredictionsError, compute_metrics, evaluate, ground_truth_fingerprint
+from isc.metrics import (
+    PredictionsError,
+    bootstrap_average_precision,
+    compute_metrics,
+    evaluate,
+    ground_truth_fingerprint,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Brute-force reference: written from evaluation.md section 1, loops and Python floats only.
@@ -308,3 +314,87 @@ def test_ground_truth_fingerprint_depends_on_content_not_order():
     assert ground_truth_fingerprint(a) == ground_truth_fingerprint(b)
     assert len({ground_truth_fingerprint(x) for x in (a, c, d)}) == 3
     assert len(ground_truth_fingerprint(a)) == 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Query bootstrap: every replicate must equal scoring a materialised resample (queries copied m times).
+
+
+def _materialise(preds, gt: GroundTruth, queries: list[str], counts: np.ndarray):
+    """The replicate as an ordinary scoring problem: query q drawn m times becomes q#0 .. q#(m-1)."""
+    by_query: dict[str, list] = {}
+    for q, r, s in preds:
+        by_query.setdefault(q, []).append((r, s))
+    rows, gt_queries, positives = [], [], set()
+    for q, m in zip(queries, counts, strict=True):
+        for k in range(int(m)):
+            name = f"{q}#{k}"
+            gt_queries.append(name)
+            rows += [(name, r, s) for r, s in by_query.get(q, [])]
+            positives |= {(name, r) for q2, r in gt.positives if q2 == q}
+    return rows, GroundTruth(gt_queries, positives)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scoring_problems(), st.integers(0, 2**31 - 1))
+def test_bootstrap_replicates_equal_scoring_the_resampled_queries(problem, seed):
+    preds, gt = problem
+    q, r, s = zip(*preds) if preds else ((), (), ())
+    _, ranked = compute_metrics(q, r, s, gt, return_ranking=True)
+    boot = bootstrap_average_precision([ranked], gt, n_boot=4, seed=seed)
+    assert boot.counts.sum(axis=1).tolist() == [len(set(gt.queries))] * 4
+    for b in range(4):
+        rows, gt_b = _materialise(preds, gt, boot.queries, boot.counts[b])
+        if gt_b.n_positives == 0:
+            assert boot.samples[0, b] == 0.0
+            continue
+        qb, rb, sb = zip(*rows) if rows else ((), (), ())
+        expected = compute_metrics(qb, rb, sb, gt_b).average_precision
+        assert boot.samples[0, b] == pytest.approx(expected, abs=1e-9)
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_more_queries():
+    rng = np.random.default_rng(3)
+
+    def problem(nq):
+        queries = [f"Q{i:05d}" for i in range(nq)]
+        gt = GroundTruth(queries, {(q, f"R{i:06d}") for i, q in enumerate(queries) if i % 3})
+        preds = []
+        for i, q in enumerate(queries):
+            hit = rng.random() < 0.6  # the right reference is retrieved for ~60 % of queries
+            preds.append((q, f"R{i:06d}" if hit else f"R9{i:05d}", float(rng.normal(1.0 if hit else 0.0))))
+        q, r, s = zip(*preds)
+        m, ranked = compute_metrics(q, r, s, gt, return_ranking=True)
+        return m.average_precision, bootstrap_average_precision([ranked], gt, n_boot=400, seed=0)
+
+    ap_small, small = problem(40)
+    ap_big, big = problem(1600)
+    lo, hi = small.interval()
+    assert lo < ap_small < hi
+    lo_b, hi_b = big.interval()
+    assert lo_b < ap_big < hi_b
+    assert (hi_b - lo_b) < (hi - lo) / 3  # width ~ 1/sqrt(n): 40x the queries, ~6x narrower
+
+
+def test_paired_bootstrap_difference_of_a_ranking_with_itself_is_zero_and_orders_a_clear_winner():
+    queries = [f"Q{i:05d}" for i in range(30)]
+    gt = GroundTruth(queries, {(q, f"R{i:06d}") for i, q in enumerate(queries)})
+    good = compute_metrics(queries, [f"R{i:06d}" for i in range(30)], np.linspace(1, 2, 30), gt,
+                           return_ranking=True)[1]
+    bad = compute_metrics(queries, [f"R{(i + 1) % 30:06d}" for i in range(30)], np.linspace(1, 2, 30), gt,
+                          return_ranking=True)[1]
+    boot = bootstrap_average_precision([good, bad, good], gt, n_boot=200)
+    assert boot.samples[0].min() == 1.0 and boot.samples[1].max() == 0.0
+    assert boot.difference(0, 1) == (1.0, 1.0, 1.0)
+    assert boot.difference(0, 2)[:2] == (0.0, 0.0) and boot.difference(0, 2)[2] == 0.0
+
+
+def test_bootstrap_rejects_bad_parameters():
+    gt = GroundTruth(["Q0"], {("Q0", "R0")})
+    _, ranked = compute_metrics(["Q0"], ["R0"], [1.0], gt, return_ranking=True)
+    with pytest.raises(ConfigError, match="n_boot"):
+        bootstrap_average_precision([ranked], gt, n_boot=0)
+    with pytest.raises(ConfigError, match="confidence"):
+        bootstrap_average_precision([ranked], gt, confidence=1.0)
+    with pytest.raises(ConfigError, match="ground_truth"):
+        bootstrap_average_precision([ranked], GroundTruth(["Q0"]))
