@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from isc import tracking
-from isc.cliutil import Parser, optional_str, positive_int, str2bool
+from isc.cliutil import Parser, nonnegative_int, optional_str, positive_int, str2bool
 from isc.errors import DescriptorFileError
 from isc.io import Descriptors, GroundTruth, read_descriptors, read_ground_truth
-from isc.metrics import PROTOCOLS, EvalResult, check_ground_truth_ids, evaluate, ground_truth_fingerprint
+from isc.metrics import (
+    PROTOCOLS,
+    EvalResult,
+    bootstrap_average_precision,
+    check_ground_truth_ids,
+    evaluate,
+    ground_truth_fingerprint,
+)
 from isc.search import DEFAULT_BATCH_SIZE
 
 METRIC_KEYS = (
@@ -32,7 +39,10 @@ METRIC_KEYS = (
     "n_positives",
     "n_predictions",
     "n_true_positives",
+    "average_precision_ci_low",
+    "average_precision_ci_high",
 )
+DEFAULT_BOOTSTRAP = 1000
 
 
 def build_parser() -> Parser:
@@ -49,6 +59,8 @@ def build_parser() -> Parser:
     p.add_argument("--nes-bank", type=optional_str, default=None, help="artifact URI of the NES bank")
     p.add_argument("--allow-large-dim", type=str2bool, nargs="?", const=True, default=False)
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="queries per search")
+    p.add_argument("--bootstrap", type=nonnegative_int, default=DEFAULT_BOOTSTRAP,
+                   help="query-bootstrap replicates for the 95%% µAP interval (0 = none)")
     p.add_argument("--experiment-name", type=optional_str, default=None)
     p.add_argument("--output-dir", type=optional_str, default=None, help="also keep the artifacts here")
     return p
@@ -122,9 +134,20 @@ def _prepare(
     return _Inputs(desc, gt, gt_path, bef)
 
 
-def _flat(result: EvalResult) -> dict[str, float]:
-    d = result.to_dict()
+def _flat(d: dict[str, Any]) -> dict[str, float]:
     return {k: d[k] for k in METRIC_KEYS if d.get(k) is not None}
+
+
+def _add_intervals(out: dict[str, Any], result: EvalResult, before: EvalResult | None, gt: GroundTruth,
+                   n_boot: int) -> None:
+    """Put the query-bootstrap intervals into ``out`` (see :func:`bootstrap_average_precision`)."""
+    rankings = [result.ranked] + ([before.ranked] if before is not None else [])
+    boot = bootstrap_average_precision(rankings, gt, n_boot=n_boot)
+    out["average_precision_ci_low"], out["average_precision_ci_high"] = boot.interval(0)
+    out["bootstrap"] = {"replicates": n_boot, "confidence": boot.confidence, "queries": len(boot.queries)}
+    if before is not None:
+        out["before"]["average_precision_ci_low"], out["before"]["average_precision_ci_high"] = boot.interval(1)
+        out["gain_ci_low"], out["gain_ci_high"], out["p_gain"] = boot.difference(0, 1)
 
 
 def run_evaluation(
@@ -142,12 +165,15 @@ def run_evaluation(
     batch_size: int = DEFAULT_BATCH_SIZE,
     output_dir: str | Path | None = None,
     gt_path: str | None = None,
+    bootstrap: int = DEFAULT_BOOTSTRAP,
 ) -> dict[str, Any]:
     """Evaluate ``descriptors`` and log everything into the active MLflow run (if any).
 
     Returns the JSON-ready result: the metrics of :meth:`EvalResult.to_dict`, ``gt_fingerprint``, and
     ``before`` (the same metrics for ``before``) when given. ``gt_path`` names the GT in the tags when
-    ``ground_truth`` is an in-memory :class:`GroundTruth`.
+    ``ground_truth`` is an in-memory :class:`GroundTruth`. ``bootstrap`` > 0 adds the 95 % query-bootstrap
+    interval of µAP (``average_precision_ci_low/high``; with ``before``, also ``gain_ci_low/high`` and
+    ``p_gain``, the paired share of replicates where the descriptors beat ``before``).
     """
     import mlflow
 
@@ -161,6 +187,8 @@ def run_evaluation(
     out["gt_fingerprint"] = fingerprint
     if before_result is not None:
         out["before"] = before_result.to_dict()
+    if bootstrap > 0:
+        _add_intervals(out, result, before_result, inputs.gt, bootstrap)
 
     with contextlib.ExitStack() as stack:
         if output_dir is None:
@@ -191,9 +219,10 @@ def run_evaluation(
                 if value is not None and not isinstance(value, Descriptors):
                     params[name] = str(value)
             tracking.log_params(params, prefix="eval.")
-            metrics = _flat(result)
+            metrics = _flat(out)
             if before_result is not None:
-                metrics.update({f"before_{k}": v for k, v in _flat(before_result).items()})
+                metrics.update({f"before_{k}": v for k, v in _flat(out["before"]).items()})
+                metrics.update({k: out[k] for k in ("gain_ci_low", "gain_ci_high", "p_gain") if k in out})
             tracking.log_metrics(metrics)
             for f in files:
                 tracking.log_artifact(f, artifact_path="evaluation")
@@ -250,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 output_dir=args.output_dir,
                 gt_path=inputs.gt_path,
+                bootstrap=args.bootstrap,
             )
             given = {
                 "descriptors": args.descriptors,

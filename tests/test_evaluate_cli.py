@@ -79,11 +79,19 @@ def test_evaluate_cli_logs_metrics_tags_and_artifacts(tracking, eval_inputs, cap
     assert out["n_queries"] == NQ and out["n_positives"] == 4
     assert out["n_predictions"] == 10 * NQ
     assert out["before"]["average_precision"] < 0.5
+    # Query bootstrap: a perfect ranking stays perfect on every resample; the paired gain over the
+    # unrelated descriptors is positive whenever a resample draws a positive query.
+    assert (out["average_precision_ci_low"], out["average_precision_ci_high"]) == (1.0, 1.0)
+    assert out["before"]["average_precision_ci_low"] <= out["before"]["average_precision"]
+    assert out["gain_ci_low"] > 0 and out["p_gain"] > 0.95
+    assert out["bootstrap"] == {"replicates": 1000, "confidence": 0.95, "queries": NQ}
     run = _only_evaluate_run()
     m, tags, params = run.data.metrics, run.data.tags, run.data.params
     assert m["average_precision"] == pytest.approx(out["average_precision"])
     assert m["before_average_precision"] == pytest.approx(out["before"]["average_precision"])
     assert m["n_predictions"] == 60
+    assert m["average_precision_ci_low"] == 1.0 and m["p_gain"] == pytest.approx(out["p_gain"])
+    assert m["before_average_precision_ci_high"] == pytest.approx(out["before"]["average_precision_ci_high"])
     assert tags["isc.step"] == "evaluate"
     assert tags["isc.protocol"] == "official"
     assert tags["isc.model_ref"] == "abc123"
