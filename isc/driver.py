@@ -177,7 +177,7 @@ def run_main(
         {"data": str(data_dir), "method": "phash", "ground_truth": str(test_gt), "output_dir": str(out_root / "baseline")},
     )
     rows.append({"step": "baseline (pHash)", "uAP": base.metrics.get("average_precision"),
-                 "recall@P90": base.metrics.get("recall_p90")})
+                 "uAP 95% CI": _interval(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
 
     previous: str | None = None
     for i, (config, start) in enumerate(PROFILES[profile].stages, start=1):
@@ -208,6 +208,7 @@ def run_main(
             "uAP before NES": ev.metrics.get("before_average_precision"),
             "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
             "uAP": ev.metrics.get("average_precision"),
+            "uAP 95% CI": _interval(ev.metrics),
             "recall@P90": ev.metrics.get("recall_p90"),
         })
 
@@ -236,6 +237,12 @@ def run_main(
     )
     _report(summary, timing, champion, model_name)
     return summary
+
+
+def _interval(metrics: dict[str, float]) -> str | None:
+    """The evaluate step's query-bootstrap µAP interval as text (None when it logged none)."""
+    lo, hi = metrics.get("average_precision_ci_low"), metrics.get("average_precision_ci_high")
+    return None if lo is None or hi is None else f"{lo:.3f}-{hi:.3f}"
 
 
 def _champion(model_name: str) -> dict[str, str] | None:

@@ -38,12 +38,16 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
     assert ev2.data.tags["isc.model_ref"] == step_runs["train_stage2"]
     assert 0.0 <= ev2.data.metrics["average_precision"] <= 1.0
     assert "before_average_precision" in ev2.data.metrics
+    m = ev2.data.metrics  # the query-bootstrap interval brackets the point estimate
+    assert m["average_precision_ci_low"] <= m["average_precision"] <= m["average_precision_ci_high"]
     # a champion was promoted from one of the evaluated stages
     champion = client.get_model_version_by_alias("isc-descriptor", "champion")
     assert champion.tags["isc.model_ref"] in (step_runs["train_stage1"], step_runs["train_stage2"])
     summary = mlflow.artifacts.load_text(f"runs:/{first.run_id}/summary/summary.txt")
     assert "champion: models:/isc-descriptor@champion" in summary
     assert "baseline (pHash)" in summary
+    quality = mlflow.artifacts.load_text(f"runs:/{first.run_id}/summary/quality.csv")
+    assert "uAP 95% CI" in quality.splitlines()[0]
 
     exp_id = parent.info.experiment_id
     n_runs_before = len(client.search_runs([exp_id], max_results=1000))
