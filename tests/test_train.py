@@ -123,3 +123,29 @@ def test_load_config_packaged_stages_match_the_recipe():
         load_config("demo", lrr=0.1)
     with pytest.raises(ConfigError, match="config"):
         load_config("no_such_stage")
+
+
+def test_persistent_workers_see_every_new_epoch_and_match_the_main_process(mini_data):
+    """Persistent DataLoader workers keep their own dataset copy; the epoch must still reach them."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from isc.train.datasets import EpochTaggedSampler, ResumableShuffleSampler, collate
+    from isc.train.loop import build_dataset
+
+    cfg = tiny_cfg(mini_data)
+    dataset, _ = build_dataset(cfg, [0.5] * 3, [0.25] * 3)
+    sampler = ResumableShuffleSampler(len(dataset), 4, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=4, sampler=EpochTaggedSampler(sampler), num_workers=2,
+                        collate_fn=collate, drop_last=True, persistent_workers=True)
+    first = {}
+    for epoch in range(2):
+        sampler.set_epoch(epoch, start_batch=1)
+        it = iter(loader)
+        images, labels, _ = next(it)  # stop after one batch: the next epoch must not see stale items
+        first[epoch] = images
+        expected = torch.cat([dataset[(epoch, i)][0] for i in sampler._indices()[:4]])
+        assert torch.equal(images, expected)  # worker views == main-process views of (epoch, index)
+        assert labels.tolist() == [i for i in sampler._indices()[:4] for _ in range(cfg.ncrops)]
+    assert not torch.equal(first[0], first[1])  # a new epoch, new views
+    assert loader._iterator is not None and loader._iterator._persistent_workers

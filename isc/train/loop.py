@@ -34,6 +34,7 @@ from isc.models.checkpoint import CheckpointError, checkpoint_name, checkpoint_o
 from isc.train import distributed as ddp
 from isc.train.config import TrainConfig, resolve_pairs_path, validate_config
 from isc.train.datasets import (
+    EpochTaggedSampler,
     PairsDataset,
     ResumableShuffleSampler,
     ViewsDataset,
@@ -333,8 +334,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
     if steps_per_epoch == 0:
         raise ConfigError("batch_size", f"global batch {cfg.batch_size} is larger than the {len(dataset)} "
                                         f"training items ({info.world_size} process(es), drop_last)")
-    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True)
+    loader = DataLoader(dataset, batch_size=per_rank, sampler=EpochTaggedSampler(sampler), num_workers=cfg.workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=cfg.workers > 0)
 
     run_id = run.info.run_id if run is not None else None
     out_default = tracking.project_root() / "outputs" / "train" / (run_id or time.strftime("%Y%m%d-%H%M%S"))
