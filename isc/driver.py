@@ -170,6 +170,11 @@ def run_main(
         test_gt = ds.ground_truth()
     if not test_gt.exists():
         raise ConfigError("data", f"{data_dir} has no ground_truth_test.csv / ground_truth.csv")
+    # The champion is chosen on the validation split and reported on the test split, so the test numbers
+    # stay held out (choosing the best stage on test would bias the champion's test µAP upwards). Data
+    # without a val split is chosen and reported on the same GT, and the summary says so.
+    val_gt = ds.ground_truth("val")
+    select_gt = val_gt if val_gt.exists() and val_gt != test_gt else test_gt
 
     rows: list[dict[str, Any]] = []
     base = pipe.run(
@@ -203,14 +208,22 @@ def run_main(
              "before": raw, "data": str(data_dir), "model_ref": train.run_id,
              "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"},
         )
-        rows.append({
+        row = {
             "step": f"stage {i} ({Path(config).stem})",
             "uAP before NES": ev.metrics.get("before_average_precision"),
             "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
             "uAP": ev.metrics.get("average_precision"),
             "uAP 95% CI": _interval(ev.metrics),
             "recall@P90": ev.metrics.get("recall_p90"),
-        })
+        }
+        if select_gt != test_gt:
+            sel = pipe.run(
+                f"evaluate_val_stage{i}", "evaluate",
+                {"descriptors": f"runs:/{post.run_id}/descriptors/descriptors_nes.h5", "ground_truth": str(select_gt),
+                 "before": raw, "model_ref": train.run_id, "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"},
+            )
+            row["val uAP (selects)"] = sel.metrics.get("average_precision")
+        rows.append(row)
 
     if n_trials > 0:
         # The study is keyed by experiment so a plain re-run reuses it; --force starts a fresh study
@@ -221,8 +234,10 @@ def run_main(
         rows.append({"step": "tune (best trial, val split)", "uAP": tune.metrics.get("best_value")})
 
     exp_name = mlflow.get_experiment(active.info.experiment_id).name
-    prom = pipe.run("promote", "promote", {"experiment": exp_name, "ground_truth": str(test_gt), "model_name": model_name})
+    prom = pipe.run("promote", "promote", {"experiment": exp_name, "ground_truth": str(select_gt), "model_name": model_name})
     champion = _champion(model_name)
+    if champion:
+        champion["chosen_on"], champion["scored_on"] = select_gt.name, test_gt.name
     search = pipe.run(
         "search", "search",
         {"model": f"models:/{model_name}@champion", "references": str(ds.reference_dir),
@@ -254,7 +269,8 @@ def _champion(model_name: str) -> dict[str, str] | None:
     except MlflowException:
         return None
     return {"version": mv.version, "uri": f"models:/{model_name}@champion",
-            "source_run": mv.tags.get("isc.source_eval_run", mv.run_id or "")}
+            "source_run": mv.tags.get("isc.source_eval_run", mv.run_id or ""),
+            "model_ref": mv.tags.get("isc.model_ref", "")}
 
 
 def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_name: str) -> None:
@@ -267,7 +283,11 @@ def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_na
     text = ["", "== quality (held-out test split) ==", summary.to_string(**pd_opts), "",
             "== steps ==", timing.to_string(index=False), ""]
     if champion:
-        text.append(f"champion: {champion['uri']} = version {champion['version']} (scored by evaluation run {champion['source_run']})")
+        held_out = champion.get("chosen_on") != champion.get("scored_on")
+        note = ("its stage's test row above is held out" if held_out
+                else "the same GT as the rows above: no val split, so they are not held out from the choice")
+        text.append(f"champion: {champion['uri']} = version {champion['version']} (chosen on {champion.get('chosen_on', '?')} "
+                    f"by evaluation run {champion['source_run']}; {note})")
     else:
         text.append(f"champion: none registered for '{model_name}'")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()

@@ -9,8 +9,9 @@ from mlflow import MlflowClient
 from tests.conftest import PROJECT_ROOT
 
 STEPS = [
-    "baseline_phash", "train_stage1", "extract_stage1", "postprocess_stage1", "evaluate_stage1",
-    "train_stage2", "extract_stage2", "postprocess_stage2", "evaluate_stage2", "tune", "promote", "search",
+    "baseline_phash", "train_stage1", "extract_stage1", "postprocess_stage1", "evaluate_stage1", "evaluate_val_stage1",
+    "train_stage2", "extract_stage2", "postprocess_stage2", "evaluate_stage2", "evaluate_val_stage2", "tune",
+    "promote", "search",
 ]
 
 
@@ -40,11 +41,18 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
     assert "before_average_precision" in ev2.data.metrics
     m = ev2.data.metrics  # the query-bootstrap interval brackets the point estimate
     assert m["average_precision_ci_low"] <= m["average_precision"] <= m["average_precision_ci_high"]
-    # a champion was promoted from one of the evaluated stages
+    # a champion was promoted from one of the stages, chosen on the val split (the test split stays held out)
     champion = client.get_model_version_by_alias("isc-descriptor", "champion")
     assert champion.tags["isc.model_ref"] in (step_runs["train_stage1"], step_runs["train_stage2"])
+    assert champion.tags["isc.gt_path"].endswith("ground_truth_val.csv")
+    val_runs = [client.get_run(step_runs[f"evaluate_val_stage{i}"]) for i in (1, 2)]
+    val_ap = {r.info.run_id: r.data.metrics["average_precision"] for r in val_runs}
+    assert champion.tags["isc.source_eval_run"] in val_ap
+    assert val_ap[champion.tags["isc.source_eval_run"]] == max(val_ap.values())
+    assert client.get_run(step_runs["evaluate_stage1"]).data.tags["isc.gt_path"].endswith("ground_truth_test.csv")
     summary = mlflow.artifacts.load_text(f"runs:/{first.run_id}/summary/summary.txt")
     assert "champion: models:/isc-descriptor@champion" in summary
+    assert "chosen on ground_truth_val.csv" in summary and "held out" in summary
     assert "baseline (pHash)" in summary
     quality = mlflow.artifacts.load_text(f"runs:/{first.run_id}/summary/quality.csv")
     assert "uAP 95% CI" in quality.splitlines()[0]
