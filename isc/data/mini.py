@@ -113,7 +113,7 @@ SIZES: dict[str, MiniSpec] = {
         n_references=64, n_queries=40, n_train=64, long_side=160, distractor_fraction=0.35, n_partners=8
     ),
     "default": MiniSpec(
-        n_references=250, n_queries=160, n_train=500, long_side=256, distractor_fraction=0.35, n_partners=16
+        n_references=400, n_queries=300, n_train=500, long_side=256, distractor_fraction=0.35, n_partners=16
     ),
 }
 
@@ -471,7 +471,7 @@ def make_mini(
     """Build a DISC21-shaped mini dataset in ``out`` and return it (see the module docstring).
 
     ``size``: ``"tiny"`` (64 references, 40 queries, 64 training images, 160 px; for tests) or
-    ``"default"`` (250 / 160 / 500, 256 px; the demo). ``source``: a folder of photos, or ``None``/``""``
+    ``"default"`` (400 / 300 / 500, 256 px; the demo). ``source``: a folder of photos, or ``None``/``""``
     for the bundled photographs. Raises ``ConfigError`` naming ``source``/``out``/``size``/``seed``.
     """
     if size not in SIZES:
