@@ -10,6 +10,7 @@ test queries, that is what tells a real lead from luck.
     python bench/quality.py                                   # builds the default mini dataset
     python bench/quality.py --data /data/my_disc21 --ground-truth /data/my_disc21/ground_truth_test.csv
     python bench/quality.py --profile full --data /data/disc21 # the seed's recipe (GPUs)
+    python bench/quality.py --data data/mini --store . --experiment-name isc   # reuse `bash scripts/main.sh`
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def main() -> int:
     p.add_argument("--ground-truth", default="", help="scoring GT (default: ground_truth_test.csv, else ground_truth.csv)")
     p.add_argument("--profile", default="demo", help="training profile of the main job (demo | full)")
     p.add_argument("--work-dir", default="", help="where the throwaway store goes (default: a temp dir)")
+    p.add_argument("--store", default="",
+                   help="an ISC_HOME whose mlflow.db to use instead (e.g. the project root: a main job "
+                        "already run there with the same data, profile, experiment and commit is reused)")
+    p.add_argument("--experiment-name", default="quality", help="experiment of the main job")
     args = p.parse_args()
 
     from isc.data.disc21 import DISC21
@@ -103,17 +108,18 @@ def main() -> int:
     if not gt.exists():
         gt = data.ground_truth()
 
-    env = dict(os.environ, ISC_HOME=str(work), MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
+    store = Path(args.store).resolve() if args.store else work
+    env = dict(os.environ, ISC_HOME=str(store), MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("MLFLOW_RUN_ID", None)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "entrypoints.main", "--data", str(data.root), "--profile", args.profile,
-                    "--n-trials", "0", "--experiment-name", "quality"], cwd=ROOT, env=env, check=True)
+                    "--n-trials", "0", "--experiment-name", args.experiment_name], cwd=ROOT, env=env, check=True)
     wall = time.perf_counter() - t0
     from isc.io import read_ground_truth
 
     gt_obj = read_ground_truth(gt)
-    rows = [champion_row(work, "isc-descriptor", gt_obj, wall)]
+    rows = [champion_row(store, "isc-descriptor", gt_obj, wall)]
     rows += [baseline_row(m, data, gt_obj) for m in ("phash", "pdq")]
     table, boot = quality_table(rows, gt_obj)
     print(f"\nscored on {gt} ({len(boot.queries)} queries, official ISC21 protocol; "
