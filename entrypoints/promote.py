@@ -23,6 +23,8 @@ def build_parser() -> Parser:
                    help="µAP margin the candidate must beat the champion by (absolute)")
     p.add_argument("--force", type=str2bool, nargs="?", const=True, default=False,
                    help="move @champion even if the candidate does not win")
+    p.add_argument("--on-other-gt", choices=("error", "keep"), default="error",
+                   help="@champion scored on another ground truth: fail (error) or register and keep it (keep)")
     p.add_argument("--rollback", type=str2bool, nargs="?", const=True, default=False,
                    help="move @champion back to @previous instead of promoting")
     p.add_argument("--json", type=str2bool, nargs="?", const=True, default=False, help="print the result as JSON")
@@ -42,7 +44,8 @@ def main(argv: list[str]) -> int:
     if args.rollback:
         result = rollback(args.model_name)
     else:
-        result = promote(args.experiment, args.ground_truth, args.model_name, args.min_improvement, args.force)
+        result = promote(args.experiment, args.ground_truth, args.model_name, args.min_improvement, args.force,
+                         on_other_gt=args.on_other_gt)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     return 0

@@ -234,10 +234,20 @@ def run_main(
         rows.append({"step": "tune (best trial, val split)", "uAP": tune.metrics.get("best_value")})
 
     exp_name = mlflow.get_experiment(active.info.experiment_id).name
-    prom = pipe.run("promote", "promote", {"experiment": exp_name, "ground_truth": str(select_gt), "model_name": model_name})
+    # on_other_gt=keep: a champion scored on another ground truth (older data, another split) cannot be
+    # compared with this run's models; keep it and say so instead of failing the job at its last steps.
+    prom = pipe.run("promote", "promote", {"experiment": exp_name, "ground_truth": str(select_gt),
+                                           "model_name": model_name, "on_other_gt": "keep"})
     champion = _champion(model_name)
     if champion:
         champion["chosen_on"], champion["scored_on"] = select_gt.name, test_gt.name
+        from isc.io import read_ground_truth
+        from isc.metrics import ground_truth_fingerprint
+
+        if champion["gt_fingerprint"] != ground_truth_fingerprint(read_ground_truth(select_gt)):
+            champion["kept_note"] = (
+                f"@champion was scored on {champion['gt_path']}, not on {select_gt}, so this run's best model was "
+                f"registered but not compared with it; to replace it: isc promote --ground-truth {select_gt} --force")
     search = pipe.run(
         "search", "search",
         {"model": f"models:/{model_name}@champion", "references": str(ds.reference_dir),
@@ -270,7 +280,8 @@ def _champion(model_name: str) -> dict[str, str] | None:
         return None
     return {"version": mv.version, "uri": f"models:/{model_name}@champion",
             "source_run": mv.tags.get("isc.source_eval_run", mv.run_id or ""),
-            "model_ref": mv.tags.get("isc.model_ref", "")}
+            "model_ref": mv.tags.get("isc.model_ref", ""), "gt_path": mv.tags.get("isc.gt_path", ""),
+            "gt_fingerprint": mv.tags.get("isc.gt_fingerprint", "")}
 
 
 def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_name: str) -> None:
@@ -286,8 +297,12 @@ def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_na
         held_out = champion.get("chosen_on") != champion.get("scored_on")
         note = ("its stage's test row above is held out" if held_out
                 else "the same GT as the rows above: no val split, so they are not held out from the choice")
-        text.append(f"champion: {champion['uri']} = version {champion['version']} (chosen on {champion.get('chosen_on', '?')} "
-                    f"by evaluation run {champion['source_run']}; {note})")
+        if champion.get("kept_note"):
+            text += [f"champion: {champion['uri']} = version {champion['version']} (kept from before)",
+                     f"NOTE: {champion['kept_note']}"]
+        else:
+            text.append(f"champion: {champion['uri']} = version {champion['version']} (chosen on "
+                        f"{champion.get('chosen_on', '?')} by evaluation run {champion['source_run']}; {note})")
     else:
         text.append(f"champion: none registered for '{model_name}'")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()

@@ -309,12 +309,18 @@ def promote(
     model_name: str = DEFAULT_MODEL_NAME,
     min_improvement: float = 0.0,
     force: bool = False,
+    on_other_gt: str = "error",
 ) -> PromotionResult:
     """Register the best evaluation run of ``experiment`` and move ``@champion`` if it wins (module doc).
 
     ``min_improvement``: µAP margin (absolute, e.g. 0.01) the candidate must exceed the champion by.
     ``force``: move the alias even when the candidate does not win or was scored on another ground truth.
+    ``on_other_gt``: when ``@champion`` was scored on another ground truth (so no comparison is possible),
+    ``"error"`` raises ``ConfigError``; ``"keep"`` registers the candidate, keeps the champion and says so
+    (action ``"kept"``): what a pipeline wants after the data changed, rather than failing at its last step.
     """
+    if on_other_gt not in ("error", "keep"):
+        raise ConfigError("on_other_gt", f"must be 'error' or 'keep', got '{on_other_gt}'")
     if min_improvement < 0:
         raise ConfigError("min_improvement", f"must be >= 0, got {min_improvement}")
     if not model_name:
@@ -349,13 +355,17 @@ def promote(
     if champion is not None and not force:
         champ_fp = champion.tags.get(TAG_FINGERPRINT, "")
         if champ_fp != candidate.gt_fingerprint:
-            raise ConfigError(
-                "ground_truth",
-                f"@champion ({model_name} v{champion.version}) was scored on ground truth {champ_fp[:12] or '<none>'} "
-                f"({champion.tags.get(TAG_GT_PATH, '?')}) but the candidate on {candidate.gt_fingerprint[:12]} "
-                f"({candidate.gt_path}); µAPs on different ground truths cannot be compared "
-                "(evaluate both on one ground truth, or pass --force)",
-            )
+            why = (f"@champion ({model_name} v{champion.version}) was scored on ground truth {champ_fp[:12] or '<none>'} "
+                   f"({champion.tags.get(TAG_GT_PATH, '?')}) but the candidate on {candidate.gt_fingerprint[:12]} "
+                   f"({candidate.gt_path}); µAPs on different ground truths cannot be compared")
+            if on_other_gt == "keep":
+                return result(
+                    "kept",
+                    f"{why}; registered the candidate as {model_name} v{version.version} and kept the champion "
+                    f"(to replace it: isc promote --ground-truth {candidate.gt_path} --force)",
+                    str(champion.version), prev_v,
+                )
+            raise ConfigError("ground_truth", f"{why} (evaluate both on one ground truth, or pass --force)")
         champ_ap = float(champion.tags.get(TAG_AP, "nan"))
         if not candidate.average_precision > champ_ap + min_improvement:
             return result(

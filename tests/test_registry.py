@@ -121,6 +121,12 @@ def test_promotion_refuses_to_compare_runs_scored_on_different_ground_truths(tra
     with pytest.raises(ConfigError, match="cannot be compared"):
         promote(ground_truth=val)
     assert alias("champion") == "1" and len(versions()) == 2  # registered, never promoted
+    # A pipeline asks to keep the champion instead of failing: same outcome, no exception, and it says how.
+    kept = promote(ground_truth=val, on_other_gt="keep")
+    assert kept.action == "kept" and kept.version == "2" and alias("champion") == "1" and len(versions()) == 2
+    assert "cannot be compared" in kept.message and f"--ground-truth {val} --force" in kept.message
+    with pytest.raises(ConfigError, match="on_other_gt"):
+        promote(ground_truth=val, on_other_gt="replace")
     assert promote(ground_truth=val, force=True).action == "promoted" and alias("champion") == "2"
 
 
