@@ -406,8 +406,8 @@ def bootstrap_average_precision(
     draws = rng.integers(0, len(queries), size=(n_boot, len(queries)))
     counts = np.zeros((n_boot, len(queries)), dtype=np.int32)
     np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1)
-    mult = counts.astype(np.float64)
-    n_pos = mult @ pos_per_query  # [n_boot]
+    del draws
+    n_pos = counts @ pos_per_query  # [n_boot]
     out = np.zeros((len(rankings), n_boot), dtype=np.float64)
     for k, r in enumerate(rankings):
         rows = np.array([qindex.get(q, -1) for q in r.query_ids], dtype=np.int64)
@@ -416,7 +416,7 @@ def bootstrap_average_precision(
         # Chunks of replicates bound memory at ~ chunk x n_predictions floats.
         chunk = max(1, min(n_boot, 2_000_000 // max(1, rows.size)))
         for s in range(0, n_boot, chunk):
-            w = mult[s : s + chunk][:, rows]  # [c, n]
+            w = counts[s : s + chunk][:, rows].astype(np.float64)  # [c, n]
             wy = w * y
             seen_before = np.cumsum(w, axis=1) - w
             fp_before = seen_before - (np.cumsum(wy, axis=1) - wy)

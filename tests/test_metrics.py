@@ -339,7 +339,7 @@ def _materialise(preds, gt: GroundTruth, queries: list[str], counts: np.ndarray)
 @given(scoring_problems(), st.integers(0, 2**31 - 1))
 def test_bootstrap_replicates_equal_scoring_the_resampled_queries(problem, seed):
     preds, gt = problem
-    q, r, s = zip(*preds) if preds else ((), (), ())
+    q, r, s = zip(*preds, strict=True) if preds else ((), (), ())
     _, ranked = compute_metrics(q, r, s, gt, return_ranking=True)
     boot = bootstrap_average_precision([ranked], gt, n_boot=4, seed=seed)
     assert boot.counts.sum(axis=1).tolist() == [len(set(gt.queries))] * 4
@@ -348,7 +348,7 @@ def test_bootstrap_replicates_equal_scoring_the_resampled_queries(problem, seed)
         if gt_b.n_positives == 0:
             assert boot.samples[0, b] == 0.0
             continue
-        qb, rb, sb = zip(*rows) if rows else ((), (), ())
+        qb, rb, sb = zip(*rows, strict=True) if rows else ((), (), ())
         expected = compute_metrics(qb, rb, sb, gt_b).average_precision
         assert boot.samples[0, b] == pytest.approx(expected, abs=1e-9)
 
@@ -363,7 +363,7 @@ def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_more_queries(
         for i, q in enumerate(queries):
             hit = rng.random() < 0.6  # the right reference is retrieved for ~60 % of queries
             preds.append((q, f"R{i:06d}" if hit else f"R9{i:05d}", float(rng.normal(1.0 if hit else 0.0))))
-        q, r, s = zip(*preds)
+        q, r, s = zip(*preds, strict=True)
         m, ranked = compute_metrics(q, r, s, gt, return_ranking=True)
         return m.average_precision, bootstrap_average_precision([ranked], gt, n_boot=400, seed=0)
 
