@@ -239,15 +239,6 @@ def run_main(
     prom = pipe.run("promote", "promote", {"experiment": exp_name, "ground_truth": str(select_gt),
                                            "model_name": model_name, "on_other_gt": "keep"})
     champion = _champion(model_name)
-    if champion:
-        champion["chosen_on"], champion["scored_on"] = select_gt.name, test_gt.name
-        from isc.io import read_ground_truth
-        from isc.metrics import ground_truth_fingerprint
-
-        if champion["gt_fingerprint"] != ground_truth_fingerprint(read_ground_truth(select_gt)):
-            champion["kept_note"] = (
-                f"@champion was scored on {champion['gt_path']}, not on {select_gt}, so this run's best model was "
-                f"registered but not compared with it; to replace it: isc promote --ground-truth {select_gt} --force")
     search = pipe.run(
         "search", "search",
         {"model": f"models:/{model_name}@champion", "references": str(ds.reference_dir),
@@ -260,7 +251,7 @@ def run_main(
     timing = pd.DataFrame(
         [{"step": r.step, "run_id": r.run_id, "reused": r.reused, "wall_s": round(r.wall_s, 1)} for r in pipe.records]
     )
-    _report(summary, timing, champion, model_name)
+    _report(summary, timing, _champion_line(champion, model_name, select_gt, test_gt))
     return summary
 
 
@@ -280,11 +271,28 @@ def _champion(model_name: str) -> dict[str, str] | None:
         return None
     return {"version": mv.version, "uri": f"models:/{model_name}@champion",
             "source_run": mv.tags.get("isc.source_eval_run", mv.run_id or ""),
-            "model_ref": mv.tags.get("isc.model_ref", ""), "gt_path": mv.tags.get("isc.gt_path", ""),
-            "gt_fingerprint": mv.tags.get("isc.gt_fingerprint", "")}
+            "gt_path": mv.tags.get("isc.gt_path", ""), "gt_fingerprint": mv.tags.get("isc.gt_fingerprint", "")}
 
 
-def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_name: str) -> None:
+def _champion_line(champion: dict[str, str] | None, model_name: str, select_gt: Path, test_gt: Path) -> str:
+    """What the summary says about ``@champion``: where it was chosen, or why it predates this run."""
+    from isc.io import read_ground_truth
+    from isc.metrics import ground_truth_fingerprint
+
+    if not champion:
+        return f"champion: none registered for '{model_name}'"
+    head = f"champion: {champion['uri']} = version {champion['version']}"
+    if champion["gt_fingerprint"] != ground_truth_fingerprint(read_ground_truth(select_gt)):
+        # promote ran with on_other_gt=keep: this champion was scored elsewhere and could not be compared.
+        return (f"{head} (kept from before)\nNOTE: @champion was scored on {champion['gt_path']}, not on "
+                f"{select_gt}, so this run's best model was registered but not compared with it; to replace it: "
+                f"isc promote --ground-truth {select_gt} --force")
+    note = ("its stage's test row above is held out" if select_gt != test_gt
+            else "the same GT as the rows above: no val split, so they are not held out from the choice")
+    return f"{head} (chosen on {select_gt.name} by evaluation run {champion['source_run']}; {note})"
+
+
+def _report(summary: Any, timing: Any, champion_line: str) -> None:
     import mlflow
 
     from isc.tracking import default_tracking_uri
@@ -292,19 +300,7 @@ def _report(summary: Any, timing: Any, champion: dict[str, str] | None, model_na
 
     pd_opts = {"index": False, "float_format": lambda x: f"{x:.4f}"}
     text = ["", "== quality (held-out test split) ==", summary.to_string(**pd_opts), "",
-            "== steps ==", timing.to_string(index=False), ""]
-    if champion:
-        held_out = champion.get("chosen_on") != champion.get("scored_on")
-        note = ("its stage's test row above is held out" if held_out
-                else "the same GT as the rows above: no val split, so they are not held out from the choice")
-        if champion.get("kept_note"):
-            text += [f"champion: {champion['uri']} = version {champion['version']} (kept from before)",
-                     f"NOTE: {champion['kept_note']}"]
-        else:
-            text.append(f"champion: {champion['uri']} = version {champion['version']} (chosen on "
-                        f"{champion.get('chosen_on', '?')} by evaluation run {champion['source_run']}; {note})")
-    else:
-        text.append(f"champion: none registered for '{model_name}'")
+            "== steps ==", timing.to_string(index=False), "", champion_line]
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     text += [
         f"MLflow UI:        mlflow server --backend-store-uri {uri} --host 127.0.0.1 --port 5000"

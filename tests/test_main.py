@@ -68,3 +68,21 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
     assert len(client.search_runs([exp_id], max_results=1000)) == n_runs_before + 1
     reused = mlflow.artifacts.load_text(f"runs:/{second.run_id}/summary/steps.csv")
     assert reused.count("True") == len(STEPS)
+
+
+def test_champion_line_says_where_the_champion_was_chosen_or_why_it_was_kept(tmp_path):
+    from isc.driver import _champion_line
+    from isc.io import read_ground_truth, write_ground_truth
+    from isc.metrics import ground_truth_fingerprint
+
+    val = write_ground_truth(tmp_path / "ground_truth_val.csv", [("Q1", "R1"), ("Q2", None)])
+    test = write_ground_truth(tmp_path / "ground_truth_test.csv", [("Q3", "R3")])
+    champ = {"uri": "models:/m@champion", "version": "2", "source_run": "abc",
+             "gt_path": str(val), "gt_fingerprint": ground_truth_fingerprint(read_ground_truth(val))}
+    line = _champion_line(champ, "m", val, test)
+    assert "version 2 (chosen on ground_truth_val.csv by evaluation run abc" in line and "held out" in line
+    assert "not held out" in _champion_line({**champ, "gt_fingerprint": ground_truth_fingerprint(
+        read_ground_truth(test))}, "m", test, test)
+    kept = _champion_line({**champ, "gt_path": "/old/gt.csv", "gt_fingerprint": "0" * 64}, "m", val, test)
+    assert "(kept from before)" in kept and "scored on /old/gt.csv" in kept and f"--ground-truth {val} --force" in kept
+    assert _champion_line(None, "m", val, test) == "champion: none registered for 'm'"

@@ -401,8 +401,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, first_step)
+        sampler.set_epoch(epoch, first_step)  # EpochTaggedSampler hands the epoch to the dataset's items
         loss_sum, loss_n, window_sum, window_n = 0.0, 0, 0.0, 0
         bad_this_epoch: list[str] = []
         t_epoch = time.perf_counter()
