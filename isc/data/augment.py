@@ -7,31 +7,32 @@ image with its edited copies:
 hard = AugLy RandomRotation(p) -> RandomOverlayImageAndResizedCrop -> ShuffledAug(list, random order,
 each op with its own p) -> RGB -> ToTensor -> RandomErasing(value='random', p 0.25) -> Normalize
 
-Stage parameters (recipe.md "Views"):
+Stage parameters (recipe.md "Views"; the numbers of the seed's v83.py / v86.py / v98.py):
 
-=========  =========================  =================  =========  ======================
-stage      colour jitter b/c/s (hue)  p of list ops      overlay_p  opacity_lower, size
-=========  =========================  =================  =========  ======================
-v83        0.7 (0.2)                  0.25               0.05       0.6, 0.4-0.6
-v86        0.75 (0.2)                 0.30               0.075      0.5, 0.3-0.7
-v98        0.8 (0.2)                  0.35 (edge 0.3)    0.10       0.4, 0.2-0.8
-v107       = v98 (our choice, below)
-demo       1.0 (0.2), its p 0.8    0.25 (gray 0.4)    0.05       0.6, 0.4-0.6   (v83 + colour; below)
-=========  =========================  =================  =========  ======================
+=====================================  ============  ============  ============
+op                                     v83           v86           v98 (= v107)
+=====================================  ============  ============  ============
+ColorJitter b/c/s (hue 0.2)            0.7 always    0.75 always   0.8 always
+RandomRotation p (first hard op)       0.25          0.30          0.35
+Pixelization, ShufflePixels, Gray, Blur 0.25         0.25          0.25
+JPEG, Perspective, Text, Emoji p       0.25          0.30          0.35
+EdgeEnhance p                          0.25          0.30          0.30
+HFlip / VFlip p                        0.5 / 0.1     0.5 / 0.1     0.5 / 0.1
+RandomErasing p                        0.25          0.25          0.25
+overlay_p; opacity_lower; size range   0.05; 0.6;    0.075; 0.5;   0.10; 0.4;
+                                       0.4-0.6       0.3-0.7       0.2-0.8
+=====================================  ============  ============  ============
 
-The colour jitter fires with the stage's p except where a stage sets its own (demo: 0.8; grayscale
-0.4): the CPU demo learns colour invariance from scratch (see ``STAGES["demo"]``).
+``demo`` (the smoke/test profile's tiny from-scratch network) is v83 with the colour jitter at 1.0 and
+grayscale at 0.4: a random-init net has no colour invariance to start from.
 
 Stage 4 (v107) trains on (query, reference) pairs; as the seed's v107.py, the training loop feeds those
 pairs through a plain resize-and-normalise transform (see isc/train/datasets.py); recipe.md gives no view
 table for it, so ``build_train_transform("v107", ...)`` is v98's NCropsTransform.
 
-Choices the recipe leaves open (documented here, used everywhere): the rotation op uses the stage's p
-and AugLy's default range (0-180 degrees, cropped to the largest inner rectangle); RandomPixelization,
-RandomBlur and torchvision RandomPerspective use their libraries' default ranges; ColorJitter, grayscale,
-perspective, JPEG (one of q 10/20/30/50), pixelisation, pixel shuffling (factor 0.1), blur, text and
-emoji overlays each fire with the stage's p; flips 0.5 (horizontal) / 0.1 (vertical); edge enhancement
-with the stage's edge p.
+Choices the recipe leaves open (documented here, used everywhere): the rotation op uses AugLy's default
+range (0-180 degrees, cropped to the largest inner rectangle); RandomPixelization, RandomBlur and
+torchvision RandomPerspective use their libraries' default ranges.
 
 Randomness comes only from python ``random`` and torch's RNG, both of which PyTorch seeds in every
 DataLoader worker, so a seeded run is reproducible. Every object here pickles (no lambdas).
@@ -61,40 +62,33 @@ class StageViews:
     """Hard-view parameters of one training stage (see the module table)."""
 
     jitter: float  # ColorJitter brightness = contrast = saturation (hue is 0.2)
-    p: float  # probability of most list ops and of the rotation
-    edge_p: float  # probability of the edge-enhance OneOf
+    rotation_p: float  # the AugLy rotation that opens the hard view
+    edit_p: float  # JPEG, perspective, text overlay, emoji overlay
+    edge_p: float  # the edge-enhance OneOf
     overlay_p: float  # probability of overlaying another training image
     opacity_lower: float  # overlay opacity ~ U(opacity_lower, 1)
     size_range: tuple[float, float]  # overlay size ~ U(*size_range), fraction of the base image height
-    colour_p: float | None = None  # probability of ColorJitter (None: p, as in the seed)
-    gray_p: float | None = None  # probability of RandomGrayscale (None: p, as in the seed)
-
-    @property
-    def colour_prob(self) -> float:
-        return self.p if self.colour_p is None else self.colour_p
+    basic_p: float = 0.25  # pixelization, pixel shuffling, grayscale, blur: 0.25 in every seed stage
+    colour_p: float = 1.0  # ColorJitter: the seed applies it always
+    gray_p: float | None = None  # RandomGrayscale (None: basic_p, as in the seed)
 
     @property
     def gray_prob(self) -> float:
-        return self.p if self.gray_p is None else self.gray_p
+        return self.basic_p if self.gray_p is None else self.gray_p
 
 
 STAGES: dict[str, StageViews] = {
-    "v83": StageViews(
-        jitter=0.7, p=0.25, edge_p=0.25, overlay_p=0.05, opacity_lower=0.6, size_range=(0.4, 0.6)
-    ),
-    "v86": StageViews(
-        jitter=0.75, p=0.30, edge_p=0.30, overlay_p=0.075, opacity_lower=0.5, size_range=(0.3, 0.7)
-    ),
-    "v98": StageViews(
-        jitter=0.8, p=0.35, edge_p=0.30, overlay_p=0.10, opacity_lower=0.4, size_range=(0.2, 0.8)
-    ),
+    "v83": StageViews(jitter=0.7, rotation_p=0.25, edit_p=0.25, edge_p=0.25, overlay_p=0.05,
+                      opacity_lower=0.6, size_range=(0.4, 0.6)),
+    "v86": StageViews(jitter=0.75, rotation_p=0.30, edit_p=0.30, edge_p=0.30, overlay_p=0.075,
+                      opacity_lower=0.5, size_range=(0.3, 0.7)),
+    "v98": StageViews(jitter=0.8, rotation_p=0.35, edit_p=0.35, edge_p=0.30, overlay_p=0.10,
+                      opacity_lower=0.4, size_range=(0.2, 0.8)),
 }
 STAGES["v107"] = STAGES["v98"]
-# The CPU demo trains from random init on a few hundred tiles of ~20 photos, and tiles of one photo
-# share its colours: with v83's colour p of 0.25 the model keys on colour and misses recoloured copies
-# (top-1 on colour-jittered queries of the default mini data: 3/12 against pHash's 10/12). A pretrained
-# backbone brings some of that invariance; the demo buys it with stronger colour views. Everything else
-# is v83. Measured in docs/training.md ("The demo recipe").
+# The tiny from-scratch network of the smoke/test profiles: tiles of one photo share its colours, and a
+# random-init net keys on colour unless the views take it away; a pretrained backbone brings that
+# invariance, the scratch net buys it with stronger colour and grayscale views.
 STAGES["demo"] = dataclasses.replace(STAGES["v83"], jitter=1.0, colour_p=0.8, gray_p=0.4)
 
 HUE = 0.2
@@ -205,19 +199,20 @@ class RandomOverlayImageAndResizedCrop:
 
 def hard_ops(views: StageViews) -> list[Op]:
     """The ShuffledAug list of a stage (each op carries its own probability)."""
-    p, j = views.p, views.jitter
+    basic, edit, j = views.basic_p, views.edit_p, views.jitter
+    jitter = T.ColorJitter(j, j, j, HUE)
     return [
-        T.RandomApply([T.ColorJitter(j, j, j, HUE)], p=views.colour_prob),
-        ops.RandomPixelization(p=p),
-        ops.ShufflePixels(factor=0.1, p=p),
-        ops.OneOf([ops.EncodingQuality(q) for q in JPEG_QUALITIES], p=p),
+        jitter if views.colour_p >= 1.0 else T.RandomApply([jitter], p=views.colour_p),
+        ops.RandomPixelization(p=basic),
+        ops.ShufflePixels(factor=0.1, p=basic),
+        ops.OneOf([ops.EncodingQuality(q) for q in JPEG_QUALITIES], p=edit),
         T.RandomGrayscale(p=views.gray_prob),
-        ops.RandomBlur(p=p),
-        T.RandomPerspective(p=p),
+        ops.RandomBlur(p=basic),
+        T.RandomPerspective(p=edit),
         T.RandomHorizontalFlip(p=0.5),
         T.RandomVerticalFlip(p=0.1),
-        ops.RandomOverlayText(p=p),
-        ops.RandomEmojiOverlay(p=p),
+        ops.RandomOverlayText(p=edit),
+        ops.RandomEmojiOverlay(p=edit),
         ops.OneOf([ops.EdgeEnhance(more=False), ops.EdgeEnhance(more=True)], p=views.edge_p),
     ]
 
@@ -262,7 +257,7 @@ def build_hard_transform(
     return T.Compose(
         [
             ToRGB(),
-            ops.RandomRotation(p=views.p),
+            ops.RandomRotation(p=views.rotation_p),
             RandomOverlayImageAndResizedCrop(
                 s, overlay_paths, views.overlay_p, views.opacity_lower, views.size_range
             ),

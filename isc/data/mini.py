@@ -22,6 +22,13 @@ dealt, each to exactly ONE pool:
 So no two images of different pools share a pixel of the same photo (``mini_manifest.json`` records
 each image's photo and rectangle; the tests check pairwise non-overlap).
 
+Held-out means unseen photos: whole PHOTOS are dealt to the three query splits (train / val / test, about
+40 / 30 / 30 % of the area, largest photo first). A split's references, its distractor sources and its
+queries are cut from its own photos only; training images and overlay partners come only from the train
+split's photos. So no training image (and no stage-4 training pair) shares a photo with a val or test
+query or its reference: the val and test numbers measure copies of new images. All references form one
+reference set, as in DISC21 (a test query is searched against every reference).
+
 Queries follow DISC21: a chain of 1-4 random copy edits (crops, text/emoji overlays, overlay onto or
 of another image, screenshot framing, meme format, colour changes, blur, JPEG, rotations, flips,
 padding, pixelisation, perspective, sharpening, grayscale, noise, pixel shuffling) applied to a
@@ -29,8 +36,8 @@ reference (positive query) or to a distractor source (distractor query). Query i
 random order; most references are never queried. Everything is deterministic given ``seed``.
 
 Query splits: ``ground_truth.csv`` lists every query; ``ground_truth_{train,val,test}.csv`` partition the
-queries (stratified: each split has positives and distractors): *train* pairs feed stage 4, *val* scores
-tuning trials, *test* is held out for the reported numbers.
+queries (each split has positives and distractors): *train* pairs feed stage 4, *val* scores tuning
+trials and chooses the champion, *test* is held out for the reported numbers.
 
 The dataset is built in ``<out>.partial`` and renamed onto ``out`` at the end, so a crash never leaves a
 folder that looks complete.
@@ -414,24 +421,6 @@ def edit_chain(
 
 
 # ------------------------------------------------------------------------------------------ splits
-def split_queries(
-    positive: Sequence[str], distractors: Sequence[str], rng: random.Random
-) -> dict[str, list[str]]:
-    """Disjoint train/val/test query splits (40/30/30 %), each holding positives AND distractors."""
-    out: dict[str, list[str]] = {k: [] for k in SPLIT_FRACTIONS}
-    for group in (list(positive), list(distractors)):
-        if len(group) < len(SPLIT_FRACTIONS):
-            raise ConfigError("size", f"need at least 3 positive and 3 distractor queries, got {len(group)}")
-        rng.shuffle(group)
-        n_val = max(1, round(len(group) * SPLIT_FRACTIONS["val"]))
-        n_test = max(1, round(len(group) * SPLIT_FRACTIONS["test"]))
-        n_train = len(group) - n_val - n_test
-        out["train"] += group[:n_train]
-        out["val"] += group[n_train : n_train + n_val]
-        out["test"] += group[n_train + n_val :]
-    return {k: sorted(v) for k, v in out.items()}
-
-
 # ------------------------------------------------------------------------------------------- build
 def _save_jpeg(img: Image.Image, path: Path) -> None:
     img.convert("RGB").save(path, format="JPEG", quality=90)
@@ -491,20 +480,69 @@ def make_mini(
     return DISC21(out)
 
 
+def assign_photo_groups(photos: Sequence[tuple[str, Image.Image]], rng: random.Random) -> dict[str, list[int]]:
+    """Deal whole photos to the query splits (train / val / test), about in ``SPLIT_FRACTIONS`` of area.
+
+    Why: a held-out query must be a copy of a photo the model never saw a piece of. Every tile of a
+    photo goes to one split's pools, and training images come only from the train split's photos.
+    Largest photo first, each to the split furthest below its share of the area; every split gets one.
+    """
+    if len(photos) < len(SPLIT_FRACTIONS):
+        raise ConfigError("source", f"need at least {len(SPLIT_FRACTIONS)} photos (one per query split), "
+                                    f"got {len(photos)}")
+    order = list(range(len(photos)))
+    rng.shuffle(order)  # ties broken by the seed, not by file order
+    order.sort(key=lambda i: -photos[i][1].width * photos[i][1].height)
+    groups: dict[str, list[int]] = {k: [] for k in SPLIT_FRACTIONS}
+    area = dict.fromkeys(SPLIT_FRACTIONS, 0.0)
+    for n, i in enumerate(order):
+        empty = [k for k in groups if not groups[k]]
+        left = len(order) - n
+        if empty and left <= len(empty):  # the last photos go to splits that have none yet
+            split = empty[0]
+        else:
+            split = min(SPLIT_FRACTIONS, key=lambda k: area[k] / SPLIT_FRACTIONS[k])
+        groups[split].append(i)
+        area[split] += photos[i][1].width * photos[i][1].height
+    return groups
+
+
+def _split_counts(total: int) -> dict[str, int]:
+    """``total`` items over the splits in ``SPLIT_FRACTIONS`` (each >= 1 when total >= 3)."""
+    val = max(1, round(total * SPLIT_FRACTIONS["val"]))
+    test = max(1, round(total * SPLIT_FRACTIONS["test"]))
+    return {"train": total - val - test, "val": val, "test": test}
+
+
 def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: str, source) -> None:
     rng = random.Random(seed)
     n_distractors = round(spec.n_queries * spec.distractor_fraction)
     n_positives = spec.n_queries - n_distractors
     if n_positives > spec.n_references:
         raise ConfigError("size", "more positive queries than references")
+    if min(n_positives, n_distractors) < len(SPLIT_FRACTIONS):
+        raise ConfigError("size", "need at least 3 positive and 3 distractor queries")
     photos = load_photos(paths)
-    n_tiles = spec.n_references + n_distractors + spec.n_partners + spec.n_train
-    tiles = make_tiles(photos, n_tiles, spec.long_side, seed)
-    refs = tiles[: spec.n_references]
-    distractor_src = tiles[spec.n_references : spec.n_references + n_distractors]
-    partners = tiles[spec.n_references + n_distractors : spec.n_references + n_distractors + spec.n_partners]
-    train = tiles[spec.n_references + n_distractors + spec.n_partners :]
-
+    groups = assign_photo_groups(photos, rng)
+    pos_n, dis_n, ref_n = _split_counts(n_positives), _split_counts(n_distractors), _split_counts(spec.n_references)
+    # per split: its references (queried or not), distractor sources; train also partners + training images
+    refs_by: dict[str, list[Tile]] = {}
+    distractor_by: dict[str, list[Tile]] = {}
+    partners: list[Tile] = []
+    train: list[Tile] = []
+    for k, idx in groups.items():
+        n_refs = max(ref_n[k], pos_n[k])
+        extra = spec.n_partners + spec.n_train if k == "train" else 0
+        tiles = make_tiles([photos[i] for i in idx], n_refs + dis_n[k] + extra, spec.long_side, seed)
+        refs_by[k], distractor_by[k] = tiles[:n_refs], tiles[n_refs:n_refs + dis_n[k]]
+        if k == "train":
+            partners = tiles[n_refs + dis_n[k]:n_refs + dis_n[k] + spec.n_partners]
+            train = tiles[n_refs + dis_n[k] + spec.n_partners:]
+    # reference ids in random order, so an id says nothing about its split
+    ref_tiles = [(k, t) for k in SPLIT_FRACTIONS for t in refs_by[k]]
+    rng.shuffle(ref_tiles)
+    refs = [t for _, t in ref_tiles]
+    ref_split = [k for k, _ in ref_tiles]
     dirs = {
         k: root / v for k, v in (("q", "query_images"), ("r", "reference_images"), ("t", "training_images"))
     }
@@ -528,28 +566,33 @@ def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: s
         manifest["training"][f"T{i:06d}"] = where(t)
     manifest["partners"] = [where(t) for t in partners]
 
-    # Which references get queried (most do not), and the order of query ids (positives and distractors mixed).
-    queried = rng.sample(range(len(refs)), n_positives)
-    items: list[tuple[Tile, str | None]] = [(refs[i], ref_ids[i]) for i in queried]
-    items += [(t, None) for t in distractor_src]
-    rng.shuffle(items)
+    # Which references get queried (most do not): each split's positives copy references of its own photos.
+    items: list[tuple[Tile, str | None, str]] = []
+    for k in SPLIT_FRACTIONS:
+        mine = [i for i, sk in enumerate(ref_split) if sk == k]
+        items += [(refs[i], ref_ids[i], k) for i in rng.sample(mine, pos_n[k])]
+        items += [(t, None, k) for t in distractor_by[k]]
+    rng.shuffle(items)  # query ids mix positives, distractors and splits
     partner_images = [t.image for t in partners]
     rows: list[tuple[str, str | None]] = []
-    for i, (tile, rid) in enumerate(tqdm(items, desc="queries", leave=False)):
+    splits: dict[str, list[str]] = {k: [] for k in SPLIT_FRACTIONS}
+    for i, (tile, rid, split) in enumerate(tqdm(items, desc="queries", leave=False)):
         qid = f"Q{i:05d}"
         # Positives are edited from the reference as published (its JPEG pixels), as in DISC21.
         base = load_image(dirs["r"] / f"{rid}.jpg") if rid else tile.image
         query, names = edit_chain(base, rng, partner_images, spec.long_side)
         _save_jpeg(query, dirs["q"] / f"{qid}.jpg")
         rows.append((qid, rid))
-        manifest["queries"][qid] = {"reference": rid, "edits": names, "source": where(tile)}
+        splits[split].append(qid)
+        manifest["queries"][qid] = {"reference": rid, "edits": names, "source": where(tile), "split": split}
 
     write_ground_truth(root / "ground_truth.csv", rows)
-    splits = split_queries([q for q, r in rows if r], [q for q, r in rows if not r], rng)
     by_query = dict(rows)
     for split, qids in splits.items():
         write_ground_truth(root / f"ground_truth_{split}.csv", [(q, by_query[q]) for q in qids])
+    splits = {k: sorted(v) for k, v in splits.items()}
     manifest["splits"] = splits
+    manifest["photo_splits"] = {k: [photos[i][0] for i in idx] for k, idx in groups.items()}
     with open(root / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
     counts = {k: len(list_images(d)) for k, d in dirs.items()}

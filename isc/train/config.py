@@ -20,6 +20,8 @@ STAGES = ("demo", "v83", "v86", "v98", "v107")
 # transform), v107 thirty random references that are nobody's positive.
 DEFAULT_NEGATIVES = {"demo": 0, "v83": 0, "v86": 0, "v98": 2, "v107": 30}
 NEGATIVE_STAGES = ("v98", "v107")
+SCHEDULES = ("constant", "linear", "cosine")
+HEAD_INITS = ("xavier", "pca")
 
 
 @dataclass
@@ -35,8 +37,12 @@ class TrainConfig:
     workers: int = 2
     # model
     backbone: str = "tf_efficientnetv2_m.in21k_ft_in1k"
-    pretrained: bool = False
+    # False, True (timm's own hub/cache loading) or a weights package's name (isc.models.packaged)
+    pretrained: bool | str = False
     weights_file: str | None = None
+    head_init: str = "xavier"  # xavier (the seed) | pca: the head starts as the PCA of the backbone's features
+    head_init_images: int = 512  # training images the PCA head is fitted on
+    freeze_blocks: int = 0  # backbone stem + this many leading blocks stay frozen (weights and BN stats)
     input_size: int = 256
     gem_p: float = 1.0
     gem_eval_p: float = 1.0
@@ -47,7 +53,8 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     wd: float = 1e-6
-    schedule: str = "constant"
+    schedule: str = "constant"  # constant (v83, v86) | linear (v98, v107: lr * (1 - e / epochs)) | cosine
+    warmup_steps: int = 0  # linear lr warm-up over the first optimizer steps of this stage
     batch_size: int = 128  # global, split across ranks
     amp: str = "auto"
     seed: int = 0
@@ -95,6 +102,15 @@ def _coerce(name: str, value: Any) -> Any:
             return None
         raise ConfigError(name, "must not be empty")
     try:
+        if name == "pretrained":  # a boolean, or the name of a weights package
+            text = str(value).strip()
+            if isinstance(value, bool) or text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value if isinstance(value, bool) else text.lower() in ("1", "true", "yes", "on")
+            from isc.models.packaged import PACKAGES, is_packaged
+
+            if not is_packaged(text):
+                raise ValueError(f"true, false or a weights package ({', '.join(PACKAGES)}), got '{value}'")
+            return text.lower().replace("_", "-")
         if ftype.startswith("bool"):
             if isinstance(value, bool):
                 return value
@@ -165,6 +181,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``--overrides`` / the main job's ``overrides``: a YAML (or JSON) mapping of training options."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("overrides", f"not YAML/JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError("overrides", f"expected a mapping of option: value, got {text!r}")
+    unknown = sorted(str(k) for k in value if str(k).replace("-", "_") not in FIELDS)
+    if unknown:
+        raise ConfigError("overrides", f"unknown training option(s): {', '.join(unknown)}")
+    return value
+
+
 def load_config(path_or_name: str | Path | None = "demo", base: TrainConfig | None = None,
                 **overrides: Any) -> TrainConfig:
     """Build a :class:`TrainConfig` from a packaged config name or YAML path plus keyword overrides.
@@ -191,11 +223,15 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     from isc.models.iscnet import check_backbone
 
     _check(cfg.stage in STAGES, "stage", f"unknown stage '{cfg.stage}' (one of {', '.join(STAGES)})")
-    _check(cfg.epochs > 0, "epochs", f"must be > 0, got {cfg.epochs}")
+    _check(cfg.epochs >= 0, "epochs", f"must be >= 0 (0 = no fine-tuning: the starting model), got {cfg.epochs}")
     _check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
     _check(0 <= cfg.momentum < 1, "momentum", f"must be in [0, 1), got {cfg.momentum}")
     _check(cfg.wd >= 0, "wd", f"must be >= 0, got {cfg.wd}")
-    _check(cfg.schedule in ("constant", "cosine"), "schedule", f"constant or cosine, got '{cfg.schedule}'")
+    _check(cfg.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
+    _check(cfg.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+    _check(cfg.head_init in HEAD_INITS, "head_init", f"one of {', '.join(HEAD_INITS)}, got '{cfg.head_init}'")
+    _check(cfg.head_init_images >= 2, "head_init_images", f"must be >= 2, got {cfg.head_init_images}")
+    _check(cfg.freeze_blocks >= 0, "freeze_blocks", f"must be >= 0, got {cfg.freeze_blocks}")
     _check(cfg.amp in ("auto", "true", "false", "on", "off"), "amp", f"auto, true or false, got '{cfg.amp}'")
     _check(cfg.input_size > 0, "input_size", f"must be > 0, got {cfg.input_size}")
     _check(cfg.sample_size > 0, "sample_size", f"must be > 0, got {cfg.sample_size}")
@@ -214,6 +250,10 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
     _check(cfg.batch_size % world_size == 0, "batch_size",
            f"global batch {cfg.batch_size} does not split evenly over {world_size} processes")
+    # BatchNorm1d over one item's views forces them apart: the loss sits at its margin and nothing is learnt
+    _check(cfg.batch_size // world_size >= 2, "batch_size",
+           f"needs at least 2 items per process (BatchNorm over one item trains nothing), got "
+           f"{cfg.batch_size} over {world_size} process(es)")
     _check(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     _check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")

@@ -3,7 +3,7 @@
 Every item is ``(images [k, 3, s, s] float, labels [k] int64, skipped: list[str])``:
 
 * ``views`` (demo, v83, v86): training image ``i`` -> ``ncrops`` views (1 moderate + hard), labels ``i``;
-* ``views`` + negatives (v98): plus ``num_negatives`` random reference images (moderate transform),
+* ``views`` + negatives (v98): plus ``num_negatives`` random reference images (plain resize, as v98.py),
   labels ``NEGATIVE_LABEL_OFFSET + reference index``;
 * ``pairs`` (v107): positive pair ``i`` of a ground-truth CSV -> (query, reference), labels ``i``, plus
   ``num_negatives`` random references that are nobody's positive. As in the seed, v107 uses the plain

@@ -31,6 +31,7 @@ from isc.fileutil import atomic_path
 from isc.losses import XBMContrastiveLoss
 from isc.models import create_model, load_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
 from isc.models.checkpoint import CheckpointError, checkpoint_name, checkpoint_order, set_rng_state
+from isc.models.head import freeze_leading_blocks, init_head_pca, keep_frozen_in_eval, pooled_features
 from isc.train import distributed as ddp
 from isc.train.config import TrainConfig, resolve_pairs_path, validate_config
 from isc.train.datasets import (
@@ -73,11 +74,19 @@ def _amp_enabled(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.amp == "auto" and device.type == "cuda"
 
 
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Constant lr (the seed's choice: its cosine adjust call is commented out) or per-epoch cosine."""
+def lr_at(cfg: TrainConfig, epoch: int, step: int | None = None) -> float:
+    """The lr of ``epoch`` (0-based): constant (v83, v86: their adjust call is commented out), linear
+    decay ``lr * (1 - epoch / epochs)`` set each epoch (v98, v107's ``adjust_learning_rate``), or cosine.
+    ``step`` (optimizer steps done in this stage) applies the linear warm-up of ``warmup_steps``."""
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
-    return cfg.lr
+        lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    elif cfg.schedule == "linear":
+        lr = cfg.lr * (1.0 - epoch / cfg.epochs)
+    else:
+        lr = cfg.lr
+    if step is not None and cfg.warmup_steps and step < cfg.warmup_steps:
+        lr *= (step + 1) / cfg.warmup_steps
+    return lr
 
 
 def param_groups(model: torch.nn.Module, wd: float) -> list[dict[str, Any]]:
@@ -97,7 +106,7 @@ def _resolve_on_primary(info: ddp.DistInfo, param: str, ref: str | None) -> Path
     result: tuple[str | None, str | None] = (None, None)
     if info.primary:
         try:
-            result = (str(resolve_checkpoint(ref)), None)
+            result = (str(resolve_checkpoint(ref, full_state=param == "resume_from")), None)
         except ConfigError as exc:  # resolve_checkpoint names the generic 'model' parameter: rename it
             text = str(exc)
             result = (None, text[len(exc.param) + 2:] if text.startswith(f"{exc.param}: ") else text)
@@ -134,11 +143,34 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float]) -> tupl
         neg_transform = None
         if cfg.negatives:
             negatives = [p for _, p in data.images("reference")]
-            neg_transform = augment.build_moderate_transform(cfg.input_size, mean, std)
+            # v98.py: the reference negatives get the plain Resize((s, s)) + Normalize, no random view
+            neg_transform = augment.build_eval_transform(cfg.input_size, mean, std)
         ds = ViewsDataset(paths, transform, cfg.seed, negatives, cfg.negatives, neg_transform)
     facts["n_items"] = len(ds)
     facts["n_negative_pool"] = len(negatives)
     return ds, facts
+
+
+def _init_head_pca(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    """Fit the PCA head on the plain views of the first ``head_init_images`` training images."""
+    from isc.data import augment
+    from isc.data.disc21 import DISC21
+    from isc.data.images import load_image
+
+    data = DISC21(cfg.data)
+    if cfg.stage == "v107":
+        paths = [p for _, p in data.images("reference", limit=cfg.head_init_images)]
+    else:
+        paths = [p for _, p in data.images("train", limit=cfg.head_init_images)]
+    transform = augment.build_eval_transform(cfg.input_size, model.model_config["mean"], model.model_config["std"])
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(transform(load_image(path)))
+        except Exception as exc:  # noqa: BLE001 -- an unreadable image is skipped here as in training
+            log.warning("head_init: skipped %s (%s)", path, exc)
+    batches = (torch.stack(tensors[i:i + 32]) for i in range(0, len(tensors), 32))
+    return init_head_pca(model, pooled_features(model, batches, device))
 
 
 @contextlib.contextmanager
@@ -292,6 +324,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
         missing, unexpected = load_weights(model, init_path)
         init_report = {"init_missing_keys": len(missing), "init_unexpected_keys": len(unexpected)}
     model.to(device)
+    if resume is None and init_path is None and cfg.head_init == "pca":
+        init_report.update(_init_head_pca(cfg, model, device))
+    freeze_leading_blocks(model, cfg.freeze_blocks)
     criterion = XBMContrastiveLoss(cfg.pos_margin, cfg.neg_margin, cfg.dim, cfg.memory_size).to(device)
     optimizer = torch.optim.SGD(param_groups(model, cfg.wd), lr=cfg.lr, momentum=cfg.momentum)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -311,7 +346,9 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
                                              f"configuration ({str(exc)[:300]})") from exc
         if amp and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
-        if resume.get("rng"):
+        # Crash recovery (same seed) continues the RNG streams; a new stage resumed from a finished one
+        # (stage 1b: seed 90 after 1a's seed 9) draws from its own seed, as the seed's --resume does.
+        if resume.get("rng") and int((resume.get("train_config") or {}).get("seed", cfg.seed)) == cfg.seed:
             set_rng_state(resume["rng"])
         start_epoch, start_step = int(resume["epoch"]), int(resume.get("step") or 0)
 
@@ -358,6 +395,11 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
             tracking.log_params(params)
             import mlflow
 
+            # which checkpoint this stage started from, as the user gave it (run id:N, runs:/ URI, path)
+            start = (("resume", cfg.resume_from) if cfg.resume_from else ("init", cfg.init_from) if cfg.init_from
+                     else ("pretrained", str(cfg.weights_file or cfg.pretrained)))
+            mlflow.set_tags({"isc.start_kind": start[0], "isc.start_checkpoint": start[1]})
+
             if "pairs_path" in facts:
                 mlflow.set_tag("isc.train_pairs", facts["pairs_path"])
             if init_report:
@@ -401,6 +443,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
+        keep_frozen_in_eval(net, cfg.freeze_blocks)
         sampler.set_epoch(epoch, first_step)  # EpochTaggedSampler hands the epoch to the dataset's items
         loss_sum, loss_n, window_sum, window_n = 0.0, 0, 0.0, 0
         bad_this_epoch: list[str] = []
@@ -418,6 +461,11 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
                 bad_this_epoch += new
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            stage_step = (epoch - start_epoch) * steps_per_epoch + step - start_step if cfg.warmup_steps else None
+            if stage_step is not None and stage_step <= cfg.warmup_steps:
+                lr = lr_at(cfg, epoch, stage_step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             with timer("forward"), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 embeddings = model(images)
             with timer("loss"):
