@@ -29,7 +29,7 @@ def _timeit(fn, repeat: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="demo", help="training config whose batch/model/bank are measured")
+    ap.add_argument("--config", default="demo_stage1", help="training config whose batch/model/bank are measured")
     ap.add_argument("--data", default="", help="DISC21-shaped dataset (default: build a tiny mini one)")
     ap.add_argument("--steps", type=int, default=8, help="training steps per timed run")
     ap.add_argument("--input-size", type=int, default=0, help="override the config's input size")

@@ -131,7 +131,7 @@ class TuneConfig:
     """Everything ``isc tune`` needs besides data, trial count, study name and storage."""
 
     search_space: dict[str, ParamSpec]
-    profile: str = "demo"  # base training profile (packaged name or YAML path)
+    profile: str = "demo_stage1"  # base training profile (packaged name or YAML path)
     epochs_per_trial: int = 2
     split: str = "val"
     ground_truth: str | None = None  # explicit validation GT file (default: ground_truth_<split>.csv)

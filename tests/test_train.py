@@ -117,10 +117,10 @@ def test_load_config_packaged_stages_match_the_recipe():
         "v107", 0.5, 16, 1000, 1.1, 99999)
     assert load_config("stage3").batch_size == 64 and load_config("stage2").input_size == 384
     assert load_config("stage1b").epochs == 10 and load_config("stage1b").seed == 90
-    demo = load_config("demo", epochs=1, **{"neg-margin": "0.9"})
+    demo = load_config("smoke", epochs=1, **{"neg-margin": "0.9"})
     assert demo.epochs == 1 and demo.neg_margin == 0.9
     with pytest.raises(ConfigError, match="lrr"):
-        load_config("demo", lrr=0.1)
+        load_config("smoke", lrr=0.1)
     with pytest.raises(ConfigError, match="config"):
         load_config("no_such_stage")
 

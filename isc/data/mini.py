@@ -23,7 +23,7 @@ So no two images of different pools share a pixel of the same photo (``mini_mani
 each image's photo and rectangle; the tests check pairwise non-overlap).
 
 Held-out means unseen photos: whole PHOTOS are dealt to the three query splits (train / val / test, about
-40 / 30 / 30 % of the area, largest photo first). A split's references, its distractor sources and its
+55 / 20 / 25 % of the area, largest photo first). A split's references, its distractor sources and its
 queries are cut from its own photos only; training images and overlay partners come only from the train
 split's photos. So no training image (and no stage-4 training pair) shares a photo with a val or test
 query or its reference: the val and test numbers measure copies of new images. All references form one
@@ -72,7 +72,9 @@ MANIFEST = "mini_manifest.json"
 MIN_TILE_SIDE = 32  # px (in the working copy): thinner leaves are dropped
 MIN_TILE_STD = 8.0  # grey-level std below which a leaf counts as flat (black sky, white page margin)
 WORKING_LONG_SIDE = 2048  # photos larger than this are downscaled before tiling (bounds memory)
-SPLIT_FRACTIONS = {"train": 0.4, "val": 0.3, "test": 0.3}
+SPLIT_FRACTIONS = {"train": 0.4, "val": 0.3, "test": 0.3}  # of the queries and references
+# of the photos' area: the train photos also yield every training image, so they get the larger share
+PHOTO_SHARES = {"train": 0.55, "val": 0.2, "test": 0.25}
 
 # scikit-image's bundled real photographs, read straight from its data folder (no loader call, so
 # nothing ever reaches for pooch or the network). Synthetic images (checkerboard, blobs, phantom, colour
@@ -120,7 +122,7 @@ SIZES: dict[str, MiniSpec] = {
         n_references=64, n_queries=40, n_train=64, long_side=160, distractor_fraction=0.35, n_partners=8
     ),
     "default": MiniSpec(
-        n_references=400, n_queries=300, n_train=500, long_side=256, distractor_fraction=0.35, n_partners=16
+        n_references=400, n_queries=300, n_train=400, long_side=256, distractor_fraction=0.35, n_partners=16
     ),
 }
 
@@ -481,7 +483,7 @@ def make_mini(
 
 
 def assign_photo_groups(photos: Sequence[tuple[str, Image.Image]], rng: random.Random) -> dict[str, list[int]]:
-    """Deal whole photos to the query splits (train / val / test), about in ``SPLIT_FRACTIONS`` of area.
+    """Deal whole photos to the query splits (train / val / test), about in ``PHOTO_SHARES`` of area.
 
     Why: a held-out query must be a copy of a photo the model never saw a piece of. Every tile of a
     photo goes to one split's pools, and training images come only from the train split's photos.
@@ -501,7 +503,7 @@ def assign_photo_groups(photos: Sequence[tuple[str, Image.Image]], rng: random.R
         if empty and left <= len(empty):  # the last photos go to splits that have none yet
             split = empty[0]
         else:
-            split = min(SPLIT_FRACTIONS, key=lambda k: area[k] / SPLIT_FRACTIONS[k])
+            split = min(PHOTO_SHARES, key=lambda k: area[k] / PHOTO_SHARES[k])
         groups[split].append(i)
         area[split] += photos[i][1].width * photos[i][1].height
     return groups

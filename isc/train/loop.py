@@ -411,8 +411,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
     if info.primary and resume is not None and summary_path.is_file():
         with open(summary_path, newline="") as f:
             summary_rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < start_epoch]
-    if info.primary and run is not None and resume is not None:
-        _log_missing_epoch_metrics(run_id, resume, start_epoch, start_step)
+    if info.primary and run is not None and resume is not None and resume.get("mlflow_run_id") == run_id:
+        _log_missing_epoch_metrics(run_id, resume, start_epoch, start_step)  # crash recovery, same run only
     epoch_metrics: dict[str, float] = {}
     bad_seen: set[str] = set()
     images_per_rank_step = per_rank * cfg.images_per_item
