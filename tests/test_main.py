@@ -86,3 +86,52 @@ def test_champion_line_says_where_the_champion_was_chosen_or_why_it_was_kept(tmp
     kept = _champion_line({**champ, "gt_path": "/old/gt.csv", "gt_fingerprint": "0" * 64}, "m", val, test)
     assert "(kept from before)" in kept and "scored on /old/gt.csv" in kept and f"--ground-truth {val} --force" in kept
     assert _champion_line(None, "m", val, test) == "champion: none registered for 'm'"
+
+
+# The full profile at a tiny scale: the same driver path and stage configs (the seed's epochs, schedules and
+# hand-off checkpoints), only sizes and the backbone overridden; one step per epoch.
+TINY_FULL = {"backbone": "test_efficientnet", "pretrained": False, "input_size": 32, "batch_size": 4,
+             "memory_size": 256, "num_negatives": 2, "max_steps_per_epoch": 1, "workers": 0, "amp": "false",
+             "log_every_steps": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_full_profile_chain_hands_on_the_seeds_checkpoints(tracking, mini_data):
+    import json
+
+    from isc.tracking import get_or_create_experiment
+
+    params = {"data": str(mini_data.root), "profile": "full", "n_trials": 0, "overrides": json.dumps(TINY_FULL)}
+    exp = get_or_create_experiment("main-full")
+    run = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp, env_manager="local",
+                     synchronous=True)
+    client = MlflowClient()
+    tags = client.get_run(run.run_id).data.tags
+    stages = ["stage0", "stage1", "stage1b", "stage2", "stage3", "stage4"]
+    train = {s: client.get_run(tags[f"isc.step_run.train_{s}"]) for s in stages}
+    ids = {s: r.info.run_id for s, r in train.items()}
+    start = {s: (r.data.tags["isc.start_kind"], r.data.tags["isc.start_checkpoint"]) for s, r in train.items()}
+    assert start["stage0"][0] == start["stage1"][0] == "pretrained"
+    assert start["stage1b"] == ("resume", f"{ids['stage1']}:4")
+    assert start["stage2"] == ("init", f"{ids['stage1b']}:5")
+    assert start["stage3"] == ("init", f"{ids['stage2']}:5")
+    assert start["stage4"] == ("init", f"{ids['stage3']}:1")
+    assert train["stage1b"].data.params["resumed_from_checkpoint"].endswith("checkpoint_0004.pth.tar")
+    assert train["stage2"].data.params["init_checkpoint"].endswith("checkpoint_0005.pth.tar")
+
+    def epochs(stage: str, metric: str = "epoch_lr") -> list[tuple[int, float]]:
+        return [(m.step, round(m.value, 6)) for m in client.get_metric_history(ids[stage], metric)]
+
+    assert epochs("stage0") == []  # no fine-tuning: the starting model itself
+    assert [s for s, _ in epochs("stage1")] == [0, 1, 2, 3, 4]
+    assert [s for s, _ in epochs("stage1b")] == [5, 6, 7, 8, 9]  # 1b continues 1a's epochs to 10
+    assert {v for _, v in epochs("stage2")} == {0.1}  # v86: constant
+    assert epochs("stage3") == [(0, 0.1), (1, round(0.1 * 2 / 3, 6)), (2, round(0.1 / 3, 6))]  # v98: linear
+    assert epochs("stage4") == [(e, round(0.5 * (1 - e / 10), 6)) for e in range(10)]  # v107: linear from 0.5
+    summary = mlflow.artifacts.load_text(f"runs:/{run.run_id}/summary/summary.txt")
+    assert "stage0 (stage1, no fine-tuning)" in summary and "resume stage1 checkpoint_0004" in summary
+    assert "init stage3 checkpoint_0001" in summary
+    # stage 0 is offered to promotion like every stage: the champion is one of the six
+    champion = client.get_model_version_by_alias("isc-descriptor", "champion")
+    assert champion.tags["isc.model_ref"] in ids.values()
