@@ -46,9 +46,15 @@ log = logging.getLogger(__name__)
 SET_NAMES = {"q": "query", "r": "reference", "t": "train"}
 DESCRIPTORS_FILE = "descriptors.h5"
 TRAIN_FILE = "train_descriptors.h5"
-# Test-time augmentation (v107 --tta): the model on the image, its horizontal flip, and the image
-# rescaled by these factors; the sum is re-normalised. The scale factors are our choice.
-TTA_SCALES = (0.75, 1.25)
+# Test-time augmentation (v107 --tta): the image is loaded at sqrt(2) x the input size, then the model runs
+# at input / sqrt(2), input and input x sqrt(2), each with and without a horizontal flip (6 passes); the
+# sum is L2-normalised.
+TTA_SCALES = (2 ** -0.5, 1.0, 2 ** 0.5)
+
+
+def tta_load_size(input_size: int) -> int:
+    """The side images are loaded at for TTA: sqrt(2) x the input size (v107's largest scale)."""
+    return int(round(input_size * 2 ** 0.5))
 H5_CHUNK_ROWS = 1024
 
 
@@ -129,21 +135,24 @@ def describe_tensors(model: torch.nn.Module, batch: torch.Tensor, tta: bool = Fa
 
     batch: [B, 3, s, s] float tensor, already resized and normalised. Returns [B, d] float32 numpy,
     L2-normalised rows. Runs on the model's device (AMP on CUDA) in eval mode under inference_mode.
-    With ``tta`` the descriptor is the normalised sum over the image, its flip and :data:`TTA_SCALES`.
+    With ``tta`` the batch is at :func:`tta_load_size` (sqrt(2) x the input size) and the descriptor is the
+    normalised sum of 6 passes: :data:`TTA_SCALES` x the input size, each with and without a flip.
     """
     if batch.ndim != 4 or batch.shape[1] != 3:
         raise ConfigError("batch", f"expected [B, 3, H, W] images, got shape {tuple(batch.shape)}")
     device = _model_device(model)
     with _eval_mode(model), torch.inference_mode():
         x = batch.to(device, non_blocking=True).float()
-        out = _forward(model, x, device)
-        if tta:
-            out = out + _forward(model, torch.flip(x, dims=[3]), device)
-            size = x.shape[-1]
+        if not tta:
+            out = _forward(model, x, device)
+        else:
+            base = x.shape[-1] / 2 ** 0.5  # the input size the batch was loaded for
+            out = 0
             for scale in TTA_SCALES:
-                side = max(8, int(round(size * scale)))
-                xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-                out = out + _forward(model, xs, device)
+                side = max(8, int(round(base * scale)))
+                xs = x if side == x.shape[-1] else F.interpolate(
+                    x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+                out = out + _forward(model, xs, device) + _forward(model, torch.flip(xs, dims=[3]), device)
             out = F.normalize(out, p=2, dim=1)
         return out.cpu().numpy().astype(np.float32, copy=False)
 
@@ -242,7 +251,7 @@ def describe_images(
     if device is not None:
         model.to(resolve_device(device))
     size = resolve_input_size(model, input_size)
-    transform = eval_transform_for(model, size)
+    transform = eval_transform_for(model, tta_load_size(size) if tta else size)
     dim = int(getattr(model, "model_config", {}).get("dim", 0)) or None
     rows: list[np.ndarray] = []
     bad: list[BadImageError] = []
@@ -350,7 +359,7 @@ def extract_descriptors(
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    transform = eval_transform_for(model, size)
+    transform = eval_transform_for(model, tta_load_size(size) if tta else size)
     dim = int(getattr(model, "model_config", {}).get("dim", 0)) or _probe_dim(model, size)
     out_dir = Path(out_dir)
     result = ExtractionResult(input_size=size, dim=dim, device=str(dev))

@@ -100,14 +100,20 @@ def test_extraction_uses_eval_mode_and_restores_the_callers_mode(model):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_tta_is_the_normalised_sum_of_the_views(model):
-    x = torch.rand(3, 3, SIZE, SIZE)
+def test_tta_is_the_seeds_six_passes_three_scales_with_and_without_flip(model):
+    """v107 --tta: images loaded at sqrt(2) x s; passes at s / sqrt(2), s and s x sqrt(2), each flipped too."""
+    from isc.extract import tta_load_size
+
+    assert tta_load_size(SIZE) == round(SIZE * 2 ** 0.5)
+    x = torch.rand(3, 3, tta_load_size(SIZE), tta_load_size(SIZE))
     got = describe_tensors(model, x, tta=True)
     with torch.inference_mode():
-        views = [x, torch.flip(x, dims=[3])]
-        views += [
-            torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=True) for s in (36, 60)
-        ]
+        views = []
+        for side in (round(SIZE / 2 ** 0.5), SIZE, tta_load_size(SIZE)):
+            xs = x if side == x.shape[-1] else torch.nn.functional.interpolate(
+                x, size=(side, side), mode="bilinear", antialias=True)
+            views += [xs, torch.flip(xs, dims=[3])]
+        assert len(views) == 6
         want = torch.nn.functional.normalize(sum(model(v) for v in views), dim=1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert not np.allclose(got, describe_tensors(model, x), atol=1e-3)
