@@ -101,7 +101,7 @@ def test_profiles_hand_on_the_seeds_checkpoints(profile):
     assert start_reference(stages["stage1b"], runs) == "a" * 32 + ":4"
     assert start_reference(stages["stage2"], runs) == "b" * 32 + ":5"
     # the demo keeps the seed's epoch counts, so the same checkpoint indices exist
-    for s, _, source, idx in HANDOFFS:
+    for _, _, source, idx in HANDOFFS:
         assert idx < load_config(stages[source].config.split("/")[-1][:-5]).epochs
 
 

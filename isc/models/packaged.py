@@ -56,7 +56,7 @@ def architecture(package: str) -> str:
     return PACKAGES[package.strip().lower().replace("_", "-")][2]
 
 
-def remap(source: "OrderedDict[str, torch.Tensor]", target: dict[str, torch.Tensor], package: str
+def remap(source: OrderedDict[str, torch.Tensor], target: dict[str, torch.Tensor], package: str
           ) -> dict[str, torch.Tensor]:
     """Map the package's tensors onto ``target``'s keys by position, checking every shape.
 

@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     max_steps_per_epoch: int = 0  # 0 = the whole epoch
     # loss
+    loss: str = "xbm_contrastive"  # see isc.losses.LOSSES
     ncrops: int = 2
     pos_margin: float = 0.0
     neg_margin: float = 1.0
@@ -247,6 +248,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.num_negatives is None or cfg.num_negatives >= 0, "num_negatives",
            f"must be >= 0, got {cfg.num_negatives}")
     _check(cfg.memory_size > 0, "memory_size", f"must be > 0, got {cfg.memory_size}")
+    from isc.losses import LOSSES
+
+    _check(cfg.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}, got '{cfg.loss}'")
     _check(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
     _check(cfg.batch_size % world_size == 0, "batch_size",
            f"global batch {cfg.batch_size} does not split evenly over {world_size} processes")

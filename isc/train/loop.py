@@ -28,7 +28,7 @@ from tqdm import tqdm
 from isc import tracking
 from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path
-from isc.losses import XBMContrastiveLoss
+from isc.losses import XBMContrastiveLoss, build_loss
 from isc.models import create_model, load_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
 from isc.models.checkpoint import CheckpointError, checkpoint_name, checkpoint_order, set_rng_state
 from isc.models.head import freeze_leading_blocks, init_head_pca, keep_frozen_in_eval, pooled_features
@@ -304,257 +304,357 @@ def train(cfg: TrainConfig, epoch_callback: EpochCallback | None = None) -> Trai
 
 def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, resume_path: Path | None,
            init_path: Path | None, epoch_callback: EpochCallback | None) -> TrainResult:
-    device = info.device
+    """Setup -> restore -> (run one epoch -> end of epoch)* -> final model. Each part is a function below."""
+    _seed(cfg, info.device)
+    parts = _setup(cfg, info, resume is not None or init_path is not None, init_path)
+    if resume is not None:
+        _restore(cfg, parts, resume, resume_path)
+    data = _data(cfg, info, parts.net)
+    stage = _Stage(cfg, info, parts, data, run, resume_path, epoch_callback)
+    stage.begin(resume, init_path)
+    for epoch in range(parts.start_epoch, cfg.epochs):
+        first_step = parts.start_step if epoch == parts.start_epoch else 0
+        if first_step >= data.steps_per_epoch:
+            continue
+        metrics = stage.run_epoch(epoch, first_step)
+        if stage.end_epoch(epoch, metrics):  # the epoch callback asked to stop (e.g. a pruned trial)
+            return stage.result(epoch + 1, final=False)
+    return stage.finish()
+
+
+def _seed(cfg: TrainConfig, device: torch.device) -> None:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    amp = _amp_enabled(cfg, device)
 
+
+@dataclass
+class _Parts:
+    """What one stage trains: the (maybe DDP-wrapped) model, the bare network, loss, optimizer, AMP scaler."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    amp: bool
+    start_epoch: int = 0
+    start_step: int = 0
+    init_report: dict[str, float] = field(default_factory=dict)
+
+
+def _setup(cfg: TrainConfig, info: ddp.DistInfo, weights_given: bool, init_path: Path | None) -> _Parts:
+    """Build the network (pretrained / init weights / PCA head / frozen blocks), loss, optimizer, scaler."""
+    device = info.device
+    amp = _amp_enabled(cfg, device)
     # Pretrained backbone weights are pointless (and may need the network) when the whole network is
     # about to be overwritten by a resumed checkpoint or a previous stage's weights.
-    pretrained: bool | str = False
-    if resume is None and init_path is None:
-        pretrained = cfg.weights_file or cfg.pretrained
+    pretrained = False if weights_given else (cfg.weights_file or cfg.pretrained)
     model = create_model(cfg.backbone, pretrained=pretrained, gem_p=cfg.gem_p, gem_eval_p=cfg.gem_eval_p,
                          dim=cfg.dim, input_size=cfg.input_size)
-    init_report: dict[str, Any] = {}
+    report: dict[str, float] = {}
     if init_path is not None:
         missing, unexpected = load_weights(model, init_path)
-        init_report = {"init_missing_keys": len(missing), "init_unexpected_keys": len(unexpected)}
+        report = {"init_missing_keys": len(missing), "init_unexpected_keys": len(unexpected)}
     model.to(device)
-    if resume is None and init_path is None and cfg.head_init == "pca":
-        init_report.update(_init_head_pca(cfg, model, device))
+    if not weights_given and cfg.head_init == "pca":
+        report.update(_init_head_pca(cfg, model, device))
     freeze_leading_blocks(model, cfg.freeze_blocks)
-    criterion = XBMContrastiveLoss(cfg.pos_margin, cfg.neg_margin, cfg.dim, cfg.memory_size).to(device)
+    criterion = build_loss(cfg).to(device)
     optimizer = torch.optim.SGD(param_groups(model, cfg.wd), lr=cfg.lr, momentum=cfg.momentum)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-
-    start_epoch, start_step = 0, 0
-    if resume is not None:
-        try:
-            model.load_state_dict(resume["state_dict"], strict=True)
-        except RuntimeError as exc:
-            raise ConfigError("resume_from", f"{resume_path}: weights do not fit --backbone "
-                                             f"{cfg.backbone}: {str(exc)[:400]}") from exc
-        try:
-            optimizer.load_state_dict(resume["optimizer"])
-            criterion.load_state_dict(resume["xbm"])
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise ConfigError("resume_from", f"{resume_path}: optimizer/memory state does not fit this "
-                                             f"configuration ({str(exc)[:300]})") from exc
-        if amp and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        # Crash recovery (same seed) continues the RNG streams; a new stage resumed from a finished one
-        # (stage 1b: seed 90 after 1a's seed 9) draws from its own seed, as the seed's --resume does.
-        if resume.get("rng") and int((resume.get("train_config") or {}).get("seed", cfg.seed)) == cfg.seed:
-            set_rng_state(resume["rng"])
-        start_epoch, start_step = int(resume["epoch"]), int(resume.get("step") or 0)
-
     net = model
     if info.distributed:
         if device.type == "cuda":
             from timm.layers import convert_sync_batchnorm
 
-            model = convert_sync_batchnorm(model)
-            net = model
+            model = net = convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Parts(model, net, criterion, optimizer, scaler, amp, init_report=report)
 
+
+def _restore(cfg: TrainConfig, parts: _Parts, resume: dict, resume_path: Path | None) -> None:
+    """Full state of a checkpoint: weights, optimizer, memory bank, scaler, RNG, epoch and step."""
+    try:
+        parts.net.load_state_dict(resume["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ConfigError("resume_from", f"{resume_path}: weights do not fit --backbone "
+                                         f"{cfg.backbone}: {str(exc)[:400]}") from exc
+    try:
+        parts.optimizer.load_state_dict(resume["optimizer"])
+        parts.criterion.load_state_dict(resume["xbm"])
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ConfigError("resume_from", f"{resume_path}: optimizer/memory state does not fit this "
+                                         f"configuration ({str(exc)[:300]})") from exc
+    if parts.amp and resume.get("scaler"):
+        parts.scaler.load_state_dict(resume["scaler"])
+    # Crash recovery (same seed) continues the RNG streams; a new stage resumed from a finished one
+    # (stage 1b: seed 90 after 1a's seed 9) draws from its own seed, as the seed's --resume does.
+    if resume.get("rng") and int((resume.get("train_config") or {}).get("seed", cfg.seed)) == cfg.seed:
+        set_rng_state(resume["rng"])
+    parts.start_epoch, parts.start_step = int(resume["epoch"]), int(resume.get("step") or 0)
+
+
+@dataclass
+class _Data:
+    dataset: torch.utils.data.Dataset
+    facts: dict[str, Any]
+    sampler: ResumableShuffleSampler
+    loader: DataLoader
+    per_rank: int
+    steps_per_epoch: int
+
+
+def _data(cfg: TrainConfig, info: ddp.DistInfo, net: torch.nn.Module) -> _Data:
+    """The stage's dataset, its resumable per-rank sampler and the DataLoader (workers persist)."""
     dataset, facts = build_dataset(cfg, net.model_config["mean"], net.model_config["std"])
     per_rank = cfg.batch_size // info.world_size
     sampler = ResumableShuffleSampler(len(dataset), per_rank, cfg.seed, info.rank, info.world_size)
-    steps_per_epoch = sampler.batches_per_epoch
+    steps = sampler.batches_per_epoch
     if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    if steps_per_epoch == 0:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if steps == 0:
         raise ConfigError("batch_size", f"global batch {cfg.batch_size} is larger than the {len(dataset)} "
                                         f"training items ({info.world_size} process(es), drop_last)")
     loader = DataLoader(dataset, batch_size=per_rank, sampler=EpochTaggedSampler(sampler), num_workers=cfg.workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
+                        collate_fn=collate, pin_memory=info.device.type == "cuda", drop_last=True,
                         persistent_workers=cfg.workers > 0)
+    return _Data(dataset, facts, sampler, loader, per_rank, steps)
 
-    run_id = run.info.run_id if run is not None else None
-    out_default = tracking.project_root() / "outputs" / "train" / (run_id or time.strftime("%Y%m%d-%H%M%S"))
-    out_dir = Path(ddp.broadcast_object(info, str(Path(cfg.output_dir) if cfg.output_dir else out_default)))
-    ckpt_dir = out_dir / "checkpoints"
-    if info.primary:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    timer = _Timer(device)
-    if run is not None:
-        with timer("mlflow"):
-            params = {k: v for k, v in cfg.to_dict().items() if k not in ("tags",)}
-            params.update(world_size=info.world_size, per_rank_batch=per_rank, steps_per_epoch=steps_per_epoch,
-                          num_negatives=cfg.negatives, images_per_step=cfg.batch_size * cfg.images_per_item,
-                          device=str(device), amp=amp, output_dir=str(out_dir), **facts)
-            if resume_path:
-                params["resumed_from_checkpoint"] = str(resume_path)
-            if init_path:
-                params["init_checkpoint"] = str(init_path)
+
+class EpochListener:
+    """What the loop tells the outside world. The base class does nothing (non-primary ranks, no run)."""
+
+    def on_start(self, params: dict[str, Any], tags: dict[str, str], metrics: dict[str, float]) -> None: ...
+    def on_steps(self, metrics: dict[str, float], step: int) -> None: ...
+    def on_checkpoint(self, path: Path) -> None: ...
+    def on_epoch(self, metrics: dict[str, float], epoch: int, summary_path: Path | None) -> None: ...
+    def on_final(self, path: Path) -> None: ...
+
+
+class MlflowListener(EpochListener):
+    """Logs to the active MLflow run (rank 0), timed as the "mlflow" phase."""
+
+    def __init__(self, cfg: TrainConfig, timer: _Timer):
+        self.cfg, self.timer = cfg, timer
+
+    def on_start(self, params, tags, metrics):
+        import mlflow
+
+        with self.timer("mlflow"):
             tracking.log_params(params)
-            import mlflow
+            mlflow.set_tags(tags)
+            if metrics:
+                tracking.log_metrics(metrics, step=0)
 
-            # which checkpoint this stage started from, as the user gave it (run id:N, runs:/ URI, path)
-            start = (("resume", cfg.resume_from) if cfg.resume_from else ("init", cfg.init_from) if cfg.init_from
-                     else ("pretrained", str(cfg.weights_file or cfg.pretrained)))
-            mlflow.set_tags({"isc.start_kind": start[0], "isc.start_checkpoint": start[1]})
+    def on_steps(self, metrics, step):
+        with self.timer("mlflow"):
+            tracking.log_metrics(metrics, step=step)
 
-            if "pairs_path" in facts:
-                mlflow.set_tag("isc.train_pairs", facts["pairs_path"])
-            if init_report:
-                tracking.log_metrics(init_report, step=0)
+    def on_checkpoint(self, path):
+        if self.cfg.log_checkpoints:
+            with self.timer("mlflow"):
+                tracking.log_artifact(path, "checkpoints")
 
-    last_ckpt: Path | None = resume_path
-    summary_rows: list[dict[str, Any]] = []
-    summary_path = out_dir / "summary.csv"
-    if info.primary and resume is not None and summary_path.is_file():
-        with open(summary_path, newline="") as f:
-            summary_rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < start_epoch]
-    if info.primary and run is not None and resume is not None and resume.get("mlflow_run_id") == run_id:
-        _log_missing_epoch_metrics(run_id, resume, start_epoch, start_step)  # crash recovery, same run only
-    epoch_metrics: dict[str, float] = {}
-    bad_seen: set[str] = set()
-    images_per_rank_step = per_rank * cfg.images_per_item
-    epoch = start_epoch
+    def on_epoch(self, metrics, epoch, summary_path):
+        with self.timer("mlflow"):
+            tracking.log_metrics(metrics, step=epoch)
+            if summary_path is not None:
+                tracking.log_artifact(summary_path)
 
-    def save(epoch_done: int, step: int, name: str, metrics: dict[str, float]) -> Path | None:
-        """Checkpoint on rank 0 (atomic), upload, prune; every rank waits at the barrier."""
-        nonlocal last_ckpt
-        ddp.barrier(info)
-        path = None
+    def on_final(self, path):
+        with self.timer("mlflow"):
+            tracking.log_artifact(path, "model")
+
+
+class _Stage:
+    """One stage's loop state: output folders, the listener, checkpoints written, the per-epoch summary."""
+
+    def __init__(self, cfg: TrainConfig, info: ddp.DistInfo, parts: _Parts, data: _Data, run: Any,
+                 resume_path: Path | None, epoch_callback: EpochCallback | None):
+        self.cfg, self.info, self.parts, self.data = cfg, info, parts, data
+        self.run_id = run.info.run_id if run is not None else None
+        self.resume_path, self.callback = resume_path, epoch_callback
+        out_default = tracking.project_root() / "outputs" / "train" / (self.run_id or time.strftime("%Y%m%d-%H%M%S"))
+        self.out_dir = Path(ddp.broadcast_object(info, str(Path(cfg.output_dir) if cfg.output_dir else out_default)))
+        self.ckpt_dir = self.out_dir / "checkpoints"
         if info.primary:
-            path = save_checkpoint(ckpt_dir / name, model, epoch=epoch_done, step=step, optimizer=optimizer,
-                                   scaler=scaler, xbm=criterion.state_dict(), train_config=cfg,
-                                   mlflow_run_id=run_id, metrics=metrics)
-            last_ckpt = path
-            if run is not None and cfg.log_checkpoints:
-                with timer("mlflow"):
-                    tracking.log_artifact(path, "checkpoints")
-            _prune(ckpt_dir, cfg.keep_checkpoints, protect=resume_path)
-        ddp.barrier(info)
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.timer = _Timer(info.device)
+        self.listener = MlflowListener(cfg, self.timer) if run is not None else EpochListener()
+        self.last_ckpt: Path | None = resume_path
+        self.summary_path = self.out_dir / "summary.csv"
+        self.summary_rows: list[dict[str, Any]] = []
+        self.bad_seen: set[str] = set()
+        self.epoch_metrics: dict[str, float] = {}
+
+    def begin(self, resume: dict | None, init_path: Path | None) -> None:
+        """Log the stage's parameters and where it started; pick up the summary of a resumed run."""
+        cfg, data, parts = self.cfg, self.data, self.parts
+        params = {k: v for k, v in cfg.to_dict().items() if k not in ("tags",)}
+        params.update(world_size=self.info.world_size, per_rank_batch=data.per_rank,
+                      steps_per_epoch=data.steps_per_epoch, num_negatives=cfg.negatives,
+                      images_per_step=cfg.batch_size * cfg.images_per_item, device=str(self.info.device),
+                      amp=parts.amp, output_dir=str(self.out_dir), **data.facts)
+        if self.resume_path:
+            params["resumed_from_checkpoint"] = str(self.resume_path)
+        if init_path:
+            params["init_checkpoint"] = str(init_path)
+        # which checkpoint this stage started from, as the user gave it (<run id>:N, runs:/ URI, path)
+        kind, ref = (("resume", cfg.resume_from) if cfg.resume_from else ("init", cfg.init_from) if cfg.init_from
+                     else ("pretrained", str(cfg.weights_file or cfg.pretrained)))
+        tags = {"isc.start_kind": kind, "isc.start_checkpoint": ref}
+        if "pairs_path" in data.facts:
+            tags["isc.train_pairs"] = data.facts["pairs_path"]
+        self.listener.on_start(params, tags, parts.init_report)
+        if not self.info.primary or resume is None:
+            return
+        if self.summary_path.is_file():
+            with open(self.summary_path, newline="") as f:
+                self.summary_rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < parts.start_epoch]
+        if self.run_id is not None and resume.get("mlflow_run_id") == self.run_id:  # crash recovery, same run
+            _log_missing_epoch_metrics(self.run_id, resume, parts.start_epoch, parts.start_step)
+
+    def save(self, epoch_done: int, step: int, name: str, metrics: dict[str, float]) -> Path | None:
+        """Checkpoint on rank 0 (atomic), upload, prune; every rank waits at the barrier."""
+        p = self.parts
+        ddp.barrier(self.info)
+        path = None
+        if self.info.primary:
+            path = save_checkpoint(self.ckpt_dir / name, p.model, epoch=epoch_done, step=step, optimizer=p.optimizer,
+                                   scaler=p.scaler, xbm=p.criterion.state_dict(), train_config=self.cfg,
+                                   mlflow_run_id=self.run_id, metrics=metrics)
+            self.last_ckpt = path
+            self.listener.on_checkpoint(path)
+            _prune(self.ckpt_dir, self.cfg.keep_checkpoints, protect=self.resume_path)
+        ddp.barrier(self.info)
         return path
 
-    for epoch in range(start_epoch, cfg.epochs):
-        first_step = start_step if epoch == start_epoch else 0
-        if first_step >= steps_per_epoch:
-            continue
-        lr = lr_at(cfg, epoch)
-        for group in optimizer.param_groups:
+    def _skipped(self, skipped: list[str], bad_this_epoch: list[str]) -> None:
+        new = sorted(set(skipped) - self.bad_seen)
+        if new:
+            log.warning("skipped %d unreadable training image(s): %s", len(new), ", ".join(new[:20]))
+        self.bad_seen.update(new)
+        bad_this_epoch += new
+
+    def _set_lr(self, lr: float) -> float:
+        for group in self.parts.optimizer.param_groups:
             group["lr"] = lr
-        model.train()
-        keep_frozen_in_eval(net, cfg.freeze_blocks)
-        sampler.set_epoch(epoch, first_step)  # EpochTaggedSampler hands the epoch to the dataset's items
+        return lr
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int) -> float:
+        """One optimizer step; the loss value (NaN/inf stops training, naming the last good checkpoint)."""
+        p, device, timer = self.parts, self.info.device, self.timer
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with timer("forward"), torch.autocast(device.type, dtype=torch.float16, enabled=p.amp):
+            embeddings = p.model(images)
+        with timer("loss"):
+            loss = p.criterion(embeddings, labels)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDivergedError(
+                f"loss is {value} at epoch {epoch} step {step}: training stopped; last good checkpoint: "
+                f"{self.last_ckpt or 'none (no checkpoint was written yet)'}")
+        with timer("backward"):
+            p.optimizer.zero_grad(set_to_none=True)
+            p.scaler.scale(loss * p.criterion.grad_scale).backward()
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+        return value
+
+    def run_epoch(self, epoch: int, first_step: int) -> dict[str, float]:
+        """Steps ``first_step..steps_per_epoch`` of ``epoch``; per-window metrics; mid-epoch checkpoints."""
+        cfg, info, p, d = self.cfg, self.info, self.parts, self.data
+        lr = self._set_lr(lr_at(cfg, epoch))
+        p.model.train()
+        keep_frozen_in_eval(p.net, cfg.freeze_blocks)
+        d.sampler.set_epoch(epoch, first_step)  # EpochTaggedSampler hands the epoch to the dataset's items
+        images_per_step = d.per_rank * cfg.images_per_item * info.world_size
         loss_sum, loss_n, window_sum, window_n = 0.0, 0, 0.0, 0
         bad_this_epoch: list[str] = []
-        t_epoch = time.perf_counter()
-        t_window = t_epoch
-        steps = range(first_step, steps_per_epoch)
-        bar = tqdm(zip(steps, loader, strict=False), total=len(steps), desc=f"epoch {epoch}", disable=not info.primary,
-                   leave=False)
+        t_epoch = t_window = time.perf_counter()
+        steps = range(first_step, d.steps_per_epoch)
+        bar = tqdm(zip(steps, d.loader, strict=False), total=len(steps), desc=f"epoch {epoch}",
+                   disable=not info.primary, leave=False)
         for step, (images, labels, skipped) in bar:
             if skipped:
-                new = sorted(set(skipped) - bad_seen)
-                if new:
-                    log.warning("skipped %d unreadable training image(s): %s", len(new), ", ".join(new[:20]))
-                bad_seen.update(new)
-                bad_this_epoch += new
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            stage_step = (epoch - start_epoch) * steps_per_epoch + step - start_step if cfg.warmup_steps else None
-            if stage_step is not None and stage_step <= cfg.warmup_steps:
-                lr = lr_at(cfg, epoch, stage_step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            with timer("forward"), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                embeddings = model(images)
-            with timer("loss"):
-                loss = criterion(embeddings, labels)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingDivergedError(
-                    f"loss is {value} at epoch {epoch} step {step}: training stopped; last good checkpoint: "
-                    f"{last_ckpt or 'none (no checkpoint was written yet)'}")
-            with timer("backward"):
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss * criterion.grad_scale).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            loss_sum += value
-            loss_n += 1
-            window_sum += value
-            window_n += 1
+                self._skipped(skipped, bad_this_epoch)
+            stage_step = (epoch - p.start_epoch) * d.steps_per_epoch + step - p.start_step
+            if cfg.warmup_steps and stage_step <= cfg.warmup_steps:
+                lr = self._set_lr(lr_at(cfg, epoch, stage_step))
+            value = self._step(images, labels, epoch, step)
+            loss_sum, loss_n, window_sum, window_n = loss_sum + value, loss_n + 1, window_sum + value, window_n + 1
             done = step + 1
-            global_step = epoch * steps_per_epoch + done
             if info.primary:
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", xbm=criterion.memory_fill)
-            if done % cfg.log_every_steps == 0 and run is not None:
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", xbm=p.criterion.memory_fill)
+            if done % cfg.log_every_steps == 0:
                 elapsed = time.perf_counter() - t_window
-                with timer("mlflow"):
-                    tracking.log_metrics({"loss": window_sum / window_n, "lr": lr,
-                                          "images_per_s": window_n * images_per_rank_step * info.world_size / elapsed,
-                                          "xbm_fill": criterion.memory_fill}, step=global_step)
+                self.listener.on_steps({"loss": window_sum / window_n, "lr": lr,
+                                        "images_per_s": window_n * images_per_step / elapsed,
+                                        "xbm_fill": p.criterion.memory_fill}, epoch * d.steps_per_epoch + done)
                 window_sum, window_n, t_window = 0.0, 0, time.perf_counter()
-            if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < steps_per_epoch:
-                save(epoch, done, checkpoint_name(epoch, done), {"loss": loss_sum / loss_n})
+            if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < d.steps_per_epoch:
+                self.save(epoch, done, checkpoint_name(epoch, done), {"loss": loss_sum / loss_n})
         bar.close()
         epoch_time = time.perf_counter() - t_epoch
         reduced = ddp.all_reduce_sum(info, {"bad": float(len(bad_this_epoch))})
-        epoch_metrics = {
-            "epoch_loss": loss_sum / max(loss_n, 1),
-            "epoch_lr": lr,
-            "epoch_images_per_s": loss_n * images_per_rank_step * info.world_size / max(epoch_time, 1e-9),
-            "epoch_time_s": epoch_time,
-            "epoch_xbm_fill": float(criterion.memory_fill),
-            "bad_images": reduced["bad"],
-        }
+        metrics = {"epoch_loss": loss_sum / max(loss_n, 1), "epoch_lr": lr,
+                   "epoch_images_per_s": loss_n * images_per_step / max(epoch_time, 1e-9),
+                   "epoch_time_s": epoch_time, "epoch_xbm_fill": float(p.criterion.memory_fill),
+                   "bad_images": reduced["bad"]}
         if info.distributed:
-            epoch_metrics["xbm_rank_max_abs_diff"] = _xbm_rank_diff(info, criterion)
-        path = save(epoch + 1, 0, checkpoint_name(epoch), epoch_metrics)
-        callback_metrics: dict[str, float] = {}
-        if info.primary:
-            if run is not None:
-                with timer("mlflow"):
-                    tracking.log_metrics(epoch_metrics, step=epoch)
-            row = {"epoch": epoch, **{k.replace("epoch_", ""): v for k, v in epoch_metrics.items()}}
-            summary_rows.append(row)
-            _write_summary(summary_path, summary_rows)
-            if run is not None:
-                with timer("mlflow"):
-                    tracking.log_artifact(summary_path)
-            log.info("epoch %d: loss %.4f, %.1f images/s, xbm %d/%d, checkpoint %s", epoch,
-                     epoch_metrics["epoch_loss"], epoch_metrics["epoch_images_per_s"], criterion.memory_fill,
-                     criterion.memory_size, path)
+            metrics["xbm_rank_max_abs_diff"] = _xbm_rank_diff(info, p.criterion)
+        return metrics
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Checkpoint, log, summary row, then the epoch callback (rank 0). True = stop training now."""
+        path = self.save(epoch + 1, 0, checkpoint_name(epoch), metrics)
+        self.epoch_metrics = metrics
+        if self.info.primary:
+            self.summary_rows.append({"epoch": epoch, **{k.replace("epoch_", ""): v for k, v in metrics.items()}})
+            _write_summary(self.summary_path, self.summary_rows)
+            self.listener.on_epoch(metrics, epoch, self.summary_path)
+            crit = self.parts.criterion
+            log.info("epoch %d: loss %.4f, %.1f images/s, xbm %d/%d, checkpoint %s", epoch, metrics["epoch_loss"],
+                     metrics["epoch_images_per_s"], crit.memory_fill, crit.memory_size, path)
         stop: BaseException | None = None
-        if info.primary and epoch_callback is not None:
+        extra: dict[str, float] = {}
+        if self.info.primary and self.callback is not None:
             try:
-                callback_metrics = dict(epoch_callback(epoch, net) or {})
+                extra = dict(self.callback(epoch, self.parts.net) or {})
             except BaseException as exc:  # noqa: BLE001 -- re-raised below, after telling the other ranks
                 stop = exc
-            if callback_metrics:
-                if run is not None:
-                    tracking.log_metrics(callback_metrics, step=epoch)
-                summary_rows[-1].update(callback_metrics)
-                _write_summary(summary_path, summary_rows)
+            if extra:
+                self.listener.on_epoch(extra, epoch, None)
+                self.summary_rows[-1].update(extra)
+                _write_summary(self.summary_path, self.summary_rows)
         # the callback runs on rank 0 only: share whether it stopped training so no rank is left waiting
-        if ddp.broadcast_object(info, stop is not None):
+        if ddp.broadcast_object(self.info, stop is not None):
             if stop is not None:
                 raise stop
-            return TrainResult(run_id=None, checkpoint_path=str(last_ckpt) if last_ckpt else None,
-                               final_model_path=None, epochs_done=epoch + 1, metrics=epoch_metrics)
-        epoch_metrics.update(callback_metrics)
+            return True
+        self.epoch_metrics = {**metrics, **extra}
+        return False
 
-    final_path = None
-    ddp.barrier(info)
-    if info.primary:
-        final_path = save_checkpoint(out_dir / "model" / "final.pth.tar", net, epoch=cfg.epochs,
-                                     train_config=cfg, mlflow_run_id=run_id, metrics=epoch_metrics,
-                                     with_rng=False)
-        if run is not None:
-            with timer("mlflow"):
-                tracking.log_artifact(final_path, "model")
-    ddp.barrier(info)
-    timings = {f"time_{k}_s": v for k, v in timer.totals.items()}
-    return TrainResult(run_id=run_id, checkpoint_path=str(last_ckpt) if last_ckpt else None,
-                       final_model_path=str(final_path) if final_path else None, epochs_done=cfg.epochs,
-                       metrics={**epoch_metrics, **timings})
+    def finish(self) -> TrainResult:
+        """``model/final.pth.tar`` (weights + config, no optimizer/RNG), uploaded; the stage's result."""
+        final_path = None
+        ddp.barrier(self.info)
+        if self.info.primary:
+            final_path = save_checkpoint(self.out_dir / "model" / "final.pth.tar", self.parts.net, epoch=self.cfg.epochs,
+                                         train_config=self.cfg, mlflow_run_id=self.run_id, metrics=self.epoch_metrics,
+                                         with_rng=False)
+            self.listener.on_final(final_path)
+        ddp.barrier(self.info)
+        return self.result(self.cfg.epochs, final=True, final_path=final_path)
+
+    def result(self, epochs_done: int, final: bool, final_path: Path | None = None) -> TrainResult:
+        timings = {f"time_{k}_s": v for k, v in self.timer.totals.items()} if final else {}
+        return TrainResult(run_id=self.run_id if final else None,
+                           checkpoint_path=str(self.last_ckpt) if self.last_ckpt else None,
+                           final_model_path=str(final_path) if final_path else None, epochs_done=epochs_done,
+                           metrics={**self.epoch_metrics, **timings})
