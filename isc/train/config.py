@@ -43,6 +43,7 @@ class TrainConfig:
     head_init: str = "xavier"  # xavier (the seed) | pca: the head starts as the PCA of the backbone's features
     head_init_images: int = 512  # training images the PCA head is fitted on
     freeze_blocks: int = 0  # backbone stem + this many leading blocks stay frozen (weights and BN stats)
+    freeze_bn: bool = False  # every BatchNorm (backbone and head) keeps its statistics and affine weights
     input_size: int = 256
     gem_p: float = 1.0
     gem_eval_p: float = 1.0

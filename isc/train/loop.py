@@ -31,7 +31,13 @@ from isc.fileutil import atomic_path
 from isc.losses import XBMContrastiveLoss, build_loss
 from isc.models import create_model, load_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
 from isc.models.checkpoint import CheckpointError, checkpoint_name, checkpoint_order, set_rng_state
-from isc.models.head import freeze_leading_blocks, init_head_pca, keep_frozen_in_eval, pooled_features
+from isc.models.head import (
+    freeze_batch_norms,
+    freeze_leading_blocks,
+    init_head_pca,
+    keep_frozen_in_eval,
+    pooled_features,
+)
 from isc.train import distributed as ddp
 from isc.train.config import TrainConfig, resolve_pairs_path, validate_config
 from isc.train.datasets import (
@@ -362,6 +368,8 @@ def _setup(cfg: TrainConfig, info: ddp.DistInfo, weights_given: bool, init_path:
     if not weights_given and cfg.head_init == "pca":
         report.update(_init_head_pca(cfg, model, device))
     freeze_leading_blocks(model, cfg.freeze_blocks)
+    if cfg.freeze_bn:
+        freeze_batch_norms(model)
     criterion = build_loss(cfg).to(device)
     optimizer = torch.optim.SGD(param_groups(model, cfg.wd), lr=cfg.lr, momentum=cfg.momentum)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -571,7 +579,7 @@ class _Stage:
         cfg, info, p, d = self.cfg, self.info, self.parts, self.data
         lr = self._set_lr(lr_at(cfg, epoch))
         p.model.train()
-        keep_frozen_in_eval(p.net, cfg.freeze_blocks)
+        keep_frozen_in_eval(p.net, cfg.freeze_blocks, all_bn=cfg.freeze_bn)
         d.sampler.set_epoch(epoch, first_step)  # EpochTaggedSampler hands the epoch to the dataset's items
         images_per_step = d.per_rank * cfg.images_per_item * info.world_size
         loss_sum, loss_n, window_sum, window_n = 0.0, 0, 0.0, 0
