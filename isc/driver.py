@@ -53,11 +53,13 @@ class Profile:
 
 def _recipe(prefix: str, tune_config: str) -> Profile:
     """The seed's chain: v83 5 epochs -> v83 resumed to 10 -> v86 from 1b's checkpoint_0005 -> v98 from
-    v86's checkpoint_0005 -> v107 from v98's checkpoint_0001; plus stage 0, the untouched start."""
+    v86's checkpoint_0005 -> v107 from v98's checkpoint_0001; plus stage 0, the untouched start (stage 1's
+    config with no epoch), which stage 1 starts from."""
     cfg = f"isc/configs/{prefix}"
     return Profile((
         Stage("stage0", f"{cfg}stage1.yaml", overrides=(("epochs", 0),)),
-        Stage("stage1", f"{cfg}stage1.yaml"),
+        # stage 1 starts from stage 0's model: the same pretrained weights and head init, built once
+        Stage("stage1", f"{cfg}stage1.yaml", "init", "stage0"),
         Stage("stage1b", f"{cfg}stage1b.yaml", "resume", "stage1", 4),
         Stage("stage2", f"{cfg}stage2.yaml", "init", "stage1b", 5),
         Stage("stage3", f"{cfg}stage3.yaml", "init", "stage2", 5),

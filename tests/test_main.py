@@ -112,7 +112,7 @@ def test_full_profile_chain_hands_on_the_seeds_checkpoints(tracking, mini_data):
     train = {s: client.get_run(tags[f"isc.step_run.train_{s}"]) for s in stages}
     ids = {s: r.info.run_id for s, r in train.items()}
     start = {s: (r.data.tags["isc.start_kind"], r.data.tags["isc.start_checkpoint"]) for s, r in train.items()}
-    assert start["stage0"][0] == start["stage1"][0] == "pretrained"
+    assert start["stage0"][0] == "pretrained" and start["stage1"] == ("init", ids["stage0"])
     assert start["stage1b"] == ("resume", f"{ids['stage1']}:4")
     assert start["stage2"] == ("init", f"{ids['stage1b']}:5")
     assert start["stage3"] == ("init", f"{ids['stage2']}:5")

@@ -97,6 +97,7 @@ def test_profiles_hand_on_the_seeds_checkpoints(profile):
     assert list(stages) == ["stage0", "stage1", "stage1b", "stage2", "stage3", "stage4"]
     assert [(s, stages[s].start, stages[s].source, stages[s].checkpoint) for s, *_ in HANDOFFS] == HANDOFFS
     assert dict(stages["stage0"].overrides) == {"epochs": 0} and stages["stage0"].config == stages["stage1"].config
+    assert (stages["stage1"].start, stages["stage1"].source, stages["stage1"].checkpoint) == ("init", "stage0", None)
     runs = {"stage1": "a" * 32, "stage1b": "b" * 32}
     assert start_reference(stages["stage1b"], runs) == "a" * 32 + ":4"
     assert start_reference(stages["stage2"], runs) == "b" * 32 + ":5"
