@@ -15,7 +15,13 @@ from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, positive_int, str2bool
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
-from isc.extract import extract_descriptors, parse_sets, resolve_device, resolve_input_size
+from isc.extract import (
+    check_outputs,
+    extract_descriptors,
+    parse_sets,
+    resolve_device,
+    resolve_input_size,
+)
 from isc.fileutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,14 @@ def build_parser() -> Parser:
     )
     p.add_argument("--limit", type=nonnegative_int, default=0, help="first N images of each set (0 = all)")
     p.add_argument("--device", default="", help="cuda, cuda:1, cpu; empty = CUDA when available")
+    p.add_argument(
+        "--overwrite",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="replace existing output files (default: refuse, naming the file)",
+    )
     return p
 
 
@@ -59,16 +73,29 @@ def main(argv: list[str]) -> int:
     if not data.root.is_dir():
         raise ConfigError("data", f"{data.root} is not a folder")
     data.validate("".join(letters))
-    device = resolve_device(args.device or None)
     output_dir = Path(args.output_dir).expanduser().resolve()
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError("output_dir", f"{output_dir} exists and is not a folder")
+    model_file = Path(args.model).expanduser()
+    check_outputs(output_dir, letters, args.overwrite, [model_file] if model_file.is_file() else [])
+    device = resolve_device(args.device or None)
 
     from isc.models import load_model
 
     model = load_model(args.model, device=device)
     input_size = resolve_input_size(model, args.input_size)
-
+    common = dict(
+        sets="".join(letters),
+        out_dir=output_dir,
+        input_size=input_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        skip_bad_images=args.skip_bad_images,
+        limit=args.limit or None,
+        tta=args.tta,
+        model_ref=str(args.model),
+        overwrite=args.overwrite,
+    )
     with tracking.tracked_run(
         run_name="extract", tags={"isc.step": "extract", "isc.model_ref": str(args.model)}
     ):
@@ -84,23 +111,11 @@ def main(argv: list[str]) -> int:
                 "skip_bad_images": str(args.skip_bad_images).lower(),
                 "tta": str(args.tta).lower(),
                 "limit": args.limit,
+                "overwrite": str(args.overwrite).lower(),
             }
         )
         tracking.log_params({"resolved_input_size": input_size, "device": str(device)})
-        out = extract_descriptors(
-            model,
-            data,
-            sets="".join(letters),
-            out_dir=output_dir,
-            input_size=input_size,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            skip_bad_images=args.skip_bad_images,
-            device=device,
-            limit=args.limit or None,
-            tta=args.tta,
-            model_ref=str(args.model),
-        )
+        out = extract_descriptors(model, data, device=device, **common)
         metrics = {f"n_{name}": n for name, n in out["counts"].items()}
         metrics |= {
             "n_bad_images": len(out["bad_images"]),

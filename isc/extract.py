@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from isc.data.disc21 import DISC21
-from isc.data.images import load_image
+from isc.data.images import load_image, to_rgb
 from isc.errors import BadImageError, BadImagesError, ConfigError
 from isc.fileutil import atomic_path
 
@@ -56,6 +56,38 @@ def tta_load_size(input_size: int) -> int:
     """The side images are loaded at for TTA: sqrt(2) x the input size (v107's largest scale)."""
     return int(round(input_size * 2 ** 0.5))
 H5_CHUNK_ROWS = 1024
+
+
+def output_paths(out_dir: str | Path, letters: Sequence[str]) -> list[Path]:
+    """The files an extraction of ``letters`` writes into ``out_dir``."""
+    names = ([DESCRIPTORS_FILE] if any(c in letters for c in "qr") else []) + (
+        [TRAIN_FILE] if "t" in letters else []
+    )
+    return [Path(out_dir) / n for n in names]
+
+
+def check_outputs(
+    out_dir: str | Path, letters: Sequence[str], overwrite: bool, inputs: Sequence[str | Path] = ()
+) -> list[Path]:
+    """Refuse, before any work, to replace an existing output unless ``overwrite`` is set, and refuse an
+    output that is also one of ``inputs`` whatever ``overwrite`` says.
+
+    Why: ``--sets q`` into a folder that holds a full ``descriptors.h5`` would otherwise replace hours of
+    extraction with a query-only file, and exit 0. The error names the file.
+    """
+    outs = output_paths(out_dir, letters)
+    same = {Path(p).expanduser().resolve() for p in inputs if p}
+    for path in outs:
+        if path.resolve() in same:
+            raise ConfigError(str(path), "is both an input and an output of this extraction")
+        if path.is_dir():
+            raise ConfigError(str(path), "is a folder; choose another output_dir")
+        if path.exists() and not overwrite:
+            raise ConfigError(
+                str(path),
+                "already exists; pass --overwrite true to replace it, or choose another --output-dir",
+            )
+    return outs
 
 
 def parse_sets(sets: str) -> list[str]:
@@ -93,12 +125,23 @@ def resolve_input_size(model: torch.nn.Module, input_size: int | None) -> int:
 
 
 def eval_transform_for(model: torch.nn.Module, input_size: int) -> Callable[[Any], torch.Tensor]:
-    """Resize to ``input_size`` square, ToTensor, Normalize with the model's mean/std."""
-    from isc.data.augment import build_eval_transform
+    """Resize to ``input_size`` square, ToTensor, Normalize with the model's mean/std.
+
+    The same pipeline as :func:`isc.data.augment.build_eval_transform` (a test holds them equal), built
+    here so that extraction does not import the training augmentations and with them AugLy: GPU boxes
+    that only extract (or run ``bench/gpu_check.sh``) need not install it.
+    """
+    from torchvision import transforms as T
 
     cfg = getattr(model, "model_config", {})
-    return build_eval_transform(
-        input_size, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+        raise ConfigError("input_size", f"must be a positive integer, got {input_size!r}")
+    if len(mean) != 3 or len(std) != 3 or any(v <= 0 for v in std):
+        raise ConfigError("mean/std", f"need 3 values each (RGB), std > 0; got {mean} / {std}")
+    return T.Compose(
+        [T.Lambda(to_rgb), T.Resize((input_size, input_size)), T.ToTensor(), T.Normalize(mean, std)]
     )
 
 
@@ -271,10 +314,22 @@ def describe_images(
 # ---------------------------------------------------------------- streamed h5 writing
 
 
+def encode_id(image_id: str) -> bytes:
+    """Ids are stored as bytes. DISC21 ids are ASCII, which UTF-8 leaves as they are; a non-ASCII file
+    stem (``Qé01``) is stored as its UTF-8 bytes, which :func:`isc.io.read_descriptors` decodes back to
+    the same stem (ASCII encoding would crash on it after the model had already run)."""
+    return image_id.encode("utf-8")
+
+
+def id_bytes_len(ids: Sequence[str]) -> int:
+    return max((len(encode_id(i)) for i in ids), default=1)
+
+
 class _H5Appender:
     """Append rows to ``<name>`` [n, d] float32 and ``<name>_ids`` (ASCII) in an open h5 file."""
 
     def __init__(self, f: h5py.File, name: str, dim: int, id_len: int):
+        """``id_len``: the longest id in UTF-8 bytes (:func:`id_bytes_len`), so any id of the set fits."""
         self.name = name
         self.x = f.create_dataset(
             name, shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=(H5_CHUNK_ROWS, dim)
@@ -291,7 +346,7 @@ class _H5Appender:
         self.x.resize(n + m, axis=0)
         self.ids.resize(n + m, axis=0)
         self.x[n : n + m] = x
-        self.ids[n : n + m] = np.array([i.encode("ascii") for i in ids], dtype=self.ids.dtype)
+        self.ids[n : n + m] = np.array([encode_id(i) for i in ids], dtype=self.ids.dtype)
         self.n += m
 
 
@@ -336,8 +391,11 @@ def extract_descriptors(
     limit: int | None = None,
     tta: bool = False,
     model_ref: str = "",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Extract the asked DISC21 sets with ``model`` and stream them to h5 files in ``out_dir``.
+
+    An existing output file is an error (:func:`check_outputs`) unless ``overwrite``.
 
     See the module docstring for the files. Bad images: with ``skip_bad_images=False`` every image of
     every asked set is still decoded (the model stops running after the first bad one) and then one
@@ -351,6 +409,7 @@ def extract_descriptors(
         raise ConfigError("limit", f"must be >= 0 (0 = all), got {limit}")
     dev = resolve_device(device)
     size = resolve_input_size(model, input_size)
+    check_outputs(out_dir, letters, overwrite, [getattr(model, "checkpoint_path", "")])
     data.validate("".join(letters))
     listings = {c: data.images(c, limit or None) for c in letters}
     for c, items in listings.items():
@@ -388,7 +447,7 @@ def extract_descriptors(
             name = SET_NAMES[c]
             items = listings[c]
             ids = [i for i, _ in items]
-            writer = _H5Appender(files[fname], name, dim, max(len(i) for i in ids))
+            writer = _H5Appender(files[fname], name, dim, id_bytes_len(ids))
             for idx, x, errors in _describe_stream(
                 model,
                 [p for _, p in items],

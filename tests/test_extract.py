@@ -135,7 +135,7 @@ def test_bad_images_fail_listing_every_one_and_leave_no_output(model, mini_data,
     out.mkdir()
     (out / "descriptors.h5").write_bytes(b"previous run")
     with pytest.raises(BadImagesError) as err:
-        extract_descriptors(model, data, "qrt", out, batch_size=4, workers=0)
+        extract_descriptors(model, data, "qrt", out, batch_size=4, workers=0, overwrite=True)
     assert sorted(e.path.name for e in err.value.errors) == sorted(p.name for p in bad)
     for p in bad:
         assert str(p) in str(err.value)
@@ -222,3 +222,93 @@ def test_cli_extracts_from_a_checkpoint_and_logs_to_mlflow(model, mini_data, tmp
 def test_cli_bad_data_folder_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nowhere"):
         extract_entry.main(["--model", "x", "--data", str(tmp_path / "nowhere")])
+
+
+# ---------------------------------------------------------------- issue 14: nothing lost, no crash
+
+
+def _cli(argv: list[str]) -> tuple[int, str]:
+    """The entry point as `isc extract` runs it: (exit status, stderr)."""
+    import contextlib
+    import io
+
+    from isc.cli import run_entrypoint
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = run_entrypoint("entrypoints.extract", argv)
+    return rc, err.getvalue()
+
+
+def test_eval_transform_equals_the_augment_modules_without_importing_augly(model, mini_data):
+    from isc.data.augment import build_eval_transform
+
+    img = load_image(mini_data.images("query")[0][1])
+    want = build_eval_transform(SIZE, model.model_config["mean"], model.model_config["std"])(img)
+    assert torch.equal(eval_transform_for(model, SIZE)(img), want)
+
+
+def test_cli_refuses_to_replace_an_existing_output_unless_overwrite(model, mini_data, tmp_path, tracking):
+    data = _small_copy(mini_data, tmp_path / "data", n=3)
+    ckpt = save_checkpoint(tmp_path / "ckpt" / "checkpoint_0000.pth.tar", model, epoch=0, with_rng=False)
+    out = tmp_path / "out"
+    base = ["--model", str(ckpt), "--data", str(data.root), "--output-dir", str(out), "--workers", "0"]
+    assert _cli(base + ["--sets", "qr"])[0] == 0
+    full = (out / "descriptors.h5").read_bytes()
+    rc, err = _cli(base + ["--sets", "q"])  # the issue: a query-only file replaced the full one, exit 0
+    assert rc == 2 and "Traceback" not in err
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")][-1]
+    assert str(out / "descriptors.h5") in line and "--overwrite" in line
+    assert (out / "descriptors.h5").read_bytes() == full
+    with pytest.raises(ConfigError, match="already exists"):  # the library refuses too
+        extract_descriptors(model, data, "q", out, workers=0)
+    assert _cli(base + ["--sets", "q", "--overwrite", "true"])[0] == 0
+    with h5py.File(out / "descriptors.h5") as f:
+        assert set(f.keys()) == {"query", "query_ids"}
+
+
+def test_an_output_that_is_also_the_input_is_refused_even_with_overwrite(
+    model, mini_data, tmp_path, tracking
+):
+    data = _small_copy(mini_data, tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    ckpt = save_checkpoint(out / "train_descriptors.h5", model, epoch=0, with_rng=False)  # a silly name
+    rc, err = _cli(["--model", str(ckpt), "--data", str(data.root), "--output-dir", str(out), "--overwrite"])
+    assert rc == 2 and "both an input and an output" in err and str(ckpt) in err and "Traceback" not in err
+    assert ckpt.stat().st_size > 0 and not (out / "descriptors.h5").exists()
+
+
+def test_a_non_ascii_file_name_is_extracted_under_its_stem(model, mini_data, tmp_path):
+    from isc.io import write_descriptors
+
+    data = _small_copy(mini_data, tmp_path / "data", n=3)
+    photo = data.images("query")[0][1]
+    odd = data.query_dir / "Qé01.jpg"  # a real image, only its name is unusual
+    shutil.copy(photo, odd)
+    res = extract_descriptors(model, data, "qrt", tmp_path / "out", batch_size=2, workers=1)
+    desc = read_descriptors(res["descriptors"])
+    assert desc.query_ids[-1] == "Qé01" and len(desc.query_ids) == 4
+    np.testing.assert_allclose(desc.query[-1], describe_images(model, [odd])[0], atol=1e-5)
+    np.testing.assert_allclose(desc.query[-1], desc.query[0], atol=1e-5)  # same pixels as the original
+    # Post-processing rewrites the ids: they must survive that round trip too.
+    again = write_descriptors(
+        tmp_path / "again.h5", desc.query, desc.query_ids, desc.reference, desc.reference_ids
+    )
+    assert read_descriptors(again).query_ids == desc.query_ids
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_device_cuda_without_a_gpu_is_a_clean_device_error(mini_data, tmp_path, monkeypatch, world_size):
+    monkeypatch.setenv("WORLD_SIZE", world_size)  # "2": the torchrun path must fail before set_device
+    rc, err = _cli(["--model", str(tmp_path / "m.pth.tar"), "--data", str(mini_data.root), "--device", "cuda",
+                    "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert rc == 2 and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        "error: device: CUDA requested but no GPU is visible"
+    ]
+    with pytest.raises(ConfigError) as exc:
+        extract_descriptors(
+            torch.nn.Linear(2, 2), mini_data, "q", tmp_path / "o2", input_size=8, device="cuda"
+        )
+    assert exc.value.param == "device"
