@@ -15,7 +15,14 @@ from entrypoints import extract as extract_entry
 from isc.data.disc21 import DISC21
 from isc.data.images import load_image
 from isc.errors import BadImagesError, ConfigError
-from isc.extract import describe_images, describe_tensors, eval_transform_for, extract_descriptors
+from isc.extract import (
+    SHARD_DIR,
+    describe_images,
+    describe_tensors,
+    eval_transform_for,
+    extract_descriptors,
+    extract_descriptors_sharded,
+)
 from isc.io import read_descriptors, read_train_descriptors
 from isc.models import create_model, save_checkpoint
 
@@ -312,3 +319,114 @@ def test_device_cuda_without_a_gpu_is_a_clean_device_error(mini_data, tmp_path, 
             torch.nn.Linear(2, 2), mini_data, "q", tmp_path / "o2", input_size=8, device="cuda"
         )
     assert exc.value.param == "device"
+
+
+# ---------------------------------------------------------------- sharded extraction (torchrun)
+
+
+def _arrays(out: Path) -> dict[str, np.ndarray]:
+    got = {}
+    for fname in ("descriptors.h5", "train_descriptors.h5"):
+        with h5py.File(out / fname) as f:
+            got |= {k: f[k][:] for k in f}
+    return got
+
+
+def _assert_same_files(a: Path, b: Path) -> None:
+    x, y = _arrays(a), _arrays(b)
+    assert sorted(x) == sorted(y)
+    for k in x:
+        assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k  # bit-identical, same order
+
+
+def test_sharded_extraction_in_one_process_writes_what_the_plain_one_writes(model, mini_data, tmp_path):
+    plain = extract_descriptors(model, mini_data, "qrt", tmp_path / "plain", batch_size=8, workers=0)
+    res = extract_descriptors_sharded(
+        model, mini_data, None, "qrt", tmp_path / "sharded", batch_size=8, workers=0, shard_size=12
+    )  # 12 -> 16 images per shard: shard boundaries fall on batch boundaries
+    _assert_same_files(tmp_path / "plain", tmp_path / "sharded")
+    assert res["counts"] == plain["counts"] == {"query": 40, "reference": 64, "train": 64}
+    assert not (tmp_path / "sharded" / SHARD_DIR).exists()  # merged shards are deleted
+
+
+def test_a_rerun_after_a_failure_reuses_finished_shards_and_redoes_stale_ones(model, mini_data, tmp_path):
+    data = _small_copy(mini_data, tmp_path / "data", n=12)
+    bad = data.reference_dir / "R999999.jpg"  # sorts last: only the last reference shard fails
+    bad.write_bytes(b"")
+    out = tmp_path / "out"
+    kw = {"batch_size": 4, "workers": 0, "shard_size": 4}
+    with pytest.raises(BadImagesError, match="R999999"):
+        extract_descriptors_sharded(model, data, None, "qr", out, **kw)
+    folder = out / SHARD_DIR
+    done = sorted(p.name for p in folder.glob("*.done.json"))
+    assert done == [f"query-{k:06d}.done.json" for k in range(3)] + [
+        f"reference-{k:06d}.done.json" for k in range(3)
+    ]  # the shard holding the bad image has no marker, and no output file exists yet
+    assert not (out / "descriptors.h5").exists()
+    # Mark one finished shard so a recomputation would show, and make another one stale.
+    with h5py.File(folder / "query-000001.h5", "r+") as f:
+        f["x"][...] = 0.5
+    stale = folder / "reference-000000.done.json"
+    stale.write_text(stale.read_text().replace('"batch_size": 4', '"batch_size": 99'))
+    bad.unlink()
+    res = extract_descriptors_sharded(model, data, None, "qr", out, **kw)
+    plain = extract_descriptors(model, data, "qr", tmp_path / "plain", batch_size=4, workers=0)
+    got, want = read_descriptors(res["descriptors"]), read_descriptors(plain["descriptors"])
+    assert got.query_ids == want.query_ids and got.reference_ids == want.reference_ids
+    assert np.all(got.query[4:8] == 0.5)  # reused, not recomputed
+    assert np.array_equal(got.query[:4], want.query[:4]) and np.array_equal(got.query[8:], want.query[8:])
+    assert np.array_equal(got.reference, want.reference)  # the stale shard was redone
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_ranks_write_what_one_process_writes(model, mini_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.servers import PROJECT_ROOT
+
+    ckpt = save_checkpoint(tmp_path / "ckpt" / "checkpoint_0000.pth.tar", model, epoch=0, with_rng=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WORLD_SIZE", "RANK"))}
+    env.update(ISC_HOME=str(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # torchrun gives each rank OMP_NUM_THREADS=1; on CPU a different intra-op thread count changes the
+    # order of float sums (differences ~1e-7), so the one-process run gets the same setting.
+    env["OMP_NUM_THREADS"] = "1"
+    args = ["--model", str(ckpt), "--data", str(mini_data.root), "--batch-size", "8", "--workers", "1",
+            "--device", "cpu"]  # fmt: skip
+
+    def run(cmd: list[str]) -> None:
+        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "Traceback" not in proc.stderr
+
+    run([sys.executable, "-m", "entrypoints.extract", *args, "--output-dir", str(tmp_path / "one")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]  # fmt: skip
+    run(
+        [
+            *torchrun,
+            "-m",
+            "entrypoints.extract",
+            *args,
+            "--output-dir",
+            str(tmp_path / "two"),
+            "--shard-size",
+            "16",
+        ]
+    )
+    _assert_same_files(tmp_path / "one", tmp_path / "two")
+    assert not (tmp_path / "two" / SHARD_DIR).exists()
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    two = [r for r in runs if r.data.params.get("world_size") == "2"]
+    assert len(runs) == 2 and len(two) == 1 and two[0].info.status == "FINISHED"  # one run, from rank 0
+    assert two[0].data.metrics["n_reference"] == 64
