@@ -93,3 +93,17 @@ def all_gather_tensor(info: DistInfo, t: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(t) for _ in range(info.world_size)]
     dist.all_gather(out, t.contiguous())
     return out
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The training loop's DDP wrapping (also what ``bench/gpu_check.py`` checks): on CUDA every BatchNorm
+    becomes a SyncBatchNorm first -- timm's converter, which also handles timm's fused ``BatchNormAct2d``
+    -- so per-rank batches of 32 normalise over the global batch; then DistributedDataParallel, one device
+    per process. Needs an initialised process group. The bare network is ``result.module``."""
+    if device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
