@@ -349,6 +349,9 @@ def check_amp_extract(sz: dict, device) -> tuple[str, bool]:
     from isc.extract import describe_tensors
 
     px = sz["extract_px"]
+    # The reference is true fp32: TF32 convolutions are on by default on CUDA.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     model = make_model(sz, px, device)
     x = photos(4 * sz["batch"], px)
     batches = list(torch.split(x, sz["batch"]))

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "descriptors"
 BAD_IMAGES_FILE = "bad_images.txt"  # path<TAB>reason per skipped image
+# Under torchrun, ranks that finish their shards early wait for the slowest rank and then for rank 0's
+# merge (minutes at 2M images): NCCL's default 10-minute collective timeout would kill such a job.
+COLLECTIVE_TIMEOUT_S = 4 * 3600
 
 
 def build_parser() -> Parser:
@@ -88,7 +91,7 @@ def _setup_ranks(device_arg: str) -> tuple[ddp.DistInfo, torch.device]:
         raise ConfigError(
             "device", f"under torchrun give cuda or cpu (each rank takes cuda:LOCAL_RANK), not {device_arg}"
         )
-    info = ddp.setup(device.type)
+    info = ddp.setup(device.type, timeout_s=COLLECTIVE_TIMEOUT_S)
     return info, info.device
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -31,8 +32,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Pick the device and, under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group."""
+def setup(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Pick the device and, under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group.
+
+    ``timeout_s``: how long a collective may wait (torch's default otherwise: 10 min for NCCL); ranks
+    that wait on rank 0's work -- e.g. the merge of a sharded extraction -- need more."""
     world = world_size_from_env()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -45,7 +49,8 @@ def setup(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     initialised = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
         initialised = True
     return DistInfo(rank, local_rank, world, dev, initialised)
 
