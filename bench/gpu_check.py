@@ -190,11 +190,11 @@ def check_train(sz: dict, device) -> tuple[str, bool]:
 
 def check_extract(sz: dict, device) -> tuple[str, bool]:
     import torch
+    from torch.utils.data import DataLoader
 
     from bench.bench_extract import make_images
     from isc.data.disc21 import DISC21
-    from isc.data.images import load_image
-    from isc.extract import eval_transform_for, extract_descriptors
+    from isc.extract import _collate, _ImageList, eval_transform_for, extract_descriptors
 
     px, n = sz["extract_px"], sz["n_images"]
     model = make_model(sz, px, device).eval()
@@ -203,11 +203,13 @@ def check_extract(sz: dict, device) -> tuple[str, bool]:
         make_images(root / "reference_images", n)
         data = DISC21(root)
         transform = eval_transform_for(model, px)
-        x = torch.stack([transform(load_image(p)) for _, p in data.images("reference")]).to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-            model.to(memory_format=torch.channels_last)
-        batches = list(torch.split(x, sz["batch"]))
+        # The same batches the pipeline forms, decoded beforehand (in workers: not part of the timing).
+        paths = [p for _, p in data.images("reference")]
+        loader = DataLoader(_ImageList(paths, transform), batch_size=sz["batch"], num_workers=sz["workers"],
+                            collate_fn=_collate)  # fmt: skip
+        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        batches = [b.to(device).contiguous(memory_format=fmt) for _, b, _ in loader]
+        model.to(memory_format=fmt)
         with (
             torch.inference_mode(),
             torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"),
@@ -220,7 +222,7 @@ def check_extract(sz: dict, device) -> tuple[str, bool]:
                 model(b)
             sync(device)
             bare = n / (time.perf_counter() - t0)
-        del x, batches
+        del batches
         res = extract_descriptors(model, data, "r", Path(tmp) / "out", batch_size=sz["batch"],
                                   workers=sz["workers"])  # fmt: skip
     pipe = res["images_per_second"]
