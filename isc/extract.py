@@ -633,7 +633,7 @@ def extract_descriptors_sharded(
     dev = _model_device(model)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    transform = eval_transform_for(model, size)
+    transform = eval_transform_for(model, tta_load_size(size) if tta else size)
     dim = int(getattr(model, "model_config", {}).get("dim", 0)) or _probe_dim(model, size)
     id_lens = {c: id_bytes_len([i for i, _ in items]) for c, items in listings.items()}
     folder = out_dir / SHARD_DIR

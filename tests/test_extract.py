@@ -111,14 +111,17 @@ def test_tta_is_the_seeds_six_passes_three_scales_with_and_without_flip(model):
     """v107 --tta: images loaded at sqrt(2) x s; passes at s / sqrt(2), s and s x sqrt(2), each flipped too."""
     from isc.extract import tta_load_size
 
-    assert tta_load_size(SIZE) == round(SIZE * 2 ** 0.5)
+    assert tta_load_size(SIZE) == round(SIZE * 2**0.5)
     x = torch.rand(3, 3, tta_load_size(SIZE), tta_load_size(SIZE))
     got = describe_tensors(model, x, tta=True)
     with torch.inference_mode():
         views = []
-        for side in (round(SIZE / 2 ** 0.5), SIZE, tta_load_size(SIZE)):
-            xs = x if side == x.shape[-1] else torch.nn.functional.interpolate(
-                x, size=(side, side), mode="bilinear", antialias=True)
+        for side in (round(SIZE / 2**0.5), SIZE, tta_load_size(SIZE)):
+            xs = (
+                x
+                if side == x.shape[-1]
+                else torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+            )
             views += [xs, torch.flip(xs, dims=[3])]
         assert len(views) == 6
         want = torch.nn.functional.normalize(sum(model(v) for v in views), dim=1).numpy()
@@ -339,10 +342,11 @@ def _assert_same_files(a: Path, b: Path) -> None:
         assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k  # bit-identical, same order
 
 
-def test_sharded_extraction_in_one_process_writes_what_the_plain_one_writes(model, mini_data, tmp_path):
-    plain = extract_descriptors(model, mini_data, "qrt", tmp_path / "plain", batch_size=8, workers=0)
+@pytest.mark.parametrize("tta", [False, True])
+def test_sharded_extraction_in_one_process_writes_what_the_plain_one_writes(model, mini_data, tmp_path, tta):
+    plain = extract_descriptors(model, mini_data, "qrt", tmp_path / "plain", batch_size=8, workers=0, tta=tta)
     res = extract_descriptors_sharded(
-        model, mini_data, None, "qrt", tmp_path / "sharded", batch_size=8, workers=0, shard_size=12
+        model, mini_data, None, "qrt", tmp_path / "sharded", batch_size=8, workers=0, shard_size=12, tta=tta
     )  # 12 -> 16 images per shard: shard boundaries fall on batch boundaries
     _assert_same_files(tmp_path / "plain", tmp_path / "sharded")
     assert res["counts"] == plain["counts"] == {"query": 40, "reference": 64, "train": 64}
