@@ -96,19 +96,25 @@ def make_model(sz: dict, px: int, device):
 
 def photos(n: int, px: int, seed: int = 0):
     """``n`` crops of scikit-image's bundled photos, [n, 3, px, px] normalised like extraction."""
+    import importlib.util
+
     import torch
     import torch.nn.functional as F
-    from skimage import data as skdata
+    from PIL import Image
 
-    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left"]
-    imgs = []
-    for name in names:
-        try:
-            imgs.append(
-                torch.from_numpy(np.ascontiguousarray(getattr(skdata, name)()[..., :3])).permute(2, 0, 1)
-            )
-        except Exception:  # a photo that needs pooch/network on this skimage: use the others
-            continue
+    # Read straight from scikit-image's data folder (as isc.data.mini does): a loader call could reach for
+    # pooch and the network, which the GPU box does not have.
+    spec = importlib.util.find_spec("skimage")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" if spec else Path("/nonexistent")
+    names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "retina.jpg",
+             "ihc.png", "hubble_deep_field.jpg"]  # fmt: skip
+    imgs = [
+        torch.from_numpy(np.asarray(Image.open(folder / n).convert("RGB")).copy()).permute(2, 0, 1)
+        for n in names
+        if (folder / n).is_file()
+    ]
+    if not imgs:
+        raise RuntimeError(f"no scikit-image photos found in {folder}")
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
