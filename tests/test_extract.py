@@ -434,3 +434,25 @@ def test_torchrun_two_gloo_ranks_write_what_one_process_writes(model, mini_data,
     two = [r for r in runs if r.data.params.get("world_size") == "2"]
     assert len(runs) == 2 and len(two) == 1 and two[0].info.status == "FINISHED"  # one run, from rank 0
     assert two[0].data.metrics["n_reference"] == 64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_shared_process_group_setup_names_device_when_cuda_is_missing(mini_data):
+    from isc.cli import run_entrypoint
+    from isc.train import distributed as ddp
+
+    with pytest.raises(ConfigError) as exc:
+        ddp.setup("cuda")
+    assert exc.value.param == "device"
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # `isc train --device cuda` died in set_device before
+        rc = run_entrypoint(
+            "entrypoints.train", ["--config", "smoke", "--data", str(mini_data.root), "--device", "cuda"]
+        )
+    assert rc == 2 and "Traceback" not in err.getvalue()
+    assert [ln for ln in err.getvalue().splitlines() if ln.startswith("error:")][-1].startswith(
+        "error: device"
+    )

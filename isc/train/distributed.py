@@ -46,6 +46,10 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     else:
         dev = torch.device(device)
     if dev.type == "cuda":
+        if not torch.cuda.is_available():  # else set_device dies with a driver traceback
+            from isc.errors import ConfigError
+
+            raise ConfigError("device", f"{device} requested but no GPU is visible")
         torch.cuda.set_device(dev)
     initialised = False
     if world > 1 and not dist.is_initialized():
