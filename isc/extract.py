@@ -644,6 +644,8 @@ def extract_descriptors_sharded(
     plan: tuple[dict[str, Any], list[int]] | None = None
     if info.primary:
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".*.partial"):  # half-written by a killed run; nobody writes yet
+            stale.unlink(missing_ok=True)
         common = {"weights": weights_digest(model), "input_size": size, "tta": bool(tta),
                   "batch_size": int(batch_size), "shard_size": shard_size, "dim": dim}  # fmt: skip
         todo = []

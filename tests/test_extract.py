@@ -373,7 +373,9 @@ def test_a_rerun_after_a_failure_reuses_finished_shards_and_redoes_stale_ones(mo
     stale = folder / "reference-000000.done.json"
     stale.write_text(stale.read_text().replace('"batch_size": 4', '"batch_size": 99'))
     bad.unlink()
+    (folder / ".query-000002.h5.abc123.partial").write_bytes(b"half a shard")  # what a kill leaves behind
     res = extract_descriptors_sharded(model, data, None, "qr", out, **kw)
+    assert not folder.exists()  # merged shards and stale temp files are gone
     plain = extract_descriptors(model, data, "qr", tmp_path / "plain", batch_size=4, workers=0)
     got, want = read_descriptors(res["descriptors"]), read_descriptors(plain["descriptors"])
     assert got.query_ids == want.query_ids and got.reference_ids == want.reference_ids
