@@ -13,5 +13,5 @@ if [ -d .whl ] && [ -z "${GPU_CHECK_SKIP_WHEELS:-}" ]; then
         && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1 TQDM_DISABLE=1  # no downloads; no progress bars mixed into the CHECK lines
 exec $PY bench/gpu_check.py "$@"
