@@ -11,17 +11,31 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, positive_int, str2bool
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
-from isc.extract import extract_descriptors, parse_sets, resolve_device, resolve_input_size
+from isc.extract import (
+    DEFAULT_SHARD_SIZE,
+    check_outputs,
+    extract_descriptors,
+    extract_descriptors_sharded,
+    parse_sets,
+    resolve_device,
+    resolve_input_size,
+)
 from isc.fileutil import atomic_path
+from isc.train import distributed as ddp
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "descriptors"
 BAD_IMAGES_FILE = "bad_images.txt"  # path<TAB>reason per skipped image
+# Under torchrun, ranks that finish their shards early wait for the slowest rank and then for rank 0's
+# merge (minutes at 2M images): NCCL's default 10-minute collective timeout would kill such a job.
+COLLECTIVE_TIMEOUT_S = 4 * 3600
 
 
 def build_parser() -> Parser:
@@ -49,7 +63,36 @@ def build_parser() -> Parser:
     )
     p.add_argument("--limit", type=nonnegative_int, default=0, help="first N images of each set (0 = all)")
     p.add_argument("--device", default="", help="cuda, cuda:1, cpu; empty = CUDA when available")
+    p.add_argument(
+        "--overwrite",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="replace existing output files (default: refuse, naming the file)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=DEFAULT_SHARD_SIZE,
+        help="under torchrun: images per shard (the unit of work and of resuming)",
+    )
     return p
+
+
+def _setup_ranks(device_arg: str) -> tuple[ddp.DistInfo, torch.device]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on CPU, NCCL on CUDA), one GPU per
+    local rank; otherwise a one-process DistInfo. The device is checked first so that ``--device cuda``
+    on a machine without a GPU is a clean ``device`` error, never a traceback from ``set_device``."""
+    device = resolve_device(device_arg or None)
+    if ddp.world_size_from_env() <= 1:
+        return ddp.DistInfo(device=device), device
+    if device.type == "cuda" and device_arg and device.index is not None:
+        raise ConfigError(
+            "device", f"under torchrun give cuda or cpu (each rank takes cuda:LOCAL_RANK), not {device_arg}"
+        )
+    info = ddp.setup(device.type, timeout_s=COLLECTIVE_TIMEOUT_S)
+    return info, info.device
 
 
 def main(argv: list[str]) -> int:
@@ -59,15 +102,38 @@ def main(argv: list[str]) -> int:
     if not data.root.is_dir():
         raise ConfigError("data", f"{data.root} is not a folder")
     data.validate("".join(letters))
-    device = resolve_device(args.device or None)
     output_dir = Path(args.output_dir).expanduser().resolve()
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError("output_dir", f"{output_dir} exists and is not a folder")
+    model_file = Path(args.model).expanduser()
+    check_outputs(output_dir, letters, args.overwrite, [model_file] if model_file.is_file() else [])
+    info, device = _setup_ranks(args.device)
+    try:
+        return _run(args, letters, data, output_dir, info, device)
+    finally:
+        ddp.teardown(info)
 
+
+def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.DistInfo, device) -> int:
     from isc.models import load_model
 
     model = load_model(args.model, device=device)
     input_size = resolve_input_size(model, args.input_size)
+    common = dict(
+        sets="".join(letters),
+        out_dir=output_dir,
+        input_size=input_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        skip_bad_images=args.skip_bad_images,
+        limit=args.limit or None,
+        tta=args.tta,
+        model_ref=str(args.model),
+        overwrite=args.overwrite,
+    )
+    if not info.primary:  # other ranks only extract their shards; rank 0 tracks, merges and reports
+        extract_descriptors_sharded(model, data, info, shard_size=args.shard_size, **common)
+        return 0
 
     with tracking.tracked_run(
         run_name="extract", tags={"isc.step": "extract", "isc.model_ref": str(args.model)}
@@ -84,23 +150,17 @@ def main(argv: list[str]) -> int:
                 "skip_bad_images": str(args.skip_bad_images).lower(),
                 "tta": str(args.tta).lower(),
                 "limit": args.limit,
+                "overwrite": str(args.overwrite).lower(),
             }
         )
-        tracking.log_params({"resolved_input_size": input_size, "device": str(device)})
-        out = extract_descriptors(
-            model,
-            data,
-            sets="".join(letters),
-            out_dir=output_dir,
-            input_size=input_size,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            skip_bad_images=args.skip_bad_images,
-            device=device,
-            limit=args.limit or None,
-            tta=args.tta,
-            model_ref=str(args.model),
+        tracking.log_params(
+            {"resolved_input_size": input_size, "device": str(device), "world_size": info.world_size}
         )
+        if info.distributed:
+            tracking.log_params({"shard_size": args.shard_size})
+            out = extract_descriptors_sharded(model, data, info, shard_size=args.shard_size, **common)
+        else:
+            out = extract_descriptors(model, data, device=device, **common)
         metrics = {f"n_{name}": n for name, n in out["counts"].items()}
         metrics |= {
             "n_bad_images": len(out["bad_images"]),
@@ -119,7 +179,10 @@ def main(argv: list[str]) -> int:
         else:
             listing.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
     counts = ", ".join(f"{n} {name}" for name, n in out["counts"].items())
-    print(f"extracted {counts} descriptors ({out['images_per_second']:.1f} images/s) into {output_dir}")
+    ranks = f" on {info.world_size} ranks" if info.distributed else ""
+    print(
+        f"extracted {counts} descriptors ({out['images_per_second']:.1f} images/s{ranks}) into {output_dir}"
+    )
     if out["bad_images"]:
         print(
             f"warning: skipped {len(out['bad_images'])} unreadable image(s), listed in descriptors/bad_images.txt"

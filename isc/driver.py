@@ -266,7 +266,9 @@ def _evaluate_stage(pipe: Pipeline, stage: Stage, start: str, train_run: str, da
     """extract -> postprocess -> evaluate (test; and val, which chooses the champion) of one stage."""
     ext = pipe.run(
         f"extract_{stage.name}", "extract",
-        {"model": train_run, "data": str(data_dir), "sets": "qrt", "output_dir": str(out_root / "extract" / train_run)},
+        # The folder is this step's own (one per training run): a re-run may replace its files.
+        {"model": train_run, "data": str(data_dir), "sets": "qrt", "output_dir": str(out_root / "extract" / train_run),
+         "overwrite": "true"},
     )
     raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
     post = pipe.run(

@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from isc.data.disc21 import DISC21
-from isc.data.images import load_image
-from isc.errors import BadImageError, BadImagesError, ConfigError
+from isc.data.images import load_image, to_rgb
+from isc.errors import BadImageError, BadImagesError, ConfigError, ISCError
 from isc.fileutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,43 @@ def tta_load_size(input_size: int) -> int:
     """The side images are loaded at for TTA: sqrt(2) x the input size (v107's largest scale)."""
     return int(round(input_size * 2 ** 0.5))
 H5_CHUNK_ROWS = 1024
+
+
+class ExtractionFailedError(ISCError):
+    """A rank of a sharded extraction failed (its message is reported by every rank), or a shard file is
+    inconsistent with its done-marker."""
+
+
+def output_paths(out_dir: str | Path, letters: Sequence[str]) -> list[Path]:
+    """The files an extraction of ``letters`` writes into ``out_dir``."""
+    names = ([DESCRIPTORS_FILE] if any(c in letters for c in "qr") else []) + (
+        [TRAIN_FILE] if "t" in letters else []
+    )
+    return [Path(out_dir) / n for n in names]
+
+
+def check_outputs(
+    out_dir: str | Path, letters: Sequence[str], overwrite: bool, inputs: Sequence[str | Path] = ()
+) -> list[Path]:
+    """Refuse, before any work, to replace an existing output unless ``overwrite`` is set, and refuse an
+    output that is also one of ``inputs`` whatever ``overwrite`` says.
+
+    Why: ``--sets q`` into a folder that holds a full ``descriptors.h5`` would otherwise replace hours of
+    extraction with a query-only file, and exit 0. The error names the file.
+    """
+    outs = output_paths(out_dir, letters)
+    same = {Path(p).expanduser().resolve() for p in inputs if p}
+    for path in outs:
+        if path.resolve() in same:
+            raise ConfigError(str(path), "is both an input and an output of this extraction")
+        if path.is_dir():
+            raise ConfigError(str(path), "is a folder; choose another output_dir")
+        if path.exists() and not overwrite:
+            raise ConfigError(
+                str(path),
+                "already exists; pass --overwrite true to replace it, or choose another --output-dir",
+            )
+    return outs
 
 
 def parse_sets(sets: str) -> list[str]:
@@ -93,12 +130,23 @@ def resolve_input_size(model: torch.nn.Module, input_size: int | None) -> int:
 
 
 def eval_transform_for(model: torch.nn.Module, input_size: int) -> Callable[[Any], torch.Tensor]:
-    """Resize to ``input_size`` square, ToTensor, Normalize with the model's mean/std."""
-    from isc.data.augment import build_eval_transform
+    """Resize to ``input_size`` square, ToTensor, Normalize with the model's mean/std.
+
+    The same pipeline as :func:`isc.data.augment.build_eval_transform` (a test holds them equal), built
+    here so that extraction does not import the training augmentations and with them AugLy: GPU boxes
+    that only extract (or run ``bench/gpu_check.sh``) need not install it.
+    """
+    from torchvision import transforms as T
 
     cfg = getattr(model, "model_config", {})
-    return build_eval_transform(
-        input_size, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+        raise ConfigError("input_size", f"must be a positive integer, got {input_size!r}")
+    if len(mean) != 3 or len(std) != 3 or any(v <= 0 for v in std):
+        raise ConfigError("mean/std", f"need 3 values each (RGB), std > 0; got {mean} / {std}")
+    return T.Compose(
+        [T.Lambda(to_rgb), T.Resize((input_size, input_size)), T.ToTensor(), T.Normalize(mean, std)]
     )
 
 
@@ -271,10 +319,22 @@ def describe_images(
 # ---------------------------------------------------------------- streamed h5 writing
 
 
+def encode_id(image_id: str) -> bytes:
+    """Ids are stored as bytes. DISC21 ids are ASCII, which UTF-8 leaves as they are; a non-ASCII file
+    stem (``Qé01``) is stored as its UTF-8 bytes, which :func:`isc.io.read_descriptors` decodes back to
+    the same stem (ASCII encoding would crash on it after the model had already run)."""
+    return image_id.encode("utf-8")
+
+
+def id_bytes_len(ids: Sequence[str]) -> int:
+    return max((len(encode_id(i)) for i in ids), default=1)
+
+
 class _H5Appender:
     """Append rows to ``<name>`` [n, d] float32 and ``<name>_ids`` (ASCII) in an open h5 file."""
 
     def __init__(self, f: h5py.File, name: str, dim: int, id_len: int):
+        """``id_len``: the longest id in UTF-8 bytes (:func:`id_bytes_len`), so any id of the set fits."""
         self.name = name
         self.x = f.create_dataset(
             name, shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=(H5_CHUNK_ROWS, dim)
@@ -291,7 +351,7 @@ class _H5Appender:
         self.x.resize(n + m, axis=0)
         self.ids.resize(n + m, axis=0)
         self.x[n : n + m] = x
-        self.ids[n : n + m] = np.array([i.encode("ascii") for i in ids], dtype=self.ids.dtype)
+        self.ids[n : n + m] = np.array([encode_id(i) for i in ids], dtype=self.ids.dtype)
         self.n += m
 
 
@@ -336,8 +396,11 @@ def extract_descriptors(
     limit: int | None = None,
     tta: bool = False,
     model_ref: str = "",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Extract the asked DISC21 sets with ``model`` and stream them to h5 files in ``out_dir``.
+
+    An existing output file is an error (:func:`check_outputs`) unless ``overwrite``.
 
     See the module docstring for the files. Bad images: with ``skip_bad_images=False`` every image of
     every asked set is still decoded (the model stops running after the first bad one) and then one
@@ -351,6 +414,7 @@ def extract_descriptors(
         raise ConfigError("limit", f"must be >= 0 (0 = all), got {limit}")
     dev = resolve_device(device)
     size = resolve_input_size(model, input_size)
+    check_outputs(out_dir, letters, overwrite, [getattr(model, "checkpoint_path", "")])
     data.validate("".join(letters))
     listings = {c: data.images(c, limit or None) for c in letters}
     for c, items in listings.items():
@@ -388,7 +452,7 @@ def extract_descriptors(
             name = SET_NAMES[c]
             items = listings[c]
             ids = [i for i, _ in items]
-            writer = _H5Appender(files[fname], name, dim, max(len(i) for i in ids))
+            writer = _H5Appender(files[fname], name, dim, id_bytes_len(ids))
             for idx, x, errors in _describe_stream(
                 model,
                 [p for _, p in items],
@@ -429,3 +493,254 @@ def _probe_dim(model: torch.nn.Module, size: int) -> int:
     """Descriptor size of a model without ``model_config['dim']``: one forward on a blank image."""
     device = _model_device(model)
     return int(describe_tensors(model, torch.zeros(1, 3, size, size, device=device)).shape[1])
+
+
+# ---------------------------------------------------------------- sharded extraction (torchrun)
+
+SHARD_DIR = ".extract_shards"
+DEFAULT_SHARD_SIZE = 8192  # images per shard file: ~250 shards for 2M images, minutes of work each
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Hash of the model's weights: finished shards are reused only for the very same network."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", copy=True).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Shard:
+    letter: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def stem(self) -> str:
+        return f"{SET_NAMES[self.letter]}-{self.index:06d}"
+
+
+def _plan_shards(listings: dict[str, list[tuple[str, Path]]], shard_size: int) -> list[_Shard]:
+    return [
+        _Shard(c, k, start, min(start + shard_size, len(items)))
+        for c, items in listings.items()
+        for k, start in enumerate(range(0, len(items), shard_size))
+    ]
+
+
+def _shard_fingerprint(shard: _Shard, ids: Sequence[str], common: dict[str, Any]) -> dict[str, Any]:
+    return {**common, "set": SET_NAMES[shard.letter], "start": shard.start, "n": shard.stop - shard.start,
+            "first_id": ids[shard.start], "last_id": ids[shard.stop - 1]}  # fmt: skip
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class _DiscardShard(Exception):
+    """A shard with a bad image when bad images are fatal: its temp file is dropped, no marker written."""
+
+
+def _extract_shard(model, shard: _Shard, items, transform, batch_size, workers, tta, skip_bad_images,
+                   dim: int, id_len: int, folder: Path, fingerprint: dict[str, Any]) -> list[BadImageError]:  # fmt: skip
+    """Stream one shard to ``folder/<set>-<k>.h5`` (atomic), then write its done-marker (atomic).
+
+    The marker is written last, so after a kill a shard is either done (marker + file) or redone.
+    """
+    import json
+
+    part = items[shard.start : shard.stop]
+    ids = [i for i, _ in part]
+    bad: list[BadImageError] = []
+    try:
+        with atomic_path(folder / f"{shard.stem}.h5") as tmp, h5py.File(tmp, "w") as f:
+            writer = _H5Appender(f, "x", dim, id_len)
+            for idx, x, errors in _describe_stream(
+                model, [p for _, p in part], transform, batch_size, workers, tta, f"extract {shard.stem}",
+                run_model=lambda: skip_bad_images or not bad,
+            ):  # fmt: skip
+                for e in errors:
+                    log.warning("bad image: %s: %s", e.path, e.reason)
+                bad.extend(errors)
+                if x is not None and (skip_bad_images or not bad):
+                    writer.append(x, [ids[i] for i in idx])
+            if bad and not skip_bad_images:
+                raise _DiscardShard()
+    except _DiscardShard:
+        return bad
+    marker = {**fingerprint, "rows": writer.n, "bad": [[str(e.path), e.reason] for e in bad]}
+    with atomic_path(folder / f"{shard.stem}.done.json") as tmp:
+        tmp.write_text(json.dumps(marker))
+    return bad
+
+
+def extract_descriptors_sharded(
+    model: torch.nn.Module,
+    data: DISC21,
+    info: Any = None,
+    sets: str = "qrt",
+    out_dir: str | Path = "outputs/extract",
+    input_size: int | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    skip_bad_images: bool = False,
+    limit: int | None = None,
+    tta: bool = False,
+    model_ref: str = "",
+    overwrite: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> dict[str, Any]:
+    """:func:`extract_descriptors` split over the ranks of a ``torchrun`` job (``info``: a
+    :class:`isc.train.distributed.DistInfo`; ``None`` = one process), resumable per shard.
+
+    Every set is cut into shards of ``shard_size`` images (rounded up to a multiple of ``batch_size``, so
+    each batch holds exactly the images a single process would put in it and the descriptors come out
+    bit-identical); shard k goes to rank k mod world size among the shards still to do. Each rank streams
+    its shards to ``out_dir/.extract_shards/<set>-<k>.h5`` plus a done-marker; rank 0 then merges them in
+    id order into the same ``descriptors.h5`` / ``train_descriptors.h5`` a single process writes (atomic),
+    and deletes the shards. A re-run after a kill reuses every shard whose marker matches the model's
+    weights, the input size, TTA, batch and shard size, and the shard's ids. ``out_dir`` must be one
+    folder that every rank sees (a shared file system across nodes). Must be called on every rank; the
+    model must already be on the rank's device. Returns :meth:`ExtractionResult.to_dict` on every rank.
+    """
+    from isc.train import distributed as ddp
+
+    info = info or ddp.DistInfo(device=_model_device(model))
+    letters = parse_sets(sets)
+    _check_common(batch_size, workers)
+    if int(shard_size) < 1:
+        raise ConfigError("shard_size", f"must be >= 1, got {shard_size}")
+    if limit is not None and int(limit) < 0:
+        raise ConfigError("limit", f"must be >= 0 (0 = all), got {limit}")
+    shard_size = -(-int(shard_size) // int(batch_size)) * int(batch_size)
+    size = resolve_input_size(model, input_size)
+    out_dir = Path(out_dir)
+    check_outputs(out_dir, letters, overwrite, [getattr(model, "checkpoint_path", "")])
+    data.validate("".join(letters))
+    listings = {c: data.images(c, limit or None) for c in letters}
+    for c, items in listings.items():
+        if not items:
+            raise ConfigError("data", f"no images in {data.split_dir(c)}")
+    dev = _model_device(model)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    transform = eval_transform_for(model, tta_load_size(size) if tta else size)
+    dim = int(getattr(model, "model_config", {}).get("dim", 0)) or _probe_dim(model, size)
+    id_lens = {c: id_bytes_len([i for i, _ in items]) for c, items in listings.items()}
+    folder = out_dir / SHARD_DIR
+    shards = _plan_shards(listings, shard_size)
+    t0 = time.perf_counter()
+
+    # Rank 0 decides what is left to do and tells everyone, so all ranks agree even while others write.
+    plan: tuple[dict[str, Any], list[int]] | None = None
+    if info.primary:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".*.partial"):  # half-written by a killed run; nobody writes yet
+            stale.unlink(missing_ok=True)
+        common = {"weights": weights_digest(model), "input_size": size, "tta": bool(tta),
+                  "batch_size": int(batch_size), "shard_size": shard_size, "dim": dim}  # fmt: skip
+        todo = []
+        for j, s in enumerate(shards):
+            ids = [i for i, _ in listings[s.letter]]
+            marker = _read_marker(folder / f"{s.stem}.done.json")
+            fp = _shard_fingerprint(s, ids, common)
+            if not (marker and {k: marker.get(k) for k in fp} == fp and (folder / f"{s.stem}.h5").is_file()):
+                todo.append(j)
+        plan = (common, todo)
+    common, todo = ddp.broadcast_object(info, plan)
+    mine = todo[info.rank :: info.world_size]
+    log.info("rank %d/%d: %d of %d shard(s) to extract (%d already done), %d images per shard, on %s",
+             info.rank, info.world_size, len(mine), len(shards), len(shards) - len(todo), shard_size, dev)  # fmt: skip
+
+    bad: list[BadImageError] = []
+    n_done = 0
+    failure = ""
+    try:
+        for j in mine:
+            s = shards[j]
+            ids = [i for i, _ in listings[s.letter]]
+            bad += _extract_shard(model, s, listings[s.letter], transform, batch_size, workers, tta,
+                                  skip_bad_images, dim, id_lens[s.letter], folder,
+                                  _shard_fingerprint(s, ids, common))  # fmt: skip
+            n_done += s.stop - s.start
+    except ISCError as exc:  # reported by every rank below, instead of leaving the others waiting
+        failure = f"rank {info.rank}: {exc}"
+    status = _all_gather_object(info, (failure, [(str(e.path), e.reason) for e in bad]))
+    failures = [f for f, _ in status if f]
+    if failures:
+        raise ExtractionFailedError("; ".join(failures))
+    all_bad = sorted({(p, r) for _, b in status for p, r in b})
+    if all_bad and not skip_bad_images:
+        raise BadImagesError([BadImageError(p, r) for p, r in all_bad])
+
+    result = ExtractionResult(input_size=size, dim=dim, device=str(dev))
+    attrs = {"isc.model_ref": model_ref, "isc.input_size": size, "isc.tta": int(bool(tta))}
+    merged: dict[str, Any] = {}
+    if info.primary:
+        merged = _merge_shards(out_dir, folder, letters, shards, listings, attrs, dim, id_lens)
+    merged = ddp.broadcast_object(info, merged)
+    result.seconds = time.perf_counter() - t0
+    result.counts = merged["counts"]
+    result.bad_images = [BadImageError(p, r) for p, r in merged["bad"]]
+    written = sum(result.counts.values())
+    result.images_per_second = written / result.seconds if result.seconds > 0 else 0.0
+    if any(c in letters for c in "qr"):
+        result.descriptors = out_dir / DESCRIPTORS_FILE
+    if "t" in letters:
+        result.train_descriptors = out_dir / TRAIN_FILE
+    return result.to_dict()
+
+
+def _merge_shards(out_dir: Path, folder: Path, letters: Sequence[str], shards: Sequence[_Shard],
+                  listings, attrs: dict[str, Any], dim: int, id_lens: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+    """Rank 0: concatenate the shards in id order into the final files (atomic), then delete them."""
+    counts: dict[str, int] = {}
+    bad: list[tuple[str, str]] = []
+    with contextlib.ExitStack() as stack:
+        files: dict[str, h5py.File] = {}
+        for c in letters:
+            fname = TRAIN_FILE if c == "t" else DESCRIPTORS_FILE
+            if fname not in files:
+                tmp = stack.enter_context(atomic_path(out_dir / fname))
+                files[fname] = stack.enter_context(h5py.File(tmp, "w"))
+                files[fname].attrs.update(attrs)
+            name = SET_NAMES[c]
+            writer = _H5Appender(files[fname], name, dim, id_lens[c])
+            for s in (s for s in shards if s.letter == c):
+                marker = _read_marker(folder / f"{s.stem}.done.json") or {}
+                bad += [(p, r) for p, r in marker.get("bad", [])]
+                with h5py.File(folder / f"{s.stem}.h5", "r") as f:
+                    x, ids = f["x"][:], [b.decode("utf-8") for b in f["x_ids"][:]]
+                if len(ids) != marker.get("rows"):
+                    raise ExtractionFailedError(f"{folder / s.stem}.h5: {len(ids)} rows, marker says "
+                                                f"{marker.get('rows')}; delete it and re-run")  # fmt: skip
+                if len(ids):
+                    writer.append(x, ids)
+            counts[name] = writer.n
+            if writer.n == 0:
+                raise ConfigError("data", f"every image of the {name} set is unreadable")
+    for s in shards:
+        for suffix in (".h5", ".done.json"):
+            (folder / f"{s.stem}{suffix}").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when no other set's shards are left in it
+    return {"counts": counts, "bad": bad}
+
+
+def _all_gather_object(info: Any, obj: Any) -> list[Any]:
+    if not info.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -55,7 +55,8 @@ def _decode_ids(raw: np.ndarray) -> list[str]:
 
 
 def _encode_ids(ids: Sequence[str]) -> np.ndarray:
-    return np.array([str(i).encode("ascii") for i in ids], dtype="S")
+    # UTF-8: ASCII ids (all of DISC21) are unchanged, a non-ASCII file stem round-trips instead of crashing.
+    return np.array([str(i).encode("utf-8") for i in ids], dtype="S")
 
 
 def validate_matrix(

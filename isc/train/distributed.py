@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -31,8 +32,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Pick the device and, under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group."""
+def setup(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Pick the device and, under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group.
+
+    ``timeout_s``: how long a collective may wait (torch's default otherwise: 10 min for NCCL); ranks
+    that wait on rank 0's work -- e.g. the merge of a sharded extraction -- need more."""
     world = world_size_from_env()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -42,10 +46,15 @@ def setup(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device(device)
     if dev.type == "cuda":
+        if not torch.cuda.is_available():  # else set_device dies with a driver traceback
+            from isc.errors import ConfigError
+
+            raise ConfigError("device", f"{device} requested but no GPU is visible")
         torch.cuda.set_device(dev)
     initialised = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
         initialised = True
     return DistInfo(rank, local_rank, world, dev, initialised)
 
@@ -93,3 +102,17 @@ def all_gather_tensor(info: DistInfo, t: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(t) for _ in range(info.world_size)]
     dist.all_gather(out, t.contiguous())
     return out
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The training loop's DDP wrapping (also what ``bench/gpu_check.py`` checks): on CUDA every BatchNorm
+    becomes a SyncBatchNorm first -- timm's converter, which also handles timm's fused ``BatchNormAct2d``
+    -- so per-rank batches of 32 normalise over the global batch; then DistributedDataParallel, one device
+    per process. Needs an initialised process group. The bare network is ``result.module``."""
+    if device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )

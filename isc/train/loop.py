@@ -375,12 +375,8 @@ def _setup(cfg: TrainConfig, info: ddp.DistInfo, weights_given: bool, init_path:
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     net = model
     if info.distributed:
-        if device.type == "cuda":
-            from timm.layers import convert_sync_batchnorm
-
-            model = net = convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = ddp.wrap_model(model, device)  # SyncBatchNorm on CUDA, then DDP
+        net = model.module
     return _Parts(model, net, criterion, optimizer, scaler, amp, init_report=report)
 
 
