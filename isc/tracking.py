@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import time
 import urllib.error
 import urllib.request
@@ -23,46 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from isc.errors import TrackingUnavailableError
+from isc.redact import REDACTED, is_secret_key, redact, safe_value  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "isc"
 RUN_ID_PATTERN_LEN = 32
 
-REDACTED = "***"
-# ``scheme://user:password@host`` (database URLs, tracking URIs with credentials, git remotes...).
-_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@\s/]+)@")
-# ``...?password=x&token=y`` query strings and ``PASSWORD=x`` assignments.
-_KV_SECRET_RE = re.compile(
-    r"(?i)(?P<key>\b[\w.\-]*(?:password|passwd|pwd|secret|token|api[_\-]?key|access[_\-]?key)=)"
-    r"(?P<val>[^&\s;,'\"]+)"
-)
-# Param/tag names whose whole value is a secret (matched on the name's ``._-`` separated words).
-_SECRET_WORDS = {"password", "passwd", "pwd", "secret", "token", "apikey", "credential", "credentials"}
-_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("auth", "token")}
-
-
-def redact_secrets(text: str) -> str:
-    """``text`` with passwords in URLs and ``password=``/``token=``-style values replaced by ``***``.
-
-    Why: params and tags are visible to everyone who can read the experiment, and storage URLs
-    (``postgresql://user:pw@host/db`` for Optuna or MLflow) are natural things to log.
-    """
-    text = _URL_PASSWORD_RE.sub(lambda m: f"{m.group('head')}:{REDACTED}@", text)
-    return _KV_SECRET_RE.sub(lambda m: f"{m.group('key')}{REDACTED}", text)
-
-
-def is_secret_key(key: str) -> bool:
-    """True for a param/tag name such as ``db_password`` or ``api_token`` (its value is never logged)."""
-    words = [w for w in re.split(r"[._\-\s/]+", key.lower()) if w]
-    if any(w in _SECRET_WORDS or w.endswith(("password", "secret")) for w in words):
-        return True
-    return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
-
-
-def safe_value(key: str, text: str) -> str:
-    """The loggable form of ``text`` under name ``key``: fully redacted for secret names, else scrubbed."""
-    return REDACTED if is_secret_key(key) and text else redact_secrets(text)
+# Redaction lives in isc.redact (one rule set for params, tags, logs, summaries and errors); these names
+# stay importable from here for existing callers.
+redact_secrets = redact
 
 
 def project_root() -> Path:
@@ -203,7 +172,7 @@ def tracked_run(
         raise
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            mlflow.set_tag("isc.error", redact_secrets(f"{type(exc).__name__}: {exc}")[:4000])
+            mlflow.set_tag("isc.error", redact(f"{type(exc).__name__}: {exc}")[:4000])
         mlflow.end_run(status="FAILED")
         raise
     else:
