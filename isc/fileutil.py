@@ -1,4 +1,9 @@
-"""Atomic file output: a reader never sees a half-written file under the final name."""
+"""Atomic file output: a reader never sees a half-written file under the final name.
+
+Outputs get the mode a plain ``open(path, "w")`` would give (``0o666`` minus the umask, typically
+0644): ``mkstemp`` creates 0600 files, which would hide descriptors, CSVs and checkpoints from the
+other users of a shared output folder.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,20 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where possible: setting it to probe is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 @contextlib.contextmanager
@@ -19,7 +38,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
