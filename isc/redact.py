@@ -53,7 +53,8 @@ def is_secret_key(key: str) -> bool:
 _PEM_RE = re.compile(r"-----BEGIN (?P<kind>[A-Z0-9 ]*PRIVATE KEY)-----.*?-----END (?P=kind)-----", re.DOTALL)
 # ``scheme://userinfo@host``: the password may hold ``/`` and ``@`` (the last ``@`` of the token ends it).
 _URL_USERINFO_RE = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s'\"<>]*)@(?P<host>[A-Za-z0-9.\-_~%]+|\[[0-9A-Fa-f:.]+\])"
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s'\"<>]*)@"
+    r"(?P<host>[A-Za-z0-9.\-_~%]+|\[[0-9A-Fa-f:.]+\])"
 )
 _PORT_PATH_RE = re.compile(r"^\d{1,5}(/|$)")
 # Known token formats, wherever they appear (GitHub, GitLab, Slack, OpenAI-style, Hugging Face, AWS keys).
@@ -80,7 +81,8 @@ _FLAG_RE = re.compile(
 )
 # ``key=value`` (query strings, DSNs, env assignments, ini files; quoted DSN values included).
 _ASSIGN_RE = re.compile(
-    r"(?P<head>(?<![\w\-.])(?P<key>[A-Za-z_][\w.\-]*)\s*=\s*)(?P<val>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^&\s;,'\"]+)"
+    r"(?P<head>(?<![\w\-.])(?P<key>[A-Za-z_][\w.\-]*)\s*=\s*)"
+    r"(?P<val>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^&\s;,'\"]+)"
 )
 # ``password: x`` (YAML, HTTP-style headers such as ``X-Api-Key: x``).
 _COLON_RE = re.compile(r"(?P<head>(?<![\w\-.])(?P<key>[A-Za-z_][\w.\-]*):[ \t]+)(?P<val>[^\s,;'\"]+)")
@@ -141,7 +143,7 @@ def redact(text: str) -> str:
 
 
 def safe_value(key: str, text: str) -> str:
-    """The loggable form of ``text`` under name ``key``: fully masked for a secret name, else :func:`redact`."""
+    """The loggable form of ``text`` under ``key``: fully masked for a secret name, else :func:`redact`."""
     return REDACTED if is_secret_key(key) and text else redact(text)
 
 
