@@ -21,6 +21,7 @@ from isc.baselines import METHODS, compute_descriptors
 from isc.cliutil import Parser, optional_str
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError, DescriptorFileError
+from isc.fileutil import check_outputs
 from isc.io import read_ground_truth, write_descriptors
 
 
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         read_ground_truth(gt_path)
     except DescriptorFileError as exc:
         raise ConfigError("--ground-truth", str(exc)) from exc
+    out_dir = Path(args.output_dir)
+    outputs = {"descriptors": out_dir / f"{args.method}.h5"}
+    for name in ("metrics.json", "pr_curve.png", "gallery.png"):  # run_evaluation's artifacts
+        outputs[name] = out_dir / args.method / name
+    check_outputs(outputs, {"--ground-truth": gt_path}, overwrite=True, param="output_dir")
     queries, refs = root.images("query"), root.images("reference")
     if not queries or not refs:
         raise ConfigError("--data", f"{root.root} has no query or no reference images")

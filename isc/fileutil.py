@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from isc.errors import ConfigError
+
 
 def _umask() -> int:
     """The process umask (read from /proc where possible: setting it to probe is not thread-safe)."""
@@ -50,3 +52,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name one file (also through links); False when either does not exist."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_outputs(
+    outputs: dict[str, Path], inputs: dict[str, Path], overwrite: bool, param: str = "output"
+) -> None:
+    """Refuse, naming the file, an output that is an input (always) or that exists (unless ``overwrite``).
+
+    ``outputs``/``inputs`` map a description (``--output``, ``--train-descriptors``...) to a path.
+    """
+    for out_name, out in outputs.items():
+        for in_name, inp in inputs.items():
+            if same_file(out, inp) or out.resolve() == inp.resolve():
+                raise ConfigError(param, f"{out} ({out_name}) is the input {in_name}: writing it would "
+                                  "destroy the input; choose another output path")
+    existing = [f"{p} ({n})" for n, p in outputs.items() if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(param, f"{', '.join(existing)} already exist(s); pass --overwrite true to replace, "
+                          "or choose another output folder")

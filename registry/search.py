@@ -123,6 +123,24 @@ def collect_images(sources: list[str | Path], param: str) -> list[tuple[str, Pat
     return sorted(items.items())
 
 
+def check_output_paths(index_path: Path, output: str | Path | None, images: list[tuple[str, Path]]) -> None:
+    """Refuse an index/CSV path that is an input image or the other output (one would destroy the other)."""
+    ids_path, meta_path = _side_paths(index_path)
+    outputs = {"index": index_path, "index ids": ids_path, "index meta": meta_path}
+    outputs = {name: path.resolve() for name, path in outputs.items()}
+    if output:
+        out = Path(output).resolve()
+        for name, path in outputs.items():
+            if out == path:
+                raise ConfigError("output", f"{output} is also the {name} file ({path}); choose another path")
+        outputs["output"] = out
+    inputs = {p.resolve(): image_id for image_id, p in images}
+    for name, path in outputs.items():
+        if path in inputs:
+            param = "output" if name == "output" else "index"
+            raise ConfigError(param, f"{path} ({name}) is the input image '{inputs[path]}'; choose another")
+
+
 def _references_fingerprint(items: list[tuple[str, Path]]) -> str:
     h = hashlib.sha256()
     for image_id, path in items:
@@ -207,6 +225,7 @@ def search_images(
     ref_items = collect_images(list(references), "references")
     query_items = collect_images(list(queries), "queries")
     index_path = Path(index_path)
+    check_output_paths(index_path, output, ref_items + query_items)
     model, ident = load_descriptor_model(model_uri)
     ref_fp = _references_fingerprint(ref_items)
     loaded = load_index(index_path, ident, ref_fp)
