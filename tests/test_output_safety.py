@@ -23,10 +23,16 @@ def _unit(rng, n, d):
 @pytest.fixture
 def inputs(tmp_path):
     rng = np.random.default_rng(0)
-    desc = write_descriptors(tmp_path / "in" / "descriptors.h5", _unit(rng, 5, 16), [f"Q{i}" for i in range(5)],
-                             _unit(rng, 7, 16), [f"R{i}" for i in range(7)])  # fmt: skip
-    train = write_train_descriptors(tmp_path / "in" / "train_descriptors.h5", _unit(rng, 64, 16),
-                                    [f"T{i:02d}" for i in range(64)])  # fmt: skip
+    desc = write_descriptors(
+        tmp_path / "in" / "descriptors.h5",
+        _unit(rng, 5, 16),
+        [f"Q{i}" for i in range(5)],
+        _unit(rng, 7, 16),
+        [f"R{i}" for i in range(7)],
+    )
+    train = write_train_descriptors(
+        tmp_path / "in" / "train_descriptors.h5", _unit(rng, 64, 16), [f"T{i:02d}" for i in range(64)]
+    )
     return desc, train
 
 
@@ -62,8 +68,11 @@ def _runs(uri: str) -> list:
 def test_postprocess_output_that_is_its_train_descriptors_is_refused(inputs, tracking, capsys):
     desc, train = inputs
     before = _sha(train)
-    rc, err = _run("postprocess", ["--descriptors", desc, "--train-descriptors", train, "--output", train,
-                                   "--overwrite", "true"], capsys)  # fmt: skip
+    rc, err = _run(
+        "postprocess",
+        ["--descriptors", desc, "--train-descriptors", train, "--output", train, "--overwrite", "true"],
+        capsys,
+    )
     assert rc == 2
     line = _error_line(err)
     assert "output" in line and str(train) in line and "--train-descriptors" in line, line
@@ -78,8 +87,20 @@ def test_postprocess_bank_next_to_output_that_is_an_input_is_refused(inputs, tra
     bank = train.parent / "nes_bank.h5"
     train.rename(bank)
     before = _sha(bank)
-    rc, err = _run("postprocess", ["--descriptors", desc, "--train-descriptors", bank,
-                                   "--output", bank.parent / "nes.h5", "--overwrite", "true"], capsys)  # fmt: skip
+    rc, err = _run(
+        "postprocess",
+        [
+            "--descriptors",
+            desc,
+            "--train-descriptors",
+            bank,
+            "--output",
+            bank.parent / "nes.h5",
+            "--overwrite",
+            "true",
+        ],
+        capsys,
+    )
     assert rc == 2
     assert "nes_bank.h5" in _error_line(err)
     assert _sha(bank) == before and not (bank.parent / "nes.h5").exists()
@@ -93,8 +114,20 @@ def test_postprocess_never_replaces_an_existing_output_or_bank_without_overwrite
     first = {p.name: _sha(p) for p in (out, out.parent / "nes_bank.h5")}
 
     # A second run into the same folder (another output name, other constants) is refused, naming the bank.
-    rc, err = _run("postprocess", ["--descriptors", desc, "--train-descriptors", train,
-                                   "--output", out.parent / "other.h5", "--beta", "0.9"], capsys)  # fmt: skip
+    rc, err = _run(
+        "postprocess",
+        [
+            "--descriptors",
+            desc,
+            "--train-descriptors",
+            train,
+            "--output",
+            out.parent / "other.h5",
+            "--beta",
+            "0.9",
+        ],
+        capsys,
+    )
     assert rc == 2
     line = _error_line(err)
     assert "nes_bank.h5" in line and "--overwrite" in line, line
@@ -113,16 +146,25 @@ def test_postprocess_k_above_the_training_count_is_refused_naming_both(inputs, t
     desc, train = inputs
     out = desc.parent.parent / "out" / "n.h5"
     for flag, name in (("--k", "k"), ("--dba-k", "dba_k")):
-        rc, err = _run("postprocess", ["--descriptors", desc, "--train-descriptors", train, "--output", out,
-                                       flag, "1000"], capsys)  # fmt: skip
+        rc, err = _run(
+            "postprocess",
+            ["--descriptors", desc, "--train-descriptors", train, "--output", out, flag, "1000"],
+            capsys,
+        )
         assert rc == 2
         line = _error_line(err)
         assert line.startswith(f"error: {name}: 1000 > the 64 training descriptors"), line
         assert not out.exists()
     assert _runs(tracking) == []
     # k == the count is legal (every bank row is a neighbour), and logged as given.
-    assert _run("postprocess", ["--descriptors", desc, "--train-descriptors", train, "--output", out,
-                                "--k", "64"], capsys)[0] == 0  # fmt: skip
+    assert (
+        _run(
+            "postprocess",
+            ["--descriptors", desc, "--train-descriptors", train, "--output", out, "--k", "64"],
+            capsys,
+        )[0]
+        == 0
+    )
     assert _runs(tracking)[0].data.params["k"] == "64"
 
 
@@ -170,8 +212,11 @@ def test_search_output_that_is_the_index_or_an_input_image_is_refused(mini_data,
         (["--index", image, "--output", tmp_path / "m.csv"], "index"),
     ]
     for extra, name in cases:
-        rc, err = _run("search", ["--model", tmp_path / "no_model", "--references", refs, "--queries", queries,
-                                  *extra], capsys)  # fmt: skip
+        rc, err = _run(
+            "search",
+            ["--model", tmp_path / "no_model", "--references", refs, "--queries", queries, *extra],
+            capsys,
+        )
         assert rc == 2
         assert _error_line(err).startswith(f"error: {name}:"), err
     assert _sha(image) == before
