@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -59,23 +61,88 @@ def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri without user:password@, user, password)`` of an http(s) URI (``None`` when it has none).
+
+    MLflow's own convention for credentials is ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``; a URI that
+    carries them instead is honoured the same way, and the password is kept out of the URI (and so out
+    of every message, log line and subprocess environment that shows the URI).
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if not _is_http(uri) or (parts.username is None and parts.password is None):
+        return uri, None, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    clean = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    return clean, user, password
+
+
+_API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _get(url: str, auth: tuple[str, str] | None, timeout: float) -> tuple[int, str, bytes]:
+    """``(status, content type, first 4 KB of the body)``; HTTP errors are answers, not exceptions."""
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read(4096)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", "") if exc.headers else "", b""
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming the URI, when an HTTP tracking server does not answer ``/health``."""
+    """Fail fast, naming the URI (password masked), unless an MLflow tracking server answers there.
+
+    Two probes: ``/health`` (reachable at all?) and one cheap API call that must answer MLflow JSON
+    (so another web server on that port is named as such instead of crashing the client later). Basic
+    credentials come from the URI's ``user:password@`` or ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``;
+    credentials the server refuses (HTTP 401) fail here too.
+    """
     if not _is_http(uri):
         return
-    url = uri.rstrip("/") + "/health"
+    shown = redact(uri)
+    base, user, password = split_credentials(uri)
+    if user is None:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    auth = (user, password or "") if user else None
+    base = base.rstrip("/")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
-            if resp.status >= 500:
-                raise TrackingUnavailableError(f"MLflow tracking server {uri} answered HTTP {resp.status}")
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            return  # auth-protected server: reachable; credentials are checked by the client
-        raise TrackingUnavailableError(f"MLflow tracking server {uri} answered HTTP {exc.code}") from exc
-    except (urllib.error.URLError, OSError) as exc:
+        status, _, _ = _get(base + "/health", auth, timeout)
+        if status >= 500:
+            raise TrackingUnavailableError(f"MLflow tracking server {shown} answered HTTP {status}")
+        if status not in (200, 401, 403):
+            raise TrackingUnavailableError(
+                f"{shown} is not an MLflow tracking server (GET /health answered HTTP {status}); "
+                "check MLFLOW_TRACKING_URI"
+            )
+        status, ctype, body = _get(base + _API_PROBE, auth, timeout)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} is unreachable ({exc}); start it or set MLFLOW_TRACKING_URI"
+            f"MLflow tracking server {shown} is unreachable ({redact(str(exc))}); start it or set "
+            "MLFLOW_TRACKING_URI"
         ) from exc
+    if status == 401:
+        who = f"user '{user}'" if user else "anonymous clients"
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {shown} refused {who} (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or fix them)"
+        )
+    if status == 403:
+        return  # authenticated, but not allowed to list experiments: the real calls will say what is missing
+    try:
+        ok = status == 200 and isinstance(json.loads(body or b"{}"), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise TrackingUnavailableError(
+            f"{shown} answers /health but is not an MLflow tracking server (GET {_API_PROBE.split('?')[0]} "
+            f"answered HTTP {status} {ctype or 'without a content type'}); check MLFLOW_TRACKING_URI"
+        )
 
 
 def configure(tracking_uri: str | None = None, check: bool = True) -> str:
@@ -89,6 +156,11 @@ def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     uri = tracking_uri or default_tracking_uri()
     if check:
         check_reachable(uri)
+    uri, user, password = split_credentials(uri)
+    if user is not None:  # MLflow's own convention; keeps the password out of the URI everyone prints
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     # Bound every HTTP call so an outage mid-run turns into retries with backoff, not a hang.
