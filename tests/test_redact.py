@@ -177,3 +177,21 @@ def test_error_line_of_an_entry_point_is_redacted(tracking, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "hunter2" not in err and "error:" in err, err
+
+
+def test_main_job_summary_text_is_redacted():
+    """What ``isc.driver._report`` writes to ``summary/summary.txt``, passed through :func:`redact`."""
+    lines = [
+        "== steps ==",
+        "champion: models:/isc-descriptor@champion = version 3 (chosen on ground_truth_val.csv)",
+        "MLflow UI:        mlflow server --backend-store-uri "
+        "postgresql+psycopg2://isc:pg%2FS3cret@db:5432/mlflow --host 127.0.0.1 --port 5000",
+        "MLflow UI:        http://alice:hunter2@mlflow.internal:5000",
+        "Optuna dashboard: optuna-dashboard postgresql://isc:opt-S3cret@db/optuna --host 127.0.0.1",
+    ]
+    out = redact("\n".join(lines))
+    for secret in ("pg%2FS3cret", "hunter2", "opt-S3cret"):
+        assert secret not in out, out
+    assert "db:5432/mlflow --host 127.0.0.1 --port 5000" in out
+    assert "http://alice:***@mlflow.internal:5000" in out
+    assert out.splitlines()[:2] == lines[:2]
