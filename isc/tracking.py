@@ -81,12 +81,25 @@ def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
 _API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 
+def _client_credentials() -> tuple[str | None, str | None]:
+    """MLflow's own username/password resolution: environment first, then ``~/.mlflow/credentials``."""
+    try:
+        from mlflow.utils.credentials import read_mlflow_creds
+
+        creds = read_mlflow_creds()
+        return creds.username, creds.password
+    except Exception:  # noqa: BLE001 -- an unreadable credentials file: fall back to the environment
+        return os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+
+
 def _get(url: str, auth: tuple[str, str] | None, timeout: float) -> tuple[int, str, bytes]:
     """``(status, content type, first 4 KB of the body)``; HTTP errors are answers, not exceptions."""
     req = urllib.request.Request(url, headers={"Accept": "application/json"})
     if auth:
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
             return resp.status, resp.headers.get("Content-Type", ""), resp.read(4096)
@@ -99,17 +112,19 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
     Two probes: ``/health`` (reachable at all?) and one cheap API call that must answer MLflow JSON
     (so another web server on that port is named as such instead of crashing the client later). Basic
-    credentials come from the URI's ``user:password@`` or ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``;
-    credentials the server refuses (HTTP 401) fail here too.
+    credentials come from the URI's ``user:password@``, else MLflow's own (``MLFLOW_TRACKING_USERNAME``/
+    ``_PASSWORD``, ``~/.mlflow/credentials``), else ``MLFLOW_TRACKING_TOKEN`` (Bearer); credentials or a
+    token the server refuses (HTTP 401) fail here too. Other auth schemes (``MLFLOW_TRACKING_AUTH``
+    plugins, SigV4) cannot be probed: a 401 is then left to the client.
     """
     if not _is_http(uri):
         return
     shown = redact(uri)
     base, user, password = split_credentials(uri)
     if user is None:
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-        password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        user, password = _client_credentials()
     auth = (user, password or "") if user else None
+    token = bool(os.environ.get("MLFLOW_TRACKING_TOKEN"))
     base = base.rstrip("/")
     try:
         status, _, _ = _get(base + "/health", auth, timeout)
@@ -126,8 +141,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"MLflow tracking server {shown} is unreachable ({redact(str(exc))}); start it or set "
             "MLFLOW_TRACKING_URI"
         ) from exc
+    if status == 401 and not (auth or token):
+        return  # no credentials we could send (anonymous, or an auth plugin): the client decides
     if status == 401:
-        who = f"user '{user}'" if user else "anonymous clients"
+        who = f"user '{user}'" if auth else "MLFLOW_TRACKING_TOKEN"
         raise TrackingUnavailableError(
             f"MLflow tracking server {shown} refused {who} (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or fix them)"
