@@ -170,6 +170,9 @@ def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     """
     import mlflow
 
+    from isc.redact import install_log_redaction
+
+    install_log_redaction()  # MLflow's handlers exist once it is imported; they print run URLs with the URI
     uri = tracking_uri or default_tracking_uri()
     if check:
         check_reachable(uri)
