@@ -20,8 +20,9 @@ from isc import tracking
 from isc.baselines import METHODS, compute_descriptors
 from isc.cliutil import Parser, optional_str
 from isc.data.disc21 import DISC21
-from isc.errors import ConfigError
-from isc.io import write_descriptors
+from isc.errors import ConfigError, DescriptorFileError
+from isc.fileutil import check_outputs
+from isc.io import read_ground_truth, write_descriptors
 
 
 def build_parser() -> Parser:
@@ -45,8 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     root = DISC21(Path(args.data))
     root.validate("qr")
     gt_path = Path(args.ground_truth) if args.ground_truth else default_ground_truth(root)
-    if not gt_path.is_file():
+    if not gt_path.exists():
         raise ConfigError("--ground-truth", f"{gt_path} does not exist")
+    try:  # a folder, a binary file or a malformed CSV fails here, before any image is hashed
+        read_ground_truth(gt_path)
+    except DescriptorFileError as exc:
+        raise ConfigError("--ground-truth", str(exc)) from exc
+    out_dir = Path(args.output_dir)
+    outputs = {"descriptors": out_dir / f"{args.method}.h5"}
+    for name in ("metrics.json", "pr_curve.png", "gallery.png"):  # run_evaluation's artifacts
+        outputs[name] = out_dir / args.method / name
+    check_outputs(outputs, {"--ground-truth": gt_path}, overwrite=True, param="output_dir")
     queries, refs = root.images("query"), root.images("reference")
     if not queries or not refs:
         raise ConfigError("--data", f"{root.root} has no query or no reference images")

@@ -90,7 +90,15 @@ def load_descriptors(ref: str | Path, allow_large_dim: bool = False) -> Descript
 
 
 def load_ground_truth(ref: str | Path) -> tuple[GroundTruth, Path]:
-    path = _local_file(ref, "ground_truth.csv", ("ground_truth.csv",))
+    """A ground-truth CSV given as a path, a run id (its ``ground_truth.csv``) or an artifact URI.
+
+    A folder is refused by :func:`read_ground_truth`, naming the split files it holds: scoring on a
+    folder's ``ground_truth.csv`` would silently mix every split, training pairs included.
+    """
+    try:
+        path = tracking.resolve_artifact(ref, default_subpath="ground_truth.csv")
+    except FileNotFoundError as exc:
+        raise DescriptorFileError(ref, str(exc).removeprefix(f"{ref}: ")) from exc
     return read_ground_truth(path), path
 
 

@@ -3,7 +3,8 @@
 Writes ``query_id,reference_id,score`` (best first, at most 500,000 rows, no duplicate pair; score =
 -squared L2 or the inner product) from the global top ``--max-results`` pairs over all queries -- the
 same candidates the isc2021 ``--max_results`` evaluation scores. Logs the row count when an MLflow run
-is active or the command runs under ``mlflow run``.
+is active or the command runs under ``mlflow run``. An existing ``--output`` is replaced only with
+``--overwrite true``; an output that is the descriptor file itself is always refused.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import contextlib
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from entrypoints.evaluate import load_descriptors
+from entrypoints.evaluate import _local_file
 from isc import tracking
 from isc.cliutil import Parser, positive_int, str2bool
 from isc.errors import ConfigError
-from isc.io import MAX_MATCHES, Descriptors, write_matches_csv
+from isc.fileutil import check_outputs
+from isc.io import MAX_MATCHES, Descriptors, read_descriptors, write_matches_csv
 from isc.search import DEFAULT_BATCH_SIZE, global_topk
 
 
@@ -42,6 +45,8 @@ def build_parser() -> Parser:
     p = Parser(prog="isc match", description=__doc__.splitlines()[0])
     p.add_argument("--descriptors", required=True, help="descriptor h5: path, run id or MLflow artifact URI")
     p.add_argument("--output", default="outputs/match/matches.csv", help="CSV to write")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace an existing --output (default: refuse)")
     p.add_argument("--max-results", type=positive_int, default=MAX_MATCHES, help="rows (<= 500000)")
     p.add_argument("--metric", choices=("l2", "ip"), default="l2")
     p.add_argument("--allow-large-dim", type=str2bool, nargs="?", const=True, default=False)
@@ -63,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(
             "--max-results", f"the matching track allows at most {MAX_MATCHES} rows, got {args.max_results}"
         )
-    desc = load_descriptors(args.descriptors, args.allow_large_dim)
+    desc_path = _local_file(args.descriptors, "descriptors", ("descriptors_nes.h5", "descriptors.h5"))
+    check_outputs({"--output": Path(args.output)}, {"--descriptors": desc_path}, args.overwrite)
+    desc = read_descriptors(desc_path, allow_large_dim=args.allow_large_dim)
     qids, rids, scores = match_descriptors(desc, args.max_results, args.metric, args.batch_size)
     path = write_matches_csv(args.output, qids, rids, scores)
     summary = {"output": str(path), "n_matches": len(qids), "metric": args.metric}

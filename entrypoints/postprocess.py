@@ -5,6 +5,10 @@ h5), each a local path, a run id (defaults to the extract step's ``descriptors/.
 MLflow artifact URI. Writes ``--output`` (same ISC21 format) and ``nes_bank.h5`` (the DBA-smoothed bank,
 ``train``/``train_ids`` format) next to it, both atomically and only after every input was validated,
 and logs both under the run's ``descriptors/`` artifact path.
+
+Never destroys data silently: an output that is one of the inputs is always refused, and an existing
+``--output`` or ``nes_bank.h5`` is replaced only with ``--overwrite true``. ``--k``/``--dba-k`` larger
+than the number of training descriptors is refused (NES would average the whole bank, not k neighbours).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from isc import tracking
-from isc.cliutil import Parser, nonnegative_float, nonnegative_int, positive_int
+from isc.cliutil import Parser, nonnegative_float, nonnegative_int, positive_int, str2bool
 from isc.errors import ConfigError, DescriptorFileError
+from isc.fileutil import check_outputs
 from isc.io import (
     Descriptors,
     read_descriptors,
@@ -52,6 +57,8 @@ def build_parser() -> Parser:
         "--train-descriptors", required=True, help="training h5 (the negatives): path, run id or URI"
     )
     p.add_argument("--output", default="outputs/postprocess/descriptors_nes.h5", help="output h5 path")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace an existing --output and the nes_bank.h5 next to it (default: refuse)")
     g = p.add_argument_group("constants (seed defaults)")
     g.add_argument("--k", type=positive_int, default=DEFAULT_K, help="bank neighbours subtracted per vector")
     g.add_argument("--beta", type=nonnegative_float, default=DEFAULT_BETA, help="subtraction weight")
@@ -88,6 +95,15 @@ def load_inputs(
     return desc_path, desc, train_path, train, train_ids
 
 
+def check_k(cfg: NESConfig, n_train: int, train_path: Path) -> None:
+    """k and dba_k above the bank size would silently average the whole bank: refuse, naming both."""
+    for name, k in (("k", cfg.k), ("dba_k", cfg.dba_k)):
+        if k > n_train:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(name, f"{k} > the {n_train} training descriptors in {train_path}; pass {flag} "
+                              f"<= {n_train} or more training descriptors")
+
+
 def _log_as(path: Path, name: str) -> None:
     """Log ``path`` as ``descriptors/<name>`` whatever its local file name is."""
     if path.name == name:
@@ -111,6 +127,12 @@ def main(argv: list[str]) -> int:
     if output.is_dir():
         raise ConfigError("output", f"{output} is a directory; give a file path ending in .h5")
     desc_path, desc, train_path, train, train_ids = load_inputs(args.descriptors, args.train_descriptors)
+    check_outputs(
+        {"--output": output, f"{BANK_NAME} next to --output": bank_path},
+        {"--descriptors": desc_path, "--train-descriptors": train_path},
+        args.overwrite,
+    )
+    check_k(cfg, len(train_ids), train_path)
 
     with tracking.tracked_run(run_name="postprocess", tags={"isc.step": "postprocess"}):
         tracking.log_params(

@@ -39,8 +39,15 @@ def main(argv: list[str]) -> int:
     if args.ground_truth:
         from pathlib import Path
 
-        if not Path(args.ground_truth).is_file():
+        from isc.errors import DescriptorFileError
+        from isc.io import read_ground_truth
+
+        if not Path(args.ground_truth).exists():
             raise ConfigError("ground_truth", f"{args.ground_truth}: no such file")
+        try:  # a folder (which split?), a binary file or a malformed CSV: one error line, no traceback
+            read_ground_truth(args.ground_truth)
+        except DescriptorFileError as exc:
+            raise ConfigError("ground_truth", str(exc)) from exc
     if args.rollback:
         result = rollback(args.model_name)
     else:

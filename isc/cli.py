@@ -47,13 +47,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_entrypoint(module: str, argv: list[str]) -> int:
-    """Run ``module.main(argv)``; an ``ISCError`` becomes one ``error:`` line and exit status 2."""
+    """Run ``module.main(argv)``; an ``ISCError`` becomes one ``error:`` line and exit status 2.
+
+    Log records and the error line pass through :mod:`isc.redact`, so a password in a URI or a
+    command line never reaches the terminal or a captured log.
+    """
+    from isc.redact import install_log_redaction, redact
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mod = importlib.import_module(module)
+    install_log_redaction()  # after the import: MLflow adds its own handlers when imported
     try:
         return int(mod.main(argv) or 0)
     except ISCError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -22,6 +22,10 @@ from isc.errors import DescriptorFileError
 from isc.fileutil import atomic_path
 
 MAX_DIM = 256  # the descriptor track's limit
+# Largest |value| accepted in a descriptor. faiss scores in float32: squared L2 distances of rows beyond
+# ~1e18 overflow to inf and every candidate is dropped (µAP 0.0, 0 predictions, exit 0). 1e15 keeps
+# 4 * d * max|x|^2 finite for any d below 8e7 while leaving raw, unnormalised descriptors usable.
+MAX_ABS_VALUE = 1e15
 
 
 @dataclass
@@ -77,10 +81,26 @@ def validate_matrix(
     if not finite.all():
         bad = [ids[i] for i in np.flatnonzero(~finite)[:5]]
         raise DescriptorFileError(path, f"dataset '{name}' has NaN/inf values (ids {bad}...)")
+    _check_magnitude(path, name, x, ids)
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dups = [i for i in ids if i in seen or seen.add(i)]
         raise DescriptorFileError(path, f"duplicate ids in '{name}': {dups[:5]}")
+
+
+def _check_magnitude(path: str | Path, name: str, x: np.ndarray, ids: Sequence[str]) -> None:
+    """Refuse values whose distances would overflow float32 (see ``MAX_ABS_VALUE``); O(block) memory."""
+    step = 65_536
+    for s in range(0, x.shape[0], step):
+        block = np.abs(x[s : s + step])
+        if block.size and float(block.max()) > MAX_ABS_VALUE:
+            rows = s + np.flatnonzero(block.max(axis=1) > MAX_ABS_VALUE)
+            bad = [ids[i] for i in rows[:5]]
+            raise DescriptorFileError(
+                path,
+                f"dataset '{name}' has values up to {float(block.max()):.3g} (ids {bad}); |value| must be "
+                f"<= {MAX_ABS_VALUE:.0e} so that distances fit in float32: L2-normalise the descriptors",
+            )
 
 
 def _open_h5(path: Path, what: str) -> h5py.File:
@@ -95,17 +115,40 @@ def _open_h5(path: Path, what: str) -> h5py.File:
 def _read_dataset(path: Path, f: h5py.File, name: str) -> np.ndarray:
     if name not in f:
         raise DescriptorFileError(path, f"missing dataset '{name}' (has: {sorted(f.keys())})")
+    if not isinstance(f[name], h5py.Dataset):
+        raise DescriptorFileError(path, f"'{name}' is an HDF5 group, not a dataset")
     return f[name][()]
+
+
+def _read_ids(path: Path, f: h5py.File, name: str) -> list[str]:
+    """An id dataset (1-D strings) as ``str``; anything else is refused naming the dataset."""
+    raw = _read_dataset(path, f, name)
+    if not isinstance(raw, np.ndarray) or raw.ndim != 1:
+        shape = getattr(raw, "shape", raw)
+        raise DescriptorFileError(path, f"dataset '{name}' must be a 1-D array of ids, got {shape}")
+    try:
+        return _decode_ids(raw)
+    except UnicodeDecodeError as exc:
+        raise DescriptorFileError(path, f"dataset '{name}' holds ids that are not UTF-8 ({exc})") from exc
+
+
+def _read_matrix(path: Path, f: h5py.File, name: str) -> np.ndarray:
+    """A numeric dataset as float32; strings, objects or compound types are refused naming the dataset."""
+    raw = _read_dataset(path, f, name)
+    if not isinstance(raw, np.ndarray) or raw.dtype.kind not in "fiub":
+        dtype = getattr(raw, "dtype", type(raw).__name__)
+        raise DescriptorFileError(path, f"dataset '{name}' holds {dtype} values, expected float32 numbers")
+    return np.asarray(raw, dtype=np.float32)
 
 
 def read_descriptors(path: str | Path, allow_large_dim: bool = False) -> Descriptors:
     """Read and validate a descriptor-track h5."""
     path = Path(path)
     with _open_h5(path, "descriptor") as f:
-        q = np.asarray(_read_dataset(path, f, "query"), dtype=np.float32)
-        r = np.asarray(_read_dataset(path, f, "reference"), dtype=np.float32)
-        qids = _decode_ids(_read_dataset(path, f, "query_ids"))
-        rids = _decode_ids(_read_dataset(path, f, "reference_ids"))
+        q = _read_matrix(path, f, "query")
+        r = _read_matrix(path, f, "reference")
+        qids = _read_ids(path, f, "query_ids")
+        rids = _read_ids(path, f, "reference_ids")
     max_dim = None if allow_large_dim else MAX_DIM
     validate_matrix(path, "query", q, qids, max_dim)
     validate_matrix(path, "reference", r, rids, max_dim)
@@ -149,8 +192,8 @@ def read_train_descriptors(path: str | Path, allow_large_dim: bool = False) -> t
     """Read training descriptors (``train``/``train_ids``) used as negatives by post-processing."""
     path = Path(path)
     with _open_h5(path, "training-descriptor") as f:
-        x = np.asarray(_read_dataset(path, f, "train"), dtype=np.float32)
-        ids = _decode_ids(_read_dataset(path, f, "train_ids"))
+        x = _read_matrix(path, f, "train")
+        ids = _read_ids(path, f, "train_ids")
     validate_matrix(path, "train", x, ids, None if allow_large_dim else MAX_DIM)
     return x, ids
 
@@ -166,28 +209,43 @@ def write_train_descriptors(path: str | Path, train: np.ndarray, train_ids: Sequ
 
 
 def read_ground_truth(path: str | Path) -> GroundTruth:
-    """Read ``query_id,reference_id`` (header optional; empty reference = distractor query)."""
+    """Read ``query_id,reference_id`` (header optional; empty reference = distractor query).
+
+    UTF-8 with or without a byte-order mark (Excel writes one). A folder is refused, naming the split
+    files in it: silently picking ``ground_truth.csv`` would score on every split, training pairs included.
+    """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.csv"))
+        listing = ", ".join(found) if found else "no CSV file"
+        raise DescriptorFileError(path, f"is a folder, not a ground-truth CSV (holds: {listing}); name one")
     if not path.is_file():
         raise DescriptorFileError(path, "no such ground-truth file")
     queries: list[str] = []
     seen: set[str] = set()
     positives: set[tuple[str, str]] = set()
-    with path.open(newline="") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if lineno == 1 and row[0].strip() == "query_id":
-                continue
-            if len(row) > 2:
-                raise DescriptorFileError(path, f"line {lineno}: expected 'query_id,reference_id', got {row}")
-            q = row[0].strip()
-            r = row[1].strip() if len(row) > 1 else ""
-            if q not in seen:
-                seen.add(q)
-                queries.append(q)
-            if r:
-                positives.add((q, r))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            for lineno, row in enumerate(csv.reader(fh), start=1):
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if lineno == 1 and row[0].strip() == "query_id":
+                    continue
+                if len(row) > 2:
+                    raise DescriptorFileError(
+                        path, f"line {lineno}: expected 'query_id,reference_id', got {row[:4]}"
+                    )
+                q = row[0].strip()
+                r = row[1].strip() if len(row) > 1 else ""
+                if q not in seen:
+                    seen.add(q)
+                    queries.append(q)
+                if r:
+                    positives.add((q, r))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DescriptorFileError(
+            path, f"not a ground-truth CSV: expected UTF-8 text 'query_id,reference_id' ({exc})"
+        ) from exc
     if not queries:
         raise DescriptorFileError(path, "ground truth lists no query")
     return GroundTruth(queries, positives)

@@ -10,59 +10,30 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import os
-import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from isc.errors import TrackingUnavailableError
+from isc.redact import REDACTED, is_secret_key, redact, safe_value  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "isc"
 RUN_ID_PATTERN_LEN = 32
 
-REDACTED = "***"
-# ``scheme://user:password@host`` (database URLs, tracking URIs with credentials, git remotes...).
-_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@\s/]+)@")
-# ``...?password=x&token=y`` query strings and ``PASSWORD=x`` assignments.
-_KV_SECRET_RE = re.compile(
-    r"(?i)(?P<key>\b[\w.\-]*(?:password|passwd|pwd|secret|token|api[_\-]?key|access[_\-]?key)=)"
-    r"(?P<val>[^&\s;,'\"]+)"
-)
-# Param/tag names whose whole value is a secret (matched on the name's ``._-`` separated words).
-_SECRET_WORDS = {"password", "passwd", "pwd", "secret", "token", "apikey", "credential", "credentials"}
-_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("auth", "token")}
-
-
-def redact_secrets(text: str) -> str:
-    """``text`` with passwords in URLs and ``password=``/``token=``-style values replaced by ``***``.
-
-    Why: params and tags are visible to everyone who can read the experiment, and storage URLs
-    (``postgresql://user:pw@host/db`` for Optuna or MLflow) are natural things to log.
-    """
-    text = _URL_PASSWORD_RE.sub(lambda m: f"{m.group('head')}:{REDACTED}@", text)
-    return _KV_SECRET_RE.sub(lambda m: f"{m.group('key')}{REDACTED}", text)
-
-
-def is_secret_key(key: str) -> bool:
-    """True for a param/tag name such as ``db_password`` or ``api_token`` (its value is never logged)."""
-    words = [w for w in re.split(r"[._\-\s/]+", key.lower()) if w]
-    if any(w in _SECRET_WORDS or w.endswith(("password", "secret")) for w in words):
-        return True
-    return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
-
-
-def safe_value(key: str, text: str) -> str:
-    """The loggable form of ``text`` under name ``key``: fully redacted for secret names, else scrubbed."""
-    return REDACTED if is_secret_key(key) and text else redact_secrets(text)
+# Redaction lives in isc.redact (one rule set for params, tags, logs, summaries and errors); these names
+# stay importable from here for existing callers.
+redact_secrets = redact
 
 
 def project_root() -> Path:
@@ -90,23 +61,105 @@ def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri without user:password@, user, password)`` of an http(s) URI (``None`` when it has none).
+
+    MLflow's own convention for credentials is ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``; a URI that
+    carries them instead is honoured the same way, and the password is kept out of the URI (and so out
+    of every message, log line and subprocess environment that shows the URI).
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if not _is_http(uri) or (parts.username is None and parts.password is None):
+        return uri, None, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    clean = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    return clean, user, password
+
+
+_API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _client_credentials() -> tuple[str | None, str | None]:
+    """MLflow's own username/password resolution: environment first, then ``~/.mlflow/credentials``."""
+    try:
+        from mlflow.utils.credentials import read_mlflow_creds
+
+        creds = read_mlflow_creds()
+        return creds.username, creds.password
+    except Exception:  # noqa: BLE001 -- an unreadable credentials file: fall back to the environment
+        return os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+
+
+def _get(url: str, auth: tuple[str, str] | None, timeout: float) -> tuple[int, str, bytes]:
+    """``(status, content type, first 4 KB of the body)``; HTTP errors are answers, not exceptions."""
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read(4096)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", "") if exc.headers else "", b""
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming the URI, when an HTTP tracking server does not answer ``/health``."""
+    """Fail fast, naming the URI (password masked), unless an MLflow tracking server answers there.
+
+    Two probes: ``/health`` (reachable at all?) and one cheap API call that must answer MLflow JSON
+    (so another web server on that port is named as such instead of crashing the client later). Basic
+    credentials come from the URI's ``user:password@``, else MLflow's own (``MLFLOW_TRACKING_USERNAME``/
+    ``_PASSWORD``, ``~/.mlflow/credentials``), else ``MLFLOW_TRACKING_TOKEN`` (Bearer); credentials or a
+    token the server refuses (HTTP 401) fail here too. Other auth schemes (``MLFLOW_TRACKING_AUTH``
+    plugins, SigV4) cannot be probed: a 401 is then left to the client.
+    """
     if not _is_http(uri):
         return
-    url = uri.rstrip("/") + "/health"
+    shown = redact(uri)
+    base, user, password = split_credentials(uri)
+    if user is None:
+        user, password = _client_credentials()
+    auth = (user, password or "") if user else None
+    token = bool(os.environ.get("MLFLOW_TRACKING_TOKEN"))
+    base = base.rstrip("/")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
-            if resp.status >= 500:
-                raise TrackingUnavailableError(f"MLflow tracking server {uri} answered HTTP {resp.status}")
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            return  # auth-protected server: reachable; credentials are checked by the client
-        raise TrackingUnavailableError(f"MLflow tracking server {uri} answered HTTP {exc.code}") from exc
-    except (urllib.error.URLError, OSError) as exc:
+        status, _, _ = _get(base + "/health", auth, timeout)
+        if status >= 500:
+            raise TrackingUnavailableError(f"MLflow tracking server {shown} answered HTTP {status}")
+        if status not in (200, 401, 403):
+            raise TrackingUnavailableError(
+                f"{shown} is not an MLflow tracking server (GET /health answered HTTP {status}); "
+                "check MLFLOW_TRACKING_URI"
+            )
+        status, ctype, body = _get(base + _API_PROBE, auth, timeout)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} is unreachable ({exc}); start it or set MLFLOW_TRACKING_URI"
+            f"MLflow tracking server {shown} is unreachable ({redact(str(exc))}); start it or set "
+            "MLFLOW_TRACKING_URI"
         ) from exc
+    if status == 401 and not (auth or token):
+        return  # no credentials we could send (anonymous, or an auth plugin): the client decides
+    if status == 401:
+        who = f"user '{user}'" if auth else "MLFLOW_TRACKING_TOKEN"
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {shown} refused {who} (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or fix them)"
+        )
+    if status == 403:
+        return  # authenticated, but not allowed to list experiments: the real calls will say what is missing
+    try:
+        ok = status == 200 and isinstance(json.loads(body or b"{}"), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise TrackingUnavailableError(
+            f"{shown} answers /health but is not an MLflow tracking server (GET {_API_PROBE.split('?')[0]} "
+            f"answered HTTP {status} {ctype or 'without a content type'}); check MLFLOW_TRACKING_URI"
+        )
 
 
 def configure(tracking_uri: str | None = None, check: bool = True) -> str:
@@ -117,9 +170,17 @@ def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     """
     import mlflow
 
+    from isc.redact import install_log_redaction
+
+    install_log_redaction()  # MLflow's handlers exist once it is imported; they print run URLs with the URI
     uri = tracking_uri or default_tracking_uri()
     if check:
         check_reachable(uri)
+    uri, user, password = split_credentials(uri)
+    if user is not None:  # MLflow's own convention; keeps the password out of the URI everyone prints
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     # Bound every HTTP call so an outage mid-run turns into retries with backoff, not a hang.
@@ -203,7 +264,7 @@ def tracked_run(
         raise
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            mlflow.set_tag("isc.error", redact_secrets(f"{type(exc).__name__}: {exc}")[:4000])
+            mlflow.set_tag("isc.error", redact(f"{type(exc).__name__}: {exc}")[:4000])
         mlflow.end_run(status="FAILED")
         raise
     else:

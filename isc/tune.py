@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from isc.errors import BadImageError, BadImagesError, ConfigError, DescriptorFileError, ISCError
 
@@ -250,15 +249,10 @@ def default_storage_url() -> str:
 
 
 def redact_url(url: str) -> str:
-    """The storage URL without its password (safe to log)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The storage URL without its password (safe to log): :func:`isc.redact.redact`."""
+    from isc.redact import redact
+
+    return redact(url)
 
 
 def _sqlite_file(url: str) -> Path | None:

@@ -11,7 +11,10 @@ The flow of :func:`promote`:
    file selects it, otherwise the runs must agree), that name the model they scored (``isc.model_ref``),
    ranked by ``average_precision`` (µAP).
 2. The best run is registered once: a version tagged ``isc.source_eval_run=<run>`` already existing is
-   reused, so running promotion twice creates no duplicate version.
+   reused, so running promotion twice creates no duplicate version. Concurrent promoters are guarded
+   twice: a file lock serialises them on one machine, and after registering each looks again -- when
+   several versions of one evaluation exist, the lowest wins and the others delete their own
+   (``tags`` are stored with the version in one transaction, so every racer sees every version).
 3. ``@champion`` moves to it only if its µAP beats the champion's by more than ``min_improvement`` (and
    both were scored on the same ground truth); the old champion becomes ``@previous``.
 
@@ -21,11 +24,15 @@ The flow of :func:`promote`:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +92,28 @@ class PromotionResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Registered model names: MLflow refuses '/' and ':' -- but only after the model was packaged and logged;
+# '@' makes ``models:/name@alias`` ambiguous; quotes and backslashes break registry search filters.
+_BAD_NAME_CHARS = "/:@'\"\\`"
+
+
+def validate_model_name(model_name: str | None) -> str:
+    """Refuse, before any work, a registered model name MLflow or this platform cannot use."""
+    if not model_name or not model_name.strip():
+        raise ConfigError("model_name", "empty registered model name")
+    bad = sorted({c for c in model_name if c in _BAD_NAME_CHARS or ord(c) < 32})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise ConfigError(
+            "model_name",
+            f"{model_name!r} contains {shown}: a registered model name cannot hold / : @ quotes, backslashes "
+            "or control characters (MLflow paths, models:/name@alias URIs, registry search filters)",
+        )
+    if len(model_name) > 250:
+        raise ConfigError("model_name", f"{len(model_name)} characters; at most 250")
+    return model_name
 
 
 def _client():
@@ -258,6 +287,57 @@ def _record(client: Any, model_name: str, entry: dict[str, Any]) -> None:
     client.set_registered_model_tag(model_name, f"{PROMOTION_TAG_PREFIX}{n + 1:04d}", json.dumps(entry))
 
 
+def _versions_of(client: Any, model_name: str, eval_run_id: str) -> list[Any]:
+    """Versions of ``model_name`` registered from evaluation run ``eval_run_id``, lowest first."""
+    found = [v for v in _all_versions(client, model_name) if v.tags.get(TAG_SOURCE_RUN) == eval_run_id]
+    return sorted(found, key=lambda v: int(v.version))
+
+
+@contextlib.contextmanager
+def _registration_lock(model_name: str) -> Iterator[None]:
+    """Serialise registrations of ``model_name`` on this store among the processes of this machine."""
+    import fcntl
+
+    from isc.tracking import default_tracking_uri
+
+    key = hashlib.sha256(f"{default_tracking_uri()}\0{model_name}".encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"isc-promote-{key}.lock"
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def register_once(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAME) -> tuple[Any, bool]:
+    """``(version, registered_now)``: the one version of ``model_name`` for ``candidate``'s evaluation run.
+
+    Reuses an existing version; otherwise registers under a machine-wide lock, then resolves a race with
+    promoters on other machines: the lowest version of this evaluation wins, a higher one of our own
+    making is deleted (its promote run is tagged ``isc.duplicate_of``).
+    """
+    client = _client()
+    existing = _versions_of(client, model_name, candidate.run_id)
+    if existing:
+        return existing[0], False
+    with _registration_lock(model_name):
+        existing = _versions_of(client, model_name, candidate.run_id)
+        if existing:
+            return existing[0], False
+        mine = register_candidate(candidate, model_name)
+    winner = _versions_of(client, model_name, candidate.run_id)[0]
+    if str(winner.version) == str(mine.version):
+        return mine, True
+    log.warning("evaluation run %s was registered concurrently as %s v%s; deleting our duplicate v%s",
+                candidate.run_id, model_name, winner.version, mine.version)
+    client.delete_model_version(model_name, str(mine.version))
+    if mine.run_id:
+        with contextlib.suppress(Exception):
+            client.set_tag(mine.run_id, "isc.duplicate_of", f"{model_name}/{winner.version}")
+    return winner, False
+
+
 def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAME) -> Any:
     """Package the candidate's checkpoint (+ NES bank) as the pyfunc and register a new version.
 
@@ -323,17 +403,10 @@ def promote(
         raise ConfigError("on_other_gt", f"must be 'error' or 'keep', got '{on_other_gt}'")
     if min_improvement < 0:
         raise ConfigError("min_improvement", f"must be >= 0, got {min_improvement}")
-    if not model_name:
-        raise ConfigError("model_name", "empty registered model name")
+    validate_model_name(model_name)
     candidate = find_best_evaluation(experiment, ground_truth)
     client = _client()
-    existing = [v for v in _all_versions(client, model_name) if v.tags.get(TAG_SOURCE_RUN) == candidate.run_id]
-    registered = False
-    if existing:
-        version = min(existing, key=lambda v: int(v.version))
-    else:
-        version = register_candidate(candidate, model_name)
-        registered = True
+    version, registered = register_once(candidate, model_name)
     champion = _alias_version(client, model_name, CHAMPION)
     previous = _alias_version(client, model_name, PREVIOUS)
     prev_v = str(previous.version) if previous else None
@@ -392,6 +465,7 @@ def promote(
 
 def rollback(model_name: str = DEFAULT_MODEL_NAME) -> PromotionResult:
     """Move ``@champion`` back to ``@previous``; the demoted version is tagged ``isc.rolled_back=true``."""
+    validate_model_name(model_name)
     client = _client()
     champion = _alias_version(client, model_name, CHAMPION)
     previous = _alias_version(client, model_name, PREVIOUS)

@@ -9,7 +9,9 @@ keeps them in a faiss index saved next to ``--index``:
 
 The index is reloaded instead of rebuilt when the meta file names the same model version (an alias is
 resolved to its version first, so moving ``@champion`` invalidates the index) and the same reference
-files (ids, sizes, modification times). Queries are described with the same model, searched exactly
+files (ids, sizes, modification times). A local model folder is identified by the SHA-256 of its files
+(weights, pyfunc artifacts, code), not by its path: another model copied to the same path rebuilds.
+Queries are described with the same model, searched exactly
 (GPU when faiss has one) and the top-k references per query are returned with their score, the inner
 product of unit vectors (cosine similarity, higher = more similar; -squared L2 = 2 x score - 2).
 """
@@ -65,6 +67,9 @@ def model_identity(model_uri: str) -> dict[str, str]:
 
     uri = model_uri.strip()
     if not uri.startswith("models:/"):
+        local = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+        if local.exists():  # a path says nothing about what is there now: key on the content
+            return {"uri": uri, "resolved_uri": uri, "content_sha256": model_content_hash(local)}
         return {"uri": uri, "resolved_uri": uri}
     configure(check=True)
     rest = uri[len("models:/"):].strip("/")
@@ -87,6 +92,28 @@ def model_identity(model_uri: str) -> dict[str, str]:
         "model_id": str(getattr(mv, "model_id", "") or ""),
         "resolved_uri": f"models:/{mv.name}/{mv.version}",
     }
+
+
+def model_content_hash(path: Path) -> str:
+    """SHA-256 over the relative names and bytes of every file of a model folder (or of one file).
+
+    ``__pycache__``/``*.pyc`` are skipped: loading the pyfunc compiles its bundled code in place.
+    """
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if "__pycache__" in f.parts or f.suffix == ".pyc":
+            continue
+        h.update(f"{f.relative_to(path) if f != path else f.name}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _same_model(meta_model: dict[str, str], ident: dict[str, str]) -> bool:
+    return all(meta_model.get(k) == ident.get(k) for k in ("resolved_uri", "content_sha256"))
 
 
 def load_descriptor_model(model_uri: str) -> tuple[Any, dict[str, str]]:
@@ -123,6 +150,24 @@ def collect_images(sources: list[str | Path], param: str) -> list[tuple[str, Pat
     return sorted(items.items())
 
 
+def check_output_paths(index_path: Path, output: str | Path | None, images: list[tuple[str, Path]]) -> None:
+    """Refuse an index/CSV path that is an input image or the other output (one would destroy the other)."""
+    ids_path, meta_path = _side_paths(index_path)
+    outputs = {"index": index_path, "index ids": ids_path, "index meta": meta_path}
+    outputs = {name: path.resolve() for name, path in outputs.items()}
+    if output:
+        out = Path(output).resolve()
+        for name, path in outputs.items():
+            if out == path:
+                raise ConfigError("output", f"{output} is also the {name} file ({path}); choose another path")
+        outputs["output"] = out
+    inputs = {p.resolve(): image_id for image_id, p in images}
+    for name, path in outputs.items():
+        if path in inputs:
+            param = "output" if name == "output" else "index"
+            raise ConfigError(param, f"{path} ({name}) is the input image '{inputs[path]}'; choose another")
+
+
 def _references_fingerprint(items: list[tuple[str, Path]]) -> str:
     h = hashlib.sha256()
     for image_id, path in items:
@@ -157,9 +202,11 @@ def load_index(index_path: Path, ident: dict[str, str], references_fp: str) -> t
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("format") != INDEX_FORMAT or meta.get("model", {}).get("resolved_uri") != ident["resolved_uri"]:
-        log.info("index %s was built by %s; rebuilding for %s", index_path, meta.get("model", {}).get("resolved_uri"),
-                 ident["resolved_uri"])
+    built_by = meta.get("model", {})
+    if meta.get("format") != INDEX_FORMAT or not _same_model(built_by, ident):
+        log.info("index %s was built by %s (content %s); rebuilding for %s (content %s)", index_path,
+                 built_by.get("resolved_uri"), str(built_by.get("content_sha256"))[:12],
+                 ident["resolved_uri"], str(ident.get("content_sha256"))[:12])
         return None
     if meta.get("references_fingerprint") != references_fp:
         log.info("reference images changed since %s was built; rebuilding", index_path)
@@ -207,6 +254,7 @@ def search_images(
     ref_items = collect_images(list(references), "references")
     query_items = collect_images(list(queries), "queries")
     index_path = Path(index_path)
+    check_output_paths(index_path, output, ref_items + query_items)
     model, ident = load_descriptor_model(model_uri)
     ref_fp = _references_fingerprint(ref_items)
     loaded = load_index(index_path, ident, ref_fp)

@@ -8,5 +8,6 @@ cd "$ISC_ROOT"
 # `mlflow run` would otherwise create the experiment with a ./mlruns artifact location.
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$ISC_ROOT/mlflow.db}"
 export MLFLOW_EXPERIMENT_NAME="${MLFLOW_EXPERIMENT_NAME:-isc}"
-python -c "from isc.tracking import configure, get_or_create_experiment as g; configure(); g('$MLFLOW_EXPERIMENT_NAME')"
+# The name travels as argv, never inside the Python source: a quote in it must not be code.
+python -c "import sys; from isc.tracking import configure, get_or_create_experiment as g; configure(); g(sys.argv[1])" "$MLFLOW_EXPERIMENT_NAME"
 exec mlflow run . -e main --env-manager local --experiment-name "$MLFLOW_EXPERIMENT_NAME" "$@"

@@ -1,0 +1,138 @@
+"""Malformed inputs give one ``error:`` line and exit status 2 (no traceback, no wrong result, no RUNNING
+run): string-typed descriptors, overflowing descriptors, a binary/h5/folder ground truth. A UTF-8 BOM
+ground truth is accepted. Every case runs the real CLI path (``isc.cli.run_entrypoint``) on real files
+and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from isc.cli import run_entrypoint
+from isc.io import read_ground_truth, write_descriptors, write_ground_truth
+
+QIDS = [f"Q{i}" for i in range(6)]
+RIDS = [f"R{i}" for i in range(8)]
+GT_ROWS = [("Q0", "R0"), ("Q1", "R1"), ("Q2", "R2"), ("Q3", None), ("Q4", "R4"), ("Q5", None)]
+
+
+def _unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype("float32")
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def files(tmp_path):
+    r = _unit(len(RIDS), 16, 0)
+    q = r[[0, 1, 2, 5, 4, 7]] + 0.05 * _unit(len(QIDS), 16, 1)
+    desc = write_descriptors(tmp_path / "d.h5", q, QIDS, r, RIDS)
+    gt = write_ground_truth(tmp_path / "gt.csv", GT_ROWS)
+    return {"desc": desc, "gt": gt, "q": q, "r": r, "dir": tmp_path}
+
+
+def _raw_h5(path, q, r) -> None:
+    with h5py.File(path, "w") as f:
+        f["query"], f["reference"] = q.astype("float32"), r.astype("float32")
+        f["query_ids"] = np.array([i.encode() for i in QIDS])
+        f["reference_ids"] = np.array([i.encode() for i in RIDS])
+
+
+def _run(entry: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        rc = run_entrypoint(f"entrypoints.{entry}", [str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _running(uri: str) -> list[str]:
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(tracking_uri=uri)
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    runs = client.search_runs(exps, "attributes.status = 'RUNNING'", ViewType.ALL) if exps else []
+    return [r.info.run_id for r in runs]
+
+
+def _assert_refused(rc: int, err: str, *names: str) -> str:
+    assert rc == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+def _evaluate(desc, gt, capsys, *extra):
+    return _run("evaluate", ["--descriptors", desc, "--ground-truth", gt, "--bootstrap", "0", *extra], capsys)
+
+
+def test_string_typed_descriptors_are_refused_naming_the_dataset(files, tracking, capsys):
+    bad = files["dir"] / "strings.h5"
+    with h5py.File(bad, "w") as f:
+        f["query"] = np.array([[b"0.1", b"0.2"]] * len(QIDS))  # strings that even look like numbers
+        f["reference"] = np.array([[b"x", b"y"]] * len(RIDS))
+        f["query_ids"] = np.array([q.encode() for q in QIDS])
+        f["reference_ids"] = np.array([r.encode() for r in RIDS])
+    rc, _, err = _evaluate(bad, files["gt"], capsys)
+    _assert_refused(rc, err, str(bad), "'query'", "float32")
+    assert _running(tracking) == []
+
+
+def test_overflowing_descriptors_are_refused_not_scored_zero(files, tracking, capsys):
+    # 1e29 is finite in float32, but squared distances overflow: before the fix, µAP 0.0 and exit 0.
+    huge = files["dir"] / "huge.h5"  # written raw: the project's writer refuses such values too
+    _raw_h5(huge, files["q"] * 1e29, files["r"] * 1e29)
+    rc, out, err = _evaluate(huge, files["gt"], capsys)
+    line = _assert_refused(rc, err, str(huge), "L2-normalise")
+    assert "values up to" in line and "e+28" in line, line
+    assert out.strip() == ""
+    assert _running(tracking) == []
+    # The same vectors normalised score well: the refusal is about the scale, not the data.
+    rc, out, err = _evaluate(files["desc"], files["gt"], capsys)
+    assert rc == 0, err[-2000:]
+    assert json.loads(out)["average_precision"] > 0.5
+
+
+@pytest.mark.parametrize("kind", ["h5", "binary"])
+def test_binary_ground_truth_is_refused_naming_it(files, tracking, capsys, kind):
+    if kind == "h5":
+        gt = files["desc"]  # an HDF5 file given as --ground-truth
+    else:
+        gt = files["dir"] / "gt.bin"
+        gt.write_bytes(bytes(range(256)) * 8)
+    rc, _, err = _evaluate(files["desc"], gt, capsys)
+    _assert_refused(rc, err, str(gt), "not a ground-truth CSV")
+    assert _running(tracking) == []
+
+
+def test_ground_truth_folder_is_refused_naming_its_split_files(files, tracking, capsys):
+    folder = files["dir"] / "data"
+    folder.mkdir()
+    for split in ("", "_train", "_val", "_test"):
+        write_ground_truth(folder / f"ground_truth{split}.csv", GT_ROWS)
+    rc, out, err = _evaluate(files["desc"], folder, capsys)
+    line = _assert_refused(rc, err, str(folder), "ground_truth_test.csv", "ground_truth_train.csv")
+    assert "folder" in line
+    assert out.strip() == ""
+    # baseline and promote name the parameter for the same mistake
+    rc, _, err = _run("promote", ["--ground-truth", folder], capsys)
+    _assert_refused(rc, err, "ground_truth", "ground_truth_val.csv")
+    assert _running(tracking) == []
+
+
+def test_utf8_bom_ground_truth_is_accepted(files, tracking, capsys):
+    bom = files["dir"] / "gt_bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + files["gt"].read_bytes())
+    assert read_ground_truth(bom).queries == read_ground_truth(files["gt"]).queries
+    rc, out, err = _evaluate(files["desc"], bom, capsys)
+    assert rc == 0, err[-3000:]
+    plain_rc, plain_out, _ = _evaluate(files["desc"], files["gt"], capsys)
+    assert plain_rc == 0
+    assert json.loads(out)["average_precision"] == json.loads(plain_out)["average_precision"]
