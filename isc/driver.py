@@ -274,8 +274,8 @@ def _evaluate_stage(pipe: Pipeline, stage: Stage, start: str, train_run: str, da
     post = pipe.run(
         f"postprocess_{stage.name}", "postprocess",
         {"descriptors": raw, "train_descriptors": f"runs:/{ext.run_id}/descriptors/train_descriptors.h5",
-         "output": str(out_root / "postprocess" / ext.run_id / "descriptors_nes.h5")},
-    )
+         "output": str(out_root / "postprocess" / ext.run_id / "descriptors_nes.h5"), "overwrite": "true"},
+    )  # the folder is this step's own (one per extraction run): a retry after a crash may replace it
     nes = {"descriptors": f"runs:/{post.run_id}/descriptors/descriptors_nes.h5", "before": raw,
            "model_ref": train_run, "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"}
     ev = pipe.run(f"evaluate_{stage.name}", "evaluate", {**nes, "ground_truth": str(test_gt), "data": str(data_dir)})
@@ -354,7 +354,9 @@ def _report(summary: Any, timing: Any, champion_line: str) -> None:
         if not uri.startswith("http") else f"MLflow UI:        {uri}",
         f"Optuna dashboard: optuna-dashboard {default_storage_url()} --host 127.0.0.1 --port 8080",
     ]
-    report = "\n".join(text)
+    from isc.redact import redact
+
+    report = redact("\n".join(text))  # the tracking URI (and anything else printed) may carry a password
     print(report, flush=True)
     mlflow.log_text(report, "summary/summary.txt")
     mlflow.log_text(summary.to_csv(index=False), "summary/quality.csv")

@@ -135,3 +135,18 @@ def test_full_profile_chain_hands_on_the_seeds_checkpoints(tracking, mini_data):
     # stage 0 is offered to promotion like every stage: the champion is one of the six
     champion = client.get_model_version_by_alias("isc-descriptor", "champion")
     assert champion.tags["isc.model_ref"] in ids.values()
+
+
+def test_summary_artifact_never_holds_the_tracking_password(tracking, monkeypatch, capsys):
+    """The summary prints how to open the MLflow UI: a password in MLFLOW_TRACKING_URI is masked there."""
+    import pandas as pd
+
+    from isc.driver import _report
+
+    with mlflow.start_run() as run:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:hunter2@mlflow.internal:5000")
+        _report(pd.DataFrame([{"step": "stage1", "uAP": 0.5}]), pd.DataFrame([{"step": "x", "wall_s": 1.0}]),
+                "champion: none registered for 'm'")
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/summary/summary.txt")
+    assert "hunter2" not in text and "hunter2" not in capsys.readouterr().out
+    assert "http://alice:***@mlflow.internal:5000" in text
