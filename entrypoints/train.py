@@ -36,6 +36,9 @@ def build_parser() -> Parser:
     g.add_argument("--pairs", type=optional_str, help="v107: positive GT CSV (default: the train split)")
     g.add_argument("--num-negatives", type=optional_str,
                    help="extra negative references per item (default: 2 for v98, 30 for v107)")
+    g.add_argument("--views", choices=("recipe", "edits"),
+                   help="hard views: recipe (the stage's, the seed's) or edits (the mini queries' copy edits)")
+    g.add_argument("--anchor", choices=("moderate", "plain"), help="first view: moderate crop+flip or plain resize")
     g.add_argument("--workers", "-j", type=int, help="DataLoader worker processes per rank")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", "-a", "--arch", dest="backbone", help="timm model name")

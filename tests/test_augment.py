@@ -260,3 +260,21 @@ def test_bad_parameters_raise_config_errors_naming_them():
         build_train_transform("demo", 32, 0, MEAN, STD)
     with pytest.raises(ConfigError, match="mean"):
         build_moderate_transform(32, (0.5,), STD)
+
+
+def test_edit_views_are_the_mini_queries_edits_resized_and_seeded(mini_data):
+    paths = [p for _, p in mini_data.images("train")][:20]
+    t = build_train_transform("v83", 40, 3, MEAN, STD, paths, views="edits", anchor="plain")
+    img = Image.open(paths[0])
+    random.seed(7)
+    views = t(img)
+    assert len(views) == 3 and all(v.shape == (3, 40, 40) for v in views)
+    # the plain anchor is the eval view; edit views differ from it and from each other
+    assert torch.allclose(views[0], build_eval_transform(40, MEAN, STD)(img))
+    assert not torch.allclose(views[1], views[0]) and not torch.allclose(views[1], views[2])
+    random.seed(7)
+    assert all(torch.equal(a, b) for a, b in zip(views, t(img), strict=True))
+    with pytest.raises(ConfigError, match="views"):
+        build_train_transform("v83", 40, 2, MEAN, STD, paths, views="nope")
+    with pytest.raises(ConfigError, match="anchor"):
+        build_train_transform("v83", 40, 2, MEAN, STD, paths, anchor="nope")

@@ -270,6 +270,33 @@ def build_hard_transform(
     )
 
 
+class EditChainView:
+    """A hard view made of the copy edits the mini dataset's queries are made of (``isc.data.mini.edit_chain``:
+    1-4 of crops, overlays, screenshot/meme framing, colour, blur, JPEG, rotations, flips, pads, ...), then
+    the eval resize to (s, s) -- as a query is seen at extraction. ``views: edits`` in a training config.
+
+    Why: on the CPU demo the recipe's views at the recipe's lr left the pretrained start where it was or
+    lost (docs/training.md); these views match what copy detection is asked to undo.
+    ``partners``: the "other images" of overlay edits (a few training images).
+    """
+
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], partners: Sequence[Image.Image]):
+        self.tf = build_eval_transform(input_size, mean, std)
+        self.partners = list(partners)
+        if not self.partners:
+            raise ConfigError("views", "edit views need at least one training image as overlay partner")
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        from isc.data.mini import edit_chain
+
+        img = to_rgb(img)
+        out, _ = edit_chain(img, random.Random(random.getrandbits(64)), self.partners, max(img.size))
+        return self.tf(out)
+
+    def __repr__(self) -> str:
+        return f"EditChainView(partners={len(self.partners)})"
+
+
 class NCropsTransform:
     """``ncrops`` views of one image: ``[moderate(img)] + [hard(img)] * (ncrops - 1)`` (fresh draws)."""
 
@@ -285,6 +312,11 @@ class NCropsTransform:
         return f"NCropsTransform(ncrops={self.ncrops}, moderate={self.moderate!r}, hard={self.hard!r})"
 
 
+VIEWS = ("recipe", "edits")
+ANCHORS = ("moderate", "plain")
+N_EDIT_PARTNERS = 16  # training images an edit view may overlay (loaded once, pickled to workers)
+
+
 def build_train_transform(
     stage: str,
     input_size: int,
@@ -292,10 +324,23 @@ def build_train_transform(
     mean: Sequence[float],
     std: Sequence[float],
     overlay_paths: Sequence[str | Path] = (),
+    views: str = "recipe",
+    anchor: str = "moderate",
 ) -> NCropsTransform:
-    """The training views of ``stage``: 1 moderate + (ncrops - 1) hard tensors of shape [3, s, s]."""
-    return NCropsTransform(
-        build_moderate_transform(input_size, mean, std),
-        build_hard_transform(stage, input_size, mean, std, overlay_paths),
-        ncrops,
-    )
+    """The training views: 1 anchor + (ncrops - 1) hard tensors of shape [3, s, s].
+
+    views: ``recipe`` (the stage's hard view, the seed's) or ``edits`` (:class:`EditChainView`); anchor:
+    ``moderate`` (the seed's RandomResizedCrop + flip) or ``plain`` (the eval resize).
+    """
+    if views not in VIEWS:
+        raise ConfigError("views", f"one of {', '.join(VIEWS)}, got '{views}'")
+    if anchor not in ANCHORS:
+        raise ConfigError("anchor", f"one of {', '.join(ANCHORS)}, got '{anchor}'")
+    first = build_moderate_transform(input_size, mean, std) if anchor == "moderate" else \
+        build_eval_transform(input_size, mean, std)
+    if views == "edits":
+        partners = [load_image(p) for p in list(overlay_paths)[:N_EDIT_PARTNERS]]
+        hard: Callable = EditChainView(input_size, mean, std, partners)
+    else:
+        hard = build_hard_transform(stage, input_size, mean, std, overlay_paths)
+    return NCropsTransform(first, hard, ncrops)

@@ -34,6 +34,8 @@ class TrainConfig:
     sample_size: int = 1_000_000
     pairs: str | None = None
     num_negatives: int | None = None  # None = the stage default (DEFAULT_NEGATIVES)
+    views: str = "recipe"  # recipe (the stage's hard view) | edits (the mini queries' copy edits)
+    anchor: str = "moderate"  # moderate (RandomResizedCrop + flip, the seed) | plain (the eval resize)
     workers: int = 2
     # model
     backbone: str = "tf_efficientnetv2_m.in21k_ft_in1k"
@@ -234,6 +236,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.head_init in HEAD_INITS, "head_init", f"one of {', '.join(HEAD_INITS)}, got '{cfg.head_init}'")
     _check(cfg.head_init_images >= 2, "head_init_images", f"must be >= 2, got {cfg.head_init_images}")
     _check(cfg.freeze_blocks >= 0, "freeze_blocks", f"must be >= 0, got {cfg.freeze_blocks}")
+    _check(cfg.views in ("recipe", "edits"), "views", f"recipe or edits, got '{cfg.views}'")
+    _check(cfg.anchor in ("moderate", "plain"), "anchor", f"moderate or plain, got '{cfg.anchor}'")
     _check(cfg.amp in ("auto", "true", "false", "on", "off"), "amp", f"auto, true or false, got '{cfg.amp}'")
     _check(cfg.input_size > 0, "input_size", f"must be > 0, got {cfg.input_size}")
     _check(cfg.sample_size > 0, "sample_size", f"must be > 0, got {cfg.sample_size}")

@@ -145,7 +145,8 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float]) -> tupl
         paths = [p for _, p in data.images("train", limit=cfg.sample_size)]
         if not paths:
             raise ConfigError("data", f"{data.training_dir} holds no images")
-        transform = augment.build_train_transform(cfg.stage, cfg.input_size, cfg.ncrops, mean, std, paths)
+        transform = augment.build_train_transform(cfg.stage, cfg.input_size, cfg.ncrops, mean, std, paths,
+                                                  views=cfg.views, anchor=cfg.anchor)
         neg_transform = None
         if cfg.negatives:
             negatives = [p for _, p in data.images("reference")]
