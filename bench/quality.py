@@ -161,6 +161,8 @@ def main() -> int:
                    help="an ISC_HOME whose mlflow.db to use instead (e.g. the project root: a main job "
                         "already run there with the same data, profile, experiment and commit is reused)")
     p.add_argument("--experiment-name", default="quality", help="experiment of the main job")
+    p.add_argument("--skip-main", action="store_true",
+                   help="with --store: score the champion and stage 0 already there, without running the main job")
     p.add_argument("--transfer", default="",
                    help="also score the champion and stage 0 on this other DISC21-layout folder (its ground_truth.csv)")
     args = p.parse_args()
@@ -180,8 +182,10 @@ def main() -> int:
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("MLFLOW_RUN_ID", None)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "entrypoints.main", "--data", str(data.root), "--profile", args.profile,
-                    "--n-trials", "0", "--experiment-name", args.experiment_name], cwd=ROOT, env=env, check=True)
+    if not (args.skip_main and args.store):
+        subprocess.run([sys.executable, "-m", "entrypoints.main", "--data", str(data.root), "--profile",
+                        args.profile, "--n-trials", "0", "--experiment-name", args.experiment_name], cwd=ROOT,
+                       env=env, check=True)
     wall = time.perf_counter() - t0
     from isc.io import read_ground_truth
 
