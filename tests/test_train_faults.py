@@ -85,8 +85,10 @@ def test_sigkilled_training_resumes_from_its_run_id_in_the_same_run(tracking, mi
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "entrypoints.train", "--data", str(mini_data.root), "--backbone",
            "test_efficientnet", "--input-size", "32", "--batch-size", "4", "--memory-size", "64",
-           "--workers", "0", "--epochs", "2", "--max-steps-per-epoch", "3", "--checkpoint-every-steps", "1",
-           "--keep-checkpoints", "3", "--output-dir", str(out), "--experiment-name", "kill"]
+           "--workers", "0", "--epochs", "3", "--max-steps-per-epoch", "5", "--checkpoint-every-steps", "1",
+           "--keep-checkpoints", "50", "--output-dir", str(out), "--experiment-name", "kill"]
+    # keep every checkpoint (none is pruned before the poll below sees it) and leave steps to kill in:
+    # on an idle machine the whole run takes ~2 s
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # step 2's file on disk means step 1's checkpoint was already uploaded (uploads follow each write)
     target = out / "checkpoints" / "checkpoint_0000-step000002.pth.tar"
@@ -106,9 +108,9 @@ def test_sigkilled_training_resumes_from_its_run_id_in_the_same_run(tracking, mi
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
     final = load_checkpoint(out / "model" / "final.pth.tar")
-    assert final["epoch"] == 2 and final["mlflow_run_id"] == run_id
+    assert final["epoch"] == 3 and final["mlflow_run_id"] == run_id
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "epoch_loss")]
-    assert steps == [0, 1]
+    assert steps == [0, 1, 2]
 
 
 def test_resume_logs_the_finished_epochs_metrics_a_crash_kept_from_the_run_once(tracking):
