@@ -279,6 +279,27 @@ def _alias_version(client: Any, model_name: str, alias: str) -> Any | None:
         return None
 
 
+def _set_alias(client: Any, model_name: str, alias: str, version: str, attempts: int = 5) -> None:
+    """``set_registered_model_alias`` that survives a concurrent writer of the same alias.
+
+    MLflow's SQL store sets an alias by INSERT when it reads none: two processes promoting at once both
+    read none and the second INSERT fails with a UNIQUE constraint (seen with two real promotes against
+    one ``mlflow server``). The alias exists by then, so the write is simply retried (it becomes an
+    update); the last writer wins, as it would without the race.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(model_name, alias, version)
+            return
+        except MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) and "unique constraint" not in str(exc).lower() \
+                    or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _record(client: Any, model_name: str, entry: dict[str, Any]) -> None:
     """Append a promotion record as registered-model tag ``isc.promotion.NNNN`` (aliases keep no history)."""
     rm = client.get_registered_model(model_name)
@@ -448,8 +469,8 @@ def promote(
                 str(champion.version), prev_v,
             )
     if champion is not None:
-        client.set_registered_model_alias(model_name, PREVIOUS, str(champion.version))
-    client.set_registered_model_alias(model_name, CHAMPION, str(version.version))
+        _set_alias(client, model_name, PREVIOUS, str(champion.version))
+    _set_alias(client, model_name, CHAMPION, str(version.version))
     client.set_model_version_tag(model_name, str(version.version), "isc.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     client.set_model_version_tag(model_name, str(version.version), "isc.promoted_over",
                                  str(champion.version) if champion else "")
@@ -471,7 +492,7 @@ def rollback(model_name: str = DEFAULT_MODEL_NAME) -> PromotionResult:
     previous = _alias_version(client, model_name, PREVIOUS)
     if previous is None:
         raise ISCError(f"{model_name} has no @previous version to roll back to")
-    client.set_registered_model_alias(model_name, CHAMPION, str(previous.version))
+    _set_alias(client, model_name, CHAMPION, str(previous.version))
     client.delete_registered_model_alias(model_name, PREVIOUS)
     if champion is not None:
         client.set_model_version_tag(model_name, str(champion.version), TAG_ROLLED_BACK, "true")
