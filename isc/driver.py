@@ -229,7 +229,7 @@ def run_main(
             params["overrides"] = json.dumps(stage_overrides, sort_keys=True)
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
-        rows.append(_evaluate_stage(pipe, stage, start, train.run_id, data_dir, out_root, test_gt, select_gt))
+        rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt))
 
     if n_trials > 0:
         # The study is keyed by experiment so a plain re-run reuses it; --force starts a fresh study
@@ -261,7 +261,7 @@ def run_main(
     return summary
 
 
-def _evaluate_stage(pipe: Pipeline, stage: Stage, start: str, train_run: str, data_dir: Path, out_root: Path,
+def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, out_root: Path,
                     test_gt: Path, select_gt: Path) -> dict[str, Any]:
     """extract -> postprocess -> evaluate (test; and val, which chooses the champion) of one stage."""
     ext = pipe.run(
@@ -281,7 +281,7 @@ def _evaluate_stage(pipe: Pipeline, stage: Stage, start: str, train_run: str, da
     ev = pipe.run(f"evaluate_{stage.name}", "evaluate", {**nes, "ground_truth": str(test_gt), "data": str(data_dir)})
     row = {
         "step": f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",
-        "starts from": _start_label(stage, start),
+        "starts from": _start_label(stage),
         "uAP before NES": ev.metrics.get("before_average_precision"),
         "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
         "uAP": ev.metrics.get("average_precision"),
@@ -294,7 +294,7 @@ def _evaluate_stage(pipe: Pipeline, stage: Stage, start: str, train_run: str, da
     return row
 
 
-def _start_label(stage: Stage, start: str) -> str:
+def _start_label(stage: Stage) -> str:
     """The summary's "starts from" cell: ``resume stage1 checkpoint_0004`` / ``pretrained``."""
     if stage.source is None:
         return "pretrained"

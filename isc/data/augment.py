@@ -52,6 +52,7 @@ from torchvision import transforms as T
 
 from isc.data import augly_ops as ops
 from isc.data.images import load_image, to_rgb
+from isc.data.mini import edit_chain
 from isc.errors import ConfigError
 
 Op = Callable[[Image.Image], Image.Image]
@@ -287,8 +288,6 @@ class EditChainView:
             raise ConfigError("views", "edit views need at least one training image as overlay partner")
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        from isc.data.mini import edit_chain
-
         img = to_rgb(img)
         out, _ = edit_chain(img, random.Random(random.getrandbits(64)), self.partners, max(img.size))
         return self.tf(out)
