@@ -82,7 +82,7 @@ def stage0_row(store: Path, experiment: str, gt) -> dict | None:
 
     from entrypoints.evaluate import load_descriptors
 
-    ev = _stage0_eval_run(store, experiment)
+    ev = _main_tags(store, experiment).get("isc.step_run.evaluate_stage0")
     if ev is None:
         return None
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
@@ -100,10 +100,6 @@ def _main_tags(store: Path, experiment: str) -> dict[str, str]:
     runs = client.search_runs([exp.experiment_id], "tags.`isc.step` = 'main' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1) if exp else []
     return dict(runs[0].data.tags) if runs else {}
-
-
-def _stage0_eval_run(store: Path, experiment: str) -> str | None:
-    return _main_tags(store, experiment).get("isc.step_run.evaluate_stage0")
 
 
 def transfer_rows(store: Path, experiment: str, folder, model_name: str = "isc-descriptor") -> list[dict]:
