@@ -62,16 +62,17 @@ def champion_row(store: Path, model_name: str, gt, wall: float) -> dict:
     from mlflow import MlflowClient
 
     from entrypoints.evaluate import load_descriptors
+    from isc.contract import CHAMPION, Tag
     from isc.metrics import ground_truth_fingerprint
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
     client = MlflowClient()
-    mv = client.get_model_version_by_alias(model_name, "champion")
-    ev = client.get_run(mv.tags["isc.source_eval_run"])
+    mv = client.get_model_version_by_alias(model_name, CHAMPION)
+    ev = client.get_run(mv.tags[Tag.SOURCE_EVAL_RUN])
     desc = load_descriptors(ev.data.params["descriptors"])
     row = _score(f"champion (models:/{model_name}@champion v{mv.version})", desc, gt)
-    if ev.data.tags.get("isc.gt_fingerprint") == ground_truth_fingerprint(gt):  # promoted on this very GT
-        assert abs(row["uAP"] - float(mv.tags["isc.average_precision"])) < 1e-9, "champion re-score differs"
+    if ev.data.tags.get(Tag.GT_FINGERPRINT) == ground_truth_fingerprint(gt):  # promoted on this very GT
+        assert abs(row["uAP"] - float(mv.tags[Tag.AVERAGE_PRECISION])) < 1e-9, "champion re-score differs"
     return {**row, "wall_s": wall}
 
 
@@ -81,8 +82,9 @@ def stage0_row(store: Path, experiment: str, gt) -> dict | None:
     from mlflow import MlflowClient
 
     from entrypoints.evaluate import load_descriptors
+    from isc.contract import Tag
 
-    ev = _main_tags(store, experiment).get("isc.step_run.evaluate_stage0")
+    ev = _main_tags(store, experiment).get(f"{Tag.STEP_RUN_PREFIX}evaluate_stage0")
     if ev is None:
         return None
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
@@ -112,8 +114,10 @@ def transfer_rows(store: Path, experiment: str, folder, model_name: str = "isc-d
     from isc.postprocess import postprocess_descriptors
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    refs = {"champion": f"models:/{model_name}@champion"}
-    stage0 = _main_tags(store, experiment).get("isc.step_run.train_stage0")
+    from isc.contract import CHAMPION, Tag
+
+    refs = {"champion": f"models:/{model_name}@{CHAMPION}"}
+    stage0 = _main_tags(store, experiment).get(f"{Tag.STEP_RUN_PREFIX}train_stage0")
     if stage0:
         refs["stage 0 (pretrained, no fine-tuning)"] = stage0
     rows = []

@@ -19,6 +19,7 @@ from entrypoints.evaluate import run_evaluation
 from isc import tracking
 from isc.baselines import METHODS, compute_descriptors
 from isc.cliutil import Parser, optional_str
+from isc.contract import Step, Tag
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError, DescriptorFileError
 from isc.fileutil import check_outputs
@@ -67,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     with contextlib.redirect_stdout(sys.stderr):
         with tracking.tracked_run(
-            experiment=args.experiment_name, run_name=f"baseline-{args.method}", tags={"isc.step": "baseline"}
+            experiment=args.experiment_name, run_name=f"baseline-{args.method}", tags={Tag.STEP: Step.BASELINE}
         ):
             out = run_evaluation(h5, gt_path, data=root.root, output_dir=Path(args.output_dir) / args.method)
-            mlflow.set_tags({"isc.step": "baseline", "isc.baseline": args.method})
+            mlflow.set_tags({Tag.STEP: Step.BASELINE, Tag.BASELINE: args.method})
             tracking.log_params({"method": args.method, "data": args.data, "output_dir": args.output_dir})
             tracking.log_params({"ground_truth": str(gt_path)}, prefix="resolved.")
             tracking.log_artifact(h5, artifact_path="descriptors")

@@ -17,6 +17,7 @@ from typing import Any
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, optional_str, positive_int, str2bool
+from isc.contract import Evaluation, Step, Tag
 from isc.errors import DescriptorFileError
 from isc.io import Descriptors, GroundTruth, read_descriptors, read_ground_truth
 from isc.metrics import (
@@ -207,17 +208,10 @@ def run_evaluation(
         files = _write_artifacts(folder, out, result, before_result, inputs, data)
 
         if mlflow.active_run() is not None:
-            tags = {
-                "isc.step": "evaluate",
-                "isc.gt_fingerprint": fingerprint,
-                "isc.gt_path": gt_path or inputs.gt_path,
-                "isc.protocol": protocol,
-            }
-            if model_ref:
-                tags["isc.model_ref"] = str(model_ref)
-            if nes_bank:
-                tags["isc.nes_bank"] = str(nes_bank)
-            mlflow.set_tags(tags)
+            record = Evaluation(average_precision=out.get("average_precision"), gt_fingerprint=fingerprint,
+                                gt_path=gt_path or inputs.gt_path, protocol=protocol, model_ref=str(model_ref or ""),
+                                nes_bank=str(nes_bank) if nes_bank else None)
+            mlflow.set_tags(record.to_tags())
             params: dict[str, Any] = {"protocol": protocol, "metric": metric}
             if protocol == "max_results":
                 params["max_results"] = max_results
@@ -270,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = _prepare(args.descriptors, args.ground_truth, args.before, args.allow_large_dim, args.data)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON only
         with tracking.tracked_run(
-            experiment=args.experiment_name, run_name="evaluate", tags={"isc.step": "evaluate"}
+            experiment=args.experiment_name, run_name="evaluate", tags={Tag.STEP: Step.EVALUATE}
         ):
             out = run_evaluation(
                 inputs.desc,

@@ -15,6 +15,7 @@ import torch
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, positive_int, str2bool
+from isc.contract import Step, Tag
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
 from isc.extract import (
@@ -136,7 +137,7 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
         return 0
 
     with tracking.tracked_run(
-        run_name="extract", tags={"isc.step": "extract", "isc.model_ref": str(args.model)}
+        run_name="extract", tags={Tag.STEP: Step.EXTRACT, Tag.MODEL_REF: str(args.model)}
     ):
         tracking.log_params(
             {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from isc.cliutil import Parser, nonnegative_int, optional_str, str2bool
+from isc.contract import Step, Tag
 
 
 def build_parser() -> Parser:
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("profile", f"unknown profile '{args.profile}' (choose from {sorted(PROFILES)})")
     if args.overrides:
         parse_overrides(args.overrides)  # a bad mapping fails here, before any run
-    with tracked_run(experiment=args.experiment_name, run_name="main", tags={"isc.step": "main"}):
+    with tracked_run(experiment=args.experiment_name, run_name="main", tags={Tag.STEP: Step.MAIN}):
         run_main(args.data, args.source, args.profile, args.n_trials, args.force, args.model_name,
                  overrides=args.overrides or "")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, optional_str, str2bool
+from isc.contract import Step, Tag
 from isc.data.mini import MANIFEST, SIZES, make_mini
 from isc.errors import ConfigError
 from isc.io import read_ground_truth
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> int:
         counts = summary(ds.root)
         print(f"mini dataset at {ds.root}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         return 0
-    with tracking.tracked_run(run_name="make_mini", tags={"isc.step": "make_mini"}):
+    with tracking.tracked_run(run_name="make_mini", tags={Tag.STEP: Step.MAKE_MINI}):
         tracking.log_params(
             {"source": args.source or "", "out": args.out, "seed": args.seed, "size": args.size}
         )

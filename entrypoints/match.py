@@ -20,6 +20,7 @@ import numpy as np
 from entrypoints.evaluate import _local_file
 from isc import tracking
 from isc.cliutil import Parser, positive_int, str2bool
+from isc.contract import Step, Tag
 from isc.errors import ConfigError
 from isc.fileutil import check_outputs
 from isc.io import MAX_MATCHES, Descriptors, read_descriptors, write_matches_csv
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(args, len(qids))
     elif os.environ.get("MLFLOW_RUN_ID"):
         with contextlib.redirect_stdout(sys.stderr):
-            with tracking.tracked_run(run_name="match", tags={"isc.step": "match"}):
+            with tracking.tracked_run(run_name="match", tags={Tag.STEP: Step.MATCH}):
                 _log(args, len(qids))
     print(json.dumps(summary))
     return 0

@@ -23,6 +23,7 @@ import numpy as np
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_float, nonnegative_int, positive_int, str2bool
+from isc.contract import Step, Tag
 from isc.errors import ConfigError, DescriptorFileError
 from isc.fileutil import check_outputs
 from isc.io import (
@@ -134,7 +135,7 @@ def main(argv: list[str]) -> int:
     )
     check_k(cfg, len(train_ids), train_path)
 
-    with tracking.tracked_run(run_name="postprocess", tags={"isc.step": "postprocess"}):
+    with tracking.tracked_run(run_name="postprocess", tags={Tag.STEP: Step.POSTPROCESS}):
         tracking.log_params(
             {
                 "descriptors": args.descriptors,

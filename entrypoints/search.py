@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 from isc.cliutil import Parser, optional_str, positive_int, str2bool
+from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, Step, Tag
 
 
 def build_parser() -> Parser:
     p = Parser(prog="isc search", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="models:/isc-descriptor@champion",
+    p.add_argument("--model", default=f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}",
                    help="model URI: models:/name@alias, models:/name/version, models:/m-<id>, runs:/...")
     p.add_argument("--references", nargs="+", required=True, help="reference image folder(s) and/or files")
     p.add_argument("--queries", nargs="+", required=True, help="query image folder(s) and/or files")
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> int:
 
     configure(check=True)
     if os.environ.get("MLFLOW_RUN_ID") or args.log_run:
-        with tracked_run(run_name="search", tags={"isc.step": "search"}):
+        with tracked_run(run_name="search", tags={Tag.STEP: Step.SEARCH}):
             result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output)
             log_params({"resolved_model": result.model["resolved_uri"], "index_reused": result.index_reused})
             if args.output:

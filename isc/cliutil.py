@@ -42,14 +42,13 @@ def optional_str(text: str) -> str | None:
 
 
 def str2bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "y", "on"):
-        return True
-    if t in ("0", "false", "no", "n", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got '{text}'")
+    """argparse type for :func:`isc.contract.parse_bool` (the one set of accepted words)."""
+    from isc.contract import parse_bool
+
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _num(kind: type, cond, what: str):

@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isc.contract import CHAMPION, Tag
 from isc.errors import ConfigError
-from isc.tracking import normalize_param
+from isc.tracking import git_commit, normalize_param
 from isc.train.config import parse_overrides
 
 log = logging.getLogger("isc.driver")
@@ -95,16 +95,6 @@ class StepRecord:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def git_commit(root: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 class Pipeline:
     """Runs and reuses MLflow project steps inside the driver's (parent) run."""
 
@@ -158,7 +148,7 @@ class Pipeline:
             rec = StepRecord(step, entry_point, submitted.run_id, False, wall, dict(run.data.metrics))
         self.records.append(rec)
         mlflow.log_metric(f"wall_s.{step}", rec.wall_s)
-        mlflow.set_tag(f"isc.step_run.{step}", rec.run_id)
+        mlflow.set_tag(f"{Tag.STEP_RUN_PREFIX}{step}", rec.run_id)
         return rec
 
 
@@ -313,12 +303,12 @@ def _champion(model_name: str) -> dict[str, str] | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = MlflowClient().get_model_version_by_alias(model_name, "champion")
+        mv = MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None
-    return {"version": mv.version, "uri": f"models:/{model_name}@champion",
-            "source_run": mv.tags.get("isc.source_eval_run", mv.run_id or ""),
-            "gt_path": mv.tags.get("isc.gt_path", ""), "gt_fingerprint": mv.tags.get("isc.gt_fingerprint", "")}
+    return {"version": mv.version, "uri": f"models:/{model_name}@{CHAMPION}",
+            "source_run": mv.tags.get(Tag.SOURCE_EVAL_RUN, mv.run_id or ""),
+            "gt_path": mv.tags.get(Tag.GT_PATH, ""), "gt_fingerprint": mv.tags.get(Tag.GT_FINGERPRINT, "")}
 
 
 def _champion_line(champion: dict[str, str] | None, model_name: str, select_gt: Path, test_gt: Path) -> str:

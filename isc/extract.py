@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from isc.contract import Tag
 from isc.data.disc21 import DISC21
 from isc.data.images import load_image, to_rgb
 from isc.errors import BadImageError, BadImagesError, ConfigError, ISCError
@@ -427,7 +428,7 @@ def extract_descriptors(
     dim = int(getattr(model, "model_config", {}).get("dim", 0)) or _probe_dim(model, size)
     out_dir = Path(out_dir)
     result = ExtractionResult(input_size=size, dim=dim, device=str(dev))
-    attrs = {"isc.model_ref": model_ref, "isc.input_size": size, "isc.tta": int(bool(tta))}
+    attrs = {Tag.MODEL_REF: model_ref, Tag.INPUT_SIZE: size, Tag.TTA: int(bool(tta))}
     bad: list[BadImageError] = []
     n_images = sum(len(v) for v in listings.values())
     log.info(
@@ -683,7 +684,7 @@ def extract_descriptors_sharded(
         raise BadImagesError([BadImageError(p, r) for p, r in all_bad])
 
     result = ExtractionResult(input_size=size, dim=dim, device=str(dev))
-    attrs = {"isc.model_ref": model_ref, "isc.input_size": size, "isc.tta": int(bool(tta))}
+    attrs = {Tag.MODEL_REF: model_ref, Tag.INPUT_SIZE: size, Tag.TTA: int(bool(tta))}
     merged: dict[str, Any] = {}
     if info.primary:
         merged = _merge_shards(out_dir, folder, letters, shards, listings, attrs, dim, id_lens)

@@ -25,17 +25,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from isc.contract import DBA_ALPHA, DBA_K, NES_BETA, NES_K, NES_NUM_ITER
 from isc.errors import ConfigError
 from isc.search import FlatIndex
 
 log = logging.getLogger(__name__)
 
-# The seed's constants (scripts/postprocess.py): NES k=10, beta=0.35, one iteration; DBA k=10, alpha=3.
-DEFAULT_K = 10
-DEFAULT_BETA = 0.35
-DEFAULT_NUM_ITER = 1
-DEFAULT_DBA_K = 10
-DEFAULT_DBA_ALPHA = 3.0
+# The seed's constants (scripts/postprocess.py), defined with the run contract: the registered pyfunc
+# applies the same ones.
+DEFAULT_K = NES_K
+DEFAULT_BETA = NES_BETA
+DEFAULT_NUM_ITER = NES_NUM_ITER
+DEFAULT_DBA_K = DBA_K
+DEFAULT_DBA_ALPHA = DBA_ALPHA
 DEFAULT_BATCH_SIZE = 65_536  # rows searched per faiss call: 65,536 x k results, a few MB
 
 _EPS = 1e-12  # guards the division when a vector is subtracted down to (numerically) zero

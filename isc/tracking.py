@@ -23,17 +23,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from isc.errors import TrackingUnavailableError
+from isc.contract import DEFAULT_EXPERIMENT, Tag, experiment_choice, looks_like_run_id  # noqa: F401 (re-exported)
+from isc.errors import ConfigError, TrackingUnavailableError
 from isc.redact import REDACTED, is_secret_key, redact, safe_value  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "isc"
-RUN_ID_PATTERN_LEN = 32
-
-# Redaction lives in isc.redact (one rule set for params, tags, logs, summaries and errors); these names
-# stay importable from here for existing callers.
-redact_secrets = redact
 
 
 def project_root() -> Path:
@@ -216,6 +211,39 @@ def get_or_create_experiment(name: str) -> str:
         return exp.experiment_id
 
 
+def experiment_id(explicit: str | None = None, create: bool = True) -> str:
+    """The id of the experiment :func:`isc.contract.experiment_choice` picks; created when missing and
+    ``create`` (else ``ConfigError('experiment')``). An explicit all-digit text that names no experiment
+    is tried as an id."""
+    from mlflow import MlflowClient
+
+    kind, text = experiment_choice(explicit)
+    client = MlflowClient()
+    if kind == "id":
+        return text
+    exp = client.get_experiment_by_name(text)
+    if exp is not None:
+        return exp.experiment_id
+    if text.isdigit():
+        with contextlib.suppress(Exception):  # MlflowException when there is no such id
+            return client.get_experiment(text).experiment_id
+    if not create:
+        raise ConfigError("experiment", f"no MLflow experiment named (or with id) '{text}'")
+    return get_or_create_experiment(text)
+
+
+def git_commit(root: str | Path | None = None) -> str | None:
+    """HEAD of the checkout at ``root`` (default: this project's), or None outside git."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(root or project_root()), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 @contextlib.contextmanager
 def tracked_run(
     experiment: str | None = None,
@@ -250,21 +278,17 @@ def tracked_run(
         kwargs["run_id"] = resume_id
         kwargs.pop("run_name")
     else:
-        exp_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        if os.environ.get("MLFLOW_EXPERIMENT_ID") and not experiment:
-            kwargs["experiment_id"] = os.environ["MLFLOW_EXPERIMENT_ID"]
-        else:
-            kwargs["experiment_id"] = get_or_create_experiment(exp_name)
+        kwargs["experiment_id"] = experiment_id(experiment)
     run = mlflow.start_run(**kwargs)
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.set_tag("isc.error", "interrupted")
+        mlflow.set_tag(Tag.ERROR, "interrupted")
         mlflow.end_run(status="KILLED")
         raise
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            mlflow.set_tag("isc.error", redact(f"{type(exc).__name__}: {exc}")[:4000])
+            mlflow.set_tag(Tag.ERROR, redact(f"{type(exc).__name__}: {exc}")[:4000])
         mlflow.end_run(status="FAILED")
         raise
     else:
@@ -357,10 +381,6 @@ def log_artifact(path: str | Path, artifact_path: str | None = None, retries: in
                 return False
             time.sleep(min(2**attempt, 30))
     return False
-
-
-def looks_like_run_id(text: str) -> bool:
-    return len(text) == RUN_ID_PATTERN_LEN and all(c in "0123456789abcdef" for c in text)
 
 
 def resolve_artifact(ref: str | Path, default_subpath: str | None = None, dst: str | Path | None = None) -> Path:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isc.contract import Step, Tag, redact
 from isc.errors import BadImageError, BadImagesError, ConfigError, DescriptorFileError, ISCError
 
 log = logging.getLogger(__name__)
@@ -248,13 +249,6 @@ def default_storage_url() -> str:
     return f"sqlite:///{project_root() / 'optuna.db'}"
 
 
-def redact_url(url: str) -> str:
-    """The storage URL without its password (safe to log): :func:`isc.redact.redact`."""
-    from isc.redact import redact
-
-    return redact(url)
-
-
 def _sqlite_file(url: str) -> Path | None:
     if not url.startswith("sqlite:"):
         return None
@@ -289,7 +283,7 @@ def make_storage(url: str, cfg: TuneConfig) -> Any:
                 ),
             )
         except Exception as exc:  # noqa: BLE001 -- sqlalchemy errors of many kinds
-            raise ConfigError("storage", f"cannot open Optuna storage {redact_url(url)}: {exc}") from exc
+            raise ConfigError("storage", f"cannot open Optuna storage {redact(url)}: {exc}") from exc
 
 
 class AdmissionGate:
@@ -310,7 +304,7 @@ class AdmissionGate:
         db = _sqlite_file(url)
         self._lock_path = db.with_name(db.name + ".admission.lock") if db is not None else None
         if self._lock_path is None and not url.startswith("postgresql"):
-            log.warning("no cross-process admission lock for %s: run one worker per study", redact_url(url))
+            log.warning("no cross-process admission lock for %s: run one worker per study", redact(url))
 
     def acquire(self) -> None:
         if self._held:
@@ -482,16 +476,16 @@ def _trial_run(study_name: str, trial: Any) -> Iterator[Any]:
     run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                            experiment_id=parent.info.experiment_id if parent is not None else None,
                            tags={"optuna.study": study_name, "optuna.trial": str(trial.number),
-                                 "isc.step": "tune_trial", "optuna.state": "RUNNING"})
+                                 Tag.STEP: Step.TUNE_TRIAL, "optuna.state": "RUNNING"})
     run_id = run.info.run_id
     client = mlflow.MlflowClient()
 
     def finish(state: str, status: str, error: str | None = None) -> None:
         with contextlib.suppress(Exception):
             client.set_tag(run_id, "optuna.state", state)
-            client.set_tag(run_id, "isc.step", "tune_trial")  # the training loop tagged it "train"
+            client.set_tag(run_id, Tag.STEP, Step.TUNE_TRIAL)  # the training loop tagged it "train"
             if error:
-                client.set_tag(run_id, "isc.error", error[:4000])
+                client.set_tag(run_id, Tag.ERROR, error[:4000])
         active = mlflow.active_run()
         if active is not None and active.info.run_id == run_id:
             mlflow.end_run(status=status)
@@ -561,7 +555,7 @@ def _open_parent_run(study: Any, study_name: str, experiment: str | None) -> tup
     """The study run id (created and stored in the study on first use) and whether we created it."""
     import mlflow
 
-    from isc.tracking import DEFAULT_EXPERIMENT, get_or_create_experiment
+    from isc.tracking import experiment_id
 
     existing = study.user_attrs.get(PARENT_ATTR)
     if existing:
@@ -570,12 +564,8 @@ def _open_parent_run(study: Any, study_name: str, experiment: str | None) -> tup
     if env_run:
         run_id = env_run
     else:
-        if os.environ.get("MLFLOW_EXPERIMENT_ID") and not experiment:
-            exp_id = os.environ["MLFLOW_EXPERIMENT_ID"]
-        else:
-            exp_id = get_or_create_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
         run_id = mlflow.MlflowClient().create_run(
-            exp_id, run_name=f"study-{study_name}", tags={"isc.step": "tune", "optuna.study": study_name}
+            experiment_id(experiment), run_name=f"study-{study_name}", tags={Tag.STEP: Step.TUNE, "optuna.study": study_name}
         ).info.run_id
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id, True
@@ -701,13 +691,13 @@ def run_study(
     ran = 0
     with tracked_run(run_id=run_id) as run:
         client = mlflow.MlflowClient()
-        client.set_tag(run.info.run_id, "isc.step", "tune")
+        client.set_tag(run.info.run_id, Tag.STEP, Step.TUNE)
         client.set_tag(run.info.run_id, "optuna.study", study_name)
         if run.info.run_id != parent_id:
-            client.set_tag(run.info.run_id, "isc.tune.study_run", parent_id)
-        client.set_tag(run.info.run_id, "isc.tune.n_trials", str(n_trials))
+            client.set_tag(run.info.run_id, Tag.TUNE_STUDY_RUN, parent_id)
+        client.set_tag(run.info.run_id, Tag.TUNE_N_TRIALS, str(n_trials))
         log_params({
-            "study_name": study_name, "storage": redact_url(url), "search_space": cfg.search_space_dict(),
+            "study_name": study_name, "storage": redact(url), "search_space": cfg.search_space_dict(),
             "sampler": describe_component(build_sampler(cfg.sampler)), "pruner": describe_component(pruner_obj),
             "profile": cfg.profile, "epochs_per_trial": cfg.epochs_per_trial, "validation_split": cfg.split,
             "validation_ground_truth": str(gt_path), "objective": f"{OBJECTIVE_METRIC} (official protocol)",
@@ -736,5 +726,5 @@ def run_study(
             log_study_summary(study, parent_id)
     counts = summary["counts"]
     log.info("study %s: %d trial(s) run here; %s; best %s", study_name, ran, counts, summary["best_value"])
-    return TuneResult(study_name, redact_url(url), parent_id, ran, counts, summary["best_value"],
+    return TuneResult(study_name, redact(url), parent_id, ran, counts, summary["best_value"],
                       summary["best_params"], summary["best_trial"], summary["best_run_id"])

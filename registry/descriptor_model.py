@@ -40,6 +40,7 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         import torch
 
+        from isc.contract import NES_BETA, NES_K, NES_NUM_ITER
         from isc.models import load_model
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,9 +49,9 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
         self.input_size = int(config.get("input_size") or self.model.model_config.get("input_size", 256))
         self.batch_size = int(config.get("batch_size", 64))
         self.nes = {
-            "k": int(config.get("nes_k", 10)),
-            "beta": float(config.get("nes_beta", 0.35)),
-            "num_iter": int(config.get("nes_num_iter", 1)),
+            "k": int(config.get("nes_k", NES_K)),
+            "beta": float(config.get("nes_beta", NES_BETA)),
+            "num_iter": int(config.get("nes_num_iter", NES_NUM_ITER)),
         }
         self.bank: np.ndarray | None = None
         self._bank_index = None

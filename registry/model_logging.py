@@ -27,16 +27,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from isc.contract import (
+    DEFAULT_MODEL_NAME,  # noqa: F401 (re-exported)
+    NES_BETA,
+    NES_K,
+    NES_NUM_ITER,
+    PYFUNC_ARTIFACT_NAME,
+    PYFUNC_BANK,
+    PYFUNC_CHECKPOINT,
+    Step,
+    Tag,
+)
 from isc.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MODEL_CODE_PATH = Path(__file__).resolve().parent / "descriptor_model.py"
 ISC_PACKAGE_DIR = Path(__file__).resolve().parent.parent / "isc"
-CHECKPOINT_FILE = "checkpoint.pth.tar"  # isc.models.load_model finds artifacts/checkpoint.pth.tar
-BANK_FILE = "nes_bank.h5"
-DEFAULT_MODEL_NAME = "isc-descriptor"
-MODEL_ARTIFACT_NAME = "descriptor_model"
 
 
 def descriptor_signature(dim: int = 256) -> Any:
@@ -75,7 +82,7 @@ def log_descriptor_model(
     checkpoint: str | Path,
     bank: str | Path | None = None,
     nes_params: Mapping[str, Any] | None = None,
-    name: str = MODEL_ARTIFACT_NAME,
+    name: str = PYFUNC_ARTIFACT_NAME,
     registered_model_name: str | None = None,
     batch_size: int = 64,
     include_code: bool = True,
@@ -101,19 +108,19 @@ def log_descriptor_model(
     config: dict[str, Any] = {
         "input_size": int(model_config.get("input_size", 256)),
         "batch_size": int(batch_size),
-        "nes_k": int(nes.get("k", 10)),
-        "nes_beta": float(nes.get("beta", 0.35)),
-        "nes_num_iter": int(nes.get("num_iter", 1)),
+        "nes_k": int(nes.get("k", NES_K)),
+        "nes_beta": float(nes.get("beta", NES_BETA)),
+        "nes_num_iter": int(nes.get("num_iter", NES_NUM_ITER)),
         "has_bank": bank is not None,
     }
     with tempfile.TemporaryDirectory(prefix="isc-pyfunc-") as tmp:
-        artifacts = {"checkpoint": str(shutil.copyfile(checkpoint, Path(tmp) / CHECKPOINT_FILE))}
+        artifacts = {"checkpoint": str(shutil.copyfile(checkpoint, Path(tmp) / PYFUNC_CHECKPOINT))}
         if bank is not None:
             bank = Path(bank)
             from isc.io import read_train_descriptors
 
             read_train_descriptors(bank)  # validate before packaging
-            artifacts["bank"] = str(shutil.copyfile(bank, Path(tmp) / BANK_FILE))
+            artifacts["bank"] = str(shutil.copyfile(bank, Path(tmp) / PYFUNC_BANK))
         code_paths = [str(ISC_PACKAGE_DIR)] if include_code else None
         with contextlib.ExitStack() as stack:
             # Deliberate choices (see module doc): no input schema/example, untyped predict.
@@ -123,7 +130,7 @@ def log_descriptor_model(
             if mlflow.active_run() is None:  # never fall back to MLflow's CWD-relative ./mlruns
                 from isc.tracking import tracked_run
 
-                stack.enter_context(tracked_run(run_name="log-descriptor-model", tags={"isc.step": "package"}))
+                stack.enter_context(tracked_run(run_name="log-descriptor-model", tags={Tag.STEP: Step.PACKAGE}))
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(MODEL_CODE_PATH),

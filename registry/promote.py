@@ -28,51 +28,21 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, PREVIOUS, Evaluation, Step, Tag
 from isc.errors import ConfigError, ISCError
-from registry.model_logging import DEFAULT_MODEL_NAME, log_descriptor_model
+from registry.model_logging import log_descriptor_model
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-PREVIOUS = "previous"
-EVAL_STEP = "evaluate"
-
-# Version tags written by promotion.
-TAG_AP = "isc.average_precision"
-TAG_RECALL = "isc.recall_p90"
-TAG_FINGERPRINT = "isc.gt_fingerprint"
-TAG_GT_PATH = "isc.gt_path"
-TAG_SOURCE_RUN = "isc.source_eval_run"
-TAG_MODEL_REF = "isc.model_ref"
-TAG_GIT = "isc.git_commit"
-TAG_NES_BANK = "isc.nes_bank"
-TAG_NES_PARAMS = "isc.nes_params"
-TAG_ROLLED_BACK = "isc.rolled_back"
-PROMOTION_TAG_PREFIX = "isc.promotion."
-
-
-@dataclass
-class Candidate:
-    """One FINISHED evaluation run that can be registered."""
-
-    run_id: str
-    average_precision: float
-    recall_p90: float | None
-    gt_fingerprint: str
-    gt_path: str
-    model_ref: str
-    nes_bank: str | None = None
-    nes_params: dict[str, Any] = field(default_factory=dict)
-    git_commit: str | None = None
+# One FINISHED evaluation run that can be registered: the run contract's record.
+Candidate = Evaluation
 
 
 @dataclass
@@ -126,25 +96,11 @@ def _client():
 
 
 def resolve_experiment(experiment: str | None) -> Any:
-    """The experiment to search: a name or id; empty = ``MLFLOW_EXPERIMENT_ID``/``_NAME`` or ``isc``."""
-    from isc.tracking import DEFAULT_EXPERIMENT
+    """The experiment to search (:func:`isc.contract.experiment_choice`; never created here)."""
+    from isc.tracking import experiment_id
 
     client = _client()
-    text = (experiment or "").strip()
-    if not text and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        exp = client.get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"])
-        if exp is not None:
-            return exp
-    text = text or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    exp = client.get_experiment_by_name(text)
-    if exp is None and text.isdigit():
-        try:
-            exp = client.get_experiment(text)
-        except Exception:  # noqa: BLE001 -- MlflowException when no such id
-            exp = None
-    if exp is None:
-        raise ConfigError("experiment", f"no MLflow experiment named (or with id) '{text}'")
-    return exp
+    return client.get_experiment(experiment_id(experiment, create=False))
 
 
 def _fingerprint_of(ground_truth: str | Path) -> str:
@@ -168,28 +124,6 @@ def _search_all_runs(client: Any, experiment_id: str, filter_string: str) -> lis
             return runs
 
 
-def _candidate(run: Any) -> Candidate:
-    tags, metrics = run.data.tags, run.data.metrics
-    nes_params: dict[str, Any] = {}
-    if tags.get("isc.nes_params"):
-        try:
-            nes_params = dict(json.loads(tags["isc.nes_params"]))
-        except (ValueError, TypeError):
-            log.warning("run %s: unreadable isc.nes_params tag %r (seed defaults used)", run.info.run_id,
-                        tags["isc.nes_params"])
-    return Candidate(
-        run_id=run.info.run_id,
-        average_precision=float(metrics["average_precision"]),
-        recall_p90=float(metrics["recall_p90"]) if "recall_p90" in metrics else None,
-        gt_fingerprint=tags.get("isc.gt_fingerprint", ""),
-        gt_path=tags.get("isc.gt_path", ""),
-        model_ref=tags.get("isc.model_ref", ""),
-        nes_bank=tags.get("isc.nes_bank") or None,
-        nes_params=nes_params,
-        git_commit=tags.get("mlflow.source.git.commit") or None,
-    )
-
-
 def find_best_evaluation(experiment: str | None = None, ground_truth: str | Path | None = None) -> Candidate:
     """The FINISHED evaluation run with the highest µAP on one ground truth (see module doc).
 
@@ -199,9 +133,9 @@ def find_best_evaluation(experiment: str | None = None, ground_truth: str | Path
     client = _client()
     exp = resolve_experiment(experiment)
     runs = _search_all_runs(
-        client, exp.experiment_id, f"attributes.status = 'FINISHED' and tags.`isc.step` = '{EVAL_STEP}'"
+        client, exp.experiment_id, f"attributes.status = 'FINISHED' and tags.`{Tag.STEP}` = '{Step.EVALUATE}'"
     )
-    usable = [r for r in runs if "average_precision" in r.data.metrics and r.data.tags.get("isc.model_ref")]
+    usable = [r for r in runs if "average_precision" in r.data.metrics and r.data.tags.get(Tag.MODEL_REF)]
     skipped = len(runs) - len(usable)
     if skipped:
         log.info("%d evaluation run(s) skipped: no isc.model_ref (e.g. hash baselines) or no µAP", skipped)
@@ -212,11 +146,11 @@ def find_best_evaluation(experiment: str | None = None, ground_truth: str | Path
         )
     by_fp: dict[str, list[Any]] = {}
     for r in usable:
-        by_fp.setdefault(r.data.tags.get("isc.gt_fingerprint", ""), []).append(r)
+        by_fp.setdefault(r.data.tags.get(Tag.GT_FINGERPRINT, ""), []).append(r)
 
     def listing() -> str:
         return "; ".join(
-            f"{fp[:12] or '<none>'} ({len(rs)} run(s), e.g. {rs[0].data.tags.get('isc.gt_path', '?')})"
+            f"{fp[:12] or '<none>'} ({len(rs)} run(s), e.g. {rs[0].data.tags.get(Tag.GT_PATH, '?')})"
             for fp, rs in sorted(by_fp.items())
         )
 
@@ -238,19 +172,7 @@ def find_best_evaluation(experiment: str | None = None, ground_truth: str | Path
             )
         chosen = next(iter(by_fp.values()))
     best = max(chosen, key=lambda r: (r.data.metrics["average_precision"], -r.info.start_time))
-    return _candidate(best)
-
-
-def _git_commit() -> str | None:
-    """HEAD of this checkout, for versions whose evaluation run carries no git tag."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
-            text=True, timeout=10, check=True,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return Evaluation.from_run(best)
 
 
 def _all_versions(client: Any, model_name: str) -> list[Any]:
@@ -303,14 +225,14 @@ def _set_alias(client: Any, model_name: str, alias: str, version: str, attempts:
 def _record(client: Any, model_name: str, entry: dict[str, Any]) -> None:
     """Append a promotion record as registered-model tag ``isc.promotion.NNNN`` (aliases keep no history)."""
     rm = client.get_registered_model(model_name)
-    n = sum(1 for k in rm.tags if k.startswith(PROMOTION_TAG_PREFIX))
+    n = sum(1 for k in rm.tags if k.startswith(Tag.PROMOTION_PREFIX))
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
-    client.set_registered_model_tag(model_name, f"{PROMOTION_TAG_PREFIX}{n + 1:04d}", json.dumps(entry))
+    client.set_registered_model_tag(model_name, f"{Tag.PROMOTION_PREFIX}{n + 1:04d}", json.dumps(entry))
 
 
 def _versions_of(client: Any, model_name: str, eval_run_id: str) -> list[Any]:
     """Versions of ``model_name`` registered from evaluation run ``eval_run_id``, lowest first."""
-    found = [v for v in _all_versions(client, model_name) if v.tags.get(TAG_SOURCE_RUN) == eval_run_id]
+    found = [v for v in _all_versions(client, model_name) if v.tags.get(Tag.SOURCE_EVAL_RUN) == eval_run_id]
     return sorted(found, key=lambda v: int(v.version))
 
 
@@ -355,7 +277,7 @@ def register_once(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAME) ->
     client.delete_model_version(model_name, str(mine.version))
     if mine.run_id:
         with contextlib.suppress(Exception):
-            client.set_tag(mine.run_id, "isc.duplicate_of", f"{model_name}/{winner.version}")
+            client.set_tag(mine.run_id, Tag.DUPLICATE_OF, f"{model_name}/{winner.version}")
     return winner, False
 
 
@@ -368,7 +290,7 @@ def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAM
     import mlflow
 
     from isc.models import resolve_checkpoint
-    from isc.tracking import log_params, resolve_artifact, tracked_run
+    from isc.tracking import git_commit, log_params, resolve_artifact, tracked_run
 
     client = _client()
     eval_run = client.get_run(candidate.run_id)
@@ -381,25 +303,25 @@ def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAM
         except FileNotFoundError as exc:
             raise ConfigError("nes_bank", f"evaluation run {candidate.run_id}: {exc}") from exc
     with tracked_run(experiment=experiment, run_name=f"promote-{candidate.run_id[:8]}",
-                     tags={"isc.step": "promote"}) as run:
+                     tags={Tag.STEP: Step.PROMOTE}) as run:
         log_params({"model_name": model_name, "source_eval_run": candidate.run_id, "model_ref": candidate.model_ref})
         info = log_descriptor_model(checkpoint, bank=bank, nes_params=candidate.nes_params)
         tags = {
-            TAG_AP: f"{candidate.average_precision:.6f}",
-            TAG_FINGERPRINT: candidate.gt_fingerprint,
-            TAG_GT_PATH: candidate.gt_path,
-            TAG_SOURCE_RUN: candidate.run_id,
-            TAG_MODEL_REF: candidate.model_ref,
-            TAG_GIT: candidate.git_commit or _git_commit() or "unknown",
+            Tag.AVERAGE_PRECISION: f"{candidate.average_precision:.6f}",
+            Tag.GT_FINGERPRINT: candidate.gt_fingerprint,
+            Tag.GT_PATH: candidate.gt_path,
+            Tag.SOURCE_EVAL_RUN: candidate.run_id,
+            Tag.MODEL_REF: candidate.model_ref,
+            Tag.GIT_COMMIT: candidate.git_commit or git_commit() or "unknown",
         }
         if candidate.recall_p90 is not None:
-            tags[TAG_RECALL] = f"{candidate.recall_p90:.6f}"
+            tags[Tag.RECALL_P90] = f"{candidate.recall_p90:.6f}"
         if candidate.nes_bank:
-            tags[TAG_NES_BANK] = candidate.nes_bank
-            tags[TAG_NES_PARAMS] = json.dumps(candidate.nes_params)
+            tags[Tag.NES_BANK] = candidate.nes_bank
+            tags[Tag.NES_PARAMS] = json.dumps(candidate.nes_params, sort_keys=True)
         version = mlflow.register_model(info.model_uri, model_name, tags=tags)
         if run is not None:
-            mlflow.set_tags({"isc.registered_model": model_name, "isc.registered_version": str(version.version)})
+            mlflow.set_tags({Tag.REGISTERED_MODEL: model_name, Tag.REGISTERED_VERSION: str(version.version)})
     log.info("registered %s version %s from evaluation run %s", model_name, version.version, candidate.run_id)
     return client.get_model_version(model_name, version.version)
 
@@ -439,7 +361,7 @@ def promote(
     if champion is not None and str(champion.version) == str(version.version):
         return result("unchanged", f"{model_name} v{version.version} (µAP {candidate.average_precision:.4f}, "
                       f"eval run {candidate.run_id}) is already @champion", str(champion.version), prev_v)
-    if version.tags.get(TAG_ROLLED_BACK) == "true" and not force:
+    if version.tags.get(Tag.ROLLED_BACK) == "true" and not force:
         return result(
             "registered" if registered else "kept",
             f"best evaluation run {candidate.run_id} is {model_name} v{version.version}, which was rolled back; "
@@ -447,10 +369,10 @@ def promote(
             str(champion.version) if champion else None, prev_v,
         )
     if champion is not None and not force:
-        champ_fp = champion.tags.get(TAG_FINGERPRINT, "")
+        champ_fp = champion.tags.get(Tag.GT_FINGERPRINT, "")
         if champ_fp != candidate.gt_fingerprint:
             why = (f"@champion ({model_name} v{champion.version}) was scored on ground truth {champ_fp[:12] or '<none>'} "
-                   f"({champion.tags.get(TAG_GT_PATH, '?')}) but the candidate on {candidate.gt_fingerprint[:12]} "
+                   f"({champion.tags.get(Tag.GT_PATH, '?')}) but the candidate on {candidate.gt_fingerprint[:12]} "
                    f"({candidate.gt_path}); µAPs on different ground truths cannot be compared")
             if on_other_gt == "keep":
                 return result(
@@ -460,7 +382,7 @@ def promote(
                     str(champion.version), prev_v,
                 )
             raise ConfigError("ground_truth", f"{why} (evaluate both on one ground truth, or pass --force)")
-        champ_ap = float(champion.tags.get(TAG_AP, "nan"))
+        champ_ap = float(champion.tags.get(Tag.AVERAGE_PRECISION, "nan"))
         if not candidate.average_precision > champ_ap + min_improvement:
             return result(
                 "registered" if registered else "kept",
@@ -471,8 +393,8 @@ def promote(
     if champion is not None:
         _set_alias(client, model_name, PREVIOUS, str(champion.version))
     _set_alias(client, model_name, CHAMPION, str(version.version))
-    client.set_model_version_tag(model_name, str(version.version), "isc.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    client.set_model_version_tag(model_name, str(version.version), "isc.promoted_over",
+    client.set_model_version_tag(model_name, str(version.version), Tag.PROMOTED_AT, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    client.set_model_version_tag(model_name, str(version.version), Tag.PROMOTED_OVER,
                                  str(champion.version) if champion else "")
     _record(client, model_name, {
         "action": "promote", "champion": str(version.version), "previous": str(champion.version) if champion else None,
@@ -495,12 +417,12 @@ def rollback(model_name: str = DEFAULT_MODEL_NAME) -> PromotionResult:
     _set_alias(client, model_name, CHAMPION, str(previous.version))
     client.delete_registered_model_alias(model_name, PREVIOUS)
     if champion is not None:
-        client.set_model_version_tag(model_name, str(champion.version), TAG_ROLLED_BACK, "true")
-        client.set_model_version_tag(model_name, str(champion.version), "isc.rolled_back_at",
+        client.set_model_version_tag(model_name, str(champion.version), Tag.ROLLED_BACK, "true")
+        client.set_model_version_tag(model_name, str(champion.version), Tag.ROLLED_BACK_AT,
                                      time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _record(client, model_name, {"action": "rollback", "champion": str(previous.version),
                                  "demoted": str(champion.version) if champion else None})
     message = (f"{model_name} @champion rolled back to v{previous.version}"
-               + (f" (v{champion.version} marked {TAG_ROLLED_BACK}=true)" if champion else ""))
+               + (f" (v{champion.version} marked {Tag.ROLLED_BACK}=true)" if champion else ""))
     print(f"promote: {message}", flush=True)
     return PromotionResult("rolled_back", model_name, str(previous.version), str(previous.version), None, message)

@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, ModelRef
 from isc.errors import ConfigError
 from isc.fileutil import atomic_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_URI = "models:/isc-descriptor@champion"
+DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}"
 INDEX_FORMAT = 1
 
 
@@ -71,18 +72,16 @@ def model_identity(model_uri: str) -> dict[str, str]:
         if local.exists():  # a path says nothing about what is there now: key on the content
             return {"uri": uri, "resolved_uri": uri, "content_sha256": model_content_hash(local)}
         return {"uri": uri, "resolved_uri": uri}
+    ref = ModelRef.parse(uri)
+    if not ref.is_registry:
+        return {"uri": uri, "resolved_uri": uri}  # models:/m-<id>: already immutable
     configure(check=True)
-    rest = uri[len("models:/"):].strip("/")
     client = MlflowClient()
     try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        elif "/" in rest:
-            name, version = rest.split("/", 1)
-            mv = client.get_model_version(name, version)
+        if ref.kind == "alias":
+            mv = client.get_model_version_by_alias(ref.name, ref.alias)
         else:
-            return {"uri": uri, "resolved_uri": uri}  # models:/m-<id>: already immutable
+            mv = client.get_model_version(ref.name, ref.version)
     except MlflowException as exc:
         raise ConfigError("model", f"{model_uri}: not found in the model registry ({exc.message})") from exc
     return {

@@ -13,7 +13,8 @@ import urllib.request
 import pytest
 
 from isc import tracking as isc_tracking
-from isc.tracking import REDACTED, is_secret_key, redact_secrets
+from isc.redact import REDACTED, is_secret_key
+from isc.redact import redact as redact_secrets
 from tests.servers import PROJECT_ROOT, listening_addresses, start_mlflow_server
 
 DB_PASSWORD = "pg-S3cret-xyz"

@@ -15,10 +15,10 @@ import yaml
 from optuna.trial import TrialState
 
 from isc.errors import ConfigError
+from isc.redact import redact
 from isc.tune import (
     build_pruner,
     load_tune_config,
-    redact_url,
     resolve_validation_gt,
     run_study,
     trial_counts,
@@ -171,8 +171,8 @@ def test_bad_search_space_and_pruner_are_config_errors_naming_the_entry(tmp_path
 
 
 def test_storage_url_is_logged_without_its_password():
-    assert redact_url("postgresql://isc:s3cret@db.example:5432/optuna") == "postgresql://isc:***@db.example:5432/optuna"
-    assert redact_url("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
+    assert redact("postgresql://isc:s3cret@db.example:5432/optuna") == "postgresql://isc:***@db.example:5432/optuna"
+    assert redact("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
 
 
 def test_a_failing_trial_ends_its_run_failed_with_the_error_and_the_study_goes_on(tracking):

@@ -28,14 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from isc.contract import ARTIFACT_CHECKPOINTS, ARTIFACT_FINAL_MODEL, PYFUNC_CHECKPOINT, ModelRef
 from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{4,})(?:-step(\d+))?\.pth\.tar$")
-FINAL_MODEL_ARTIFACT = "model/final.pth.tar"
-REGISTRY_CHECKPOINT = "checkpoint.pth.tar"
+FINAL_MODEL_ARTIFACT = ARTIFACT_FINAL_MODEL
+REGISTRY_CHECKPOINT = PYFUNC_CHECKPOINT
 
 
 class CheckpointError(ISCError):
@@ -196,7 +197,7 @@ def _find_in_dir(folder: Path) -> Path | None:
     for rel in (f"artifacts/{REGISTRY_CHECKPOINT}", REGISTRY_CHECKPOINT, FINAL_MODEL_ARTIFACT, "final.pth.tar"):
         if (folder / rel).is_file():
             return folder / rel
-    for sub in (folder / "checkpoints", folder):
+    for sub in (folder / ARTIFACT_CHECKPOINTS, folder):
         latest = latest_checkpoint(sub)
         if latest is not None:
             return latest
@@ -217,10 +218,11 @@ def _run_checkpoint_uri(run_id: str, full_state: bool = False) -> str:
     configure(check=True)
     client = MlflowClient()
     try:
-        names = set() if full_state else {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
+        names = set() if full_state else \
+            {Path(a.path).name for a in client.list_artifacts(run_id, str(Path(FINAL_MODEL_ARTIFACT).parent))}
         if Path(FINAL_MODEL_ARTIFACT).name in names:
             return f"runs:/{run_id}/{FINAL_MODEL_ARTIFACT}"
-        ckpts = [Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints")]
+        ckpts = [Path(a.path).name for a in client.list_artifacts(run_id, ARTIFACT_CHECKPOINTS)]
     except Exception as exc:  # noqa: BLE001
         raise ConfigError("model", f"run {run_id}: cannot list its artifacts ({exc})") from exc
     ckpts = [c for c in ckpts if checkpoint_order(c)]
@@ -228,49 +230,29 @@ def _run_checkpoint_uri(run_id: str, full_state: bool = False) -> str:
         what = "no checkpoints/*.pth.tar (full state)" if full_state else \
             f"neither {FINAL_MODEL_ARTIFACT} nor checkpoints/*.pth.tar"
         raise ConfigError("model", f"run {run_id} has {what}")
-    return f"runs:/{run_id}/checkpoints/{max(ckpts, key=checkpoint_order)}"
+    return f"runs:/{run_id}/{ARTIFACT_CHECKPOINTS}/{max(ckpts, key=checkpoint_order)}"
 
 
 def epoch_checkpoint_uri(run_id: str, index: int) -> str:
     """``runs:/<id>/checkpoints/checkpoint_NNNN.pth.tar``: the seed's hand-off files (``checkpoint_0005``
     = the state after epoch index 5) as an MLflow URI."""
-    return f"runs:/{run_id}/checkpoints/{checkpoint_name(int(index))}"
-
-
-def parse_run_epoch(text: str) -> str | None:
-    """``<run id>:<N>`` -> :func:`epoch_checkpoint_uri` (``<run id>:checkpoint_0005`` works too); else None."""
-    from isc.tracking import looks_like_run_id
-
-    run_id, sep, tail = text.partition(":")
-    if not sep or not looks_like_run_id(run_id):
-        return None
-    m = re.fullmatch(r"(?:checkpoint_)?(\d+)(?:\.pth\.tar)?", tail.strip())
-    if not m:
-        raise ConfigError("model", f"{text}: expected <run id>:<epoch index> (e.g. {run_id}:5 = checkpoint_0005)")
-    return epoch_checkpoint_uri(run_id, int(m.group(1)))
+    return f"runs:/{run_id}/{ARTIFACT_CHECKPOINTS}/{checkpoint_name(int(index))}"
 
 
 def resolve_checkpoint(ref: str | Path, dst: str | Path | None = None, full_state: bool = False) -> Path:
-    """Local checkpoint file for ``ref``: a path (file or folder), a training run id, ``<run id>:<N>``
-    (that run's ``checkpoint_000N``), ``runs:/...``, ``models:/name@alias`` / ``models:/name/version``
-    (registered model folder holding ``artifacts/checkpoint.pth.tar``), or any MLflow artifact URI.
-    Downloads when remote. ``full_state``: a bare run id means its latest full epoch checkpoint, not its
-    weights-only final model (``resume_from``)."""
-    from isc.tracking import looks_like_run_id, resolve_artifact
+    """Local checkpoint file for ``ref`` (any :class:`isc.contract.ModelRef`): a path (file or folder), a
+    training run id, ``<run id>:<N>`` (that run's ``checkpoint_000N``), ``runs:/...``,
+    ``models:/name@alias`` / ``models:/name/version`` (registered model folder holding
+    ``artifacts/checkpoint.pth.tar``), or any MLflow artifact URI. Downloads when remote. ``full_state``:
+    a bare run id means its latest full epoch checkpoint, not its weights-only final model (``resume_from``)."""
+    from isc.tracking import resolve_artifact
 
-    text = str(ref).strip()
-    if not text:
-        raise ConfigError("model", "empty model reference")
-    local = Path(text).expanduser()
-    if not local.exists():
-        if (uri := parse_run_epoch(text)) is not None:
-            text = uri
-        elif looks_like_run_id(text):
-            text = _run_checkpoint_uri(text, full_state)
-        elif text.startswith("runs:/"):
-            parts = text[len("runs:/"):].strip("/").split("/", 1)
-            if len(parts) == 1 or not parts[1]:
-                text = _run_checkpoint_uri(parts[0], full_state)
+    parsed = ModelRef.parse(ref)
+    text = parsed.text
+    if parsed.kind == "run_epoch":
+        text = epoch_checkpoint_uri(parsed.run_id, parsed.epoch)
+    elif parsed.kind == "run" or (parsed.kind == "runs" and not parsed.path):
+        text = _run_checkpoint_uri(parsed.run_id, full_state)
     try:
         path = resolve_artifact(text, dst=dst)
     except FileNotFoundError as exc:

@@ -6,12 +6,14 @@ resuming without ``--config``) < the YAML file < command-line flags / keyword ov
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isc.contract import parse_bool
 from isc.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -108,22 +110,15 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if name == "pretrained":  # a boolean, or the name of a weights package
             text = str(value).strip()
-            if isinstance(value, bool) or text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                return value if isinstance(value, bool) else text.lower() in ("1", "true", "yes", "on")
+            with contextlib.suppress(ValueError):
+                return parse_bool(value)
             from isc.models.packaged import PACKAGES, is_packaged
 
             if not is_packaged(text):
                 raise ValueError(f"true, false or a weights package ({', '.join(PACKAGES)}), got '{value}'")
             return text.lower().replace("_", "-")
         if ftype.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"expected a boolean, got '{value}'")
+            return parse_bool(value)
         if ftype.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"expected an integer, got {value}")

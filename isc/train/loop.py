@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from isc import tracking
+from isc.contract import Step, Tag
 from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path
 from isc.losses import XBMContrastiveLoss, build_loss
@@ -190,7 +191,7 @@ def _run_context(cfg: TrainConfig, info: ddp.DistInfo, resumed_run: str | None) 
     """
     import mlflow
 
-    tags = {"isc.step": "train", "isc.stage": cfg.stage, **cfg.tags}
+    tags = {Tag.STEP: Step.TRAIN, Tag.STAGE: cfg.stage, **cfg.tags}
     if not info.primary:
         os.environ.pop("MLFLOW_RUN_ID", None)
         yield None
@@ -206,7 +207,7 @@ def _run_context(cfg: TrainConfig, info: ddp.DistInfo, resumed_run: str | None) 
         if status is not None and status != "FINISHED":
             continue_id = resumed_run
     if resumed_run and continue_id is None:
-        tags["isc.resumed_from_run"] = resumed_run
+        tags[Tag.RESUMED_FROM_RUN] = resumed_run
     if active is not None:
         mlflow.set_tags(tags)
         yield active
@@ -511,9 +512,9 @@ class _Stage:
         # which checkpoint this stage started from, as the user gave it (<run id>:N, runs:/ URI, path)
         kind, ref = (("resume", cfg.resume_from) if cfg.resume_from else ("init", cfg.init_from) if cfg.init_from
                      else ("pretrained", str(cfg.weights_file or cfg.pretrained)))
-        tags = {"isc.start_kind": kind, "isc.start_checkpoint": ref}
+        tags = {Tag.START_KIND: kind, Tag.START_CHECKPOINT: ref}
         if "pairs_path" in data.facts:
-            tags["isc.train_pairs"] = data.facts["pairs_path"]
+            tags[Tag.TRAIN_PAIRS] = data.facts["pairs_path"]
         self.listener.on_start(params, tags, parts.init_report)
         if not self.info.primary or resume is None:
             return
