@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from isc import contract
 from isc.contract import Tag
 from isc.data.disc21 import DISC21
 from isc.data.images import load_image, to_rgb
@@ -45,8 +46,8 @@ from isc.fileutil import atomic_path
 log = logging.getLogger(__name__)
 
 SET_NAMES = {"q": "query", "r": "reference", "t": "train"}
-DESCRIPTORS_FILE = "descriptors.h5"
-TRAIN_FILE = "train_descriptors.h5"
+DESCRIPTORS_FILE = contract.DESCRIPTORS_FILE
+TRAIN_FILE = contract.TRAIN_DESCRIPTORS_FILE
 # Test-time augmentation (v107 --tta): the image is loaded at sqrt(2) x the input size, then the model runs
 # at input / sqrt(2), input and input x sqrt(2), each with and without a horizontal flip (6 passes); the
 # sum is L2-normalised.
@@ -384,6 +385,81 @@ class ExtractionResult:
         }
 
 
+@dataclass
+class _Prepared:
+    """Everything both extraction paths check and compute before the first image is decoded."""
+
+    letters: list[str]
+    listings: dict[str, list[tuple[str, Path]]]
+    size: int
+    transform: Any
+    attrs: dict[str, Any]
+    out_dir: Path
+
+
+def _prepare(model: torch.nn.Module, data: DISC21, sets: str, out_dir: str | Path, input_size: int | None,
+             batch_size: int, workers: int, limit: int | None, tta: bool, model_ref: str,
+             overwrite: bool) -> _Prepared:  # fmt: skip
+    """Validate the arguments and the data, refuse existing outputs, list the images; nothing written."""
+    letters = parse_sets(sets)
+    _check_common(batch_size, workers)
+    if limit is not None and int(limit) < 0:
+        raise ConfigError("limit", f"must be >= 0 (0 = all), got {limit}")
+    size = resolve_input_size(model, input_size)
+    check_outputs(out_dir, letters, overwrite, [getattr(model, "checkpoint_path", "")])
+    data.validate("".join(letters))
+    listings = {c: data.images(c, limit or None) for c in letters}
+    for c, items in listings.items():
+        if not items:
+            raise ConfigError("data", f"no images in {data.split_dir(c)}")
+    transform = eval_transform_for(model, tta_load_size(size) if tta else size)
+    attrs = {Tag.MODEL_REF: model_ref, Tag.INPUT_SIZE: size, Tag.TTA: int(bool(tta))}
+    return _Prepared(letters, listings, size, transform, attrs, Path(out_dir))
+
+
+def _open_outputs(stack: contextlib.ExitStack, out_dir: Path, letters: Sequence[str],
+                  attrs: dict[str, Any]) -> dict[str, h5py.File]:  # fmt: skip
+    """``letter -> open h5`` (temp files renamed onto their final names when ``stack`` closes)."""
+    files: dict[str, h5py.File] = {}
+    by_letter: dict[str, h5py.File] = {}
+    for c in letters:
+        fname = TRAIN_FILE if c == "t" else DESCRIPTORS_FILE
+        if fname not in files:
+            tmp = stack.enter_context(atomic_path(out_dir / fname))
+            files[fname] = stack.enter_context(h5py.File(tmp, "w"))
+            files[fname].attrs.update(attrs)
+        by_letter[c] = files[fname]
+    return by_letter
+
+
+def _stream_into(writer: _H5Appender, model: torch.nn.Module, items: Sequence[tuple[str, Path]], transform: Any,
+                 batch_size: int, workers: int, tta: bool, skip_bad_images: bool, bad: list[BadImageError],
+                 desc: str) -> None:  # fmt: skip
+    """Describe ``items`` into ``writer``; bad images go to ``bad``. After the first bad image (unless
+    ``skip_bad_images``) the model stops but decoding goes on, so the error lists every bad file."""
+    ids = [i for i, _ in items]
+    for idx, x, errors in _describe_stream(
+        model, [p for _, p in items], transform, batch_size, workers, tta, desc,
+        run_model=lambda: skip_bad_images or not bad,
+    ):  # fmt: skip
+        for e in errors:
+            log.warning("bad image: %s: %s", e.path, e.reason)
+        bad.extend(errors)
+        if x is not None and (skip_bad_images or not bad):
+            writer.append(x, [ids[i] for i in idx])
+
+
+def _finish(result: ExtractionResult, letters: Sequence[str], out_dir: Path, t0: float) -> dict[str, Any]:
+    result.seconds = time.perf_counter() - t0
+    written = sum(result.counts.values())
+    result.images_per_second = written / result.seconds if result.seconds > 0 else 0.0
+    if any(c in letters for c in "qr"):
+        result.descriptors = out_dir / DESCRIPTORS_FILE
+    if "t" in letters:
+        result.train_descriptors = out_dir / TRAIN_FILE
+    return result.to_dict()
+
+
 def extract_descriptors(
     model: torch.nn.Module,
     data: DISC21,
@@ -409,67 +485,25 @@ def extract_descriptors(
     (their ids are absent from the output) and returned under ``bad_images``. ``limit`` keeps the first
     N images (by id) of each set. Returns :meth:`ExtractionResult.to_dict`.
     """
-    letters = parse_sets(sets)
-    _check_common(batch_size, workers)
-    if limit is not None and int(limit) < 0:
-        raise ConfigError("limit", f"must be >= 0 (0 = all), got {limit}")
     dev = resolve_device(device)
-    size = resolve_input_size(model, input_size)
-    check_outputs(out_dir, letters, overwrite, [getattr(model, "checkpoint_path", "")])
-    data.validate("".join(letters))
-    listings = {c: data.images(c, limit or None) for c in letters}
-    for c, items in listings.items():
-        if not items:
-            raise ConfigError("data", f"no images in {data.split_dir(c)}")
+    prep = _prepare(model, data, sets, out_dir, input_size, batch_size, workers, limit, tta, model_ref, overwrite)
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    transform = eval_transform_for(model, tta_load_size(size) if tta else size)
-    dim = int(getattr(model, "model_config", {}).get("dim", 0)) or _probe_dim(model, size)
-    out_dir = Path(out_dir)
-    result = ExtractionResult(input_size=size, dim=dim, device=str(dev))
-    attrs = {Tag.MODEL_REF: model_ref, Tag.INPUT_SIZE: size, Tag.TTA: int(bool(tta))}
+    dim = int(getattr(model, "model_config", {}).get("dim", 0)) or _probe_dim(model, prep.size)
+    result = ExtractionResult(input_size=prep.size, dim=dim, device=str(dev))
     bad: list[BadImageError] = []
-    n_images = sum(len(v) for v in listings.values())
-    log.info(
-        "extracting %s (%d images, %d px, batch %d, %d workers) on %s",
-        "".join(letters),
-        n_images,
-        size,
-        batch_size,
-        workers,
-        dev,
-    )
+    log.info("extracting %s (%d images, %d px, batch %d, %d workers) on %s", "".join(prep.letters),
+             sum(len(v) for v in prep.listings.values()), prep.size, batch_size, workers, dev)  # fmt: skip
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        files: dict[str, h5py.File] = {}
-        for c in letters:
-            fname = TRAIN_FILE if c == "t" else DESCRIPTORS_FILE
-            if fname not in files:
-                tmp = stack.enter_context(atomic_path(out_dir / fname))
-                f = stack.enter_context(h5py.File(tmp, "w"))
-                f.attrs.update(attrs)
-                files[fname] = f
-            name = SET_NAMES[c]
-            items = listings[c]
-            ids = [i for i, _ in items]
-            writer = _H5Appender(files[fname], name, dim, id_bytes_len(ids))
-            for idx, x, errors in _describe_stream(
-                model,
-                [p for _, p in items],
-                transform,
-                batch_size,
-                workers,
-                tta,
-                f"extract {name}",
-                run_model=lambda: skip_bad_images or not bad,
-            ):
-                for e in errors:
-                    log.warning("bad image: %s: %s", e.path, e.reason)
-                bad.extend(errors)
-                if x is not None and (skip_bad_images or not bad):
-                    writer.append(x, [ids[i] for i in idx])
-            result.counts[name] = writer.n
+        files = _open_outputs(stack, prep.out_dir, prep.letters, prep.attrs)
+        for c in prep.letters:
+            items = prep.listings[c]
+            writer = _H5Appender(files[c], SET_NAMES[c], dim, id_bytes_len([i for i, _ in items]))
+            _stream_into(writer, model, items, prep.transform, batch_size, workers, tta, skip_bad_images, bad,
+                         f"extract {SET_NAMES[c]}")
+            result.counts[SET_NAMES[c]] = writer.n
             if bad and not skip_bad_images:
                 continue  # keep scanning the other sets so the error lists every bad file
             if writer.n == 0:
@@ -477,17 +511,10 @@ def extract_descriptors(
         if bad and not skip_bad_images:
             raise BadImagesError(bad)  # the stack closes and deletes every temp file
         # Leaving the stack closes each h5 file, then renames it onto its final name (LIFO order).
-    result.seconds = time.perf_counter() - t0
-    written = sum(result.counts.values())
-    result.images_per_second = written / result.seconds if result.seconds > 0 else 0.0
     result.bad_images = bad
-    if any(c in letters for c in "qr"):
-        result.descriptors = out_dir / DESCRIPTORS_FILE
-    if "t" in letters:
-        result.train_descriptors = out_dir / TRAIN_FILE
     if bad:
         log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(str(e.path) for e in bad[:20]))
-    return result.to_dict()
+    return _finish(result, prep.letters, prep.out_dir, t0)
 
 
 def _probe_dim(model: torch.nn.Module, size: int) -> int:
@@ -559,21 +586,12 @@ def _extract_shard(model, shard: _Shard, items, transform, batch_size, workers, 
     """
     import json
 
-    part = items[shard.start : shard.stop]
-    ids = [i for i, _ in part]
     bad: list[BadImageError] = []
     try:
         with atomic_path(folder / f"{shard.stem}.h5") as tmp, h5py.File(tmp, "w") as f:
             writer = _H5Appender(f, "x", dim, id_len)
-            for idx, x, errors in _describe_stream(
-                model, [p for _, p in part], transform, batch_size, workers, tta, f"extract {shard.stem}",
-                run_model=lambda: skip_bad_images or not bad,
-            ):  # fmt: skip
-                for e in errors:
-                    log.warning("bad image: %s: %s", e.path, e.reason)
-                bad.extend(errors)
-                if x is not None and (skip_bad_images or not bad):
-                    writer.append(x, [ids[i] for i in idx])
+            _stream_into(writer, model, items[shard.start : shard.stop], transform, batch_size, workers, tta,
+                         skip_bad_images, bad, f"extract {shard.stem}")
             if bad and not skip_bad_images:
                 raise _DiscardShard()
     except _DiscardShard:
@@ -616,54 +634,28 @@ def extract_descriptors_sharded(
     from isc.train import distributed as ddp
 
     info = info or ddp.DistInfo(device=_model_device(model))
-    letters = parse_sets(sets)
-    _check_common(batch_size, workers)
     if int(shard_size) < 1:
         raise ConfigError("shard_size", f"must be >= 1, got {shard_size}")
-    if limit is not None and int(limit) < 0:
-        raise ConfigError("limit", f"must be >= 0 (0 = all), got {limit}")
+    prep = _prepare(model, data, sets, out_dir, input_size, batch_size, workers, limit, tta, model_ref, overwrite)
+    letters, listings, size, transform, out_dir = prep.letters, prep.listings, prep.size, prep.transform, prep.out_dir
     shard_size = -(-int(shard_size) // int(batch_size)) * int(batch_size)
-    size = resolve_input_size(model, input_size)
-    out_dir = Path(out_dir)
-    check_outputs(out_dir, letters, overwrite, [getattr(model, "checkpoint_path", "")])
-    data.validate("".join(letters))
-    listings = {c: data.images(c, limit or None) for c in letters}
-    for c, items in listings.items():
-        if not items:
-            raise ConfigError("data", f"no images in {data.split_dir(c)}")
     dev = _model_device(model)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    transform = eval_transform_for(model, tta_load_size(size) if tta else size)
     dim = int(getattr(model, "model_config", {}).get("dim", 0)) or _probe_dim(model, size)
     id_lens = {c: id_bytes_len([i for i, _ in items]) for c, items in listings.items()}
     folder = out_dir / SHARD_DIR
     shards = _plan_shards(listings, shard_size)
     t0 = time.perf_counter()
 
+    common = {"weights": weights_digest(model), "input_size": size, "tta": bool(tta),
+              "batch_size": int(batch_size), "shard_size": shard_size, "dim": dim}  # fmt: skip
     # Rank 0 decides what is left to do and tells everyone, so all ranks agree even while others write.
-    plan: tuple[dict[str, Any], list[int]] | None = None
-    if info.primary:
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.partial"):  # half-written by a killed run; nobody writes yet
-            stale.unlink(missing_ok=True)
-        common = {"weights": weights_digest(model), "input_size": size, "tta": bool(tta),
-                  "batch_size": int(batch_size), "shard_size": shard_size, "dim": dim}  # fmt: skip
-        todo = []
-        for j, s in enumerate(shards):
-            ids = [i for i, _ in listings[s.letter]]
-            marker = _read_marker(folder / f"{s.stem}.done.json")
-            fp = _shard_fingerprint(s, ids, common)
-            if not (marker and {k: marker.get(k) for k in fp} == fp and (folder / f"{s.stem}.h5").is_file()):
-                todo.append(j)
-        plan = (common, todo)
-    common, todo = ddp.broadcast_object(info, plan)
+    todo = ddp.broadcast_object(info, _shards_todo(folder, shards, listings, common) if info.primary else None)
     mine = todo[info.rank :: info.world_size]
     log.info("rank %d/%d: %d of %d shard(s) to extract (%d already done), %d images per shard, on %s",
              info.rank, info.world_size, len(mine), len(shards), len(shards) - len(todo), shard_size, dev)  # fmt: skip
-
     bad: list[BadImageError] = []
-    n_done = 0
     failure = ""
     try:
         for j in mine:
@@ -672,9 +664,37 @@ def extract_descriptors_sharded(
             bad += _extract_shard(model, s, listings[s.letter], transform, batch_size, workers, tta,
                                   skip_bad_images, dim, id_lens[s.letter], folder,
                                   _shard_fingerprint(s, ids, common))  # fmt: skip
-            n_done += s.stop - s.start
     except ISCError as exc:  # reported by every rank below, instead of leaving the others waiting
         failure = f"rank {info.rank}: {exc}"
+    _raise_on_any_rank(info, failure, bad, skip_bad_images)
+
+    result = ExtractionResult(input_size=size, dim=dim, device=str(dev))
+    merged: dict[str, Any] = {}
+    if info.primary:
+        merged = _merge_shards(out_dir, folder, letters, shards, listings, prep.attrs, dim, id_lens)
+    merged = ddp.broadcast_object(info, merged)
+    result.counts = merged["counts"]
+    result.bad_images = [BadImageError(p, r) for p, r in merged["bad"]]
+    return _finish(result, letters, out_dir, t0)
+
+
+def _shards_todo(folder: Path, shards: Sequence[_Shard], listings, common: dict[str, Any]) -> list[int]:
+    """Rank 0: indices of the shards without a done-marker matching ``common`` and their ids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.partial"):  # half-written by a killed run; nobody writes yet
+        stale.unlink(missing_ok=True)
+    todo = []
+    for j, s in enumerate(shards):
+        ids = [i for i, _ in listings[s.letter]]
+        marker = _read_marker(folder / f"{s.stem}.done.json")
+        fp = _shard_fingerprint(s, ids, common)
+        if not (marker and {k: marker.get(k) for k in fp} == fp and (folder / f"{s.stem}.h5").is_file()):
+            todo.append(j)
+    return todo
+
+
+def _raise_on_any_rank(info: Any, failure: str, bad: list[BadImageError], skip_bad_images: bool) -> None:
+    """Every rank raises the same error when any rank failed or (unless skipped) met a bad image."""
     status = _all_gather_object(info, (failure, [(str(e.path), e.reason) for e in bad]))
     failures = [f for f, _ in status if f]
     if failures:
@@ -683,23 +703,6 @@ def extract_descriptors_sharded(
     if all_bad and not skip_bad_images:
         raise BadImagesError([BadImageError(p, r) for p, r in all_bad])
 
-    result = ExtractionResult(input_size=size, dim=dim, device=str(dev))
-    attrs = {Tag.MODEL_REF: model_ref, Tag.INPUT_SIZE: size, Tag.TTA: int(bool(tta))}
-    merged: dict[str, Any] = {}
-    if info.primary:
-        merged = _merge_shards(out_dir, folder, letters, shards, listings, attrs, dim, id_lens)
-    merged = ddp.broadcast_object(info, merged)
-    result.seconds = time.perf_counter() - t0
-    result.counts = merged["counts"]
-    result.bad_images = [BadImageError(p, r) for p, r in merged["bad"]]
-    written = sum(result.counts.values())
-    result.images_per_second = written / result.seconds if result.seconds > 0 else 0.0
-    if any(c in letters for c in "qr"):
-        result.descriptors = out_dir / DESCRIPTORS_FILE
-    if "t" in letters:
-        result.train_descriptors = out_dir / TRAIN_FILE
-    return result.to_dict()
-
 
 def _merge_shards(out_dir: Path, folder: Path, letters: Sequence[str], shards: Sequence[_Shard],
                   listings, attrs: dict[str, Any], dim: int, id_lens: dict[str, int]) -> dict[str, Any]:  # fmt: skip
@@ -707,15 +710,10 @@ def _merge_shards(out_dir: Path, folder: Path, letters: Sequence[str], shards: S
     counts: dict[str, int] = {}
     bad: list[tuple[str, str]] = []
     with contextlib.ExitStack() as stack:
-        files: dict[str, h5py.File] = {}
+        files = _open_outputs(stack, out_dir, letters, attrs)
         for c in letters:
-            fname = TRAIN_FILE if c == "t" else DESCRIPTORS_FILE
-            if fname not in files:
-                tmp = stack.enter_context(atomic_path(out_dir / fname))
-                files[fname] = stack.enter_context(h5py.File(tmp, "w"))
-                files[fname].attrs.update(attrs)
             name = SET_NAMES[c]
-            writer = _H5Appender(files[fname], name, dim, id_lens[c])
+            writer = _H5Appender(files[c], name, dim, id_lens[c])
             for s in (s for s in shards if s.letter == c):
                 marker = _read_marker(folder / f"{s.stem}.done.json") or {}
                 bad += [(p, r) for p, r in marker.get("bad", [])]
