@@ -516,18 +516,10 @@ def _split_counts(total: int) -> dict[str, int]:
     return {"train": total - val - test, "val": val, "test": test}
 
 
-def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: str, source) -> None:
-    rng = random.Random(seed)
-    n_distractors = round(spec.n_queries * spec.distractor_fraction)
-    n_positives = spec.n_queries - n_distractors
-    if n_positives > spec.n_references:
-        raise ConfigError("size", "more positive queries than references")
-    if min(n_positives, n_distractors) < len(SPLIT_FRACTIONS):
-        raise ConfigError("size", "need at least 3 positive and 3 distractor queries")
-    photos = load_photos(paths)
-    groups = assign_photo_groups(photos, rng)
-    pos_n, dis_n, ref_n = _split_counts(n_positives), _split_counts(n_distractors), _split_counts(spec.n_references)
-    # per split: its references (queried or not), distractor sources; train also partners + training images
+def _cut_tiles(photos, groups: dict[str, list[int]], spec: MiniSpec, seed: int, pos_n: dict[str, int],
+               dis_n: dict[str, int]) -> tuple[dict[str, list[Tile]], dict[str, list[Tile]], list[Tile], list[Tile]]:
+    """Per split: its references (queried or not) and distractor sources; train also partners + training images."""
+    ref_n = _split_counts(spec.n_references)
     refs_by: dict[str, list[Tile]] = {}
     distractor_by: dict[str, list[Tile]] = {}
     partners: list[Tile] = []
@@ -540,6 +532,49 @@ def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: s
         if k == "train":
             partners = tiles[n_refs + dis_n[k]:n_refs + dis_n[k] + spec.n_partners]
             train = tiles[n_refs + dis_n[k] + spec.n_partners:]
+    return refs_by, distractor_by, partners, train
+
+
+def _write_queries(rng: random.Random, refs: list[Tile], ref_ids: list[str], ref_split: list[str],
+                   pos_n: dict[str, int], distractor_by: dict[str, list[Tile]], partners: list[Tile], query_dir: Path,
+                   reference_dir: Path, spec: MiniSpec, manifest: dict, where) -> tuple[list, dict[str, list[str]]]:
+    """Edit and save the queries; ``(ground-truth rows, split -> query ids)``.
+
+    Which references get queried (most do not): each split's positives copy references of its own photos.
+    """
+    items: list[tuple[Tile, str | None, str]] = []
+    for k in SPLIT_FRACTIONS:
+        mine = [i for i, sk in enumerate(ref_split) if sk == k]
+        items += [(refs[i], ref_ids[i], k) for i in rng.sample(mine, pos_n[k])]
+        items += [(t, None, k) for t in distractor_by[k]]
+    rng.shuffle(items)  # query ids mix positives, distractors and splits
+    partner_images = [t.image for t in partners]
+    rows: list[tuple[str, str | None]] = []
+    splits: dict[str, list[str]] = {k: [] for k in SPLIT_FRACTIONS}
+    for i, (tile, rid, split) in enumerate(tqdm(items, desc="queries", leave=False)):
+        qid = f"Q{i:05d}"
+        # Positives are edited from the reference as published (its JPEG pixels), as in DISC21.
+        base = load_image(reference_dir / f"{rid}.jpg") if rid else tile.image
+        query, names = edit_chain(base, rng, partner_images, spec.long_side)
+        _save_jpeg(query, query_dir / f"{qid}.jpg")
+        rows.append((qid, rid))
+        splits[split].append(qid)
+        manifest["queries"][qid] = {"reference": rid, "edits": names, "source": where(tile), "split": split}
+    return rows, splits
+
+
+def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: str, source) -> None:
+    rng = random.Random(seed)
+    n_distractors = round(spec.n_queries * spec.distractor_fraction)
+    n_positives = spec.n_queries - n_distractors
+    if n_positives > spec.n_references:
+        raise ConfigError("size", "more positive queries than references")
+    if min(n_positives, n_distractors) < len(SPLIT_FRACTIONS):
+        raise ConfigError("size", "need at least 3 positive and 3 distractor queries")
+    photos = load_photos(paths)
+    groups = assign_photo_groups(photos, rng)
+    pos_n, dis_n = _split_counts(n_positives), _split_counts(n_distractors)
+    refs_by, distractor_by, partners, train = _cut_tiles(photos, groups, spec, seed, pos_n, dis_n)
     # reference ids in random order, so an id says nothing about its split
     ref_tiles = [(k, t) for k in SPLIT_FRACTIONS for t in refs_by[k]]
     rng.shuffle(ref_tiles)
@@ -568,26 +603,8 @@ def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: s
         manifest["training"][f"T{i:06d}"] = where(t)
     manifest["partners"] = [where(t) for t in partners]
 
-    # Which references get queried (most do not): each split's positives copy references of its own photos.
-    items: list[tuple[Tile, str | None, str]] = []
-    for k in SPLIT_FRACTIONS:
-        mine = [i for i, sk in enumerate(ref_split) if sk == k]
-        items += [(refs[i], ref_ids[i], k) for i in rng.sample(mine, pos_n[k])]
-        items += [(t, None, k) for t in distractor_by[k]]
-    rng.shuffle(items)  # query ids mix positives, distractors and splits
-    partner_images = [t.image for t in partners]
-    rows: list[tuple[str, str | None]] = []
-    splits: dict[str, list[str]] = {k: [] for k in SPLIT_FRACTIONS}
-    for i, (tile, rid, split) in enumerate(tqdm(items, desc="queries", leave=False)):
-        qid = f"Q{i:05d}"
-        # Positives are edited from the reference as published (its JPEG pixels), as in DISC21.
-        base = load_image(dirs["r"] / f"{rid}.jpg") if rid else tile.image
-        query, names = edit_chain(base, rng, partner_images, spec.long_side)
-        _save_jpeg(query, dirs["q"] / f"{qid}.jpg")
-        rows.append((qid, rid))
-        splits[split].append(qid)
-        manifest["queries"][qid] = {"reference": rid, "edits": names, "source": where(tile), "split": split}
-
+    rows, splits = _write_queries(rng, refs, ref_ids, ref_split, pos_n, distractor_by, partners, dirs["q"],
+                                  dirs["r"], spec, manifest, where)
     write_ground_truth(root / "ground_truth.csv", rows)
     by_query = dict(rows)
     for split, qids in splits.items():
