@@ -157,6 +157,10 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
         tracking.log_params(
             {"resolved_input_size": input_size, "device": str(device), "world_size": info.world_size}
         )
+        from isc.lineage import log_disc21_inputs, upstream_params
+
+        log_disc21_inputs(data.root, "".join(letters))
+        tracking.log_params(upstream_params(str(args.model)))
         if info.distributed:
             tracking.log_params({"shard_size": args.shard_size})
             out = extract_descriptors_sharded(model, data, info, shard_size=args.shard_size, **common)

@@ -44,6 +44,7 @@ class Tag:
     START_CHECKPOINT = "isc.start_checkpoint"  # as the user gave it (<run id>:N, runs:/..., path)
     RESUMED_FROM_RUN = "isc.resumed_from_run"
     TRAIN_PAIRS = "isc.train_pairs"
+    CHECKPOINT_URI = "isc.checkpoint_uri"  # on a training run's LoggedModel: where its weights are
 
     # descriptors (also the h5 attributes of descriptor files)
     MODEL_REF = "isc.model_ref"

@@ -280,6 +280,9 @@ def tracked_run(
     else:
         kwargs["experiment_id"] = experiment_id(experiment)
     run = mlflow.start_run(**kwargs)
+    from isc.lineage import set_experiment_kind
+
+    set_experiment_kind(run.info.experiment_id)
     try:
         yield run
     except KeyboardInterrupt:

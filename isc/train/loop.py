@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from isc import tracking
+from isc import lineage, tracking
 from isc.contract import Step, Tag
 from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path
@@ -438,7 +438,7 @@ class EpochListener:
     def on_steps(self, metrics: dict[str, float], step: int) -> None: ...
     def on_checkpoint(self, path: Path) -> None: ...
     def on_epoch(self, metrics: dict[str, float], epoch: int, summary_path: Path | None) -> None: ...
-    def on_final(self, path: Path) -> None: ...
+    def on_final(self, path: Path, metrics: dict[str, float] | None = None) -> None: ...
 
 
 class MlflowListener(EpochListener):
@@ -455,6 +455,7 @@ class MlflowListener(EpochListener):
             mlflow.set_tags(tags)
             if metrics:
                 tracking.log_metrics(metrics, step=0)
+            lineage.log_disc21_inputs(self.cfg.data, "t")
 
     def on_steps(self, metrics, step):
         with self.timer("mlflow"):
@@ -471,9 +472,15 @@ class MlflowListener(EpochListener):
             if summary_path is not None:
                 tracking.log_artifact(summary_path)
 
-    def on_final(self, path):
+    def on_final(self, path, metrics=None):
+        import mlflow
+
         with self.timer("mlflow"):
             tracking.log_artifact(path, "model")
+            run = mlflow.active_run()
+            if run is not None:  # the run's Model column: an external LoggedModel pointing at this file
+                lineage.register_training_model(run.info.run_id, self.cfg.run_name or self.cfg.stage,
+                                                self.cfg.to_dict(), metrics or {})
 
 
 class _Stage:
@@ -654,7 +661,7 @@ class _Stage:
             final_path = save_checkpoint(self.out_dir / "model" / "final.pth.tar", self.parts.net, epoch=self.cfg.epochs,
                                          train_config=self.cfg, mlflow_run_id=self.run_id, metrics=self.epoch_metrics,
                                          with_rng=False)
-            self.listener.on_final(final_path)
+            self.listener.on_final(final_path, self.epoch_metrics)
         ddp.barrier(self.info)
         return self.result(self.cfg.epochs, final=True, final_path=final_path)
 

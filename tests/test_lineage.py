@@ -1,0 +1,70 @@
+"""MLflow lineage: experiment kind, datasets, the training run's logged model, upstream params."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from isc import lineage
+from isc.contract import Tag
+from isc.train import load_config, train
+
+TINY = dict(backbone="test_efficientnet", input_size=32, batch_size=4, memory_size=64, workers=0,
+            max_steps_per_epoch=2, log_every_steps=1, stage="demo", seed=3, lr=0.05, pos_margin=0.1)
+
+
+def test_folder_digest_changes_with_the_file_list_not_with_the_run(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"1234")
+    (tmp_path / "b.jpg").write_bytes(b"12")
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = lineage.image_folder_dataset(tmp_path)
+    assert ds.profile == {"images": 2}
+    again = lineage.image_folder_dataset(tmp_path)
+    assert again.digest == ds.digest and len(ds.digest) == 16
+    (tmp_path / "b.jpg").write_bytes(b"123")  # same names, one size changed
+    assert lineage.image_folder_dataset(tmp_path).digest != ds.digest
+
+
+def test_ground_truth_dataset_counts_queries_positives_and_split(tmp_path):
+    gt = tmp_path / "ground_truth_val.csv"
+    gt.write_text("query_id,reference_id\nQ1,R1\nQ2,\nQ3,R9\n")
+    ds = lineage.ground_truth_dataset(gt, lineage.split_of(gt))
+    assert ds.profile == {"queries": 3, "positive_pairs": 2, "split": "val"}
+    assert lineage.split_of(tmp_path / "ground_truth.csv") is None
+
+
+def test_training_run_has_kind_datasets_logged_model_and_upstream_params(tracking, mini_data):
+    result = train(load_config(None, data=str(mini_data.root), epochs=1, experiment_name="lineage", **TINY))
+    client = mlflow.MlflowClient()
+    run = client.get_run(result.run_id)
+    # the UI opens the experiment on its runs, not on the GenAI overview
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags[lineage.EXPERIMENT_KIND_TAG] == lineage.EXPERIMENT_KIND
+    # the Dataset column: the training folder, with its image count
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1
+    ds = inputs[0].dataset
+    assert ds.name == "mini/training_images"
+    assert json.loads(ds.profile) == {"images": len(list((mini_data.root / "training_images").glob("*.jpg")))}
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
+    # the Model column: an external LoggedModel pointing at the final weights, with the epoch metrics
+    model_id = lineage.training_model_id(result.run_id)
+    assert model_id is not None
+    model = client.get_logged_model(model_id)
+    assert model.source_run_id == result.run_id
+    assert model.tags[Tag.CHECKPOINT_URI] == f"runs:/{result.run_id}/model/final.pth.tar"
+    assert model.params["pos_margin"] == "0.1" and model.params["memory_size"] == "64"
+    assert {m.key for m in model.metrics} >= {"epoch_loss"}
+    # an evaluation of this model (by run id or <run id>:N) gets its knobs as train.* params
+    for ref in (result.run_id, f"{result.run_id}:0"):
+        up = lineage.upstream_params(ref)
+        assert up["train.pos_margin"] == "0.1" and up["train.lr"] == "0.05"
+        assert up["train.memory_size"] == "64" and up["train.run_id"] == result.run_id
+    assert lineage.upstream_params("/no/such/file.pth.tar") == {}
+
+
+@pytest.mark.parametrize("ref", ["models:/isc-descriptor@champion"])
+def test_upstream_params_of_a_missing_registry_model_is_empty_not_an_error(tracking, ref):
+    assert lineage.upstream_params(ref) == {}
