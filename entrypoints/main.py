@@ -23,6 +23,10 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import time
+
+    import mlflow
+
     from isc.driver import PROFILES, run_main
     from isc.errors import ConfigError
     from isc.tracking import tracked_run
@@ -33,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("profile", f"unknown profile '{args.profile}' (choose from {sorted(PROFILES)})")
     if args.overrides:
         parse_overrides(args.overrides)  # a bad mapping fails here, before any run
-    with tracked_run(experiment=args.experiment_name, run_name="main", tags={Tag.STEP: Step.MAIN}):
+    # A name that says what ran and when (under `mlflow run` the launcher's run has a random one).
+    name = f"main-{args.profile}-{time.strftime('%Y%m%d-%H%M')}"
+    with tracked_run(experiment=args.experiment_name, run_name=name, tags={Tag.STEP: Step.MAIN}):
+        mlflow.set_tag("mlflow.runName", name)
         run_main(args.data, args.source, args.profile, args.n_trials, args.force, args.model_name,
                  overrides=args.overrides or "")
     return 0

@@ -183,8 +183,11 @@ def upstream_params(model_ref: str) -> dict[str, str]:
     return out
 
 
-def register_training_model(run_id: str, name: str, params: Mapping[str, Any], metrics: Mapping[str, float]) -> str | None:
-    """An external LoggedModel for a finished training run's ``model/final.pth.tar``; its id."""
+def register_training_model(run_id: str, name: str, params: Mapping[str, Any]) -> str | None:
+    """An external LoggedModel for a finished training run's ``model/final.pth.tar``; its id.
+
+    Its metrics are the evaluations of it (:func:`link_metrics`), not the training losses again: logging
+    to a model also logs to a run, which would duplicate the run's epoch history."""
     import mlflow
 
     try:
@@ -193,9 +196,6 @@ def register_training_model(run_id: str, name: str, params: Mapping[str, Any], m
             params={k: str(params[k]) for k in UPSTREAM_KEYS if k in params},
             tags={Tag.MODEL_REF: run_id, Tag.CHECKPOINT_URI: f"runs:/{run_id}/{ARTIFACT_FINAL_MODEL}"},
         )
-        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
-        if finite:
-            mlflow.log_metrics(finite, model_id=model.model_id, run_id=run_id)
         return model.model_id
     except Exception as exc:  # noqa: BLE001
         log.warning("could not create the logged model of run %s: %s", run_id, exc)

@@ -438,7 +438,7 @@ class EpochListener:
     def on_steps(self, metrics: dict[str, float], step: int) -> None: ...
     def on_checkpoint(self, path: Path) -> None: ...
     def on_epoch(self, metrics: dict[str, float], epoch: int, summary_path: Path | None) -> None: ...
-    def on_final(self, path: Path, metrics: dict[str, float] | None = None) -> None: ...
+    def on_final(self, path: Path) -> None: ...
 
 
 class MlflowListener(EpochListener):
@@ -472,7 +472,7 @@ class MlflowListener(EpochListener):
             if summary_path is not None:
                 tracking.log_artifact(summary_path)
 
-    def on_final(self, path, metrics=None):
+    def on_final(self, path):
         import mlflow
 
         with self.timer("mlflow"):
@@ -480,7 +480,7 @@ class MlflowListener(EpochListener):
             run = mlflow.active_run()
             if run is not None:  # the run's Model column: an external LoggedModel pointing at this file
                 lineage.register_training_model(run.info.run_id, self.cfg.run_name or self.cfg.stage,
-                                                self.cfg.to_dict(), metrics or {})
+                                                self.cfg.to_dict())
 
 
 class _Stage:
@@ -661,7 +661,7 @@ class _Stage:
             final_path = save_checkpoint(self.out_dir / "model" / "final.pth.tar", self.parts.net, epoch=self.cfg.epochs,
                                          train_config=self.cfg, mlflow_run_id=self.run_id, metrics=self.epoch_metrics,
                                          with_rng=False)
-            self.listener.on_final(final_path, self.epoch_metrics)
+            self.listener.on_final(final_path)
         ddp.barrier(self.info)
         return self.result(self.cfg.epochs, final=True, final_path=final_path)
 
