@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from isc.errors import ConfigError, ISCError
-from isc.fileutil import atomic_path
+from isc.fileutil import atomic_path, check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,10 @@ def export_model(
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="isc-export-") as tmp:
         ident, ckpt, bank, config = _model_files(model_uri, Path(tmp))
+        # A local model given by path: never write over its own checkpoint or bank, --overwrite or not.
+        check_outputs({"--output": output, "its sidecar": sidecar, "its bank copy": bank_out},
+                      {"the model's checkpoint": ckpt, **({"the model's bank": bank} if bank else {})},
+                      overwrite, param="output")
         model = load_model(ckpt, "cpu").eval()
         size = int(config.get("input_size") or model.model_config["input_size"])
         model.model_config["input_size"] = size

@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from isc.errors import ConfigError
 from isc.io import read_train_descriptors, write_train_descriptors
 
 TINY = "test_efficientnet"
@@ -149,6 +150,10 @@ def test_a_checkpoint_without_registry_exports_without_logging(tracking, tmp_pat
 
     torch.manual_seed(2)
     ckpt = save_checkpoint(tmp_path / "m.pth.tar", create_model(TINY, pretrained=False, input_size=32), epoch=0)
+    before = sha256(ckpt)
+    with pytest.raises(ConfigError, match="destroy the input") as err:  # a slip of the pen must not eat the weights
+        export_model(str(ckpt), "torchscript", ckpt, overwrite=True)
+    assert err.value.param == "output" and sha256(ckpt) == before
     result = export_model(str(ckpt), "torchscript", tmp_path / "m.pt")
     assert result.artifact_uri is None and result.bank is None
     assert [p.name for p in result.files] == ["m.pt", "m.pt.json"]
