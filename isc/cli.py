@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("entrypoints.tune", "Optuna study over margins, memory size, lr"),
     "promote": ("entrypoints.promote", "register the best evaluated model and move @champion"),
     "search": ("entrypoints.search", "find copies of query images with a registered model"),
+    "export": ("entrypoints.export", "a registered model as a standalone TorchScript/ONNX file"),
     "main": ("entrypoints.main", "the whole pipeline, data to promoted champion"),
 }
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from isc import contract
 from isc.contract import Tag
 from isc.data.disc21 import DISC21
-from isc.data.images import load_image, to_rgb
+from isc.data.images import decode_image, load_image, to_rgb
 from isc.errors import BadImageError, BadImagesError, ConfigError, ISCError
 from isc.fileutil import atomic_path
 
@@ -211,18 +211,24 @@ def describe_tensors(model: torch.nn.Module, batch: torch.Tensor, tta: bool = Fa
 
 
 class _ImageList(Dataset):
-    """(index, tensor or None, reason) per image: bad files are reported, not raised, so one pass sees all."""
+    """(index, tensor or None, reason) per image: bad files are reported, not raised, so one pass sees all.
 
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor]):
+    ``load`` turns one source into an RGB PIL image: :func:`load_image` for paths, :func:`decode_image`
+    for the bytes of an encoded file; everything after it (resize, normalise) is the same ``transform``.
+    """
+
+    def __init__(self, paths: Sequence[Any], transform: Callable[[Any], torch.Tensor],
+                 load: Callable[[Any], Any] = load_image):
         self.paths = list(paths)
         self.transform = transform
+        self.load = load
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            img = load_image(self.paths[i])
+            img = self.load(self.paths[i])
         except BadImageError as exc:
             return i, None, exc.reason
         return i, self.transform(img), ""
@@ -258,15 +264,19 @@ def _describe_stream(
     tta: bool,
     desc: str,
     run_model: Callable[[], bool] = lambda: True,
+    sources: Sequence[Any] | None = None,
+    load: Callable[[Any], Any] = load_image,
 ) -> Iterator[tuple[list[int], np.ndarray | None, list[BadImageError]]]:
     """Yield ``(row indices, descriptors [b, d] | None, bad images)`` per batch, in path order.
 
     ``run_model()`` is asked before each forward pass: once it says False (a bad image was found and the
     run is going to fail) the remaining batches are only decoded, so every bad file still gets listed
-    without spending model time.
+    without spending model time. ``sources``/``load``: decode ``load(sources[i])`` instead of the file
+    ``paths[i]`` (which then only names image ``i`` in errors), e.g. the bytes of a served request.
     """
     device = _model_device(model)
-    loader = _loader(_ImageList(paths, transform), batch_size, workers, device)
+    images = _ImageList(paths if sources is None else sources, transform, load)
+    loader = _loader(images, batch_size, workers, device)
     for idx, batch, bad in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=2.0):
         errors = [BadImageError(paths[i], reason) for i, reason in bad]
         if batch is None or not run_model():
@@ -297,7 +307,44 @@ def describe_images(
     raises :class:`BadImagesError` listing every bad one. ``device=None`` keeps the model where it is.
     """
     _check_common(batch_size, workers)
-    paths = [Path(p) for p in paths]
+    return _describe_in_memory(model, [Path(p) for p in paths], None, input_size, batch_size, workers, device, tta)
+
+
+def describe_encoded_images(
+    model: torch.nn.Module,
+    images: Sequence[bytes],
+    names: Sequence[str] | None = None,
+    input_size: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    tta: bool = False,
+) -> np.ndarray:
+    """:func:`describe_images` for the bytes of encoded image files (JPEG, PNG...) held in memory.
+
+    Why: a served request carries images, not paths. Each is decoded by :func:`decode_image` (the
+    decoder of :func:`load_image`) and then resized and normalised by the very same transform, so the
+    bytes of a file and the file itself get identical descriptors. ``names`` label bad images in the
+    :class:`BadImagesError` (default ``image[i]``).
+    """
+    _check_common(batch_size, 0)
+    labels = list(names) if names is not None else [f"image[{i}]" for i in range(len(images))]
+    if len(labels) != len(images):
+        raise ConfigError("names", f"{len(labels)} names for {len(images)} images")
+    return _describe_in_memory(model, labels, list(images), input_size, batch_size, 0, device, tta, decode_image)
+
+
+def _describe_in_memory(
+    model: torch.nn.Module,
+    paths: Sequence[Any],
+    sources: Sequence[Any] | None,
+    input_size: int | None,
+    batch_size: int,
+    workers: int,
+    device: str | torch.device | None,
+    tta: bool,
+    load: Callable[[Any], Any] = load_image,
+) -> np.ndarray:
+    """The body of both ``describe_*``: ``paths`` name the images, ``load(sources[i])`` decodes them."""
     if device is not None:
         model.to(resolve_device(device))
     size = resolve_input_size(model, input_size)
@@ -306,7 +353,8 @@ def describe_images(
     rows: list[np.ndarray] = []
     bad: list[BadImageError] = []
     for _, x, errors in _describe_stream(
-        model, paths, transform, batch_size, workers, tta, "describe", run_model=lambda: not bad
+        model, paths, transform, batch_size, workers, tta, "describe", run_model=lambda: not bad,
+        sources=sources, load=load,
     ):
         bad.extend(errors)
         if x is not None and not bad:

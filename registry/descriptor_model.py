@@ -13,11 +13,15 @@ Artifacts of a logged version (see :mod:`registry.model_logging`):
   (datasets ``train`` [nt, 256] float32, ``train_ids``) used by negative embedding subtraction.
 
 ``model_config`` (MLflow's per-model config dict): ``nes_k``, ``nes_beta``, ``nes_num_iter`` (the
-post-processing constants the version was evaluated with), ``batch_size`` for path inputs.
+post-processing constants the version was evaluated with), ``batch_size`` for image inputs.
 
 predict(model_input, params={"postprocess": bool}) accepts a batch as
 
 * a pandas DataFrame with a string column ``path`` (image files), or a list/1-D array of paths;
+* a pandas DataFrame with a column ``image``: each cell the bytes of an encoded image file (JPEG, PNG...),
+  as a base64 string (what ``mlflow models serve`` hands over from a JSON request) or as raw ``bytes``.
+  They are decoded in memory and resized/normalised by the same code as the files of ``path``, so the
+  bytes of a file and the file get the same descriptor;
 * a float32 array/tensor [N, 3, H, W], already resized and normalised with the checkpoint's
   ``model_config['mean'/'std']``;
 
@@ -35,7 +39,7 @@ import numpy as np
 
 
 class DescriptorModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: images (paths or tensors) -> [N, 256] float32 unit-norm descriptors."""
+    """pyfunc wrapper: images (paths, encoded bytes or tensors) -> [N, 256] float32 unit-norm descriptors."""
 
     def load_context(self, context: Any) -> None:
         import torch
@@ -72,6 +76,28 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
             dtype=np.float32,
         )
 
+    def _describe_encoded(self, cells: list[Any]) -> np.ndarray:
+        import base64
+        import binascii
+
+        from isc.extract import describe_encoded_images
+
+        blobs = []
+        for i, cell in enumerate(cells):
+            if isinstance(cell, (bytes, bytearray)):
+                blobs.append(bytes(cell))
+            elif isinstance(cell, str):
+                try:
+                    blobs.append(base64.b64decode(cell, validate=True))
+                except (binascii.Error, ValueError) as exc:
+                    raise ValueError(f"image[{i}]: not base64-encoded image bytes ({exc})") from exc
+            else:
+                raise TypeError(f"image[{i}]: expected a base64 string or bytes, got {type(cell).__name__}")
+        return np.asarray(
+            describe_encoded_images(self.model, blobs, input_size=self.input_size, batch_size=self.batch_size),
+            dtype=np.float32,
+        )
+
     def _describe_tensor(self, batch: Any) -> np.ndarray:
         import torch
 
@@ -91,8 +117,12 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
         import pandas as pd
 
         if isinstance(model_input, pd.DataFrame):
-            if "path" not in model_input.columns:
-                raise ValueError(f"a DataFrame input needs a 'path' column, got columns {list(model_input.columns)}")
+            columns = [c for c in ("path", "image") if c in model_input.columns]
+            if len(columns) != 1:
+                raise ValueError("a DataFrame input needs a 'path' column (image files) or an 'image' column "
+                                 f"(base64 image bytes), one of them; got columns {list(model_input.columns)}")
+            if columns[0] == "image":
+                return self._describe_encoded(model_input["image"].tolist())
             return self._describe_paths([str(p) for p in model_input["path"].tolist()])
         if isinstance(model_input, pd.Series):
             return self._describe_paths([str(p) for p in model_input.tolist()])

@@ -9,11 +9,17 @@ The logged model directory looks like::
     artifacts/nes_bank.h5        optional DBA'd training descriptors for negative embedding subtraction
 
 Signature, and how MLflow enforces it: the *input* schema is deliberately left empty because the
-model takes two input forms (a DataFrame/list of image paths, or a float32 [N, 3, H, W] tensor) that
-no single MLflow schema can describe; ``predict`` itself validates the input and names what is wrong.
+model takes three input forms (a DataFrame/list of image paths, a DataFrame of base64 image bytes in a
+column ``image``, or a float32 [N, 3, H, W] tensor) that no single MLflow schema can describe; ``predict``
+itself validates the input and names what is wrong. An empty input schema is also what lets
+``mlflow models serve`` pass a JSON ``dataframe_split`` with the ``image`` column through untouched.
 The *output* is declared as ``Tensor(float32, (-1, 256))`` and the *params* schema declares
 ``postprocess: boolean = True``: MLflow rejects unknown params or a non-boolean ``postprocess`` before
 ``predict`` runs, and fills in the default when it is not given.
+
+Input example: one 8 x 8 PNG in the ``image`` column. MLflow stores it as ``input_example.json`` and
+``serving_input_example.json`` (the exact JSON body ``/invocations`` takes) and, while logging, loads the
+model once and predicts it as the server would -- a check that the version can be served.
 """
 
 from __future__ import annotations
@@ -59,6 +65,21 @@ def descriptor_signature(dim: int = 256) -> Any:
     )
 
 
+def serving_input_example() -> Any:
+    """A DataFrame with one tiny base64 PNG in column ``image``: the REST input form, cheap to predict."""
+    import base64
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    pixels = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3) * 3  # deterministic, not blank
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode("ascii")]})
+
+
 def _pip_requirements() -> list[str]:
     """Pinned runtime requirements of the pyfunc (explicit: inferring them would load the model)."""
     from importlib import metadata
@@ -86,6 +107,7 @@ def log_descriptor_model(
     registered_model_name: str | None = None,
     batch_size: int = 64,
     include_code: bool = True,
+    input_example: bool = True,
 ) -> Any:
     """Log the pyfunc for ``checkpoint`` (+ optional NES ``bank``); returns MLflow's ``ModelInfo``.
 
@@ -93,6 +115,7 @@ def log_descriptor_model(
     bank: local h5 with ``train``/``train_ids`` (copied as ``artifacts/nes_bank.h5``).
     nes_params: ``{"k", "beta", "num_iter"}`` the version was evaluated with (seed defaults otherwise).
     registered_model_name: also register the logged model as a new version of that name.
+    input_example: store :func:`serving_input_example` (MLflow then test-serves it once while logging).
     Logs into the active run when there is one (MLflow 3 stores the files under the run's LoggedModel).
     """
     import mlflow
@@ -123,7 +146,7 @@ def log_descriptor_model(
             artifacts["bank"] = str(shutil.copyfile(bank, Path(tmp) / PYFUNC_BANK))
         code_paths = [str(ISC_PACKAGE_DIR)] if include_code else None
         with contextlib.ExitStack() as stack:
-            # Deliberate choices (see module doc): no input schema/example, untyped predict.
+            # Deliberate choices (see module doc): no input schema, untyped predict.
             stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
@@ -137,6 +160,7 @@ def log_descriptor_model(
                 artifacts=artifacts,
                 model_config=config,
                 signature=descriptor_signature(int(model_config.get("dim", 256))),
+                input_example=serving_input_example() if input_example else None,
                 pip_requirements=_pip_requirements(),
                 code_paths=code_paths,
                 registered_model_name=registered_model_name,

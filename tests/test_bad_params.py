@@ -89,6 +89,10 @@ CASES = [
         "{out}/s.csv",
     ),
     ("search", "--references {mini}/reference_images --queries {mini}/query_images --topk 0", "topk", None),
+    ("export", "--model {missing}.pth.tar --format tflite --output {out}/e.pt", "format", "{out}/e.pt"),
+    ("export", "--model {missing}.pth.tar --format torchscript --output {out}/e.pt", "{missing}", "{out}/e.pt"),
+    ("export", "--model {missing}.pth.tar --format torchscript --output {mini}", "output", None),
+    ("export", "--format onnx --overwrite maybe", "overwrite", None),
     ("baseline", "--data {missing} --output-dir {out}/b", "{missing}", "{out}/b"),
     ("baseline", "--data {mini} --method bogus", "method", None),
     (

@@ -1,4 +1,4 @@
-"""The single image loader every split goes through.
+"""The single image decoder every split (and every served request) goes through.
 
 Handles grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit, EXIF orientation and animated
 files (first frame). Anything that cannot be decoded -- zero-byte, truncated, not an image,
@@ -7,6 +7,7 @@ decompression bombs -- raises :class:`~isc.errors.BadImageError` naming the file
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -56,10 +57,27 @@ def load_image(path: str | Path) -> Image.Image:
             raise BadImageError(path, "empty file (0 bytes)")
     except FileNotFoundError as exc:
         raise BadImageError(path, "no such file") from exc
+    return _decode(path, path)
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decode the bytes of an image *file* (JPEG, PNG, ...) exactly as :func:`load_image` decodes the file.
+
+    Why: the REST endpoint receives encoded images, not paths; going through the same decoder keeps a
+    served descriptor identical to the one of the file on disk. ``name`` labels errors.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadImageError(name, f"expected the bytes of an image file, got {type(data).__name__}")
+    if len(data) == 0:
+        raise BadImageError(name, "empty (0 bytes)")
+    return _decode(io.BytesIO(bytes(data)), name)
+
+
+def _decode(source: Path | io.BytesIO, label: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.seek(0)  # animated GIF/WebP/APNG: the first frame
                 img.load()  # force the full decode now: truncation shows up here, not later
                 img = ImageOps.exif_transpose(img) or img
@@ -69,8 +87,8 @@ def load_image(path: str | Path) -> Image.Image:
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(path, f"too large to decode safely ({exc})") from exc
+        raise BadImageError(label, f"too large to decode safely ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
-        raise BadImageError(path, "not a recognised image format") from exc
+        raise BadImageError(label, "not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BadImageError(path, f"cannot decode ({exc})") from exc
+        raise BadImageError(label, f"cannot decode ({exc})") from exc
