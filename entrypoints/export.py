@@ -11,6 +11,7 @@ tags the version ``isc.export.<format>``. See :mod:`registry.export` and docs/tu
 from __future__ import annotations
 
 from isc.cliutil import Parser, optional_str, str2bool
+from isc.contract import Step, Tag
 
 
 def build_parser() -> Parser:
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
     fmt = check_format(args.format)  # parameters first, before any run is opened
     output = check_output(args.output or default_output(fmt), args.overwrite)
     if os.environ.get("MLFLOW_RUN_ID") or args.log_run:
-        with tracked_run(run_name="export", tags={"isc.step": "export"}):
+        with tracked_run(run_name="export", tags={Tag.STEP: Step.EXPORT}):
             result = export_model(args.model, fmt, output, args.overwrite, args.log_artifacts)
             log_params({"model": args.model, "resolved_model": result.model["resolved_uri"], "format": fmt,
                         "output": str(output), "exported_artifact": result.artifact_uri or ""})

@@ -76,6 +76,7 @@ class Tag:
     REGISTERED_MODEL = "isc.registered_model"
     REGISTERED_VERSION = "isc.registered_version"
     PROMOTION_PREFIX = "isc.promotion."  # registered-model tags isc.promotion.NNNN (JSON history)
+    EXPORT_PREFIX = "isc.export."  # isc.export.<format> = runs:/ URI of the exported file
 
 
 class Step:
@@ -90,6 +91,7 @@ class Step:
     TUNE_TRIAL = "tune_trial"
     PROMOTE = "promote"
     PACKAGE = "package"
+    EXPORT = "export"
     MATCH = "match"
     SEARCH = "search"
     MAKE_MINI = "make_mini"

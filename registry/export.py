@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from isc.contract import Tag
 from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path, check_outputs
 
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 CHECK_TOLERANCE = 1e-4  # max |exported - eager| on unit-norm descriptors, else the export is refused
-EXPORT_TAG_PREFIX = "isc.export."
+EXPORT_TAG_PREFIX = Tag.EXPORT_PREFIX
 ARTIFACT_DIR = "export"
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
