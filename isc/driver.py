@@ -22,7 +22,7 @@ from typing import Any
 
 from isc.errors import ConfigError
 from isc.tracking import normalize_param
-from isc.train.config import parse_epochs, parse_overrides
+from isc.train.config import parse_overrides
 
 log = logging.getLogger("isc.driver")
 
@@ -98,6 +98,8 @@ def handoff_epochs(stages: tuple[Stage, ...]) -> dict[str, list[int]]:
 def stage_overrides(stage: Stage, extra: dict[str, Any], handoffs: dict[str, list[int]]) -> dict[str, Any]:
     """The training overrides of one stage: the job's, the stage's own, and its hand-off epochs added to
     any ``keep_epochs`` given."""
+    from isc.train.config import parse_epochs
+
     out = {**extra, **dict(stage.overrides)}
     if handoffs.get(stage.name):
         out["keep_epochs"] = sorted(set(parse_epochs(out.get("keep_epochs"))) | set(handoffs[stage.name]))
