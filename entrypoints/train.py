@@ -79,7 +79,12 @@ def build_parser() -> Parser:
     g.add_argument("--overrides", type=optional_str,
                    help="YAML/JSON mapping applied on top of --config (e.g. '{input_size: 32, epochs: 1}')")
     g.add_argument("--checkpoint-every-steps", type=int, help="extra mid-epoch checkpoints (0 = per epoch)")
-    g.add_argument("--keep-checkpoints", type=int, help="local checkpoints kept (newest)")
+    g.add_argument("--keep-checkpoints",
+                   help="newest checkpoints kept, locally and in the run's artifacts (default 1; 0 or all = every one)")
+    g.add_argument("--keep-epochs", help="epoch indices whose checkpoint_000N is always kept (hand-offs), e.g. 4,5")
+    g.add_argument("--keep-best", type=optional_str,
+                   help="per-epoch metric of the epoch callback whose best epoch's checkpoint is kept "
+                        "(default val_average_precision; none = off)")
     g.add_argument("--log-every-steps", type=int, help="per-step metric logging period")
     g.add_argument("--log-checkpoints", type=str2bool, help="upload epoch checkpoints as artifacts")
     g.add_argument("--experiment-name", type=optional_str)

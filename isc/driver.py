@@ -85,6 +85,27 @@ def start_reference(stage: Stage, runs: dict[str, str]) -> str:
     return run_id if stage.checkpoint is None else f"{run_id}:{stage.checkpoint}"
 
 
+def handoff_epochs(stages: tuple[Stage, ...]) -> dict[str, list[int]]:
+    """Stage name -> the epoch indices later stages start from (``<run id>:N``). The driver passes them to
+    that stage's training as ``keep_epochs``, so checkpoint retention never prunes a hand-off."""
+    out: dict[str, set[int]] = {}
+    for stage in stages:
+        if stage.source is not None and stage.checkpoint is not None:
+            out.setdefault(stage.source, set()).add(stage.checkpoint)
+    return {name: sorted(epochs) for name, epochs in out.items()}
+
+
+def stage_overrides(stage: Stage, extra: dict[str, Any], handoffs: dict[str, list[int]]) -> dict[str, Any]:
+    """The training overrides of one stage: the job's, the stage's own, and its hand-off epochs added to
+    any ``keep_epochs`` given."""
+    from isc.train.config import parse_epochs
+
+    out = {**extra, **dict(stage.overrides)}
+    if handoffs.get(stage.name):
+        out["keep_epochs"] = sorted(set(parse_epochs(out.get("keep_epochs"))) | set(handoffs[stage.name]))
+    return out
+
+
 @dataclass
 class StepRecord:
     step: str
@@ -209,14 +230,15 @@ def run_main(
 
     stage_runs: dict[str, str] = {}
     extra = dict(parse_overrides(overrides)) if overrides else {}
+    handoffs = handoff_epochs(PROFILES[profile].stages)
     for stage in PROFILES[profile].stages:
         start = start_reference(stage, stage_runs)
         params: dict[str, Any] = {"config": stage.config, "data": str(data_dir),
                                   "init_from": start if stage.start == "init" else "",
                                   "resume_from": start if stage.start == "resume" else ""}
-        stage_overrides = {**extra, **dict(stage.overrides)}
-        if stage_overrides:
-            params["overrides"] = json.dumps(stage_overrides, sort_keys=True)
+        fixed = stage_overrides(stage, extra, handoffs)
+        if fixed:
+            params["overrides"] = json.dumps(fixed, sort_keys=True)
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
         rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt))

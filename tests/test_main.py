@@ -119,6 +119,10 @@ def test_full_profile_chain_hands_on_the_seeds_checkpoints(tracking, mini_data):
     assert start["stage4"] == ("init", f"{ids['stage3']}:1")
     assert train["stage1b"].data.params["resumed_from_checkpoint"].endswith("checkpoint_0004.pth.tar")
     assert train["stage2"].data.params["init_checkpoint"].endswith("checkpoint_0005.pth.tar")
+    # retention: each run keeps its last checkpoint and the hand-offs the driver passed it as keep_epochs
+    kept = {s: sorted(a.path[-12:-8] for a in client.list_artifacts(ids[s], "checkpoints")) for s in stages}
+    assert kept == {"stage0": [], "stage1": ["0004"], "stage1b": ["0005", "0009"], "stage2": ["0005", "0006"],
+                    "stage3": ["0001", "0002"], "stage4": ["0009"]}
 
     def epochs(stage: str, metric: str = "epoch_lr") -> list[tuple[int, float]]:
         return [(m.step, round(m.value, 6)) for m in client.get_metric_history(ids[stage], metric)]

@@ -46,8 +46,8 @@ def test_tiny_run_logs_params_metrics_checkpoints_and_final_model(tracking, mini
     assert [m.step for m in epoch_loss] == [0, 1] and all(0 < m.value < 3 for m in epoch_loss)
     assert [m.value for m in client.get_metric_history(result.run_id, "val_score")] == [0.5, 1.5]
     assert seen == [(0, True), (1, True)]
-    assert artifacts(result.run_id, "checkpoints") == {"checkpoints/checkpoint_0000.pth.tar",
-                                                       "checkpoints/checkpoint_0001.pth.tar"}
+    # retention by default: the last checkpoint only (no hand-off epoch, no val_average_precision logged)
+    assert artifacts(result.run_id, "checkpoints") == {"checkpoints/checkpoint_0001.pth.tar"}
     assert "model/final.pth.tar" in artifacts(result.run_id, "model")
     assert "summary.csv" in artifacts(result.run_id)
     summary = Path(result.final_model_path).parent.parent / "summary.csv"

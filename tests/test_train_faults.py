@@ -65,6 +65,9 @@ BAD_PARAMETERS = [
     (["--stage", "v107", "--pairs", "VAL"], "pairs"),  # the held-out split must never be trained on
     (["--resume-from", "/nonexistent/checkpoint_0001.pth.tar"], "resume_from"),
     (["--init-from", "0123456789abcdef0123456789abcdef"], "init_from"),
+    (["--keep-checkpoints", "-1"], "keep_checkpoints"),
+    (["--keep-checkpoints", "many"], "keep_checkpoints"),  # a number, or all
+    (["--keep-epochs", "4,x"], "keep_epochs"),
 ]
 
 

@@ -73,7 +73,11 @@ class TrainConfig:
     # run / tracking
     resume_from: str | None = None
     checkpoint_every_steps: int = 0
-    keep_checkpoints: int = 2
+    # retention (isc.train.retention), locally and in the run's checkpoints/ artifacts: the newest
+    # keep_checkpoints (0 or 'all' = every checkpoint), the hand-off epochs and the best epoch by keep_best
+    keep_checkpoints: int = 1
+    keep_epochs: list[int] = field(default_factory=list)  # end-of-epoch checkpoints later stages start from
+    keep_best: str | None = "val_average_precision"  # per-epoch metric, higher = better (None: no best kept)
     log_every_steps: int = 10
     log_checkpoints: bool = True
     experiment_name: str | None = None
@@ -103,6 +107,10 @@ def _coerce(name: str, value: Any) -> Any:
     optional = "None" in ftype
     if isinstance(value, str) and value.strip().lower() in ("", "none", "null") and optional:
         return None
+    if name == "keep_epochs":
+        return parse_epochs(value)
+    if name == "keep_checkpoints" and isinstance(value, str) and value.strip().lower() == "all":
+        return 0
     if value is None:
         if optional:
             return None
@@ -120,6 +128,8 @@ def _coerce(name: str, value: Any) -> Any:
         if ftype.startswith("bool"):
             return parse_bool(value)
         if ftype.startswith("int"):
+            if name == "keep_checkpoints" and isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"a number of checkpoints or 'all', got '{value}'")
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"expected an integer, got {value}")
             return int(value)
@@ -137,6 +147,28 @@ def _coerce(name: str, value: Any) -> Any:
     except (TypeError, ValueError) as exc:
         raise ConfigError(name, str(exc)) from exc
     return value
+
+
+def parse_epochs(value: Any) -> list[int]:
+    """``keep_epochs``: a list, one index, or text such as ``4,5`` / ``[4, 5]``; '' or None = none.
+    Sorted, without repeats; the range is checked by :func:`validate_config`."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip().strip("[]").strip()
+        value = [] if text.lower() in ("", "none", "null") else [v for v in text.replace(",", " ").split()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    out = set()
+    for item in value:
+        try:
+            number = float(item) if not isinstance(item, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not number.is_integer():
+            raise ConfigError("keep_epochs", f"expected epoch indices (e.g. 4 or 4,5), got {item!r}")
+        out.add(int(number))
+    return sorted(out)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "override") -> TrainConfig:
@@ -260,7 +292,10 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
            f"{cfg.batch_size} over {world_size} process(es)")
     _check(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     _check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
-    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")
+    _check(cfg.keep_checkpoints >= 0, "keep_checkpoints",
+           f"must be >= 0 (newest checkpoints kept; 0 or 'all' = every checkpoint), got {cfg.keep_checkpoints}")
+    _check(all(e >= 0 for e in cfg.keep_epochs), "keep_epochs",
+           f"epoch indices must be >= 0 (checkpoint_000N), got {cfg.keep_epochs}")
     _check(cfg.log_every_steps >= 1, "log_every_steps", f"must be >= 1, got {cfg.log_every_steps}")
     _check(cfg.max_steps_per_epoch >= 0, "max_steps_per_epoch", "must be >= 0")
     _check(not (cfg.init_from and cfg.resume_from), "init_from",

@@ -31,7 +31,7 @@ from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path
 from isc.losses import XBMContrastiveLoss, build_loss
 from isc.models import create_model, load_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
-from isc.models.checkpoint import CheckpointError, checkpoint_name, checkpoint_order, set_rng_state
+from isc.models.checkpoint import CheckpointError, checkpoint_name, set_rng_state
 from isc.models.head import (
     freeze_batch_norms,
     freeze_leading_blocks,
@@ -49,6 +49,7 @@ from isc.train.datasets import (
     collate,
     read_positive_pairs,
 )
+from isc.train.retention import ArtifactPruner, Retention, best_epoch, prune_folder
 
 log = logging.getLogger(__name__)
 
@@ -264,14 +265,6 @@ def _log_missing_epoch_metrics(run_id: str, resume: dict, start_epoch: int, star
         tracking.log_metrics(metrics, step=start_epoch - 1)
 
 
-def _prune(folder: Path, keep: int, protect: Path | None) -> None:
-    ckpts = sorted((p for p in folder.glob("checkpoint_*.pth.tar") if checkpoint_order(p.name)),
-                   key=lambda p: checkpoint_order(p.name))
-    for old in ckpts[:-keep]:
-        if old != protect:
-            old.unlink(missing_ok=True)
-
-
 def _xbm_rank_diff(info: ddp.DistInfo, criterion: XBMContrastiveLoss) -> float:
     """Max |bank_r - bank_0| over ranks: 0.0 proves every rank holds the identical memory."""
     bank = torch.cat([criterion.xbm.embedding_memory.float().flatten(),
@@ -437,6 +430,8 @@ class EpochListener:
     def on_start(self, params: dict[str, Any], tags: dict[str, str], metrics: dict[str, float]) -> None: ...
     def on_steps(self, metrics: dict[str, float], step: int) -> None: ...
     def on_checkpoint(self, path: Path) -> None: ...
+    def best_epoch(self, metric: str) -> int | None: ...
+    def on_retain(self, retention: Retention, best: int | None) -> None: ...
     def on_epoch(self, metrics: dict[str, float], epoch: int, summary_path: Path | None) -> None: ...
     def on_final(self, path: Path) -> None: ...
 
@@ -444,8 +439,9 @@ class EpochListener:
 class MlflowListener(EpochListener):
     """Logs to the active MLflow run (rank 0), timed as the "mlflow" phase."""
 
-    def __init__(self, cfg: TrainConfig, timer: _Timer):
-        self.cfg, self.timer = cfg, timer
+    def __init__(self, cfg: TrainConfig, timer: _Timer, run_id: str):
+        self.cfg, self.timer, self.run_id = cfg, timer, run_id
+        self.pruner = ArtifactPruner(run_id)
 
     def on_start(self, params, tags, metrics):
         import mlflow
@@ -465,6 +461,20 @@ class MlflowListener(EpochListener):
         if self.cfg.log_checkpoints:
             with self.timer("mlflow"):
                 tracking.log_artifact(path, "checkpoints")
+
+    def best_epoch(self, metric):
+        with self.timer("mlflow"):
+            try:
+                return best_epoch(self.run_id, metric)
+            except Exception as exc:  # noqa: BLE001 -- store unreachable: keep no best this time
+                log.warning("could not read metric %s of run %s: %s", metric, self.run_id, exc)
+                return None
+
+    def on_retain(self, retention, best):
+        """Delete superseded ``checkpoints/`` artifacts (after the newer one's upload); warns on failure."""
+        if self.cfg.log_checkpoints:
+            with self.timer("mlflow"):
+                self.pruner.prune(retention, best)
 
     def on_epoch(self, metrics, epoch, summary_path):
         with self.timer("mlflow"):
@@ -497,7 +507,10 @@ class _Stage:
         if info.primary:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.timer = _Timer(info.device)
-        self.listener = MlflowListener(cfg, self.timer) if run is not None else EpochListener()
+        self.listener = MlflowListener(cfg, self.timer, self.run_id) if run is not None else EpochListener()
+        # the resume source's name is protected: only it can carry that name here (later checkpoints sort after)
+        self.retention = Retention(cfg.keep_checkpoints, frozenset(cfg.keep_epochs),
+                                   frozenset({resume_path.name} if resume_path else ()))
         self.last_ckpt: Path | None = resume_path
         self.summary_path = self.out_dir / "summary.csv"
         self.summary_rows: list[dict[str, Any]] = []
@@ -542,9 +555,18 @@ class _Stage:
                                    mlflow_run_id=self.run_id, metrics=metrics)
             self.last_ckpt = path
             self.listener.on_checkpoint(path)
-            _prune(self.ckpt_dir, self.cfg.keep_checkpoints, protect=self.resume_path)
+            self.retain()
         ddp.barrier(self.info)
         return path
+
+    def retain(self) -> None:
+        """Prune the run's checkpoint artifacts, then the local folder, by the retention rule (rank 0)."""
+        if not self.retention.keep_last:
+            return
+        # only an epoch callback measures per-epoch metrics such as val µAP (tuning trials log one)
+        best = self.listener.best_epoch(self.cfg.keep_best) if self.cfg.keep_best and self.callback else None
+        self.listener.on_retain(self.retention, best)
+        prune_folder(self.ckpt_dir, self.retention, best)
 
     def _skipped(self, skipped: list[str], bad_this_epoch: list[str]) -> None:
         new = sorted(set(skipped) - self.bad_seen)
@@ -645,6 +667,8 @@ class _Stage:
                 self.listener.on_epoch(extra, epoch, None)
                 self.summary_rows[-1].update(extra)
                 _write_summary(self.summary_path, self.summary_rows)
+            if stop is None and self.cfg.keep_best:
+                self.retain()  # the callback may have logged this epoch's keep_best metric: a new best
         # the callback runs on rank 0 only: share whether it stopped training so no rank is left waiting
         if ddp.broadcast_object(self.info, stop is not None):
             if stop is not None:
