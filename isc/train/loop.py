@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from isc import lineage, tracking
-from isc.contract import Step, Tag
+from isc.contract import ARTIFACT_CHECKPOINTS, Step, Tag
 from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path
 from isc.losses import XBMContrastiveLoss, build_loss
@@ -460,7 +460,7 @@ class MlflowListener(EpochListener):
     def on_checkpoint(self, path):
         if self.cfg.log_checkpoints:
             with self.timer("mlflow"):
-                tracking.log_artifact(path, "checkpoints")
+                tracking.log_artifact(path, ARTIFACT_CHECKPOINTS)
 
     def best_epoch(self, metric):
         with self.timer("mlflow"):
@@ -503,7 +503,7 @@ class _Stage:
         self.resume_path, self.callback = resume_path, epoch_callback
         out_default = tracking.project_root() / "outputs" / "train" / (self.run_id or time.strftime("%Y%m%d-%H%M%S"))
         self.out_dir = Path(ddp.broadcast_object(info, str(Path(cfg.output_dir) if cfg.output_dir else out_default)))
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.ckpt_dir = self.out_dir / ARTIFACT_CHECKPOINTS
         if info.primary:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.timer = _Timer(info.device)

@@ -22,11 +22,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from isc.contract import ARTIFACT_CHECKPOINTS
 from isc.models.checkpoint import checkpoint_name, checkpoint_order
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_DIR = "checkpoints"
+ARTIFACT_DIR = ARTIFACT_CHECKPOINTS
 
 
 @dataclass(frozen=True)
