@@ -346,11 +346,13 @@ def _param_text(value: Any) -> str:
     return text[:6000]
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None, retries: int = 3) -> None:
+def log_metrics(metrics: Mapping[str, float], step: int | None = None, retries: int = 3,
+                model_id: str | None = None, dataset: Any = None) -> None:
     """Log metrics on the primary process; transient store errors are retried with backoff.
 
     Logging is best-effort: after the retries the failure is logged as a warning and training
     continues, because the local checkpoint (not the metric) is what must never be lost.
+    ``model_id`` / ``dataset``: also link the values to an MLflow LoggedModel, measured on that dataset.
     """
     import mlflow
 
@@ -359,7 +361,8 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, retries: 
     clean = {k: float(v) for k, v in metrics.items() if v is not None}
     for attempt in range(retries + 1):
         try:
-            mlflow.log_metrics(clean, step=step)
+            links = {k: v for k, v in (("model_id", model_id), ("dataset", dataset)) if v is not None}
+            mlflow.log_metrics(clean, step=step, **links)
             return
         except Exception as exc:  # noqa: BLE001 -- network/db errors come in many types
             if attempt == retries:
