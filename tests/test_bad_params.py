@@ -1,6 +1,6 @@
 """Bad parameters on every entry point: exit status 2, one ``error:``/usage line naming the parameter (or
 the missing file), no work started (no output written, returns within seconds), no MLflow run left
-RUNNING. Runs each entry point's CLI path in-process (``isc.cli.run_entrypoint``, what
+RUNNING. Runs each entry point's CLI path in-process (``entrypoints.cli.run_entrypoint``, what
 ``python -m entrypoints.X`` and ``isc X`` call) so ~40 cases stay cheap; one case goes through a real
 ``python -m`` subprocess."""
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from isc.cli import run_entrypoint
+from entrypoints.cli import run_entrypoint
 from isc.io import write_descriptors, write_ground_truth, write_train_descriptors
 from tests.servers import PROJECT_ROOT
 

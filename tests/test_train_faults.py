@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from isc.cli import run_entrypoint
+from entrypoints.cli import run_entrypoint
 from isc.models import load_checkpoint
 from isc.train import TrainingDivergedError, load_config, train
 
