@@ -16,8 +16,8 @@ from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, optional_str, positive_int, str2bool
 from isc.contract import Step, Tag
 from isc.evaluation import DEFAULT_BOOTSTRAP, prepare_inputs, run_evaluation
+from isc.knn import DEFAULT_BATCH_SIZE
 from isc.metrics import PROTOCOLS
-from isc.search import DEFAULT_BATCH_SIZE
 
 
 def build_parser() -> Parser:

@@ -22,8 +22,8 @@ from isc.errors import ConfigError
 from isc.evaluation import descriptor_path
 from isc.fileutil import check_outputs
 from isc.io import MAX_MATCHES, read_descriptors, write_matches_csv
+from isc.knn import DEFAULT_BATCH_SIZE
 from isc.matching import match_descriptors
-from isc.search import DEFAULT_BATCH_SIZE
 
 
 def build_parser() -> Parser:

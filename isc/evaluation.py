@@ -27,6 +27,7 @@ from isc.contract import (
 )
 from isc.errors import DescriptorFileError
 from isc.io import Descriptors, GroundTruth, read_descriptors, read_ground_truth
+from isc.knn import DEFAULT_BATCH_SIZE
 from isc.metrics import (
     EvalResult,
     bootstrap_average_precision,
@@ -34,7 +35,6 @@ from isc.metrics import (
     evaluate,
     ground_truth_fingerprint,
 )
-from isc.search import DEFAULT_BATCH_SIZE
 
 METRIC_KEYS = (
     "average_precision",

@@ -1,6 +1,6 @@
 """The matching track's rows: the globally best (query, reference) pairs of a descriptor file, by id.
 
-The same candidates the isc2021 ``--max_results`` evaluation scores (:func:`isc.search.global_topk` over
+The same candidates the isc2021 ``--max_results`` evaluation scores (:func:`isc.knn.global_topk` over
 all queries); ``isc match`` writes them as ``query_id,reference_id,score`` with :func:`isc.io.write_matches_csv`.
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 
 from isc.errors import ConfigError
 from isc.io import MAX_MATCHES, Descriptors
-from isc.search import DEFAULT_BATCH_SIZE, global_topk
+from isc.knn import DEFAULT_BATCH_SIZE, global_topk
 
 
 def match_descriptors(

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from scipy.special import digamma
 
-from isc import search
 from isc.errors import ConfigError, ISCError
 from isc.io import MAX_DIM, Descriptors, GroundTruth, validate_matrix
-from isc.search import DEFAULT_BATCH_SIZE, FlatIndex, global_topk
+from isc.knn import DEFAULT_BATCH_SIZE, FlatIndex, global_topk
+from isc.knn import knn as per_query_knn  # `knn` is also evaluate()'s k
 
 PROTOCOLS = ("official", "max_results", "knn")
 RESULTS_PER_GT_QUERY = 10  # the DrivenData cap: K = 10 x number of GT queries
@@ -318,7 +318,7 @@ def evaluate(
     index = FlatIndex(descriptors.reference, metric)
     n_research = 0
     if protocol == "knn":
-        q_idx, r_idx, score = search.knn(query, None, knn, metric, batch_size, index=index)
+        q_idx, r_idx, score = per_query_knn(query, None, knn, metric, batch_size, index=index)
         cap = knn
     else:
         cap = RESULTS_PER_GT_QUERY * rows.size if protocol == "official" else max_results
