@@ -409,6 +409,8 @@ def extract_descriptors(
     (their ids are absent from the output) and returned under ``bad_images``. ``limit`` keeps the first
     N images (by id) of each set. Returns :meth:`ExtractionResult.to_dict`.
     """
+    # long: one ExitStack holds every temporary h5 file until all sets are written; the bad-image rule
+    # (keep scanning, write nothing, delete the temporaries) spans that whole block.
     letters = parse_sets(sets)
     _check_common(batch_size, workers)
     if limit is not None and int(limit) < 0:
@@ -613,6 +615,8 @@ def extract_descriptors_sharded(
     folder that every rank sees (a shared file system across nodes). Must be called on every rank; the
     model must already be on the rank's device. Returns :meth:`ExtractionResult.to_dict` on every rank.
     """
+    # long: a collective -- every rank must reach the same broadcasts and gathers in the same order, and one
+    # body keeps it in sight: plan on rank 0, broadcast, extract, gather failures, merge, broadcast.
     from isc.train import distributed as ddp
 
     info = info or ddp.DistInfo(device=_model_device(model))

@@ -517,6 +517,8 @@ def _split_counts(total: int) -> dict[str, int]:
 
 
 def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: str, source) -> None:
+    # long: every draw comes from one seeded RNG in one fixed order (tiles, reference order, queried
+    # references, query order, edits): that order makes a seed reproduce a dataset, and one body shows it.
     rng = random.Random(seed)
     n_distractors = round(spec.n_queries * spec.distractor_fraction)
     n_positives = spec.n_queries - n_distractors
