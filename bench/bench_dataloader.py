@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument(
         "--data", default="", help="DISC21-layout folder (default: build a mini dataset in a temp dir)"
     )
-    ap.add_argument("--stages", default="demo,v83", help="comma-separated augmentation stages")
+    ap.add_argument("--stages", default="smoke,stage1", help="comma-separated augmentation stages")
     ap.add_argument("--size", type=int, default=256, help="input size in px")
     ap.add_argument("--ncrops", type=int, default=2, help="views per image (1 moderate + ncrops-1 hard)")
     ap.add_argument("--images", type=int, default=100, help="source images timed per stage")

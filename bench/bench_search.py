@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import faiss
 
+    from isc.knn import initial_k
     from isc.metrics import RESULTS_PER_GT_QUERY, evaluate
-    from isc.search import initial_k
 
     desc, gt = make_problem(args.queries, args.references, args.dim, args.positive_fraction, args.seed)
     k_total = RESULTS_PER_GT_QUERY * args.queries

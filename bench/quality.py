@@ -61,8 +61,8 @@ def champion_row(store: Path, model_name: str, gt, wall: float) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from entrypoints.evaluate import load_descriptors
     from isc.contract import CHAMPION, Tag
+    from isc.evaluation import load_descriptors
     from isc.metrics import ground_truth_fingerprint
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
@@ -81,8 +81,8 @@ def stage0_row(store: Path, experiment: str, gt) -> dict | None:
     import mlflow
     from mlflow import MlflowClient
 
-    from entrypoints.evaluate import load_descriptors
     from isc.contract import Tag
+    from isc.evaluation import load_descriptors
 
     ev = _main_tags(store, experiment).get(f"{Tag.STEP_RUN_PREFIX}evaluate_stage0")
     if ev is None:

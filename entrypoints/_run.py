@@ -6,6 +6,6 @@ import sys
 
 
 def cli(module: str) -> None:
-    from isc.cli import run_entrypoint
+    from entrypoints.cli import run_entrypoint
 
     sys.exit(run_entrypoint(module, sys.argv[1:]))

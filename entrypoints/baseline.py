@@ -15,13 +15,13 @@ from pathlib import Path
 
 import mlflow
 
-from entrypoints.evaluate import run_evaluation
 from isc import tracking
 from isc.baselines import METHODS, compute_descriptors
 from isc.cliutil import Parser, optional_str
 from isc.contract import Step, Tag
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError, DescriptorFileError
+from isc.evaluation import run_evaluation
 from isc.fileutil import check_outputs
 from isc.io import read_ground_truth, write_descriptors
 

@@ -27,16 +27,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from isc.driver import PROFILES, run_main
-    from isc.errors import ConfigError
+    from isc.driver import check_arguments, run_main
     from isc.tracking import tracked_run
-    from isc.train.config import parse_overrides
 
     args = build_parser().parse_args(argv)
-    if args.profile not in PROFILES:
-        raise ConfigError("profile", f"unknown profile '{args.profile}' (choose from {sorted(PROFILES)})")
-    if args.overrides:
-        parse_overrides(args.overrides)  # a bad mapping fails here, before any run
+    check_arguments(args.profile, args.n_trials, args.overrides or "")  # before any run opens
     # A name that says what ran and when (under `mlflow run` the launcher's run has a random one).
     name = f"main-{args.profile}-{time.strftime('%Y%m%d-%H%M')}"
     with tracked_run(experiment=args.experiment_name, run_name=name, tags={Tag.STEP: Step.MAIN}):

@@ -15,31 +15,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from entrypoints.evaluate import _local_file
 from isc import tracking
 from isc.cliutil import Parser, positive_int, str2bool
 from isc.contract import Step, Tag
 from isc.errors import ConfigError
+from isc.evaluation import descriptor_path
 from isc.fileutil import check_outputs
-from isc.io import MAX_MATCHES, Descriptors, read_descriptors, write_matches_csv
-from isc.search import DEFAULT_BATCH_SIZE, global_topk
-
-
-def match_descriptors(
-    desc: Descriptors,
-    max_results: int = MAX_MATCHES,
-    metric: str = "l2",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> tuple[list[str], list[str], np.ndarray]:
-    """The ``max_results`` globally best (query, reference) pairs as ids and float32 scores, best first."""
-    if max_results <= 0:
-        raise ConfigError("max_results", f"must be > 0, got {max_results}")
-    top = global_topk(desc.query, desc.reference, max_results, metric, batch_size=batch_size)
-    qids = [desc.query_ids[i] for i in top.q_idx]
-    rids = [desc.reference_ids[i] for i in top.r_idx]
-    return qids, rids, top.score
+from isc.io import MAX_MATCHES, read_descriptors, write_matches_csv
+from isc.knn import DEFAULT_BATCH_SIZE
+from isc.matching import match_descriptors
 
 
 def build_parser() -> Parser:
@@ -69,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(
             "--max-results", f"the matching track allows at most {MAX_MATCHES} rows, got {args.max_results}"
         )
-    desc_path = _local_file(args.descriptors, "descriptors", ("descriptors_nes.h5", "descriptors.h5"))
+    desc_path = descriptor_path(args.descriptors)
     check_outputs({"--output": Path(args.output)}, {"--descriptors": desc_path}, args.overwrite)
     desc = read_descriptors(desc_path, allow_large_dim=args.allow_large_dim)
     qids, rids, scores = match_descriptors(desc, args.max_results, args.metric, args.batch_size)

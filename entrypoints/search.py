@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     import pandas as pd
 
     from isc.tracking import configure, log_artifact, log_params, tracked_run
-    from registry.search import search_images
+    from registry.image_search import search_images
 
     configure(check=True)
     if os.environ.get("MLFLOW_RUN_ID") or args.log_run:

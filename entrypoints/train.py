@@ -12,6 +12,7 @@ import logging
 from isc.cliutil import Parser, optional_str, str2bool
 from isc.train.config import (
     FIELDS,
+    OLD_STAGE_NAMES,
     SCHEDULES,
     STAGES,
     TrainConfig,
@@ -31,11 +32,13 @@ def build_parser() -> Parser:
                    help="YAML file or packaged name (demo, stage1, stage1b, stage2, stage3, stage4)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="DISC21-shaped dataset root (training_images/, reference_images/, ...)")
-    g.add_argument("--stage", choices=STAGES, help="augmentation + dataset kind of the recipe stage")
+    g.add_argument("--stage", choices=STAGES + tuple(OLD_STAGE_NAMES),
+                   help="augmentation + dataset kind of the recipe stage (stage1-4 = the seed's v83, v86, v98, "
+                        "v107; those old names are read too)")
     g.add_argument("--sample-size", type=int, help="train on the first N sorted training images")
-    g.add_argument("--pairs", type=optional_str, help="v107: positive GT CSV (default: the train split)")
+    g.add_argument("--pairs", type=optional_str, help="stage4: positive GT CSV (default: the train split)")
     g.add_argument("--num-negatives", type=optional_str,
-                   help="extra negative references per item (default: 2 for v98, 30 for v107)")
+                   help="extra negative references per item (default: 2 for stage3, 30 for stage4)")
     g.add_argument("--views", choices=("recipe", "edits"),
                    help="hard views: recipe (the stage's, the seed's) or edits (the mini queries' copy edits)")
     g.add_argument("--anchor", choices=("moderate", "plain"), help="first view: moderate crop+flip or plain resize")
@@ -61,7 +64,7 @@ def build_parser() -> Parser:
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--wd", "--weight-decay", dest="wd", type=float, help="weight decay (weights only)")
-    g.add_argument("--schedule", choices=SCHEDULES, help="constant (v83, v86), linear (v98, v107), cosine")
+    g.add_argument("--schedule", choices=SCHEDULES, help="constant (stages 1-2), linear (stages 3-4), cosine")
     g.add_argument("--warmup-steps", type=int, help="linear lr warm-up over the first optimizer steps")
     g.add_argument("--batch-size", "-b", type=int, help="GLOBAL batch of items, split across ranks")
     g.add_argument("--amp", choices=("auto", "true", "false"), help="mixed precision (auto = on CUDA)")

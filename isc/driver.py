@@ -77,6 +77,16 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+def check_arguments(profile: str, n_trials: int, overrides: str = "") -> None:
+    """The main job's arguments, checked once, before its run opens (``entrypoints/main.py`` calls it)."""
+    if profile not in PROFILES:
+        raise ConfigError("profile", f"unknown profile '{profile}' (choose from {sorted(PROFILES)})")
+    if n_trials < 0:
+        raise ConfigError("n_trials", f"must be >= 0, got {n_trials}")
+    if overrides:
+        parse_overrides(overrides)  # a bad mapping fails here, before any run
+
+
 def start_reference(stage: Stage, runs: dict[str, str]) -> str:
     """What ``init_from`` / ``resume_from`` get: ``<run id>:<N>`` (checkpoint_000N) or the run id."""
     if stage.source is None:
@@ -182,14 +192,15 @@ def run_main(
     model_name: str = "isc-descriptor",
     overrides: str = "",
 ) -> Any:
-    """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame."""
+    """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame.
+
+    The arguments are those :func:`check_arguments` accepted (before the run was opened).
+    """
+    # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
+    # ids of the steps before it, which is what the reuse of finished runs keys on.
     import mlflow
     import pandas as pd
 
-    if profile not in PROFILES:
-        raise ConfigError("profile", f"unknown profile '{profile}' (choose from {sorted(PROFILES)})")
-    if n_trials < 0:
-        raise ConfigError("n_trials", f"must be >= 0, got {n_trials}")
     from isc.tracking import project_root
 
     project_dir = Path(__file__).resolve().parent.parent

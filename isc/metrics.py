@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from scipy.special import digamma
 
-from isc import search
 from isc.errors import ConfigError, ISCError
 from isc.io import MAX_DIM, Descriptors, GroundTruth, validate_matrix
-from isc.search import DEFAULT_BATCH_SIZE, FlatIndex, global_topk
+from isc.knn import DEFAULT_BATCH_SIZE, FlatIndex, global_topk
+from isc.knn import knn as per_query_knn  # `knn` is also evaluate()'s k
 
 PROTOCOLS = ("official", "max_results", "knn")
 RESULTS_PER_GT_QUERY = 10  # the DrivenData cap: K = 10 x number of GT queries
@@ -39,12 +39,12 @@ P90 = 0.9
 
 
 class PredictionsError(ISCError):
-    """Predictions that cannot be scored (duplicate pairs, length mismatch, non-finite scores)."""
+    """Predictions that cannot be scored (a duplicate (query, reference) pair)."""
 
 
 @dataclass
 class Metrics:
-    """The scalar results of :func:`compute_metrics` (recalls and precisions are fractions in [0, 1])."""
+    """The scalar results of :func:`score_coded` (recalls and precisions are fractions in [0, 1])."""
 
     average_precision: float
     recall_p90: float
@@ -102,72 +102,6 @@ class EvalResult:
         }
 
 
-def _codes(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dense integer codes for an array of id strings: ``(unique_ids, codes)``."""
-    uniq, inv = np.unique(ids, return_inverse=True)
-    return uniq, inv.astype(np.int64)
-
-
-def _lookup(uniq: np.ndarray, values: Sequence[str]) -> np.ndarray:
-    """Codes of ``values`` in the sorted ``uniq`` array, -1 where absent."""
-    vals = np.asarray(list(values), dtype=object)
-    if vals.size == 0 or uniq.size == 0:
-        return np.full(vals.size, -1, dtype=np.int64)
-    pos = np.searchsorted(uniq, vals)
-    pos_c = np.minimum(pos, uniq.size - 1)
-    return np.where(uniq[pos_c] == vals, pos_c, -1).astype(np.int64)
-
-
-def compute_metrics(
-    pred_query_ids: Sequence[str],
-    pred_reference_ids: Sequence[str],
-    scores: Sequence[float] | np.ndarray,
-    gt: GroundTruth,
-    restrict_to_gt_queries: bool = True,
-    return_ranking: bool = False,
-) -> Metrics | tuple[Metrics, RankedPredictions]:
-    """Score a flat prediction list against ``gt`` (see the module docstring for the rules).
-
-    ``restrict_to_gt_queries`` drops predictions of queries absent from the GT (DrivenData); the
-    isc2021 ``--max_results`` variant keeps them (they are all false positives).
-    Raises :class:`PredictionsError` on duplicate pairs, mismatched lengths or non-finite scores, and
-    ``ConfigError`` when the GT has no positive pair (µAP is undefined).
-    """
-    qids = np.asarray(list(pred_query_ids), dtype=object)
-    rids = np.asarray(list(pred_reference_ids), dtype=object)
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if not (qids.size == rids.size == s.size):
-        raise PredictionsError(
-            f"predictions: {qids.size} query ids, {rids.size} reference ids and {s.size} scores differ in length"
-        )
-    if not np.isfinite(s).all():
-        bad = np.flatnonzero(~np.isfinite(s))[:5]
-        raise PredictionsError(f"predictions: non-finite scores at rows {bad.tolist()}")
-    n_pos = gt.n_positives
-    if n_pos == 0:
-        raise ConfigError("ground_truth", "has no positive pair; average precision is undefined")
-
-    if restrict_to_gt_queries and qids.size:
-        gt_q = np.asarray(sorted(set(gt.queries)), dtype=object)
-        keep = _lookup(gt_q, qids) >= 0
-        qids, rids, s = qids[keep], rids[keep], s[keep]
-
-    n = s.size
-    uq, qc = _codes(qids) if n else (np.empty(0, dtype=object), np.empty(0, dtype=np.int64))
-    ur, rc = _codes(rids) if n else (np.empty(0, dtype=object), np.empty(0, dtype=np.int64))
-    # Labels: encode GT pairs with the same codes; pairs whose ids never appear are unreachable.
-    pos_q = _lookup(uq, [q for q, _ in gt.positives])
-    pos_r = _lookup(ur, [r for _, r in gt.positives])
-    ok = (pos_q >= 0) & (pos_r >= 0)
-    metrics, order, ys, precision, recall = score_coded(
-        qc, rc, s, pos_q[ok], pos_r[ok], n_pos, names=(uq, ur)
-    )
-    if not return_ranking:
-        return metrics
-    ranked = RankedPredictions(qids[order], rids[order], s[order], ys, precision, recall)
-    return metrics, ranked
-
-
 def score_coded(
     qc: np.ndarray,
     rc: np.ndarray,
@@ -177,7 +111,7 @@ def score_coded(
     n_pos: int,
     names: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Metrics, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The scorer on integer-coded predictions (fast path: no string work).
+    """The scorer on integer-coded predictions (:func:`evaluate` codes them by query and reference row).
 
     ``qc``/``rc`` [n] int64 query/reference codes (any non-negative ints), ``s`` [n] scores, ``pos_q``/
     ``pos_r`` the codes of the GT pairs that can occur, ``n_pos`` the number of GT pairs (recall
@@ -318,7 +252,7 @@ def evaluate(
     index = FlatIndex(descriptors.reference, metric)
     n_research = 0
     if protocol == "knn":
-        q_idx, r_idx, score = search.knn(query, None, knn, metric, batch_size, index=index)
+        q_idx, r_idx, score = per_query_knn(query, None, knn, metric, batch_size, index=index)
         cap = knn
     else:
         cap = RESULTS_PER_GT_QUERY * rows.size if protocol == "official" else max_results

@@ -12,7 +12,7 @@ Steps (recipe.md "Post-processing"), all on L2-normalised float32 rows of dimens
 2. :func:`negative_embedding_subtraction` applies ``x <- normalise(x - beta * mean(k nearest bank rows))``
    ``num_iter`` times, to queries and references separately with the same constants.
 
-Nearest neighbours come from an exact faiss inner-product index (:class:`isc.search.FlatIndex`, on
+Nearest neighbours come from an exact faiss inner-product index (:class:`isc.knn.FlatIndex`, on
 GPU when faiss has one, CPU otherwise);
 the vectors being looked up are processed in batches, so memory is O((n + nt) * d) plus
 O(batch * k) -- never O(n * nt) -- and a 1M x 1M run fits in a few GB.
@@ -27,7 +27,7 @@ import numpy as np
 
 from isc.contract import DBA_ALPHA, DBA_K, NES_BETA, NES_K, NES_NUM_ITER
 from isc.errors import ConfigError
-from isc.search import FlatIndex
+from isc.knn import FlatIndex
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Model-registry layer: the descriptor pyfunc model, promotion with aliases, pulling models."""
+"""Model-registry layer: the descriptor pyfunc model, promotion with aliases, image search with a registered model."""

@@ -94,7 +94,7 @@ def test_hard_list_ops_run_on_odd_images(image_kind):
     img = to_rgb(ODD_IMAGES[image_kind]())
     random.seed(1)
     torch.manual_seed(1)
-    for op in hard_ops(STAGES["v98"]):
+    for op in hard_ops(STAGES["stage3"]):
         force = getattr(op, "p", None)
         if force is not None:
             op.p = 1.0
@@ -175,8 +175,8 @@ def test_each_stage_gives_ncrops_views_of_the_right_shape(stage, mini_data):
     assert (v.amin(dim=(1, 2)) >= lo - 1e-4).all() and (v.amax(dim=(1, 2)) <= hi + 1e-4).all()
 
 
-def test_demo_views_are_v83_with_stronger_colour_views():
-    demo, v83 = STAGES["demo"], STAGES["v83"]
+def test_smoke_views_are_stage1s_with_stronger_colour_views():
+    demo, v83 = STAGES["smoke"], STAGES["stage1"]
     assert dataclasses.replace(demo, jitter=v83.jitter, colour_p=1.0, gray_p=None) == v83
     ops_list = hard_ops(demo)
     assert isinstance(ops_list[0].transforms[0], T.ColorJitter) and ops_list[0].p == 0.8
@@ -187,14 +187,14 @@ def test_demo_views_are_v83_with_stronger_colour_views():
 
 
 def test_hard_view_of_huge_image_is_input_size():
-    t = build_hard_transform("v98", 64, MEAN, STD)
+    t = build_hard_transform("stage3", 64, MEAN, STD)
     random.seed(2)
     torch.manual_seed(2)
     assert t(ODD_IMAGES["huge_3000x2000"]()).shape == (3, 64, 64)
 
 
 def test_same_seed_gives_identical_views_and_other_seed_differs():
-    t = build_train_transform("v98", 40, 2, MEAN, STD)
+    t = build_train_transform("stage3", 40, 2, MEAN, STD)
     img = _photo(120, 90)
 
     def views(seed):
@@ -220,7 +220,7 @@ class _Images(torch.utils.data.Dataset):
 
 def test_train_transform_pickles_and_is_reproducible_in_dataloader_workers(mini_data):
     overlays = [p for _, p in mini_data.images("train")[:4]]
-    t = build_train_transform("v83", 32, 2, MEAN, STD, overlays)
+    t = build_train_transform("stage1", 32, 2, MEAN, STD, overlays)
     t2 = pickle.loads(pickle.dumps(t))
     assert isinstance(t2.hard.transforms[2], RandomOverlayImageAndResizedCrop)
 
@@ -257,14 +257,14 @@ def test_bad_parameters_raise_config_errors_naming_them():
     with pytest.raises(ConfigError, match="input_size"):
         build_eval_transform(0, MEAN, STD)
     with pytest.raises(ConfigError, match="ncrops"):
-        build_train_transform("demo", 32, 0, MEAN, STD)
+        build_train_transform("smoke", 32, 0, MEAN, STD)
     with pytest.raises(ConfigError, match="mean"):
         build_moderate_transform(32, (0.5,), STD)
 
 
 def test_edit_views_are_the_mini_queries_edits_resized_and_seeded(mini_data):
     paths = [p for _, p in mini_data.images("train")][:20]
-    t = build_train_transform("v83", 40, 3, MEAN, STD, paths, views="edits", anchor="plain")
+    t = build_train_transform("stage1", 40, 3, MEAN, STD, paths, views="edits", anchor="plain")
     img = Image.open(paths[0])
     random.seed(7)
     views = t(img)
@@ -275,6 +275,6 @@ def test_edit_views_are_the_mini_queries_edits_resized_and_seeded(mini_data):
     random.seed(7)
     assert all(torch.equal(a, b) for a, b in zip(views, t(img), strict=True))
     with pytest.raises(ConfigError, match="views"):
-        build_train_transform("v83", 40, 2, MEAN, STD, paths, views="nope")
+        build_train_transform("stage1", 40, 2, MEAN, STD, paths, views="nope")
     with pytest.raises(ConfigError, match="anchor"):
-        build_train_transform("v83", 40, 2, MEAN, STD, paths, anchor="nope")
+        build_train_transform("stage1", 40, 2, MEAN, STD, paths, anchor="nope")

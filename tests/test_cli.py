@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from isc.cli import COMMANDS, main
+from entrypoints.cli import COMMANDS, main
 from isc.cliutil import Parser, positive_int, str2bool
 
 
@@ -45,5 +45,5 @@ def test_str2bool(text, value):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "isc.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "entrypoints.cli", "--help"], capture_output=True, text=True, check=True)
     assert "usage: isc <command>" in out.stdout

@@ -14,7 +14,7 @@ from PIL import Image
 
 from entrypoints import evaluate as evaluate_ep
 from entrypoints import match as match_ep
-from isc.cli import run_entrypoint
+from entrypoints.cli import run_entrypoint
 from isc.io import read_ground_truth, write_descriptors, write_ground_truth
 from isc.metrics import ground_truth_fingerprint
 from tests.conftest import PROJECT_ROOT

@@ -242,7 +242,7 @@ def _cli(argv: list[str]) -> tuple[int, str]:
     import contextlib
     import io
 
-    from isc.cli import run_entrypoint
+    from entrypoints.cli import run_entrypoint
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -440,7 +440,7 @@ def test_torchrun_two_gloo_ranks_write_what_one_process_writes(model, mini_data,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_the_shared_process_group_setup_names_device_when_cuda_is_missing(mini_data):
-    from isc.cli import run_entrypoint
+    from entrypoints.cli import run_entrypoint
     from isc.train import distributed as ddp
 
     with pytest.raises(ConfigError) as exc:

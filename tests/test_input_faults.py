@@ -1,6 +1,6 @@
 """Malformed inputs give one ``error:`` line and exit status 2 (no traceback, no wrong result, no RUNNING
 run): string-typed descriptors, overflowing descriptors, a binary/h5/folder ground truth. A UTF-8 BOM
-ground truth is accepted. Every case runs the real CLI path (``isc.cli.run_entrypoint``) on real files
+ground truth is accepted. Every case runs the real CLI path (``entrypoints.cli.run_entrypoint``) on real files
 and a real SQLite MLflow store."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from isc.cli import run_entrypoint
+from entrypoints.cli import run_entrypoint
 from isc.io import read_ground_truth, write_descriptors, write_ground_truth
 
 QIDS = [f"Q{i}" for i in range(6)]

@@ -25,17 +25,15 @@ def chord(deg: float) -> float:
 def test_bank_is_fifo_and_wraps_around():
     loss = XBMContrastiveLoss(0.0, 1.0, embedding_size=2, memory_size=5)
     first, second = unit(0, 10, 20), unit(30, 40, 50)
+    bank = loss.xbm  # pytorch-metric-learning's CrossBatchMemory: slots, write position, wrapped yet
     loss(first, torch.tensor([1, 2, 3]))
-    assert loss.memory_fill == 3 and loss.memory_fill_ratio == pytest.approx(0.6)
-    emb, lab = loss.memory()
-    assert lab.tolist() == [1, 2, 3] and torch.allclose(emb, first)
+    assert loss.memory_fill == 3 and int(bank.queue_idx) == 3 and not bank.has_been_filled
+    assert bank.label_memory[:3].tolist() == [1, 2, 3] and torch.allclose(bank.embedding_memory[:3], first)
     loss(second, torch.tensor([4, 5, 6]))
-    assert loss.memory_fill == 5
-    emb, lab = loss.memory()
+    assert loss.memory_fill == 5 and bank.has_been_filled
     # the oldest entry (label 1) was overwritten by the newest (label 6), in slot 0
-    assert lab.tolist() == [2, 3, 4, 5, 6]
-    assert torch.allclose(emb, torch.cat([first[1:], second]))
-    assert loss.xbm.label_memory.tolist() == [6, 2, 3, 4, 5]
+    assert bank.label_memory.tolist() == [6, 2, 3, 4, 5]
+    assert torch.allclose(bank.embedding_memory, torch.cat([second[2:], first[1:], second[:2]]))
 
 
 def test_bank_state_round_trips_through_state_dict():
@@ -44,9 +42,9 @@ def test_bank_state_round_trips_through_state_dict():
     a(unit(45, 135), torch.tensor([2, 2]))
     b = XBMContrastiveLoss(0.0, 1.0, embedding_size=2, memory_size=4)
     b.load_state_dict(a.state_dict())
-    assert b.memory_fill == 4
-    for x, y in zip(a.memory(), b.memory(), strict=True):
-        assert torch.equal(x, y)
+    assert b.memory_fill == 4 and int(b.xbm.queue_idx) == int(a.xbm.queue_idx)
+    assert torch.equal(a.xbm.embedding_memory, b.xbm.embedding_memory)
+    assert torch.equal(a.xbm.label_memory, b.xbm.label_memory)
     batch, labels = unit(10, 20), torch.tensor([3, 3])
     assert float(a(batch, labels)) == float(b(batch, labels))
     with pytest.raises(ConfigError, match="memory_size"):

@@ -12,10 +12,11 @@ from isc.errors import ConfigError, DescriptorFileError, ISCError
 from isc.io import Descriptors, GroundTruth, read_descriptors
 from isc.metrics import (
     PredictionsError,
+    RankedPredictions,
     bootstrap_average_precision,
-    compute_metrics,
     evaluate,
     ground_truth_fingerprint,
+    score_coded,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +67,30 @@ def assert_matches(m, ref: dict) -> None:
     assert m.n_predictions == ref["n_predictions"]
 
 
+def score_predictions(qids, rids, scores, gt: GroundTruth, restrict_to_gt_queries: bool = True,
+                      return_ranking: bool = False):
+    """A flat prediction list scored by the scorer's core, :func:`score_coded`, as :func:`evaluate` does
+    after its search: ids become integer codes (GT ids included), predictions of queries outside the GT
+    are dropped (DrivenData) or kept as false positives (isc2021 ``--max_results``)."""
+    preds = [(q, r, float(s)) for q, r, s in zip(qids, rids, scores, strict=True)]
+    if restrict_to_gt_queries:
+        preds = [p for p in preds if p[0] in set(gt.queries)]
+    qnames = np.array(sorted({p[0] for p in preds} | set(gt.queries)), dtype=object)
+    rnames = np.array(sorted({p[1] for p in preds} | {r for _, r in gt.positives}), dtype=object)
+    qcode = {q: i for i, q in enumerate(qnames)}
+    rcode = {r: i for i, r in enumerate(rnames)}
+    qc = np.array([qcode[p[0]] for p in preds], dtype=np.int64)
+    rc = np.array([rcode[p[1]] for p in preds], dtype=np.int64)
+    s = np.array([p[2] for p in preds], dtype=np.float64)
+    pos_q = np.array([qcode[q] for q, _ in gt.positives], dtype=np.int64)
+    pos_r = np.array([rcode[r] for _, r in gt.positives], dtype=np.int64)
+    metrics, order, ys, precision, recall = score_coded(qc, rc, s, pos_q, pos_r, gt.n_positives,
+                                                        names=(qnames, rnames))
+    if not return_ranking:
+        return metrics
+    return metrics, RankedPredictions(qnames[qc[order]], rnames[rc[order]], s[order], ys, precision, recall)
+
+
 @st.composite
 def scoring_problems(draw):
     """GT with positives and distractors, predictions over GT and non-GT queries, many tied scores."""
@@ -89,12 +114,12 @@ def scoring_problems(draw):
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scoring_problems(), st.booleans())
-def test_compute_metrics_equals_brute_force_definition(problem, restrict):
+def test_scorer_equals_brute_force_definition(problem, restrict):
     preds, gt = problem
     q = [p[0] for p in preds]
     r = [p[1] for p in preds]
     s = [p[2] for p in preds]
-    m = compute_metrics(q, r, s, gt, restrict_to_gt_queries=restrict)
+    m = score_predictions(q, r, s, gt, restrict_to_gt_queries=restrict)
     assert_matches(m, brute_force_score(preds, gt, restrict))
 
 
@@ -135,7 +160,7 @@ GT2 = GroundTruth(["Q00000", "Q00001", "Q00002"], {("Q00000", "R000000"), ("Q000
 def test_ties_put_negatives_before_positives():
     # one positive and one negative at the same score: the positive is ranked 2nd -> precision 1/2
     gt = GroundTruth(["Q00000"], {("Q00000", "R000000")})
-    m = compute_metrics(["Q00000", "Q00000"], ["R000000", "R000001"], [-1.0, -1.0], gt)
+    m = score_predictions(["Q00000", "Q00000"], ["R000000", "R000001"], [-1.0, -1.0], gt)
     assert m.average_precision == pytest.approx(0.5)
     assert m.recall_at_rank1 == 0.0  # the tied negative counts ahead of it
     assert m.recall_at_rank10 == 1.0
@@ -144,14 +169,14 @@ def test_ties_put_negatives_before_positives():
 def test_constant_scores_cannot_earn_a_good_ap():
     gt = GroundTruth(["Q00000"], {("Q00000", "R000000")})
     rids = [f"R{i:06d}" for i in range(10)]
-    m = compute_metrics(["Q00000"] * 10, rids, [0.0] * 10, gt)
+    m = score_predictions(["Q00000"] * 10, rids, [0.0] * 10, gt)
     assert m.average_precision == pytest.approx(0.1)
 
 
 def test_micro_ap_is_mean_precision_at_true_positive_ranks_over_all_gt_pairs():
     gt = GroundTruth(["Q00000", "Q00001", "Q00002"], {(f"Q0000{i}", f"R00000{i}") for i in range(3)})
     # ranked: TP, FP, TP ; the third GT pair is never predicted
-    m = compute_metrics(
+    m = score_predictions(
         ["Q00000", "Q00001", "Q00001"], ["R000000", "R000000", "R000001"], [-0.1, -0.2, -0.3], gt
     )
     assert m.average_precision == pytest.approx((1 / 1 + 2 / 3) / 3)
@@ -159,7 +184,7 @@ def test_micro_ap_is_mean_precision_at_true_positive_ranks_over_all_gt_pairs():
 
 
 def test_recall_p90_is_zero_and_threshold_none_when_precision_never_reaches_090():
-    m = compute_metrics(["Q00000", "Q00000"], ["R000005", "R000000"], [-0.1, -0.2], GT2)
+    m = score_predictions(["Q00000", "Q00000"], ["R000005", "R000000"], [-0.1, -0.2], GT2)
     assert m.recall_p90 == 0.0
     assert m.threshold_p90 is None
     assert m.average_precision == pytest.approx(0.5 / 2)
@@ -176,41 +201,36 @@ def test_recall_p90_takes_the_largest_recall_with_precision_at_least_090():
         (qs[11], "R000001", -11),
         (qs[12], "R000001", -12),
     ]
-    m = compute_metrics(*zip(*rows, strict=True), gt)
+    m = score_predictions(*zip(*rows, strict=True), gt)
     assert m.recall_p90 == pytest.approx(10 / 20)
     assert m.threshold_p90 == -10.0
 
 
 def test_predictions_for_queries_outside_the_ground_truth_are_ignored_officially():
     q, r, s = ["Q00000", "Q77777"], ["R000000", "R000003"], [-0.5, -0.1]
-    official = compute_metrics(q, r, s, GT2)
+    official = score_predictions(q, r, s, GT2)
     assert official.average_precision == pytest.approx(0.5)  # 1 of 2 GT pairs, at precision 1
     assert official.n_predictions == 1
-    capped = compute_metrics(q, r, s, GT2, restrict_to_gt_queries=False)  # isc2021 max_results variant
+    capped = score_predictions(q, r, s, GT2, restrict_to_gt_queries=False)  # isc2021 max_results variant
     assert capped.average_precision == pytest.approx(0.25)
     assert capped.n_predictions == 2
 
 
 def test_distractor_query_predictions_are_false_positives():
-    m = compute_metrics(["Q00002", "Q00000"], ["R000000", "R000000"], [-0.1, -0.2], GT2)
+    m = score_predictions(["Q00002", "Q00000"], ["R000000", "R000000"], [-0.1, -0.2], GT2)
     assert m.average_precision == pytest.approx(0.5 / 2)
 
 
 def test_duplicate_prediction_pairs_are_rejected():
     with pytest.raises(PredictionsError, match="duplicate"):
-        compute_metrics(["Q00000", "Q00000"], ["R000000", "R000000"], [-0.1, -0.2], GT2)
-
-
-def test_non_finite_scores_and_length_mismatch_are_rejected():
-    with pytest.raises(PredictionsError, match="non-finite"):
-        compute_metrics(["Q00000"], ["R000000"], [float("nan")], GT2)
-    with pytest.raises(PredictionsError, match="length"):
-        compute_metrics(["Q00000"], ["R000000", "R000001"], [0.0], GT2)
+        score_predictions(["Q00000", "Q00000"], ["R000000", "R000000"], [-0.1, -0.2], GT2)
 
 
 def test_ground_truth_without_positives_is_an_error():
+    eye = np.eye(2, dtype=np.float32)
+    desc = Descriptors(eye, ["Q00000", "Q00001"], eye, ["R000000", "R000001"])
     with pytest.raises(ConfigError, match="ground_truth"):
-        compute_metrics(["Q00000"], ["R000000"], [0.0], GroundTruth(["Q00000"], set()))
+        evaluate(desc, GroundTruth(["Q00000"], set()))
 
 
 def test_recall_at_rank_counts_all_predictions_of_the_query_scored_at_least_as_high():
@@ -219,7 +239,7 @@ def test_recall_at_rank_counts_all_predictions_of_the_query_scored_at_least_as_h
     rows = [("Q00000", "R000000", -1.0)]  # rank 1
     rows += [("Q00001", f"R00000{i}", -float(i)) for i in range(1, 10)]  # 9 better negatives
     rows += [("Q00001", "R000000", -9.0)]  # ties with R000009 -> rank 10 (pessimistic)
-    m = compute_metrics(*zip(*rows, strict=True), gt)
+    m = score_predictions(*zip(*rows, strict=True), gt)
     assert m.recall_at_rank1 == pytest.approx(0.5)
     assert m.recall_at_rank10 == pytest.approx(1.0)
 
@@ -340,7 +360,7 @@ def _materialise(preds, gt: GroundTruth, queries: list[str], counts: np.ndarray)
 def test_bootstrap_replicates_equal_scoring_the_resampled_queries(problem, seed):
     preds, gt = problem
     q, r, s = zip(*preds, strict=True) if preds else ((), (), ())
-    _, ranked = compute_metrics(q, r, s, gt, return_ranking=True)
+    _, ranked = score_predictions(q, r, s, gt, return_ranking=True)
     boot = bootstrap_average_precision([ranked], gt, n_boot=4, seed=seed)
     assert boot.counts.sum(axis=1).tolist() == [len(set(gt.queries))] * 4
     for b in range(4):
@@ -349,7 +369,7 @@ def test_bootstrap_replicates_equal_scoring_the_resampled_queries(problem, seed)
             assert boot.samples[0, b] == 0.0
             continue
         qb, rb, sb = zip(*rows, strict=True) if rows else ((), (), ())
-        expected = compute_metrics(qb, rb, sb, gt_b).average_precision
+        expected = score_predictions(qb, rb, sb, gt_b).average_precision
         assert boot.samples[0, b] == pytest.approx(expected, abs=1e-9)
 
 
@@ -364,7 +384,7 @@ def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_more_queries(
             hit = rng.random() < 0.6  # the right reference is retrieved for ~60 % of queries
             preds.append((q, f"R{i:06d}" if hit else f"R9{i:05d}", float(rng.normal(1.0 if hit else 0.0))))
         q, r, s = zip(*preds, strict=True)
-        m, ranked = compute_metrics(q, r, s, gt, return_ranking=True)
+        m, ranked = score_predictions(q, r, s, gt, return_ranking=True)
         return m.average_precision, bootstrap_average_precision([ranked], gt, n_boot=400, seed=0)
 
     ap_small, small = problem(40)
@@ -379,9 +399,9 @@ def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_more_queries(
 def test_paired_bootstrap_difference_of_a_ranking_with_itself_is_zero_and_orders_a_clear_winner():
     queries = [f"Q{i:05d}" for i in range(30)]
     gt = GroundTruth(queries, {(q, f"R{i:06d}") for i, q in enumerate(queries)})
-    good = compute_metrics(queries, [f"R{i:06d}" for i in range(30)], np.linspace(1, 2, 30), gt,
+    good = score_predictions(queries, [f"R{i:06d}" for i in range(30)], np.linspace(1, 2, 30), gt,
                            return_ranking=True)[1]
-    bad = compute_metrics(queries, [f"R{(i + 1) % 30:06d}" for i in range(30)], np.linspace(1, 2, 30), gt,
+    bad = score_predictions(queries, [f"R{(i + 1) % 30:06d}" for i in range(30)], np.linspace(1, 2, 30), gt,
                           return_ranking=True)[1]
     boot = bootstrap_average_precision([good, bad, good], gt, n_boot=200)
     assert boot.samples[0].min() == 1.0 and boot.samples[1].max() == 0.0
@@ -391,7 +411,7 @@ def test_paired_bootstrap_difference_of_a_ranking_with_itself_is_zero_and_orders
 
 def test_bootstrap_rejects_bad_parameters():
     gt = GroundTruth(["Q0"], {("Q0", "R0")})
-    _, ranked = compute_metrics(["Q0"], ["R0"], [1.0], gt, return_ranking=True)
+    _, ranked = score_predictions(["Q0"], ["R0"], [1.0], gt, return_ranking=True)
     with pytest.raises(ConfigError, match="n_boot"):
         bootstrap_average_precision([ranked], gt, n_boot=0)
     with pytest.raises(ConfigError, match="confidence"):

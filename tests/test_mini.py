@@ -184,7 +184,7 @@ def test_cli_builds_dataset_and_reports_counts(tmp_path):
     src = _photo_folder(tmp_path / "photos")
     out = tmp_path / "cli_out"
     proc = subprocess.run(
-        [sys.executable, "-m", "isc.cli", "data", "make-mini", "--source", str(src), "--out", str(out),
+        [sys.executable, "-m", "entrypoints.cli", "data", "make-mini", "--source", str(src), "--out", str(out),
          "--seed", "1", "--size", "tiny"],
         capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
     )  # fmt: skip

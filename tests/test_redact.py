@@ -170,7 +170,7 @@ def test_log_filter_masks_records_of_child_loggers_and_their_tracebacks():
 
 
 def test_error_line_of_an_entry_point_is_redacted(tracking, capsys):
-    from isc.cli import run_entrypoint
+    from entrypoints.cli import run_entrypoint
 
     # A missing descriptor file whose name holds a URL password: the error line names it, masked.
     rc = run_entrypoint("entrypoints.match", ["--descriptors", "http://u:hunter2@127.0.0.1:9/d.h5"])

@@ -23,7 +23,7 @@ def test_other_model_at_the_same_path_rebuilds_the_index(tracking, mini_data, tm
     import torch
 
     from isc.models import create_model, save_checkpoint
-    from registry.search import search_images
+    from registry.image_search import search_images
 
     folders = []
     for seed in (0, 1):

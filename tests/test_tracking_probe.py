@@ -14,7 +14,7 @@ import urllib.parse
 import numpy as np
 import pytest
 
-from isc.cli import run_entrypoint
+from entrypoints.cli import run_entrypoint
 from isc.io import write_descriptors, write_ground_truth
 from tests.servers import LOOPBACK, free_port, start_mlflow_server, wait_http_ok
 

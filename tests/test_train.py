@@ -12,7 +12,7 @@ from isc.models import load_checkpoint, load_model
 from isc.train import load_config, train
 
 TINY = dict(backbone="test_efficientnet", input_size=32, batch_size=4, memory_size=64, workers=0,
-            max_steps_per_epoch=2, log_every_steps=1, stage="demo", seed=3, lr=0.05)
+            max_steps_per_epoch=2, log_every_steps=1, stage="smoke", seed=3, lr=0.05)
 
 
 def tiny_cfg(mini_data, **kw):
@@ -34,7 +34,7 @@ def test_tiny_run_logs_params_metrics_checkpoints_and_final_model(tracking, mini
     client = mlflow.MlflowClient()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["isc.step"] == "train" and run.data.tags["isc.stage"] == "demo"
+    assert run.data.tags["isc.step"] == "train" and run.data.tags["isc.stage"] == "smoke"
     p = run.data.params
     assert p["backbone"] == "test_efficientnet" and p["lr"] == "0.05" and p["memory_size"] == "64"
     assert p["steps_per_epoch"] == "2" and p["images_per_step"] == "8" and p["world_size"] == "1"
@@ -109,12 +109,12 @@ def test_callback_exception_propagates_after_checkpoint_inside_an_active_run(tra
 def test_load_config_packaged_stages_match_the_recipe():
     s1 = load_config("stage1")
     assert (s1.stage, s1.input_size, s1.epochs, s1.lr, s1.wd, s1.batch_size, s1.memory_size, s1.seed) == (
-        "v83", 256, 5, 0.1, 1e-6, 128, 20000, 9)
+        "stage1", 256, 5, 0.1, 1e-6, 128, 20000, 9)
     assert s1.backbone == "tf_efficientnetv2_m.in21k_ft_in1k" and s1.pretrained is True
     assert (s1.pos_margin, s1.neg_margin, s1.gem_p, s1.gem_eval_p, s1.ncrops) == (0.0, 1.0, 1.0, 1.0, 2)
     s4 = load_config("stage4")
     assert (s4.stage, s4.lr, s4.batch_size, s4.memory_size, s4.neg_margin, s4.seed) == (
-        "v107", 0.5, 16, 1000, 1.1, 99999)
+        "stage4", 0.5, 16, 1000, 1.1, 99999)
     assert load_config("stage3").batch_size == 64 and load_config("stage2").input_size == 384
     assert load_config("stage1b").epochs == 10 and load_config("stage1b").seed == 90
     demo = load_config("smoke", epochs=1, **{"neg-margin": "0.9"})

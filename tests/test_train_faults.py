@@ -14,13 +14,13 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from isc.cli import run_entrypoint
+from entrypoints.cli import run_entrypoint
 from isc.models import load_checkpoint
 from isc.train import TrainingDivergedError, load_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(backbone="test_efficientnet", input_size=32, batch_size=4, memory_size=64, workers=0,
-            max_steps_per_epoch=2, log_every_steps=1, stage="demo", seed=5, lr=0.05)
+            max_steps_per_epoch=2, log_every_steps=1, stage="smoke", seed=5, lr=0.05)
 
 
 def test_nan_loss_ends_run_failed_with_reason_and_keeps_last_good_checkpoint(tracking, mini_data):
@@ -61,8 +61,8 @@ BAD_PARAMETERS = [
     (["--backbone", "tf_efficientnetv2_mm"], "backbone"),
     (["--input-size", "0"], "input_size"),
     (["--data", "/nonexistent/isc-data"], "data"),
-    (["--stage", "v107", "--pairs", "/nonexistent/pairs.csv"], "pairs"),
-    (["--stage", "v107", "--pairs", "VAL"], "pairs"),  # the held-out split must never be trained on
+    (["--stage", "stage4", "--pairs", "/nonexistent/pairs.csv"], "pairs"),
+    (["--stage", "v107", "--pairs", "VAL"], "pairs"),  # (v107: stage4's old name, still read)  # the held-out split must never be trained on
     (["--resume-from", "/nonexistent/checkpoint_0001.pth.tar"], "resume_from"),
     (["--init-from", "0123456789abcdef0123456789abcdef"], "init_from"),
     (["--keep-checkpoints", "-1"], "keep_checkpoints"),

@@ -7,10 +7,12 @@ image with its edited copies:
 hard = AugLy RandomRotation(p) -> RandomOverlayImageAndResizedCrop -> ShuffledAug(list, random order,
 each op with its own p) -> RGB -> ToTensor -> RandomErasing(value='random', p 0.25) -> Normalize
 
-Stage parameters (recipe.md "Views"; the numbers of the seed's v83.py / v86.py / v98.py):
+Stage parameters (recipe.md "Views"; the numbers of the seed's v83.py / v86.py / v98.py), keyed by the
+stage names of the training configs (:data:`isc.train.config.SEED_SCRIPTS`):
 
 =====================================  ============  ============  ============
-op                                     v83           v86           v98 (= v107)
+op                                     stage1: v83   stage2: v86   stage3: v98
+                                                                   (= stage4)
 =====================================  ============  ============  ============
 ColorJitter b/c/s (hue 0.2)            0.7 always    0.75 always   0.8 always
 RandomRotation p (first hard op)       0.25          0.30          0.35
@@ -23,12 +25,12 @@ overlay_p; opacity_lower; size range   0.05; 0.6;    0.075; 0.5;   0.10; 0.4;
                                        0.4-0.6       0.3-0.7       0.2-0.8
 =====================================  ============  ============  ============
 
-``demo`` (the smoke/test profile's tiny from-scratch network) is v83 with the colour jitter at 1.0 and
+``smoke`` (the smoke/test profile's tiny from-scratch network) is stage1 with the colour jitter at 1.0 and
 grayscale at 0.4: a random-init net has no colour invariance to start from.
 
 Stage 4 (v107) trains on (query, reference) pairs; as the seed's v107.py, the training loop feeds those
 pairs through a plain resize-and-normalise transform (see isc/train/datasets.py); recipe.md gives no view
-table for it, so ``build_train_transform("v107", ...)`` is v98's NCropsTransform.
+table for it, so ``build_train_transform("stage4", ...)`` is stage3's (v98's) NCropsTransform.
 
 Choices the recipe leaves open (documented here, used everywhere): the rotation op uses AugLy's default
 range (0-180 degrees, cropped to the largest inner rectangle); RandomPixelization, RandomBlur and
@@ -79,18 +81,18 @@ class StageViews:
 
 
 STAGES: dict[str, StageViews] = {
-    "v83": StageViews(jitter=0.7, rotation_p=0.25, edit_p=0.25, edge_p=0.25, overlay_p=0.05,
-                      opacity_lower=0.6, size_range=(0.4, 0.6)),
-    "v86": StageViews(jitter=0.75, rotation_p=0.30, edit_p=0.30, edge_p=0.30, overlay_p=0.075,
-                      opacity_lower=0.5, size_range=(0.3, 0.7)),
-    "v98": StageViews(jitter=0.8, rotation_p=0.35, edit_p=0.35, edge_p=0.30, overlay_p=0.10,
-                      opacity_lower=0.4, size_range=(0.2, 0.8)),
+    "stage1": StageViews(jitter=0.7, rotation_p=0.25, edit_p=0.25, edge_p=0.25, overlay_p=0.05,  # v83
+                         opacity_lower=0.6, size_range=(0.4, 0.6)),
+    "stage2": StageViews(jitter=0.75, rotation_p=0.30, edit_p=0.30, edge_p=0.30, overlay_p=0.075,  # v86
+                         opacity_lower=0.5, size_range=(0.3, 0.7)),
+    "stage3": StageViews(jitter=0.8, rotation_p=0.35, edit_p=0.35, edge_p=0.30, overlay_p=0.10,  # v98
+                         opacity_lower=0.4, size_range=(0.2, 0.8)),
 }
-STAGES["v107"] = STAGES["v98"]
+STAGES["stage4"] = STAGES["stage3"]  # v107: v98's views
 # The tiny from-scratch network of the smoke/test profiles: tiles of one photo share its colours, and a
 # random-init net keys on colour unless the views take it away; a pretrained backbone brings that
 # invariance, the scratch net buys it with stronger colour and grayscale views.
-STAGES["demo"] = dataclasses.replace(STAGES["v83"], jitter=1.0, colour_p=0.8, gray_p=0.4)
+STAGES["smoke"] = dataclasses.replace(STAGES["stage1"], jitter=1.0, colour_p=0.8, gray_p=0.4)
 
 HUE = 0.2
 JPEG_QUALITIES = (10, 20, 30, 50)
@@ -101,7 +103,7 @@ PLAIN_CROP_SCALE = (0.15, 1.0)
 
 
 def stage_views(stage: str) -> StageViews:
-    """Parameters of ``stage`` (v83, v86, v98, v107, demo) or a ``ConfigError`` naming ``stage``."""
+    """Parameters of ``stage`` (stage1-4, smoke) or a ``ConfigError`` naming ``stage``."""
     if stage not in STAGES:
         raise ConfigError("stage", f"unknown augmentation stage '{stage}' (choose from {', '.join(STAGES)})")
     return STAGES[stage]

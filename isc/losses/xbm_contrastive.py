@@ -82,10 +82,6 @@ class XBMContrastiveLoss(nn.Module):
         return self.memory_size if self.xbm.has_been_filled else int(self.xbm.queue_idx)
 
     @property
-    def memory_fill_ratio(self) -> float:
-        return self.memory_fill / self.memory_size
-
-    @property
     def grad_scale(self) -> int:
         """Factor to multiply the loss by before ``backward()`` (world size under DDP, else 1)."""
         return torch.distributed.get_world_size() if _distributed() else 1
@@ -96,15 +92,6 @@ class XBMContrastiveLoss(nn.Module):
             raise ConfigError("memory_size", f"{self.memory_size} is smaller than one global batch of "
                                              f"{len(embeddings)} embeddings")
         return self.xbm(embeddings, labels)
-
-    def memory(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bank contents oldest first: embeddings [fill, D], labels [fill]."""
-        n, idx = self.memory_fill, int(self.xbm.queue_idx)
-        emb, lab = self.xbm.embedding_memory, self.xbm.label_memory
-        if not self.xbm.has_been_filled:
-            return emb[:n], lab[:n]
-        order = torch.cat([torch.arange(idx, n), torch.arange(0, idx)]).to(emb.device)
-        return emb[order], lab[order]
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"queue_idx": int(self.xbm.queue_idx), "has_been_filled": bool(self.xbm.has_been_filled),

@@ -17,11 +17,19 @@ from isc.contract import parse_bool
 from isc.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-STAGES = ("demo", "v83", "v86", "v98", "v107")
+# The recipe's stages, named like their packaged configs (stage1.yaml, ...), and the script of the seed's
+# exp/ folder each one reproduces (stage 1b is stage 1 resumed: v83.py --resume, so it is stage1 too).
+# ``smoke`` is the smoke/test profile's tiny from-scratch network (no seed script).
+SEED_SCRIPTS: dict[str, str | None] = {"smoke": None, "stage1": "v83", "stage2": "v86", "stage3": "v98",
+                                       "stage4": "v107"}
+STAGES = tuple(SEED_SCRIPTS)
+# Earlier configs, checkpoints and commands named a stage by its seed script (and smoke "demo"): still read.
+OLD_STAGE_NAMES = {"demo": "smoke", **{script: name for name, script in SEED_SCRIPTS.items() if script}}
+PAIRS_STAGE = "stage4"  # v107: trains on positive (query, reference) pairs, not on views of training images
 # Extra negative images per training item, as in the seed: v98 adds two random references (moderate
 # transform), v107 thirty random references that are nobody's positive.
-DEFAULT_NEGATIVES = {"demo": 0, "v83": 0, "v86": 0, "v98": 2, "v107": 30}
-NEGATIVE_STAGES = ("v98", "v107")
+DEFAULT_NEGATIVES = {"smoke": 0, "stage1": 0, "stage2": 0, "stage3": 2, "stage4": 30}
+NEGATIVE_STAGES = ("stage3", "stage4")
 SCHEDULES = ("constant", "linear", "cosine")
 HEAD_INITS = ("xavier", "pca")
 
@@ -32,7 +40,7 @@ class TrainConfig:
 
     # data
     data: str = "data/mini"
-    stage: str = "demo"
+    stage: str = "smoke"  # one of STAGES (an old name of OLD_STAGE_NAMES is read as its new name)
     sample_size: int = 1_000_000
     pairs: str | None = None
     num_negatives: int | None = None  # None = the stage default (DEFAULT_NEGATIVES)
@@ -58,7 +66,7 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     wd: float = 1e-6
-    schedule: str = "constant"  # constant (v83, v86) | linear (v98, v107: lr * (1 - e / epochs)) | cosine
+    schedule: str = "constant"  # constant (stages 1-2) | linear (stages 3-4: lr * (1 - e / epochs)) | cosine
     warmup_steps: int = 0  # linear lr warm-up over the first optimizer steps of this stage
     batch_size: int = 128  # global, split across ranks
     amp: str = "auto"
@@ -142,6 +150,8 @@ def _coerce(name: str, value: Any) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(f"expected a mapping, got {value!r}")
             return {str(k): str(v) for k, v in value.items()}
+        if name == "stage":
+            return OLD_STAGE_NAMES.get(str(value), str(value))
         if ftype.startswith("str"):
             return str(value)
     except (TypeError, ValueError) as exc:
@@ -272,7 +282,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.gem_eval_p > 0, "gem_eval_p", f"must be > 0, got {cfg.gem_eval_p}")
     _check(cfg.dim > 0, "dim", f"must be > 0, got {cfg.dim}")
     _check(cfg.ncrops >= 2, "ncrops", f"must be >= 2 (one moderate + hard views), got {cfg.ncrops}")
-    _check(cfg.stage != "v107" or cfg.ncrops == 2, "ncrops", "v107 items are (query, reference): ncrops must be 2")
+    _check(cfg.stage != PAIRS_STAGE or cfg.ncrops == 2, "ncrops",
+           f"{PAIRS_STAGE} items are (query, reference): ncrops must be 2")
     _check(cfg.pos_margin >= 0, "pos_margin", f"must be >= 0, got {cfg.pos_margin}")
     _check(cfg.neg_margin > 0, "neg_margin", f"must be > 0, got {cfg.neg_margin}")
     _check(cfg.neg_margin > cfg.pos_margin, "neg_margin",
@@ -313,13 +324,13 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
 
     data = DISC21(cfg.data)
     _check(data.root.is_dir(), "data", f"{data.root} does not exist")
-    if cfg.stage == "v107":
+    if cfg.stage == PAIRS_STAGE:
         pairs = resolve_pairs_path(cfg)
-        _check(pairs.is_file(), "pairs", f"{pairs} does not exist (v107 trains on positive GT pairs)")
+        _check(pairs.is_file(), "pairs", f"{pairs} does not exist ({PAIRS_STAGE} trains on positive GT pairs)")
         for split in ("val", "test"):
             held_out = data.ground_truth(split)
             _check(not (held_out.exists() and held_out.resolve() == pairs.resolve()), "pairs",
-                   f"{pairs} is the {split} split; v107 must train on the train split, never on scored pairs")
+                   f"{pairs} is the {split} split; {PAIRS_STAGE} must train on the train split, never on scored pairs")
         _check(data.query_dir.is_dir(), "data", f"missing {data.query_dir}")
     else:
         _check(data.training_dir.is_dir(), "data", f"missing {data.training_dir}")

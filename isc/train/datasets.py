@@ -2,10 +2,11 @@
 
 Every item is ``(images [k, 3, s, s] float, labels [k] int64, skipped: list[str])``:
 
-* ``views`` (demo, v83, v86): training image ``i`` -> ``ncrops`` views (1 moderate + hard), labels ``i``;
-* ``views`` + negatives (v98): plus ``num_negatives`` random reference images (plain resize, as v98.py),
+* ``views`` (smoke, stage1 = v83, stage2 = v86): training image ``i`` -> ``ncrops`` views (1 moderate +
+  hard), labels ``i``;
+* ``views`` + negatives (stage3 = v98): plus ``num_negatives`` random reference images (plain resize, as v98.py),
   labels ``NEGATIVE_LABEL_OFFSET + reference index``;
-* ``pairs`` (v107): positive pair ``i`` of a ground-truth CSV -> (query, reference), labels ``i``, plus
+* ``pairs`` (stage4 = v107): positive pair ``i`` of a ground-truth CSV -> (query, reference), labels ``i``, plus
   ``num_negatives`` random references that are nobody's positive. As in the seed, v107 uses the plain
   resize-normalise transform for all of them.
 
@@ -105,7 +106,7 @@ class _StageDataset(Dataset):
 
 
 class ViewsDataset(_StageDataset):
-    """demo / v83 / v86 / v98: ``ncrops`` views of training image ``i`` (+ optional negatives)."""
+    """smoke / stage1 / stage2 / stage3: ``ncrops`` views of training image ``i`` (+ optional negatives)."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable[[Any], list[torch.Tensor]], seed: int = 0,
                  negatives: Sequence[Path] = (), num_negatives: int = 0,
@@ -122,7 +123,7 @@ class ViewsDataset(_StageDataset):
 
 
 class PairsDataset(_StageDataset):
-    """v107: (query, reference) positive pair ``i`` with one transform, label ``i`` (+ negatives)."""
+    """stage4 (v107): (query, reference) positive pair ``i`` with one transform, label ``i`` (+ negatives)."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: Callable[[Any], torch.Tensor], seed: int = 0,
                  negatives: Sequence[Path] = (), num_negatives: int = 0):

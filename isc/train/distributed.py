@@ -82,11 +82,6 @@ def all_reduce_sum(info: DistInfo, values: dict[str, float]) -> dict[str, float]
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def all_reduce_mean(info: DistInfo, values: dict[str, float]) -> dict[str, float]:
-    summed = all_reduce_sum(info, values)
-    return {k: v / info.world_size for k, v in summed.items()}
-
-
 def broadcast_object(info: DistInfo, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. the output folder named after the MLflow run)."""
     if not info.distributed:

@@ -40,7 +40,7 @@ from isc.models.head import (
     pooled_features,
 )
 from isc.train import distributed as ddp
-from isc.train.config import TrainConfig, resolve_pairs_path, validate_config
+from isc.train.config import PAIRS_STAGE, TrainConfig, resolve_pairs_path, validate_config
 from isc.train.datasets import (
     EpochTaggedSampler,
     PairsDataset,
@@ -134,7 +134,7 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float]) -> tupl
     data = DISC21(cfg.data)
     facts: dict[str, Any] = {}
     negatives: list[Path] = []
-    if cfg.stage == "v107":
+    if cfg.stage == PAIRS_STAGE:
         pairs_path = resolve_pairs_path(cfg)
         pairs = read_positive_pairs(pairs_path, data.root)[: cfg.sample_size]
         if cfg.negatives:
@@ -167,7 +167,7 @@ def _init_head_pca(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
     from isc.data.images import load_image
 
     data = DISC21(cfg.data)
-    if cfg.stage == "v107":
+    if cfg.stage == PAIRS_STAGE:
         paths = [p for _, p in data.images("reference", limit=cfg.head_init_images)]
     else:
         paths = [p for _, p in data.images("train", limit=cfg.head_init_images)]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isc.errors import ConfigError
-from isc.search import FlatIndex, global_topk, knn
+from isc.knn import FlatIndex, global_topk, knn
 
 
 def all_pairs_ranked(q: np.ndarray, r: np.ndarray, metric: str):

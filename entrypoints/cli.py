@@ -1,7 +1,9 @@
 """The ``isc`` console command: ``isc <subcommand> [options]``.
 
 Each subcommand is the ``main(argv)`` of a module in ``entrypoints/`` -- the same module that the
-MLproject entry point of that name runs -- so the CLI and ``mlflow run`` behave identically.
+MLproject entry point of that name runs (``python -m entrypoints.<module>``, through
+:func:`entrypoints._run.cli`) -- so the CLI and ``mlflow run`` behave identically. The dispatch lives
+here, on the entry-point side: the ``isc`` library never imports ``entrypoints`` (tests/test_layout.py).
 """
 
 from __future__ import annotations

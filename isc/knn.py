@@ -174,6 +174,8 @@ def global_topk(
 
     Returns a :class:`TopK` (iterable as ``q_idx, r_idx, score``), best first.
     """
+    # long: the re-search loop and the final selection share the candidate pool and the cut; the exactness
+    # argument of the docstring is about both together.
     query = _as_matrix("query", query)
     if k_total <= 0:
         raise ConfigError("k_total", f"must be > 0, got {k_total}")

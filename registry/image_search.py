@@ -246,7 +246,7 @@ def search_images(
     """Top-``topk`` references for every query image (see module doc); writes the matching-track CSV
     ``query_id,reference_id,score`` to ``output`` when given."""
     from isc.io import write_matches_csv
-    from isc.search import FlatIndex
+    from isc.knn import FlatIndex
 
     if topk <= 0:
         raise ConfigError("topk", f"must be > 0, got {topk}")
