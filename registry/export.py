@@ -125,7 +125,7 @@ def _model_files(model_uri: str, dst: Path) -> tuple[dict[str, str], Path, Path 
     pyfunc folder (registry version, logged model) brings a bank and NES constants.
     """
     from isc.models import resolve_checkpoint
-    from registry.search import model_identity
+    from registry.image_search import model_identity
 
     ident = model_identity(model_uri)
     ckpt = resolve_checkpoint(ident["resolved_uri"], dst=dst)

@@ -69,7 +69,7 @@ def champion(tracking, tmp_path):
 def test_exported_file_reproduces_the_registered_model_on_real_photos(champion, mini_data, tmp_path, fmt, capsys):
     import pandas as pd
 
-    from isc.cli import main as isc
+    from entrypoints.cli import main as isc
     from isc.extract import describe_images
     from isc.models import load_model
     from isc.postprocess import negative_embedding_subtraction
@@ -113,7 +113,7 @@ def test_exported_file_reproduces_the_registered_model_on_real_photos(champion, 
 
 
 def test_export_refuses_to_overwrite_without_the_flag_and_names_bad_parameters(champion, tmp_path, capsys):
-    from isc.cli import main as isc
+    from entrypoints.cli import main as isc
 
     out = tmp_path / "isc.pt"
     base = ["export", "--model", f"models:/{MODEL}@champion", "--format", "torchscript", "--output", str(out)]

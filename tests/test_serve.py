@@ -142,7 +142,7 @@ def start_model_server(model_uri: str, tracking_uri: str, workdir: Path, timeout
 def test_served_champion_answers_base64_images_with_the_extract_and_postprocess_descriptors(
     tracking, mini_data, checkpoint, tmp_path
 ):
-    from isc.cli import main as isc
+    from entrypoints.cli import main as isc
     from registry.model_logging import log_descriptor_model
     from tests.servers import _stop_group
 

@@ -260,7 +260,6 @@ def _check(cond: bool, name: str, message: str) -> None:
 
 def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Raise ``ConfigError`` naming the first bad parameter. Touches no run, reads only folder listings."""
-    from isc.data.disc21 import DISC21
     from isc.models.iscnet import check_backbone
 
     _check(cfg.stage in STAGES, "stage", f"unknown stage '{cfg.stage}' (one of {', '.join(STAGES)})")
@@ -321,6 +320,12 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.weights_file:
         _check(Path(cfg.weights_file).expanduser().is_file(), "weights_file",
                f"{cfg.weights_file} does not exist")
+    _validate_data(cfg)
+
+
+def _validate_data(cfg: TrainConfig) -> None:
+    """The data folders (and pairs file) the stage reads, and a memory bank that holds one batch."""
+    from isc.data.disc21 import DISC21
 
     data = DISC21(cfg.data)
     _check(data.root.is_dir(), "data", f"{data.root} does not exist")
