@@ -224,13 +224,34 @@ def _log_to_run(out: dict[str, Any], files: list[Path], record: Evaluation, para
 
     mlflow.set_tags(record.to_tags())
     tracking.log_params(params, prefix="eval.")
+    model_id, gt_dataset = _lineage(record)
     metrics = _flat(out)
     if "before" in out:
         metrics.update({f"before_{k}": v for k, v in _flat(out["before"]).items()})
         metrics.update({k: out[k] for k in ("gain_ci_low", "gain_ci_high", "p_gain") if k in out})
+    # µAP and R@P90 also land on the model that was scored, per ground truth (MLflow's Models tab)
+    headline = {k: metrics.pop(k) for k in ("average_precision", "recall_p90") if k in metrics}
+    tracking.log_metrics(headline, model_id=model_id, dataset=gt_dataset)
     tracking.log_metrics(metrics)
     for f in files:
         tracking.log_artifact(f, artifact_path=ARTIFACT_EVALUATION)
+
+
+def _lineage(record: Evaluation) -> tuple[str | None, Any]:
+    """Log the ground truth as the run's dataset and the scored model's training knobs as ``train.*``
+    params; ``(the training run's LoggedModel id, the GT dataset)`` to link the metrics to."""
+    from isc import lineage
+
+    gt_dataset = None
+    if record.gt_path and Path(record.gt_path).is_file():
+        gt_dataset = lineage.ground_truth_dataset(record.gt_path, lineage.split_of(record.gt_path))
+        lineage.log_datasets([(gt_dataset, "evaluation")])
+    model_id = None
+    if record.model_ref:
+        tracking.log_params(lineage.upstream_params(record.model_ref))
+        run_id = lineage.training_run_of(record.model_ref)
+        model_id = lineage.training_model_id(run_id) if run_id else None
+    return model_id, gt_dataset
 
 
 def _write_artifacts(

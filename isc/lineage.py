@@ -158,8 +158,11 @@ def training_run_of(model_ref: str) -> str | None:
         from mlflow import MlflowClient
 
         client = MlflowClient()
-        mv = (client.get_model_version_by_alias(ref.name, ref.alias) if ref.kind == "alias"
-              else client.get_model_version(ref.name, ref.version))
+        try:
+            mv = (client.get_model_version_by_alias(ref.name, ref.alias) if ref.kind == "alias"
+                  else client.get_model_version(ref.name, ref.version))
+        except Exception:  # noqa: BLE001 -- no such model / alias: nothing upstream to show
+            return None
         inner = mv.tags.get(Tag.MODEL_REF)
         return training_run_of(inner) if inner and inner != model_ref else None
     return None

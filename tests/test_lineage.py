@@ -69,3 +69,36 @@ def test_training_run_has_kind_datasets_logged_model_and_upstream_params(trackin
 @pytest.mark.parametrize("ref", ["models:/isc-descriptor@champion"])
 def test_upstream_params_of_a_missing_registry_model_is_empty_not_an_error(tracking, ref):
     assert lineage.upstream_params(ref) == {}
+
+
+def test_evaluation_links_gt_dataset_upstream_params_and_model_metrics(tracking, mini_data, tmp_path):
+    """An evaluation of a training run's model: GT as its dataset, the run's knobs as train.* params, and
+    µAP on the training run's LoggedModel (per GT), so the Models tab and parallel coordinates have them."""
+    import numpy as np
+
+    from isc.evaluation import run_evaluation
+    from isc.io import read_ground_truth, write_descriptors
+    from isc.tracking import tracked_run
+
+    result = train(load_config(None, data=str(mini_data.root), epochs=1, experiment_name="lineage", **TINY))
+    gt_path = mini_data.root / "ground_truth_val.csv"
+    gt = read_ground_truth(gt_path)
+    qids = sorted(gt.queries)
+    rids = sorted(p.stem for p in (mini_data.root / "reference_images").glob("*.jpg"))
+    rng = np.random.default_rng(0)
+    desc = write_descriptors(tmp_path / "d.h5", rng.normal(size=(len(qids), 8)).astype(np.float32), qids,
+                             rng.normal(size=(len(rids), 8)).astype(np.float32), rids)
+    with tracked_run(experiment="lineage", run_name="evaluate") as run:
+        out = run_evaluation(desc, gt_path, model_ref=f"{result.run_id}:0", bootstrap=0)
+    client = mlflow.MlflowClient()
+    ev = client.get_run(run.info.run_id)
+    assert ev.data.params["train.pos_margin"] == "0.1" and ev.data.params["train.run_id"] == result.run_id
+    (ds_input,) = ev.inputs.dataset_inputs
+    assert ds_input.dataset.name == "mini/ground_truth_val.csv"
+    assert json.loads(ds_input.dataset.profile)["split"] == "val"
+    model = client.get_logged_model(lineage.training_model_id(result.run_id))
+    linked = {m.key: m for m in model.metrics}
+    assert linked["average_precision"].value == pytest.approx(out["average_precision"])
+    assert linked["average_precision"].dataset_name == "mini/ground_truth_val.csv"
+    # logged once on the run: linking to the model does not duplicate the run's history
+    assert len(client.get_metric_history(run.info.run_id, "average_precision")) == 1
