@@ -177,7 +177,7 @@ def test_storage_url_is_logged_without_its_password():
 
 def test_a_failing_trial_ends_its_run_failed_with_the_error_and_the_study_goes_on(tracking):
     from isc.tracking import tracked_run
-    from isc.tune import _trial_run
+    from isc.tune.objective import _trial_run
 
     study = optuna.create_study(direction="maximize")
 
