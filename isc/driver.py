@@ -77,6 +77,27 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+def tuned_stage(profile: str, stage: str | None = None) -> Stage:
+    """The stage ``isc tune`` tunes: ``stage`` by name, by default the profile's last fine-tuning stage.
+
+    Refused: a stage without fine-tuning (stage 0) and one that resumes another's full state (stage 1b:
+    its optimizer and memory bank come from the checkpoint, so sampled lr/memory sizes would not apply).
+    """
+    if profile not in PROFILES:
+        raise ConfigError("profile", f"unknown profile '{profile}' (choose from {sorted(PROFILES)})")
+    stages = PROFILES[profile].stages
+    tunable = [s for s in stages if dict(s.overrides).get("epochs") != 0 and s.start != "resume"]
+    if stage is None:
+        return tunable[-1]
+    chosen = next((s for s in stages if s.name == stage), None)
+    if chosen is None:
+        raise ConfigError("stage", f"profile '{profile}' has no stage '{stage}' ({', '.join(s.name for s in stages)})")
+    if chosen not in tunable:
+        raise ConfigError("stage", f"{stage} of profile '{profile}' cannot be tuned (no fine-tuning, or it resumes "
+                                   f"another stage's full state); tunable: {', '.join(s.name for s in tunable)}")
+    return chosen
+
+
 def start_reference(stage: Stage, runs: dict[str, str]) -> str:
     """What ``init_from`` / ``resume_from`` get: ``<run id>:<N>`` (checkpoint_000N) or the run id."""
     if stage.source is None:

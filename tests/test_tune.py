@@ -32,6 +32,7 @@ TINY_TRAIN = {"input_size": 32, "workers": 0, "batch_size": 16, "max_steps_per_e
 def write_config(tmp_path: Path, **extra) -> Path:
     cfg = {
         "profile": "smoke",
+        "stage": "stage1",  # the smoke chain's first stage: no hand-off checkpoint needed
         "epochs_per_trial": 2,
         "train_overrides": TINY_TRAIN,
         "search_space": {

@@ -7,8 +7,10 @@ scoring, the nested MLflow run and how Optuna's trial states map onto run status
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +53,35 @@ def resolve_validation_gt(data: str | Path, split: str = "val", ground_truth: st
     return path
 
 
-class ValidationSet:
-    """Validation queries (those listed in the GT) vs all references, scored by the official protocol."""
+@dataclass
+class ValScore:
+    """One scoring of a model on the validation split: after NES (the objective) and before."""
 
-    def __init__(self, data: str | Path, gt_path: str | Path, batch_size: int = 64):
+    nes: Any  # isc.metrics.EvalResult of the negatively-subtracted descriptors
+    raw: Any  # isc.metrics.EvalResult of the raw descriptors
+
+    def metrics(self) -> dict[str, float]:
+        return {OBJECTIVE_METRIC: float(self.nes.metrics.average_precision),
+                "val_recall_p90": float(self.nes.metrics.recall_p90),
+                f"{OBJECTIVE_METRIC}_raw": float(self.raw.metrics.average_precision)}
+
+
+class ValidationSet:
+    """Validation queries (those listed in the GT) vs all references, official protocol, after NES.
+
+    Why after NES: the driver scores every stage (and promotion compares them) on descriptors
+    post-processed by negative embedding subtraction against the training images, with the contract's
+    constants; a trial is scored the same way, so its value is the number its model would get there. NES
+    acts on each vector alone, so subtracting only the val queries gives the driver's vectors for them.
+    """
+
+    def __init__(self, data: str | Path, gt_path: str | Path, batch_size: int = 64, nes: Any = None):
         from isc.data.disc21 import DISC21
         from isc.io import read_ground_truth
+        from isc.postprocess import NESConfig
 
         ds = DISC21(data)
-        ds.validate("qr")
+        ds.validate("qrt")
         self.gt_path = Path(gt_path)
         self.gt = read_ground_truth(self.gt_path)
         queries = dict(ds.images("query"))
@@ -72,18 +94,28 @@ class ValidationSet:
         refs = ds.images("reference")
         self.reference_ids = [r for r, _ in refs]
         self.reference_paths = [p for _, p in refs]
+        self.bank_paths = [p for _, p in ds.images("train")]  # NES negatives: training images, never references
+        self.nes = (nes or NESConfig()).validate()
+        self.nes.check_bank(len(self.bank_paths), ds.training_dir)
         self.batch_size = int(batch_size)
 
-    def score(self, model: Any) -> Any:
-        """``EvalResult`` of ``model`` (any ISCNet, train or eval mode; its mode is restored)."""
+    def score(self, model: Any) -> ValScore:
+        """µAP of ``model`` (any ISCNet, train or eval mode; its mode is restored) before and after NES."""
         from isc.extract import describe_images
         from isc.io import Descriptors
         from isc.metrics import evaluate
+        from isc.postprocess import postprocess_descriptors
 
-        q = describe_images(model, self.query_paths, batch_size=self.batch_size)
-        r = describe_images(model, self.reference_paths, batch_size=self.batch_size)
-        desc = Descriptors(q, self.query_ids, r, self.reference_ids)
-        return evaluate(desc, self.gt, protocol="official", source=f"validation ({self.gt_path.name})")
+        q, r, t = (describe_images(model, paths, batch_size=self.batch_size)
+                   for paths in (self.query_paths, self.reference_paths, self.bank_paths))
+        post = postprocess_descriptors(q, r, t, self.nes)
+        source = f"validation ({self.gt_path.name})"
+        return ValScore(
+            nes=evaluate(Descriptors(post.query, self.query_ids, post.reference, self.reference_ids), self.gt,
+                         protocol="official", source=source),
+            raw=evaluate(Descriptors(q, self.query_ids, r, self.reference_ids), self.gt, protocol="official",
+                         source=source),
+        )
 
 
 def _train_trial(cfg: Any, epoch_callback: Callable[[int, Any], Any]) -> Any:
@@ -106,6 +138,7 @@ def _trial_run(study_name: str, trial: Any) -> Iterator[Any]:
     run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                            experiment_id=parent.info.experiment_id if parent is not None else None,
                            tags={"optuna.study": study_name, "optuna.trial": str(trial.number),
+                                 Tag.TUNE_STUDY: study_name, Tag.TUNE_TRIAL: str(trial.number),
                                  Tag.STEP: Step.TUNE_TRIAL, "optuna.state": "RUNNING"})
     run_id = run.info.run_id
     client = mlflow.MlflowClient()
@@ -139,10 +172,12 @@ def _trial_run(study_name: str, trial: Any) -> Iterator[Any]:
 
 def _objective_factory(cfg: TuneConfig, data: str, study_name: str, val: ValidationSet, gate: AdmissionGate,
                        errors: list[BaseException]) -> Callable[[Any], float]:
+    import mlflow
     import optuna
 
     from isc.tracking import log_metrics, log_params
-    from isc.train.config import load_config
+
+    stage = cfg.tuned_stage()
 
     def objective(trial: Any) -> float:
         gate.release()  # the trial exists now: other workers may be admitted
@@ -150,17 +185,16 @@ def _objective_factory(cfg: TuneConfig, data: str, study_name: str, val: Validat
         try:
             with _trial_run(study_name, trial) as run:
                 trial.set_user_attr("mlflow_run_id", run.info.run_id)
+                mlflow.set_tags({Tag.TUNE_PARAMS: json.dumps(params, sort_keys=True), Tag.TUNE_STAGE: stage.name})
                 log_params({**params, "epochs_per_trial": cfg.epochs_per_trial, "profile": cfg.profile,
+                            "tuned_stage": stage.name, "config": stage.config, "start_from": cfg.start_from or "",
                             "validation_split": cfg.split, "validation_ground_truth": str(val.gt_path)})
-                overrides = {**cfg.train_overrides, **params, "epochs": int(cfg.epochs_per_trial), "data": data}
-                train_cfg = load_config(cfg.profile, **overrides)
+                train_cfg = cfg.trial_train_config(data, params)
                 last: dict[str, float] = {}
 
                 def on_epoch(epoch: int, model: Any) -> dict[str, float]:
-                    res = val.score(model)
-                    value = float(res.metrics.average_precision)
-                    last["value"] = value
-                    metrics = {OBJECTIVE_METRIC: value, "val_recall_p90": float(res.metrics.recall_p90)}
+                    metrics = val.score(model).metrics()
+                    value = last["value"] = metrics[OBJECTIVE_METRIC]
                     log_metrics(metrics, step=int(epoch))
                     trial.report(value, int(epoch))
                     if trial.should_prune():

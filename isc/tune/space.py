@@ -87,16 +87,29 @@ def parse_param_spec(name: str, raw: Any) -> ParamSpec:
     return ParamSpec(name, kind, low, high, use_log, None if step is None else float(step))
 
 
+CANDIDATES = ("retrain", "trial")
+
+
 @dataclass
 class TuneConfig:
-    """Everything ``isc tune`` needs besides data, trial count, study name and storage."""
+    """Everything ``isc tune`` needs besides data, trial count, study name and storage.
+
+    A trial fine-tunes ``stage`` of the driver profile ``profile`` (:data:`isc.driver.PROFILES`) from
+    ``start_from``, that stage's hand-off checkpoint, for ``epochs_per_trial`` epochs. Its training
+    options, lowest precedence first: the stage's YAML < ``train_overrides`` (this file: short trials) <
+    ``job_overrides`` (the main job's ``overrides``, fixed on every stage) < the sampled values.
+    """
 
     search_space: dict[str, ParamSpec]
-    profile: str = "demo_stage1"  # base training profile (packaged name or YAML path)
+    profile: str = "demo"  # the driver profile whose stage is tuned
+    stage: str | None = None  # a stage of that profile; None = its last fine-tuning stage
+    start_from: str | None = None  # the stage's hand-off checkpoint (<run id>:N); None for a pretrained start
     epochs_per_trial: int = 2
     split: str = "val"
     ground_truth: str | None = None  # explicit validation GT file (default: ground_truth_<split>.csv)
-    train_overrides: dict[str, Any] = field(default_factory=dict)  # fixed on top of the profile
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # fixed on top of the stage config
+    job_overrides: dict[str, Any] = field(default_factory=dict)  # the main job's overrides (sampled values win)
+    candidate: str = "retrain"  # what the main job evaluates: retrain (best values, full epochs) | trial
     sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
     pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median", "n_startup_trials": 2})
     heartbeat_interval: int = 60  # s between heartbeats of a running trial
@@ -108,6 +121,45 @@ class TuneConfig:
 
     def search_space_dict(self) -> dict[str, dict[str, Any]]:
         return {name: spec.to_dict() for name, spec in self.search_space.items()}
+
+    def tuned_stage(self) -> Any:
+        """The :class:`isc.driver.Stage` the trials fine-tune (validated by :func:`load_tune_config`)."""
+        from isc.driver import tuned_stage
+
+        return tuned_stage(self.profile, self.stage)
+
+    def trial_train_config(self, data: str, params: Mapping[str, Any]) -> Any:
+        """The :class:`isc.train.config.TrainConfig` of one trial with sampled ``params`` (class doc)."""
+        from isc.train.config import load_config
+
+        stage = self.tuned_stage()
+        values = {**dict(stage.overrides), **self.train_overrides, **self.job_overrides, **params,
+                  "epochs": int(self.epochs_per_trial), "data": data}
+        if self.start_from:
+            values["init_from"] = self.start_from
+        return load_config(stage_config_path(stage), **values)
+
+
+def stage_config_path(stage: Any) -> Path:
+    """A profile stage's training YAML: relative to this checkout, so ``isc tune`` works from anywhere."""
+    path = Path(stage.config)
+    return path if path.is_absolute() else CONFIG_DIR.parent.parent / path
+
+
+def check_start(cfg: TuneConfig) -> None:
+    """``start_from`` is given exactly when the tuned stage starts from a hand-off checkpoint."""
+    stage = cfg.tuned_stage()
+    if stage.source is None:
+        if cfg.start_from:
+            raise ConfigError("start_from", f"{stage.name} of profile '{cfg.profile}' starts from pretrained "
+                                            f"weights, not a hand-off checkpoint; got '{cfg.start_from}'")
+        return
+    if not cfg.start_from:
+        from isc.driver import _start_label
+
+        ckpt = f":{stage.checkpoint}" if stage.checkpoint is not None else ""
+        raise ConfigError("start_from", f"{stage.name} of profile '{cfg.profile}' starts from {_start_label(stage)}"
+                                        f": pass --start-from <{stage.source} train run id>{ckpt}")
 
 
 def load_tune_config(path: str | Path | None = None, **overrides: Any) -> TuneConfig:
@@ -137,9 +189,15 @@ def load_tune_config(path: str | Path | None = None, **overrides: Any) -> TuneCo
             raise ConfigError(key, f"must be >= 1 s, got {getattr(cfg, key)}")
     if cfg.grace_period <= cfg.heartbeat_interval:
         raise ConfigError("grace_period", f"must exceed heartbeat_interval ({cfg.heartbeat_interval} s)")
+    for key in ("train_overrides", "job_overrides"):
+        if not isinstance(getattr(cfg, key), Mapping):
+            raise ConfigError(key, f"expected a mapping of training options, got {getattr(cfg, key)!r}")
     clash = set(cfg.search_space) & set(cfg.train_overrides)
     if clash:
         raise ConfigError("train_overrides", f"{sorted(clash)} are also in search_space")
+    if cfg.candidate not in CANDIDATES:
+        raise ConfigError("candidate", f"must be one of {CANDIDATES}, got '{cfg.candidate}'")
+    cfg.tuned_stage()  # the profile and stage exist (start_from is checked by run_study: the driver sets it later)
     build_pruner(cfg.pruner)  # validate now, before any study exists
     return cfg
 

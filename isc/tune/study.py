@@ -25,7 +25,7 @@ from isc.tune.objective import (
     _objective_factory,
     resolve_validation_gt,
 )
-from isc.tune.space import TuneConfig, build_pruner, build_sampler, describe_component
+from isc.tune.space import TuneConfig, build_pruner, build_sampler, check_start, describe_component
 from isc.tune.storage import AdmissionGate, default_storage_url, make_storage, trial_counts
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,19 @@ def _run_trials(study: Any, objective: Callable[[Any], float], gate: AdmissionGa
             raise systematic[0]  # bad config/data would fail every trial: stop now (this trial is FAIL)
 
 
+def _check_start_checkpoint(start_from: str | None) -> None:
+    """The hand-off checkpoint exists and is readable (before any study exists: every trial needs it)."""
+    if not start_from:
+        return
+    from isc.contract import ModelRef
+    from isc.models.checkpoint import CheckpointError
+
+    try:
+        ModelRef.parse(start_from).checkpoint()
+    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+        raise ConfigError("start_from", f"{start_from}: {str(exc).split(': ', 1)[-1]}") from exc
+
+
 def run_study(
     cfg: TuneConfig,
     data: str | Path,
@@ -197,7 +210,6 @@ def run_study(
     import mlflow
 
     from isc.tracking import configure, log_params, tracked_run
-    from isc.train.config import load_config
 
     if n_trials < 1:
         raise ConfigError("n_trials", f"must be >= 1, got {n_trials}")
@@ -206,7 +218,10 @@ def run_study(
     data = str(Path(data).expanduser().resolve())
     gt_path = resolve_validation_gt(data, cfg.split, cfg.ground_truth)
     val = ValidationSet(data, gt_path, cfg.eval_batch_size)
-    load_config(cfg.profile, **cfg.train_overrides)  # bad profile/override names fail before any study exists
+    stage = cfg.tuned_stage()
+    check_start(cfg)
+    cfg.trial_train_config(data, {})  # bad stage config/override names fail before any study exists
+    _check_start_checkpoint(cfg.start_from)
     url = storage or default_storage_url()
     configure(check=True)
     pruner_obj = pruner if pruner is not None else build_pruner(cfg.pruner)
@@ -221,12 +236,16 @@ def run_study(
         if run.info.run_id != parent_id:
             client.set_tag(run.info.run_id, Tag.TUNE_STUDY_RUN, parent_id)
         client.set_tag(run.info.run_id, Tag.TUNE_N_TRIALS, str(n_trials))
+        client.set_tag(run.info.run_id, Tag.TUNE_STAGE, stage.name)
         log_params({
             "study_name": study_name, "storage": redact(url), "search_space": cfg.search_space_dict(),
             "sampler": describe_component(build_sampler(cfg.sampler)), "pruner": describe_component(pruner_obj),
-            "profile": cfg.profile, "epochs_per_trial": cfg.epochs_per_trial, "validation_split": cfg.split,
-            "validation_ground_truth": str(gt_path), "objective": f"{OBJECTIVE_METRIC} (official protocol)",
-            "train_overrides": cfg.train_overrides, "direction": "maximize",
+            "profile": cfg.profile, "tuned_stage": stage.name, "config": stage.config,
+            "start_from": cfg.start_from or "", "epochs_per_trial": cfg.epochs_per_trial,
+            "validation_split": cfg.split, "validation_ground_truth": str(gt_path),
+            "objective": f"{OBJECTIVE_METRIC}: official protocol, after NES {val.nes}",
+            "train_overrides": cfg.train_overrides, "job_overrides": cfg.job_overrides, "candidate": cfg.candidate,
+            "direction": "maximize",
         })
         objective = _objective_factory(cfg, data, study_name, val, gate, errors)
         ran = _run_trials(study, objective, gate, errors, n_trials)
