@@ -183,6 +183,8 @@ def run_main(
     overrides: str = "",
 ) -> Any:
     """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame."""
+    # Over 80 lines on purpose: it reads top to bottom as the job's step order (data, baseline, stages,
+    # tune, promote, search, report); what each step does lives in the helpers below.
     import mlflow
     import pandas as pd
 
@@ -236,8 +238,9 @@ def run_main(
                                   "init_from": start if stage.start == "init" else "",
                                   "resume_from": start if stage.start == "resume" else ""}
         stage_overrides = {**extra, **dict(stage.overrides)}
-        if stage_overrides:
-            params["overrides"] = json.dumps(stage_overrides, sort_keys=True)
+        # always given, also empty: reuse matches only the parameters named here, and a stage without
+        # overrides must not match the tuned retraining of the same stage (its overrides: the tuned values)
+        params["overrides"] = json.dumps(stage_overrides, sort_keys=True) if stage_overrides else ""
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
         rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,9 @@ def _trial_run(study_name: str, trial: Any) -> Iterator[Any]:
     import optuna
 
     parent = mlflow.active_run()
+    # Under `mlflow run` the study run came from MLFLOW_RUN_ID; start_run without a run id would resume it
+    # (the first trial then logged into the study run itself). The study run is open now: drop the variable.
+    os.environ.pop("MLFLOW_RUN_ID", None)
     run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                            experiment_id=parent.info.experiment_id if parent is not None else None,
                            tags={"optuna.study": study_name, "optuna.trial": str(trial.number),
