@@ -69,7 +69,7 @@ def _recipe(prefix: str, tune_config: str) -> Profile:
 
 PROFILES: dict[str, Profile] = {
     "demo": _recipe("demo_", "isc/configs/tune.yaml"),
-    "full": _recipe("", "isc/configs/tune.yaml"),
+    "full": _recipe("", "isc/configs/tune_full.yaml"),
     # seconds-long pipeline check for tests and CI (tiny from-scratch network, two stages)
     "smoke": Profile((Stage("stage1", "isc/configs/smoke.yaml"),
                       Stage("stage2", "isc/configs/smoke_stage2.yaml", "init", "stage1")),
@@ -304,7 +304,8 @@ def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Pa
     best_run = pipe.client.get_run(tune.run_id).data.tags.get("best_trial_run_id")
     if not best_run:
         return None, f"tune: study {study} ({counts}): no complete trial, so no tuned candidate"
-    best = pipe.client.get_run(best_run).data.tags
+    best_trial = pipe.client.get_run(best_run)
+    best, own_values = best_trial.data.tags, best_trial.data.params.get("baseline_trial") == "True"
     params = json.loads(best[Tag.TUNE_PARAMS])
     provenance = {Tag.TUNE_STUDY: study, Tag.TUNE_TRIAL: best[Tag.TUNE_TRIAL], Tag.TUNE_PARAMS: best[Tag.TUNE_PARAMS],
                   Tag.TUNE_STUDY_RUN: tune.run_id, Tag.TUNE_STAGE: stage.name, Tag.TUNE_CANDIDATE: cfg.candidate}
@@ -322,9 +323,11 @@ def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Pa
                           select_gt, label=label)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
     source = "retrained with them for the stage's full epochs" if cfg.candidate == "retrain" else "its own model"
+    own = " (the stage's own values)" if own_values else ""
     return row, (f"tune: study {study}, {stage.name} from {start or 'pretrained'}: {counts}; best trial "
-                 f"{best[Tag.TUNE_TRIAL]} val µAP {m.get('best_value', float('nan')):.4f} (after NES, "
-                 f"{cfg.epochs_per_trial}-epoch trial) with {shown}; tuned row = {source}")
+                 f"{best[Tag.TUNE_TRIAL]}{own} val µAP "
+                 f"{m.get('best_value', float('nan')):.4f} (after NES, {cfg.epochs_per_trial}-epoch trial) with "
+                 f"{shown}; tuned row = {source}")
 
 
 def _promotion_line(run: Any) -> str:

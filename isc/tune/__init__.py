@@ -1,11 +1,13 @@
 """Optuna study over the contrastive-loss margins, the memory-bank size and the learning rate.
 
 Why: the recipe's margins/memory/lr were tuned for 4-8 GPUs and 1M images; on another dataset or
-budget they need re-tuning. Each trial trains the base profile (``demo`` by default) for a few epochs
-and is scored by µAP (official ISC21 protocol) of its model on the *validation* split
-(``ground_truth_val.csv`` queries vs all references) after every epoch, which also drives pruning.
-The test split is never used here: a ground truth that shares queries with ``ground_truth_test.csv``
-is refused.
+budget they need re-tuning. A trial is a short fine-tune of one stage of a driver profile (default: its
+last, stage 4) from that stage's hand-off checkpoint (stage 3's ``checkpoint_0001``), so the values are
+tuned where they are used. After every epoch its model is scored by µAP (official ISC21 protocol) on the
+*validation* split (``ground_truth_val.csv`` queries vs all references) after negative embedding
+subtraction -- the number the main job gives every stage -- which also drives pruning. The test split is
+never used here: a ground truth that shares queries with ``ground_truth_test.csv`` is refused. The main
+job turns the best trial into a candidate model (:func:`isc.driver._tune`).
 
 MLflow layout (manual logging; optuna-integration's ``MLflowCallback`` is deprecated):
 
@@ -13,9 +15,10 @@ MLflow layout (manual logging; optuna-integration's ``MLflowCallback`` is deprec
   (password removed), sampler, pruner as params; best value (metric ``best_value``), best params (tags
   ``best_params.<name>`` + ``optuna/best_params.json``) and Optuna plots as artifacts. Its id is kept in
   the study's user attr ``mlflow_parent_run_id`` so every worker (and a resumed study) nests under it;
-* one nested *trial run* per trial (tags ``optuna.study``, ``optuna.trial``, ``optuna.state``): the
-  trial params, per-epoch ``val_average_precision``/``val_recall_p90`` (step = epoch) and the final
-  ``objective``. Trial state -> run status: COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED (tag
+* one nested *trial run* per trial (tags ``optuna.study``, ``optuna.trial``, ``optuna.state`` and the
+  contract's ``Tag.TUNE_STUDY``/``TUNE_TRIAL``/``TUNE_PARAMS``): the trial params, per-epoch
+  ``val_average_precision`` (after NES), ``val_average_precision_raw``, ``val_recall_p90`` (step =
+  epoch), the final ``objective``. Trial state -> run status: COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED (tag
   ``isc.error``). ``trial.user_attrs['mlflow_run_id']`` links back.
 
 Parallel workers: every worker runs the same command against one RDB storage (SQLite next to the

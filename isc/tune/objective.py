@@ -23,6 +23,7 @@ from isc.tune.storage import AdmissionGate
 log = logging.getLogger(__name__)
 
 OBJECTIVE_METRIC = "val_average_precision"
+BASELINE_ATTR = "baseline"  # user attr of the trial that runs the stage's own values
 # Errors that would fail every trial the same way (bad option, unreadable data): they stop the worker.
 # Anything else (divergence, out of memory, ...) fails only its trial and the study goes on.
 SYSTEMATIC_ERRORS = (ConfigError, BadImageError, BadImagesError, DescriptorFileError)
@@ -190,7 +191,8 @@ def _objective_factory(cfg: TuneConfig, data: str, study_name: str, val: Validat
             with _trial_run(study_name, trial) as run:
                 trial.set_user_attr("mlflow_run_id", run.info.run_id)
                 mlflow.set_tags({Tag.TUNE_PARAMS: json.dumps(params, sort_keys=True), Tag.TUNE_STAGE: stage.name})
-                log_params({**params, "epochs_per_trial": cfg.epochs_per_trial, "profile": cfg.profile,
+                log_params({**params, "baseline_trial": bool(trial.user_attrs.get(BASELINE_ATTR)),
+                            "epochs_per_trial": cfg.epochs_per_trial, "profile": cfg.profile,
                             "tuned_stage": stage.name, "config": stage.config, "start_from": cfg.start_from or "",
                             "validation_split": cfg.split, "validation_ground_truth": str(val.gt_path)})
                 train_cfg = cfg.trial_train_config(data, params)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isc.contract import parse_bool
 from isc.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -48,6 +49,12 @@ class ParamSpec:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if v is not None and k != "name" and not (k == "log" and not v)}
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is a point of this dimension (a trial can be enqueued with it)."""
+        if self.type == "categorical":
+            return value in (self.choices or ())
+        return isinstance(value, (int, float)) and float(self.low) <= float(value) <= float(self.high)
 
 
 def parse_param_spec(name: str, raw: Any) -> ParamSpec:
@@ -87,7 +94,7 @@ def parse_param_spec(name: str, raw: Any) -> ParamSpec:
     return ParamSpec(name, kind, low, high, use_log, None if step is None else float(step))
 
 
-CANDIDATES = ("retrain", "trial")
+CANDIDATES = ("trial", "retrain")
 
 
 @dataclass
@@ -109,7 +116,8 @@ class TuneConfig:
     ground_truth: str | None = None  # explicit validation GT file (default: ground_truth_<split>.csv)
     train_overrides: dict[str, Any] = field(default_factory=dict)  # fixed on top of the stage config
     job_overrides: dict[str, Any] = field(default_factory=dict)  # the main job's overrides (sampled values win)
-    candidate: str = "retrain"  # what the main job evaluates: retrain (best values, full epochs) | trial
+    candidate: str = "trial"  # what the main job evaluates: trial (the best trial's model) | retrain
+    baseline_trial: bool = True  # the study's first trial runs the stage's own values (those in the space)
     sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
     pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median", "n_startup_trials": 2})
     heartbeat_interval: int = 60  # s between heartbeats of a running trial
@@ -138,6 +146,12 @@ class TuneConfig:
         if self.start_from:
             values["init_from"] = self.start_from
         return load_config(stage_config_path(stage), **values)
+
+    def stage_values(self, data: str) -> dict[str, Any]:
+        """The searched options' values the stage trains with untuned (those inside the search space)."""
+        train = self.trial_train_config(data, {})
+        return {name: getattr(train, name) for name, spec in self.search_space.items()
+                if spec.contains(getattr(train, name))}
 
 
 def stage_config_path(stage: Any) -> Path:
@@ -195,6 +209,10 @@ def load_tune_config(path: str | Path | None = None, **overrides: Any) -> TuneCo
     clash = set(cfg.search_space) & set(cfg.train_overrides)
     if clash:
         raise ConfigError("train_overrides", f"{sorted(clash)} are also in search_space")
+    try:
+        cfg.baseline_trial = parse_bool(cfg.baseline_trial)
+    except ValueError as exc:
+        raise ConfigError("baseline_trial", str(exc)) from exc
     if cfg.candidate not in CANDIDATES:
         raise ConfigError("candidate", f"must be one of {CANDIDATES}, got '{cfg.candidate}'")
     cfg.tuned_stage()  # the profile and stage exist (start_from is checked by run_study: the driver sets it later)

@@ -19,6 +19,7 @@ from typing import Any
 from isc.contract import Step, Tag, redact
 from isc.errors import ConfigError
 from isc.tune.objective import (
+    BASELINE_ATTR,
     OBJECTIVE_METRIC,
     SYSTEMATIC_ERRORS,
     ValidationSet,
@@ -138,8 +139,13 @@ def _save_plots(study: Any, out: Path, n_complete: int) -> list[Path]:
     return written
 
 
-def _open_study(cfg: TuneConfig, url: str, study_name: str, pruner_obj: Any, gate: AdmissionGate) -> tuple[Any, str]:
-    """Create or load the study (maximising) and its MLflow study run id, under the admission lock."""
+def _open_study(cfg: TuneConfig, url: str, study_name: str, pruner_obj: Any, gate: AdmissionGate,
+                baseline: dict[str, Any]) -> tuple[Any, str]:
+    """Create or load the study (maximising) and its MLflow study run id, under the admission lock.
+
+    The worker that creates the study enqueues ``baseline`` (the stage's own values) as its first trial,
+    so the best trial is measured against what the stage does untuned, under the same short budget.
+    """
     import optuna
 
     with gate.hold():  # workers starting together must not race on creating the tables or the study
@@ -149,6 +155,8 @@ def _open_study(cfg: TuneConfig, url: str, study_name: str, pruner_obj: Any, gat
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise ConfigError("study_name", f"study '{study_name}' exists and minimises; µAP must be maximised")
         parent_id, first = _open_parent_run(study, study_name, cfg.experiment or None)
+        if first and baseline and not study.trials:
+            study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True})
     if not first:
         # Another worker owns the sampler seed: decorrelate ours so workers do not propose the same points.
         study.sampler = build_sampler(cfg.sampler, seed_offset=os.getpid())
@@ -226,7 +234,8 @@ def run_study(
     configure(check=True)
     pruner_obj = pruner if pruner is not None else build_pruner(cfg.pruner)
     gate = AdmissionGate(url, study_name)
-    study, parent_id = _open_study(cfg, url, study_name, pruner_obj, gate)
+    baseline = cfg.stage_values(data) if cfg.baseline_trial else {}
+    study, parent_id = _open_study(cfg, url, study_name, pruner_obj, gate, baseline)
     run_id = os.environ.get("MLFLOW_RUN_ID") or parent_id
     errors: list[BaseException] = []
     with tracked_run(run_id=run_id) as run:
@@ -245,6 +254,7 @@ def run_study(
             "validation_split": cfg.split, "validation_ground_truth": str(gt_path),
             "objective": f"{OBJECTIVE_METRIC}: official protocol, after NES {val.nes}",
             "train_overrides": cfg.train_overrides, "job_overrides": cfg.job_overrides, "candidate": cfg.candidate,
+            "baseline_trial": baseline,
             "direction": "maximize",
         })
         objective = _objective_factory(cfg, data, study_name, val, gate, errors)
