@@ -96,15 +96,6 @@ def load_inputs(
     return desc_path, desc, train_path, train, train_ids
 
 
-def check_k(cfg: NESConfig, n_train: int, train_path: Path) -> None:
-    """k and dba_k above the bank size would silently average the whole bank: refuse, naming both."""
-    for name, k in (("k", cfg.k), ("dba_k", cfg.dba_k)):
-        if k > n_train:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(name, f"{k} > the {n_train} training descriptors in {train_path}; pass {flag} "
-                              f"<= {n_train} or more training descriptors")
-
-
 def _log_as(path: Path, name: str) -> None:
     """Log ``path`` as ``descriptors/<name>`` whatever its local file name is."""
     if path.name == name:
@@ -133,7 +124,7 @@ def main(argv: list[str]) -> int:
         {"--descriptors": desc_path, "--train-descriptors": train_path},
         args.overwrite,
     )
-    check_k(cfg, len(train_ids), train_path)
+    cfg.check_bank(len(train_ids), train_path)
 
     with tracking.tracked_run(run_name="postprocess", tags={Tag.STEP: Step.POSTPROCESS}):
         tracking.log_params(

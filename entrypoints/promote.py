@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from isc.cliutil import Parser, nonnegative_float, optional_str, str2bool
 from registry.model_logging import DEFAULT_MODEL_NAME
@@ -33,6 +34,7 @@ def build_parser() -> Parser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    run_id = os.environ.get("MLFLOW_RUN_ID")  # read first: ending the registration's run unsets it
     from isc.errors import ConfigError
     from registry.promote import promote, rollback
 
@@ -53,6 +55,14 @@ def main(argv: list[str]) -> int:
     else:
         result = promote(args.experiment, args.ground_truth, args.model_name, args.min_improvement, args.force,
                          on_other_gt=args.on_other_gt)
+    if run_id:  # under `mlflow run` (the main job): the decision goes on this step's run; the summary prints it
+        from mlflow import MlflowClient
+
+        from isc.contract import Tag
+
+        client = MlflowClient()
+        client.set_tag(run_id, Tag.PROMOTION_ACTION, result.action)
+        client.set_tag(run_id, Tag.PROMOTION_MESSAGE, result.message[:4000])
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     return 0

@@ -1,6 +1,9 @@
-"""``isc tune`` / MLproject ``tune``: Optuna study over margins, memory-bank size and lr (val µAP).
+"""``isc tune`` / MLproject ``tune``: Optuna study over margins, memory-bank size and lr of one stage.
 
-    isc tune --data data/mini --n-trials 8 --study-name isc-tune            # one worker
+Trials are short fine-tunes of a recipe stage (default: the profile's last, stage 4) from that stage's
+hand-off checkpoint, scored by val µAP after negative embedding subtraction.
+
+    isc tune --data data/mini --n-trials 8 --start-from <stage3 run id>:1   # one worker, demo stage4
     isc tune ... & isc tune ...                                             # two workers, 8 trials in all
     isc tune ... --storage postgresql://user:pw@db/optuna                   # workers on several machines
 """
@@ -20,7 +23,13 @@ def build_parser() -> Parser:
     p.add_argument("--storage", type=optional_str, default=None,
                    help="Optuna RDB URL (default sqlite:///<project>/optuna.db)")
     g = p.add_argument_group("overrides of the tune config")
-    g.add_argument("--profile", type=optional_str, default=None, help="base training profile (demo, stage1, ...)")
+    g.add_argument("--profile", type=optional_str, default=None, help="driver profile (demo, full, smoke)")
+    g.add_argument("--stage", type=optional_str, default=None,
+                   help="stage of the profile to tune (default: its last fine-tuning stage)")
+    g.add_argument("--start-from", type=optional_str, default=None,
+                   help="the stage's hand-off checkpoint, as the profile hands it on (<run id>:N or run id)")
+    g.add_argument("--overrides", type=optional_str, default=None,
+                   help="YAML mapping of training options fixed for every trial (the main job's); sampled values win")
     g.add_argument("--epochs-per-trial", type=positive_int, default=None)
     g.add_argument("--split", type=optional_str, default=None, help="validation split name (never 'test')")
     g.add_argument("--ground-truth", type=optional_str, default=None, help="explicit validation ground-truth CSV")
@@ -37,7 +46,13 @@ def main(argv: list[str]) -> int:
     config = args.config
     if config in ("isc/configs/tune.yaml", "tune") and not Path(config).is_file():
         config = str(DEFAULT_TUNE_CONFIG)  # launched from another working directory
-    cfg = load_tune_config(config, profile=args.profile, epochs_per_trial=args.epochs_per_trial,
+    job_overrides = None
+    if args.overrides:
+        from isc.train.config import parse_overrides
+
+        job_overrides = parse_overrides(args.overrides)
+    cfg = load_tune_config(config, profile=args.profile, stage=args.stage, start_from=args.start_from,
+                           job_overrides=job_overrides, epochs_per_trial=args.epochs_per_trial,
                            split=args.split, ground_truth=args.ground_truth, experiment=args.experiment)
     result = run_study(cfg, args.data, args.n_trials, args.study_name, args.storage)
     c = result.counts

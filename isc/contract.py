@@ -62,6 +62,12 @@ class Tag:
     # tuning
     TUNE_STUDY_RUN = "isc.tune.study_run"
     TUNE_N_TRIALS = "isc.tune.n_trials"
+    # on trial runs, on a model retrained with a trial's values, and copied onto its registered versions
+    TUNE_STUDY = "isc.tune.study_name"  # the Optuna study
+    TUNE_TRIAL = "isc.tune.trial"  # the trial number
+    TUNE_PARAMS = "isc.tune.params"  # the trial's sampled values (JSON, typed)
+    TUNE_CANDIDATE = "isc.tune.candidate"  # how the tuned model was made: trial (its own model) | retrain
+    TUNE_STAGE = "isc.tune.stage"  # the profile stage that was tuned (stage4, ...)
 
     # registry: model-version tags written by promotion
     AVERAGE_PRECISION = "isc.average_precision"
@@ -77,6 +83,9 @@ class Tag:
     REGISTERED_VERSION = "isc.registered_version"
     PROMOTION_PREFIX = "isc.promotion."  # registered-model tags isc.promotion.NNNN (JSON history)
     EXPORT_PREFIX = "isc.export."  # isc.export.<format> = runs:/ URI of the exported file
+    # on the promote step's run: what promotion decided (the main job's summary prints it)
+    PROMOTION_ACTION = "isc.promotion_action"  # promoted | registered | kept | unchanged | rolled_back
+    PROMOTION_MESSAGE = "isc.promotion_message"
 
 
 class Step:

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def _recipe(prefix: str, tune_config: str) -> Profile:
 
 PROFILES: dict[str, Profile] = {
     "demo": _recipe("demo_", "isc/configs/tune.yaml"),
-    "full": _recipe("", "isc/configs/tune.yaml"),
+    "full": _recipe("", "isc/configs/tune_full.yaml"),
     # seconds-long pipeline check for tests and CI (tiny from-scratch network, two stages)
     "smoke": Profile((Stage("stage1", "isc/configs/smoke.yaml"),
                       Stage("stage2", "isc/configs/smoke_stage2.yaml", "init", "stage1")),
@@ -85,6 +85,27 @@ def check_arguments(profile: str, n_trials: int, overrides: str = "") -> None:
         raise ConfigError("n_trials", f"must be >= 0, got {n_trials}")
     if overrides:
         parse_overrides(overrides)  # a bad mapping fails here, before any run
+
+
+def tuned_stage(profile: str, stage: str | None = None) -> Stage:
+    """The stage ``isc tune`` tunes: ``stage`` by name, by default the profile's last fine-tuning stage.
+
+    Refused: a stage without fine-tuning (stage 0) and one that resumes another's full state (stage 1b:
+    its optimizer and memory bank come from the checkpoint, so sampled lr/memory sizes would not apply).
+    """
+    if profile not in PROFILES:
+        raise ConfigError("profile", f"unknown profile '{profile}' (choose from {sorted(PROFILES)})")
+    stages = PROFILES[profile].stages
+    tunable = [s for s in stages if dict(s.overrides).get("epochs") != 0 and s.start != "resume"]
+    if stage is None:
+        return tunable[-1]
+    chosen = next((s for s in stages if s.name == stage), None)
+    if chosen is None:
+        raise ConfigError("stage", f"profile '{profile}' has no stage '{stage}' ({', '.join(s.name for s in stages)})")
+    if chosen not in tunable:
+        raise ConfigError("stage", f"{stage} of profile '{profile}' cannot be tuned (no fine-tuning, or it resumes "
+                                   f"another stage's full state); tunable: {', '.join(s.name for s in tunable)}")
+    return chosen
 
 
 def start_reference(stage: Stage, runs: dict[str, str]) -> str:
@@ -248,19 +269,18 @@ def run_main(
                                   "init_from": start if stage.start == "init" else "",
                                   "resume_from": start if stage.start == "resume" else ""}
         fixed = stage_overrides(stage, extra, handoffs)
-        if fixed:
-            params["overrides"] = json.dumps(fixed, sort_keys=True)
+        # always given, also empty: reuse matches only the parameters named here, and a stage without
+        # overrides must not match the tuned retraining of the same stage (its overrides: the tuned values)
+        params["overrides"] = json.dumps(fixed, sort_keys=True) if fixed else ""
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
         rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt))
 
+    notes: list[str] = []
     if n_trials > 0:
-        # The study is keyed by experiment so a plain re-run reuses it; --force starts a fresh study
-        # (n_trials is a study-wide target, so reusing a full study would run no trial).
-        study = f"isc-tune-{active.info.experiment_id}" + (f"-{active.info.run_id[:8]}" if force else "")
-        tune = pipe.run("tune", "tune", {"config": PROFILES[profile].tune_config, "data": str(data_dir),
-                                          "n_trials": n_trials, "study_name": study})
-        rows.append({"step": "tune (best trial, val split)", "uAP": tune.metrics.get("best_value")})
+        row, note = _tune(pipe, profile, stage_runs, data_dir, out_root, test_gt, select_gt, n_trials, extra, force)
+        rows += [row] if row else []
+        notes.append(note)
 
     exp_name = mlflow.get_experiment(active.info.experiment_id).name
     # on_other_gt=keep: a champion scored on another ground truth (older data, another split) cannot be
@@ -274,18 +294,82 @@ def run_main(
          "queries": str(ds.query_dir), "index": str(out_root / "search" / f"{model_name}.index"),
          "output": str(out_root / "search" / "matches.csv")},
     )
-    del prom, search
+    notes.append(_promotion_line(pipe.client.get_run(prom.run_id)))
+    del search
 
     summary = pd.DataFrame(rows)
     timing = pd.DataFrame(
         [{"step": r.step, "run_id": r.run_id, "reused": r.reused, "wall_s": round(r.wall_s, 1)} for r in pipe.records]
     )
-    _report(summary, timing, _champion_line(champion, model_name, select_gt, test_gt))
+    _report(summary, timing, "\n".join([*notes, _champion_line(champion, model_name, select_gt, test_gt)]))
     return summary
 
 
+def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Path, out_root: Path, test_gt: Path,
+          select_gt: Path, n_trials: int, extra: dict[str, Any], force: bool) -> tuple[dict[str, Any] | None, str]:
+    """Tune the profile's tuned stage from its hand-off checkpoint; evaluate the tuned model like a stage.
+
+    Returns the summary row (None when no trial completed) and a line about the study. The tuned model is
+    the best trial's values retrained for the stage's full epochs, or the trial's own model (the tune
+    config's ``candidate``); it is tagged with the study, trial and values, which promotion copies.
+    """
+    import mlflow
+
+    from isc.tune import load_tune_config
+
+    tune_config = PROFILES[profile].tune_config
+    cfg = load_tune_config(Path(pipe.project_dir) / tune_config, profile=profile)
+    stage = tuned_stage(profile, cfg.stage)
+    start = start_reference(stage, stage_runs)
+    active = mlflow.active_run()
+    # One study per (experiment, stage, starting model): a plain re-run reuses it, a new hand-off checkpoint
+    # is a new problem; --force starts a fresh study (n_trials is a study-wide target).
+    study = "-".join(["isc-tune", active.info.experiment_id, stage.name, *([start[:8]] if start else []),
+                      *([active.info.run_id[:8]] if force else [])])
+    tune = pipe.run("tune", "tune", {
+        "config": tune_config, "data": str(data_dir), "n_trials": n_trials, "study_name": study, "profile": profile,
+        "stage": stage.name, "start_from": start, "overrides": json.dumps(extra, sort_keys=True) if extra else ""})
+    m = tune.metrics
+    counts = (f"{int(m.get('n_complete', 0))} complete, {int(m.get('n_pruned', 0))} pruned, "
+              f"{int(m.get('n_failed', 0))} failed")
+    best_run = pipe.client.get_run(tune.run_id).data.tags.get("best_trial_run_id")
+    if not best_run:
+        return None, f"tune: study {study} ({counts}): no complete trial, so no tuned candidate"
+    best_trial = pipe.client.get_run(best_run)
+    best, own_values = best_trial.data.tags, best_trial.data.params.get("baseline_trial") == "True"
+    params = json.loads(best[Tag.TUNE_PARAMS])
+    provenance = {Tag.TUNE_STUDY: study, Tag.TUNE_TRIAL: best[Tag.TUNE_TRIAL], Tag.TUNE_PARAMS: best[Tag.TUNE_PARAMS],
+                  Tag.TUNE_STUDY_RUN: tune.run_id, Tag.TUNE_STAGE: stage.name, Tag.TUNE_CANDIDATE: cfg.candidate}
+    model_run = best_run
+    if cfg.candidate == "retrain":
+        start_kind = {"init_from": start if stage.start == "init" else "", "resume_from": ""}
+        train = pipe.run(f"train_{stage.name}_tuned", "train", {
+            "config": stage.config, "data": str(data_dir), **start_kind,
+            "overrides": json.dumps({**extra, **dict(stage.overrides), **params}, sort_keys=True)})
+        model_run = train.run_id
+    for key, value in provenance.items():
+        pipe.client.set_tag(model_run, key, value)
+    label = f"{stage.name} tuned (trial {best[Tag.TUNE_TRIAL]}{', retrained' if cfg.candidate == 'retrain' else ''})"
+    row = _evaluate_stage(pipe, replace(stage, name=f"{stage.name}_tuned"), model_run, data_dir, out_root, test_gt,
+                          select_gt, label=label)
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+    source = "retrained with them for the stage's full epochs" if cfg.candidate == "retrain" else "its own model"
+    own = " (the stage's own values)" if own_values else ""
+    return row, (f"tune: study {study}, {stage.name} from {start or 'pretrained'}: {counts}; best trial "
+                 f"{best[Tag.TUNE_TRIAL]}{own} val µAP "
+                 f"{m.get('best_value', float('nan')):.4f} (after NES, {cfg.epochs_per_trial}-epoch trial) with "
+                 f"{shown}; tuned row = {source}")
+
+
+def _promotion_line(run: Any) -> str:
+    """What the promote step decided (its run's tags), for the summary."""
+    tags = run.data.tags
+    action, message = tags.get(Tag.PROMOTION_ACTION), tags.get(Tag.PROMOTION_MESSAGE)
+    return f"promotion: {action}: {message}" if action else f"promotion: see run {run.info.run_id}"
+
+
 def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, out_root: Path,
-                    test_gt: Path, select_gt: Path) -> dict[str, Any]:
+                    test_gt: Path, select_gt: Path, label: str | None = None) -> dict[str, Any]:
     """extract -> postprocess -> evaluate (test; and val, which chooses the champion) of one stage."""
     ext = pipe.run(
         f"extract_{stage.name}", "extract",
@@ -303,7 +387,7 @@ def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path
            "model_ref": train_run, "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"}
     ev = pipe.run(f"evaluate_{stage.name}", "evaluate", {**nes, "ground_truth": str(test_gt), "data": str(data_dir)})
     row = {
-        "step": f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",
+        "step": label or f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",
         "starts from": _start_label(stage),
         "uAP before NES": ev.metrics.get("before_average_precision"),
         "recall@P90 before NES": ev.metrics.get("before_recall_p90"),

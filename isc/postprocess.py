@@ -67,6 +67,14 @@ class NESConfig:
             raise ConfigError("dba_alpha", f"must be a finite number >= 0, got {self.dba_alpha}")
         return self
 
+    def check_bank(self, n_train: int, source: object) -> None:
+        """k and dba_k above the bank size would silently average the whole bank: refuse, naming both."""
+        for name, k in (("k", self.k), ("dba_k", self.dba_k)):
+            if k > n_train:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(name, f"{k} > the {n_train} training descriptors in {source}; pass {flag} "
+                                  f"<= {n_train} or more training descriptors")
+
 
 def _as_matrix(name: str, x: np.ndarray) -> np.ndarray:
     """C-contiguous float32 copy-if-needed of a non-empty, finite 2-D array, or ConfigError naming it."""

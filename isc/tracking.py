@@ -331,9 +331,21 @@ def normalize_param(text: str | None) -> str:
     """Param text with every spelling of "not given" folded to ``""``.
 
     ``mlflow run`` logs an empty MLproject parameter as the shell-quoted ``''``; our CLIs read it as
-    ``None``. Reuse checks and re-logging must treat these as the same value.
+    ``None``. Reuse checks and re-logging must treat these as the same value. It logs any value that
+    needs quoting shell-quoted too (``'{"epochs": 0}'`` for the JSON ``{"epochs": 0}``), so a quoted
+    value is compared unquoted: otherwise a step with such a parameter is never reused.
     """
-    return "" if text is None or text in _EMPTY_PARAMS else str(text)
+    if text is None or text in _EMPTY_PARAMS:
+        return ""
+    text = str(text)
+    if text.startswith("'"):
+        import shlex
+
+        with contextlib.suppress(ValueError):
+            parts = shlex.split(text)
+            if len(parts) == 1 and shlex.quote(parts[0]) == text:
+                return parts[0]
+    return text
 
 
 def _param_text(value: Any) -> str:

@@ -281,6 +281,68 @@ def register_once(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAME) ->
     return winner, False
 
 
+# Tags of a training run that say it was tuned; promotion copies them onto the registered version.
+TUNE_TAGS = (Tag.TUNE_STUDY, Tag.TUNE_TRIAL, Tag.TUNE_PARAMS, Tag.TUNE_STUDY_RUN, Tag.TUNE_STAGE, Tag.TUNE_CANDIDATE)
+
+
+def _training_run(client: Any, model_ref: str) -> Any | None:
+    """The MLflow run that trained ``model_ref`` when the reference names one (run id, ``<id>:N``, runs:/)."""
+    from mlflow.exceptions import MlflowException
+
+    from isc.contract import ModelRef
+
+    try:
+        run_id = ModelRef.parse(model_ref).run_id
+        return client.get_run(run_id) if run_id else None
+    except (ConfigError, MlflowException):
+        return None
+
+
+def _scores(client: Any, candidate: Candidate) -> list[tuple[str, float, str]]:
+    """``(ground truth file, µAP, run id)`` of the newest FINISHED evaluation of the candidate's descriptors
+    (same model and NES bank) on each ground truth: the val score that chose it and the held-out test one."""
+    eval_run = client.get_run(candidate.run_id)
+    runs = _search_all_runs(client, eval_run.info.experiment_id,
+                            f"attributes.status = 'FINISHED' and tags.`{Tag.STEP}` = '{Step.EVALUATE}'")
+    newest: dict[str, Any] = {}
+    for r in runs:
+        tags = r.data.tags
+        if (tags.get(Tag.MODEL_REF) != candidate.model_ref or (tags.get(Tag.NES_BANK) or None) != candidate.nes_bank
+                or "average_precision" not in r.data.metrics):
+            continue
+        gt = tags.get(Tag.GT_PATH, "?")
+        if gt not in newest or r.info.start_time > newest[gt].info.start_time:
+            newest[gt] = r
+    return [(Path(gt).name, r.data.metrics["average_precision"], r.info.run_id) for gt, r in sorted(newest.items())]
+
+
+def version_description(client: Any, candidate: Candidate, train_run: Any | None) -> str:
+    """The registered version's description: which stage trained it, from what, its µAPs and, when tuned,
+    the study, trial and values (what a reader of the registry needs without opening the runs)."""
+    lines = []
+    if train_run is not None:
+        tags, params = train_run.data.tags, train_run.data.params
+        config = params.get("config", "?")
+        lines.append(f"stage: {train_run.info.run_name} ({Path(config).name}, {tags.get(Tag.STAGE, '?')}), "
+                     f"training run {train_run.info.run_id}")
+        lines.append(f"starts from: {tags.get(Tag.START_KIND, '?')} {tags.get(Tag.START_CHECKPOINT, '')}".rstrip())
+    else:
+        lines.append(f"stage: not an MLflow training run (model {candidate.model_ref})")
+    chosen = Path(candidate.gt_path).name
+    scores = ", ".join(f"{gt} {ap:.4f}" + (" (chose this version)" if run_id == candidate.run_id else "")
+                       for gt, ap, run_id in _scores(client, candidate))
+    nes = "after NES" if candidate.nes_bank else "raw descriptors"
+    lines.append(f"µAP ({nes}): {scores or f'{chosen} {candidate.average_precision:.4f}'}")
+    tags = train_run.data.tags if train_run is not None else {}
+    if Tag.TUNE_STUDY in tags:
+        how = ("retrained with these values for the stage's full epochs" if tags.get(Tag.TUNE_CANDIDATE) == "retrain"
+               else "the trial's own model")
+        lines.append(f"tuned: study {tags[Tag.TUNE_STUDY]}, trial {tags.get(Tag.TUNE_TRIAL, '?')} of "
+                     f"{tags.get(Tag.TUNE_STAGE, '?')}, values {tags.get(Tag.TUNE_PARAMS, '{}')}; {how}")
+    lines.append(f"evaluation run {candidate.run_id} ({candidate.protocol} protocol on {candidate.gt_path})")
+    return "\n".join(lines)
+
+
 def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAME) -> Any:
     """Package the candidate's checkpoint (+ NES bank) as the pyfunc and register a new version.
 
@@ -319,7 +381,12 @@ def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAM
         if candidate.nes_bank:
             tags[Tag.NES_BANK] = candidate.nes_bank
             tags[Tag.NES_PARAMS] = json.dumps(candidate.nes_params, sort_keys=True)
+        train_run = _training_run(client, candidate.model_ref)
+        if train_run is not None:  # a tuned model: which study, trial and values made it
+            tags.update({k: train_run.data.tags[k] for k in TUNE_TAGS if k in train_run.data.tags})
         version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+        client.update_model_version(model_name, str(version.version),
+                                    description=version_description(client, candidate, train_run))
         if run is not None:
             mlflow.set_tags({Tag.REGISTERED_MODEL: model_name, Tag.REGISTERED_VERSION: str(version.version)})
     log.info("registered %s version %s from evaluation run %s", model_name, version.version, candidate.run_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -11,14 +13,15 @@ from tests.conftest import PROJECT_ROOT
 STEPS = [
     "baseline_phash", "train_stage1", "extract_stage1", "postprocess_stage1", "evaluate_stage1", "evaluate_val_stage1",
     "train_stage2", "extract_stage2", "postprocess_stage2", "evaluate_stage2", "evaluate_val_stage2", "tune",
-    "promote", "search",
+    "train_stage2_tuned", "extract_stage2_tuned", "postprocess_stage2_tuned", "evaluate_stage2_tuned",
+    "evaluate_val_stage2_tuned", "promote", "search",
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, capsys):
-    from isc.tracking import get_or_create_experiment
+    from isc.tracking import get_or_create_experiment, normalize_param
 
     params = {"data": str(mini_data.root), "profile": "smoke", "n_trials": 2}
     exp = get_or_create_experiment("main-e2e")  # absolute artifact root (the launcher would use ./mlruns)
@@ -43,9 +46,10 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
     assert m["average_precision_ci_low"] <= m["average_precision"] <= m["average_precision_ci_high"]
     # a champion was promoted from one of the stages, chosen on the val split (the test split stays held out)
     champion = client.get_model_version_by_alias("isc-descriptor", "champion")
-    assert champion.tags["isc.model_ref"] in (step_runs["train_stage1"], step_runs["train_stage2"])
+    trained = (step_runs["train_stage1"], step_runs["train_stage2"], step_runs["train_stage2_tuned"])
+    assert champion.tags["isc.model_ref"] in trained
     assert champion.tags["isc.gt_path"].endswith("ground_truth_val.csv")
-    val_runs = [client.get_run(step_runs[f"evaluate_val_stage{i}"]) for i in (1, 2)]
+    val_runs = [client.get_run(step_runs[f"evaluate_val_{s}"]) for s in ("stage1", "stage2", "stage2_tuned")]
     val_ap = {r.info.run_id: r.data.metrics["average_precision"] for r in val_runs}
     assert champion.tags["isc.source_eval_run"] in val_ap
     assert val_ap[champion.tags["isc.source_eval_run"]] == max(val_ap.values())
@@ -54,6 +58,25 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
     assert "champion: models:/isc-descriptor@champion" in summary
     assert "chosen on ground_truth_val.csv" in summary and "held out" in summary
     assert "baseline (pHash)" in summary
+    # the tuned stage (smoke: stage 2, from stage 1's final model) is retrained with the best trial's values
+    tune = client.get_run(step_runs["tune"])
+    assert (tune.data.params["tuned_stage"], tune.data.params["start_from"]) == ("stage2", step_runs["train_stage1"])
+    # every trial has a run of its own under the step's run (the first one once resumed the step's run itself)
+    assert tune.data.tags["isc.step"] == "tune" and "optuna.trial" not in tune.data.tags
+    trial_runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{tune.info.run_id}'")
+    assert sorted(r.data.tags["isc.tune.trial"] for r in trial_runs) == ["0", "1"]
+    tuned = client.get_run(step_runs["train_stage2_tuned"])
+    best = client.get_run(tune.data.tags["best_trial_run_id"])
+    assert tuned.data.params["init_from"] == step_runs["train_stage1"]
+    assert tuned.data.tags["isc.tune.params"] == best.data.tags["isc.tune.params"]
+    overrides = normalize_param(tuned.data.params["overrides"])  # `mlflow run` logs it shell-quoted
+    assert json.loads(overrides) == json.loads(best.data.tags["isc.tune.params"])
+    # smoke stage 2 is one 2-step epoch, as a smoke trial: retraining with the trial's values gives its model back
+    tuned_val = client.get_run(step_runs["evaluate_val_stage2_tuned"]).data.metrics["average_precision"]
+    assert tuned_val == pytest.approx(best.data.metrics["objective"], abs=1e-6)
+    assert f"stage2 tuned (trial {best.data.tags['isc.tune.trial']}, retrained)" in summary
+    assert "tune: study isc-tune-" in summary and "2 complete, 0 pruned, 0 failed" in summary
+    assert "promotion: promoted: isc-descriptor v1" in summary  # the decision, as the promote step made it
     quality = mlflow.artifacts.load_text(f"runs:/{first.run_id}/summary/quality.csv")
     assert "uAP 95% CI" in quality.splitlines()[0]
 
@@ -96,13 +119,11 @@ TINY_FULL = {"backbone": "test_efficientnet", "pretrained": False, "input_size":
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_full_profile_chain_hands_on_the_seeds_checkpoints(tracking, mini_data):
-    import json
-
+@pytest.mark.timeout(1500)
+def test_full_profile_chain_hands_on_the_seeds_checkpoints_and_its_tuned_stage4_becomes_a_candidate(tracking, mini_data):
     from isc.tracking import get_or_create_experiment
 
-    params = {"data": str(mini_data.root), "profile": "full", "n_trials": 0, "overrides": json.dumps(TINY_FULL)}
+    params = {"data": str(mini_data.root), "profile": "full", "n_trials": 2, "overrides": json.dumps(TINY_FULL)}
     exp = get_or_create_experiment("main-full")
     run = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp, env_manager="local",
                      synchronous=True)
@@ -136,9 +157,51 @@ def test_full_profile_chain_hands_on_the_seeds_checkpoints(tracking, mini_data):
     summary = mlflow.artifacts.load_text(f"runs:/{run.run_id}/summary/summary.txt")
     assert "stage0 (stage1, no fine-tuning)" in summary and "resume stage1 checkpoint_0004" in summary
     assert "init stage3 checkpoint_0001" in summary
-    # stage 0 is offered to promotion like every stage: the champion is one of the six
+    # stage 4 is tuned from its own hand-off (stage 3's checkpoint_0001); trial 0 runs stage 4's own values
+    # (those in tune_full.yaml's space), and the best trial's own model is the tuned candidate
+    tune = client.get_run(tags["isc.step_run.tune"])
+    assert (tune.data.params["tuned_stage"], tune.data.params["start_from"]) == ("stage4", f"{ids['stage3']}:1")
+    trials = {int(r.data.tags["isc.tune.trial"]): r for r in client.search_runs(
+        [tune.info.experiment_id], f"tags.`mlflow.parentRunId` = '{tune.info.run_id}'")}
+    assert sorted(trials) == [0, 1]
+    for trial in trials.values():
+        assert trial.data.tags["isc.start_checkpoint"] == f"{ids['stage3']}:1" and trial.data.tags["isc.stage"] == "v107"
+        assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch_lr")] == [0, 1]  # a short trial
+    # memory_size 256 (the job's override) is outside the searched choices, so it is sampled even in trial 0
+    baseline = json.loads(trials[0].data.tags["isc.tune.params"])
+    assert {k: baseline[k] for k in ("pos_margin", "neg_margin", "lr")} == {"pos_margin": 0.0, "neg_margin": 1.1, "lr": 0.5}
+    assert trials[0].data.params["baseline_trial"] == "True" and trials[1].data.params["baseline_trial"] == "False"
+    best = client.get_run(tune.data.tags["best_trial_run_id"])
+    assert best.data.tags["isc.tune.candidate"] == "trial" and best.data.tags["isc.tune.stage"] == "stage4"
+    assert "isc.step_run.train_stage4_tuned" not in tags  # no retraining: the trial's model is the candidate
+    assert client.get_run(tags["isc.step_run.evaluate_val_stage4_tuned"]).data.tags["isc.model_ref"] == best.info.run_id
+    val_ap = client.get_run(tags["isc.step_run.evaluate_val_stage4_tuned"]).data.metrics["average_precision"]
+    assert val_ap == pytest.approx(best.data.metrics["objective"], abs=1e-6)  # the trial's value is what evaluate says
+    ids["stage4_tuned"] = best.info.run_id
+    assert f"stage4 tuned (trial {best.data.tags['isc.tune.trial']})" in summary and "promotion: " in summary
+    # stage 0 and the tuned model are offered to promotion like every stage: the champion is one of the seven
     champion = client.get_model_version_by_alias("isc-descriptor", "champion")
     assert champion.tags["isc.model_ref"] in ids.values()
+    assert champion.description.startswith("stage: train_") and "starts from: " in champion.description
+
+    # the tuned candidate registered by the promotion code path: its version says how it was made
+    from isc.contract import Evaluation
+    from registry.promote import register_once
+
+    val = client.get_run(tags["isc.step_run.evaluate_val_stage4_tuned"])
+    test = client.get_run(tags["isc.step_run.evaluate_stage4_tuned"])
+    version, _ = register_once(Evaluation.from_run(val))
+    assert {k: version.tags[k] for k in ("isc.tune.study_name", "isc.tune.trial", "isc.tune.params")} == {
+        "isc.tune.study_name": tune.data.params["study_name"], "isc.tune.trial": best.data.tags["isc.tune.trial"],
+        "isc.tune.params": best.data.tags["isc.tune.params"]}
+    text = client.get_model_version("isc-descriptor", version.version).description
+    n = best.data.tags["isc.tune.trial"]
+    assert f"stage: trial-{n} (stage4.yaml, v107), training run {best.info.run_id}" in text
+    assert f"starts from: init {ids['stage3']}:1" in text
+    assert (f"ground_truth_test.csv {test.data.metrics['average_precision']:.4f}, ground_truth_val.csv "
+            f"{val.data.metrics['average_precision']:.4f} (chose this version)") in text
+    assert (f"tuned: study {tune.data.params['study_name']}, trial {n} of stage4, values "
+            f"{best.data.tags['isc.tune.params']}; the trial's own model") in text
 
 
 def test_summary_artifact_never_holds_the_tracking_password(tracking, monkeypatch, capsys):

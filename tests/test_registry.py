@@ -130,6 +130,50 @@ def test_promotion_refuses_to_compare_runs_scored_on_different_ground_truths(tra
     assert promote(ground_truth=val, force=True).action == "promoted" and alias("champion") == "2"
 
 
+@pytest.mark.slow
+def test_a_registered_version_says_which_stage_made_it_its_scores_and_how_it_was_tuned(
+        tracking, mini_data, checkpoints, tmp_path):
+    import shutil
+
+    from isc.tracking import tracked_run
+    from registry.promote import promote
+
+    # a training run as the main job's retrained tuned stage leaves it: final model, start and tune tags
+    start = "0123456789abcdef0123456789abcdef:1"
+    tune_tags = {"isc.tune.study_name": "isc-tune-1-stage4-01234567", "isc.tune.trial": "2",
+                 "isc.tune.params": '{"lr": 0.05, "memory_size": 256}', "isc.tune.stage": "stage4",
+                 "isc.tune.candidate": "retrain", "isc.tune.study_run": "f" * 32}
+    final = tmp_path / "model" / "final.pth.tar"
+    final.parent.mkdir()
+    shutil.copyfile(checkpoints[0], final)
+    with tracked_run(experiment="isc", run_name="train_stage4_tuned",
+                     tags={"isc.step": "train", "isc.stage": "v107", "isc.start_kind": "init",
+                           "isc.start_checkpoint": start, **tune_tags}) as run:
+        mlflow.log_param("config", "isc/configs/demo_stage4.yaml")
+        mlflow.log_artifact(str(final), "model")
+    train_id = run.info.run_id
+    val, test = mini_data.ground_truth("val"), mini_data.ground_truth("test")
+    chosen = log_eval_run(val, 0.3125, train_id)
+    log_eval_run(test, 0.4375, train_id)
+
+    result = promote(ground_truth=val)
+    version = mlflow.MlflowClient().get_model_version(MODEL, result.version)
+    assert {k: version.tags[k] for k in tune_tags} == tune_tags
+    assert version.description.splitlines() == [
+        f"stage: train_stage4_tuned (demo_stage4.yaml, v107), training run {train_id}",
+        f"starts from: init {start}",
+        "µAP (raw descriptors): ground_truth_test.csv 0.4375, ground_truth_val.csv 0.3125 (chose this version)",
+        f"tuned: study isc-tune-1-stage4-01234567, trial 2 of stage4, values {tune_tags['isc.tune.params']}; "
+        "retrained with these values for the stage's full epochs",
+        f"evaluation run {chosen} (official protocol on {val})",
+    ]
+    # a model given as a file has no training run to describe: the description says so, no tune tags
+    log_eval_run(val, 0.5, str(checkpoints[1]))
+    other = mlflow.MlflowClient().get_model_version(MODEL, promote(ground_truth=val).version)
+    assert other.description.startswith(f"stage: not an MLflow training run (model {checkpoints[1]})")
+    assert not any(k.startswith("isc.tune.") for k in other.tags)
+
+
 def test_promotion_ignores_failed_runs_and_runs_without_a_model(tracking, mini_data, checkpoints):
     from isc.tracking import tracked_run
     from registry.promote import find_best_evaluation

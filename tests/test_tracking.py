@@ -154,3 +154,15 @@ def test_metric_logging_retries_across_server_death_and_keeps_local_checkpoint(
     assert not restarted[0].alive
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         assert s.connect_ex(("127.0.0.1", mlflow_server.port)) != 0  # stop() took every worker down
+
+
+def test_reuse_reads_params_through_the_shell_quoting_mlflow_run_logs_them_with():
+    """`mlflow run` logs every parameter as ``shlex.quote(value)``: a JSON override must still match."""
+    import shlex
+
+    from isc.tracking import normalize_param
+
+    for value in ['{"epochs": 0}', '{"lr": 0.05, "memory_size": 256}', "a b", "it's", "plain", "0123abcd:1"]:
+        assert normalize_param(shlex.quote(value)) == normalize_param(value) == value
+    assert normalize_param("''") == normalize_param(None) == normalize_param("") == ""
+    assert normalize_param("'unbalanced") == "'unbalanced"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from isc.driver import tuned_stage
 from isc.errors import ConfigError
 from isc.redact import redact
 from isc.tune import (
@@ -32,6 +34,7 @@ TINY_TRAIN = {"input_size": 32, "workers": 0, "batch_size": 16, "max_steps_per_e
 def write_config(tmp_path: Path, **extra) -> Path:
     cfg = {
         "profile": "smoke",
+        "stage": "stage1",  # the smoke chain's first stage: no hand-off checkpoint needed
         "epochs_per_trial": 2,
         "train_overrides": TINY_TRAIN,
         "search_space": {
@@ -87,6 +90,10 @@ def test_study_nests_trials_under_one_study_run_and_records_the_pruned_trial_as_
             assert len(history) == 2 and run.data.metrics["objective"] == pytest.approx(trial.value)
             assert 0.0 <= trial.value <= 1.0
     assert len(study.trials[1].intermediate_values) == 1  # stopped after its first epoch
+    # trial 0 runs the stage's own values (smoke stage 1 with TINY_TRAIN): the bar for the sampled ones
+    assert study.trials[0].params == {"pos_margin": 0.0, "neg_margin": 1.0, "memory_size": 64, "lr": 0.05}
+    assert [client.get_run(t.user_attrs["mlflow_run_id"]).data.params["baseline_trial"] for t in study.trials] == [
+        "True", "False", "False"]
 
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["isc.step"] == "tune"
@@ -177,7 +184,7 @@ def test_storage_url_is_logged_without_its_password():
 
 def test_a_failing_trial_ends_its_run_failed_with_the_error_and_the_study_goes_on(tracking):
     from isc.tracking import tracked_run
-    from isc.tune import _trial_run
+    from isc.tune.objective import _trial_run
 
     study = optuna.create_study(direction="maximize")
 
@@ -197,3 +204,84 @@ def test_a_failing_trial_ends_its_run_failed_with_the_error_and_the_study_goes_o
     assert "CUDA out of memory" in failed.data.tags["isc.error"]
     assert (ok.info.status, ok.data.tags["optuna.state"]) == ("FINISHED", "COMPLETE")
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_trials_fine_tune_the_stage_from_its_hand_off_and_score_what_the_pipeline_steps_score(
+        tracking, mini_data, tmp_path):
+    """Smoke stage 2 tuned from a real stage-1 training run: every trial starts from that run, and the best
+    trial's value is exactly the val µAP after NES that the main job's own steps (extract -> postprocess ->
+    evaluate) give the trial's model."""
+    from entrypoints import evaluate, extract, postprocess
+    from isc.train import train
+    from isc.train.config import load_config
+
+    stage1 = train(load_config("smoke", data=str(mini_data.root), **TINY_TRAIN)).run_id
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    path = write_config(tmp_path, stage=None, epochs_per_trial=1, pruner={"type": "none"})
+    with pytest.raises(ConfigError, match=r"starts from init stage1 final model: pass --start-from <stage1") as err:
+        run_study(load_tune_config(path), mini_data.root, n_trials=2, study_name="handoff", storage=storage)
+    assert err.value.param == "start_from"
+    with pytest.raises(ConfigError, match="Run with id=0+ not found") as err:
+        run_study(load_tune_config(path, start_from=f"{'0' * 32}:1"), mini_data.root, 2, "handoff", storage)
+    assert err.value.param == "start_from"
+    assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_names(storage)  # refused before
+
+    result = run_study(load_tune_config(path, start_from=stage1), mini_data.root, n_trials=2, study_name="handoff",
+                       storage=storage)
+    study = optuna.load_study(study_name="handoff", storage=storage)
+    client = mlflow.MlflowClient()
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        tags = run.data.tags
+        assert (tags["isc.start_kind"], tags["isc.start_checkpoint"]) == ("init", stage1)
+        assert run.data.params["init_from"] == stage1 and run.data.params["tuned_stage"] == "stage2"
+        assert (tags["isc.tune.study_name"], tags["isc.tune.trial"]) == ("handoff", str(trial.number))
+        assert json.loads(tags["isc.tune.params"]) == trial.params
+        assert 0.0 <= run.data.metrics["val_average_precision_raw"] <= 1.0
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.params["start_from"] == stage1 and "after NES" in parent.data.params["objective"]
+
+    best = client.get_run(result.best_run_id)
+    out = tmp_path / "pipeline"
+    assert extract.main(["--model", result.best_run_id, "--data", str(mini_data.root), "--sets", "qrt",
+                         "--workers", "0", "--output-dir", str(out)]) == 0
+    assert postprocess.main(["--descriptors", str(out / "descriptors.h5"), "--train-descriptors",
+                             str(out / "train_descriptors.h5"), "--output", str(out / "nes" / "descriptors_nes.h5")]) == 0
+    assert evaluate.main(["--descriptors", str(out / "nes" / "descriptors_nes.h5"), "--before",
+                          str(out / "descriptors.h5"), "--ground-truth", str(mini_data.ground_truth("val")),
+                          "--bootstrap", "0"]) == 0
+    ev = client.search_runs([parent.info.experiment_id], "tags.`isc.step` = 'evaluate'")[0]
+    assert ev.data.metrics["average_precision"] == pytest.approx(study.best_value, abs=1e-6)
+    assert ev.data.metrics["before_average_precision"] == pytest.approx(
+        best.data.metrics["val_average_precision_raw"], abs=1e-6)
+
+
+def test_the_tuned_stage_is_the_profiles_last_fine_tuning_stage_unless_named():
+    assert tuned_stage("demo").name == "stage4" and tuned_stage("demo").config.endswith("demo_stage4.yaml")
+    assert (tuned_stage("full").source, tuned_stage("full").checkpoint) == ("stage3", 1)
+    assert tuned_stage("smoke").name == "stage2" and tuned_stage("demo", "stage2").checkpoint == 5
+    for stage in ("stage0", "stage1b"):  # no fine-tuning / resumes another stage's optimizer and memory bank
+        with pytest.raises(ConfigError, match="cannot be tuned") as err:
+            tuned_stage("demo", stage)
+        assert err.value.param == "stage"
+    with pytest.raises(ConfigError, match="has no stage 'stage9'"):
+        tuned_stage("demo", "stage9")
+    with pytest.raises(ConfigError, match="unknown profile 'demo_stage1'") as err:
+        load_tune_config(None, profile="demo_stage1")  # the old meaning of `profile:` (a training config)
+    assert err.value.param == "profile"
+    with pytest.raises(ConfigError, match="must be one of") as err:
+        load_tune_config(None, candidate="best")
+    assert err.value.param == "candidate"
+    cfg = load_tune_config(None, start_from="0" * 32 + ":1", job_overrides={"input_size": 64, "lr": 0.9})
+    train = cfg.trial_train_config("data/mini", {"lr": 0.05, "memory_size": 128})
+    # stage YAML < train_overrides (short trials) < the job's overrides < the sampled values
+    assert (train.stage, train.neg_margin, train.input_size, train.lr, train.memory_size) == ("v107", 1.1, 64, 0.05, 128)
+    assert (train.epochs, train.max_steps_per_epoch, train.init_from) == (2, 2, "0" * 32 + ":1")
+    # the baseline trial: the stage's own values of the searched options, those inside the space
+    assert load_tune_config(None).stage_values("data/mini") == {
+        "pos_margin": 0.0, "neg_margin": 1.1, "memory_size": 256, "lr": 0.1}
+    assert "lr" not in cfg.stage_values("data/mini")  # the job's lr 0.9 is outside [0.02, 0.3]: sampled
+    with pytest.raises(ConfigError, match="expected a boolean") as err:
+        load_tune_config(None, baseline_trial="sometimes")
+    assert err.value.param == "baseline_trial"
