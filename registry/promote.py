@@ -322,8 +322,11 @@ def version_description(client: Any, candidate: Candidate, train_run: Any | None
     lines = []
     if train_run is not None:
         tags, params = train_run.data.tags, train_run.data.params
-        config = params.get("config", "?")
-        lines.append(f"stage: {train_run.info.run_name} ({Path(config).name}, {tags.get(Tag.STAGE, '?')}), "
+        from isc.train.config import SEED_SCRIPTS
+
+        config, stage = params.get("config", "?"), tags.get(Tag.STAGE, "?")
+        seed = f", the seed's {SEED_SCRIPTS[stage]}" if SEED_SCRIPTS.get(stage) else ""
+        lines.append(f"stage: {train_run.info.run_name} ({Path(config).name}, {stage}{seed}), "
                      f"training run {train_run.info.run_id}")
         lines.append(f"starts from: {tags.get(Tag.START_KIND, '?')} {tags.get(Tag.START_CHECKPOINT, '')}".rstrip())
     else:

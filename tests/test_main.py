@@ -165,7 +165,7 @@ def test_full_profile_chain_hands_on_the_seeds_checkpoints_and_its_tuned_stage4_
         [tune.info.experiment_id], f"tags.`mlflow.parentRunId` = '{tune.info.run_id}'")}
     assert sorted(trials) == [0, 1]
     for trial in trials.values():
-        assert trial.data.tags["isc.start_checkpoint"] == f"{ids['stage3']}:1" and trial.data.tags["isc.stage"] == "v107"
+        assert trial.data.tags["isc.start_checkpoint"] == f"{ids['stage3']}:1" and trial.data.tags["isc.stage"] == "stage4"
         assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch_lr")] == [0, 1]  # a short trial
     # memory_size 256 (the job's override) is outside the searched choices, so it is sampled even in trial 0
     baseline = json.loads(trials[0].data.tags["isc.tune.params"])
@@ -196,7 +196,7 @@ def test_full_profile_chain_hands_on_the_seeds_checkpoints_and_its_tuned_stage4_
         "isc.tune.params": best.data.tags["isc.tune.params"]}
     text = client.get_model_version("isc-descriptor", version.version).description
     n = best.data.tags["isc.tune.trial"]
-    assert f"stage: trial-{n} (stage4.yaml, v107), training run {best.info.run_id}" in text
+    assert f"stage: trial-{n} (stage4.yaml, stage4, the seed's v107), training run {best.info.run_id}" in text
     assert f"starts from: init {ids['stage3']}:1" in text
     assert (f"ground_truth_test.csv {test.data.metrics['average_precision']:.4f}, ground_truth_val.csv "
             f"{val.data.metrics['average_precision']:.4f} (chose this version)") in text

@@ -147,7 +147,7 @@ def test_a_registered_version_says_which_stage_made_it_its_scores_and_how_it_was
     final.parent.mkdir()
     shutil.copyfile(checkpoints[0], final)
     with tracked_run(experiment="isc", run_name="train_stage4_tuned",
-                     tags={"isc.step": "train", "isc.stage": "v107", "isc.start_kind": "init",
+                     tags={"isc.step": "train", "isc.stage": "stage4", "isc.start_kind": "init",
                            "isc.start_checkpoint": start, **tune_tags}) as run:
         mlflow.log_param("config", "isc/configs/demo_stage4.yaml")
         mlflow.log_artifact(str(final), "model")
@@ -160,7 +160,7 @@ def test_a_registered_version_says_which_stage_made_it_its_scores_and_how_it_was
     version = mlflow.MlflowClient().get_model_version(MODEL, result.version)
     assert {k: version.tags[k] for k in tune_tags} == tune_tags
     assert version.description.splitlines() == [
-        f"stage: train_stage4_tuned (demo_stage4.yaml, v107), training run {train_id}",
+        f"stage: train_stage4_tuned (demo_stage4.yaml, stage4, the seed's v107), training run {train_id}",
         f"starts from: init {start}",
         "µAP (raw descriptors): ground_truth_test.csv 0.4375, ground_truth_val.csv 0.3125 (chose this version)",
         f"tuned: study isc-tune-1-stage4-01234567, trial 2 of stage4, values {tune_tags['isc.tune.params']}; "

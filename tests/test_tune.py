@@ -276,7 +276,7 @@ def test_the_tuned_stage_is_the_profiles_last_fine_tuning_stage_unless_named():
     cfg = load_tune_config(None, start_from="0" * 32 + ":1", job_overrides={"input_size": 64, "lr": 0.9})
     train = cfg.trial_train_config("data/mini", {"lr": 0.05, "memory_size": 128})
     # stage YAML < train_overrides (short trials) < the job's overrides < the sampled values
-    assert (train.stage, train.neg_margin, train.input_size, train.lr, train.memory_size) == ("v107", 1.1, 64, 0.05, 128)
+    assert (train.stage, train.neg_margin, train.input_size, train.lr, train.memory_size) == ("stage4", 1.1, 64, 0.05, 128)
     assert (train.epochs, train.max_steps_per_epoch, train.init_from) == (2, 2, "0" * 32 + ":1")
     # the baseline trial: the stage's own values of the searched options, those inside the space
     assert load_tune_config(None).stage_values("data/mini") == {
