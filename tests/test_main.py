@@ -79,6 +79,17 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
     assert "promotion: promoted: isc-descriptor v1" in summary  # the decision, as the promote step made it
     quality = mlflow.artifacts.load_text(f"runs:/{first.run_id}/summary/quality.csv")
     assert "uAP 95% CI" in quality.splitlines()[0]
+    # lineage a user can click: named main run, an experiment that opens on runs, datasets, models, knobs
+    assert parent.info.run_name.startswith("main-smoke-")
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert [d.dataset.name for d in train2.inputs.dataset_inputs] == ["mini/training_images"]
+    ext2 = client.get_run(step_runs["extract_stage2"])
+    assert {d.dataset.name for d in ext2.inputs.dataset_inputs} == {
+        "mini/query_images", "mini/reference_images", "mini/training_images"}
+    assert ev2.data.params["train.run_id"] == step_runs["train_stage2"] and "train.memory_size" in ev2.data.params
+    assert [d.dataset.name for d in ev2.inputs.dataset_inputs] == ["mini/ground_truth_test.csv"]
+    models = client.search_logged_models([exp], filter_string=f"source_run_id = '{step_runs['train_stage2']}'")
+    assert len(models) == 1 and {m.key for m in models[0].metrics} >= {"average_precision", "recall_p90"}
 
     exp_id = parent.info.experiment_id
     n_runs_before = len(client.search_runs([exp_id], max_results=1000))
