@@ -88,6 +88,7 @@ def test_duplicate_registered_by_another_machine_is_removed_and_the_lowest_kept(
     import mlflow
     from mlflow import MlflowClient
 
+    from isc.contract import Tag
     from registry import promote as pr
 
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
@@ -105,14 +106,14 @@ def test_duplicate_registered_by_another_machine_is_removed_and_the_lowest_kept(
         # Another host registers the same evaluation while we package ours (after our locked re-check).
         client.create_registered_model(name)
         source = client.get_run(cand.run_id).info.artifact_uri + "/model"
-        client.create_model_version(name, source, run_id=cand.run_id, tags={pr.TAG_SOURCE_RUN: cand.run_id})
+        client.create_model_version(name, source, run_id=cand.run_id, tags={Tag.SOURCE_EVAL_RUN: cand.run_id})
         return real_register(cand, name)
 
     monkeypatch.setattr(pr, "register_candidate", racing_register)
     version, registered = pr.register_once(candidate, "dup-model")
     assert (str(version.version), registered) == ("1", False)
     left = client.search_model_versions("name = 'dup-model'")
-    assert [v.version for v in left] == ["1"] and left[0].tags[pr.TAG_SOURCE_RUN] == eval_run
+    assert [v.version for v in left] == ["1"] and left[0].tags[Tag.SOURCE_EVAL_RUN] == eval_run
     dup_runs = client.search_runs([exp], "tags.`isc.duplicate_of` = 'dup-model/1'")
     assert len(dup_runs) == 1
 
