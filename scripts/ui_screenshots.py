@@ -89,6 +89,7 @@ def shoot(store: Path, out: Path, experiment: str) -> list[Path]:
                 page.goto(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([exp_id])}")
                 page.wait_for_timeout(8000)
                 _close_assistant(page)
+                _choose_axes(page, ["lr", "memory_size", "neg_margin", "pos_margin"], ["val_average_precision"])
                 written.append(out / "ui_compare_tune_trials.png")
                 page.screenshot(path=str(written[-1]), full_page=True)
             browser.close()
@@ -116,6 +117,24 @@ def _expand_nested_runs(page, rounds: int = 3) -> None:
                 fresh = True
         if not fresh:
             return
+
+
+def _choose_axes(page, params: list[str], metrics: list[str]) -> None:
+    """The parallel-coordinates plot's axes: the searched values against val µAP (MLflow picks the first
+    few parameters alphabetically otherwise)."""
+    try:
+        page.get_by_role("button", name="Clear All").click(timeout=5000)
+        boxes = page.locator(".du-bois-light-select-selector, .ant-select-selector")
+        for box, names in ((boxes.nth(0), params), (boxes.nth(1), metrics)):
+            for name in names:
+                box.click(timeout=5000)
+                page.keyboard.type(name)
+                page.wait_for_timeout(500)
+                page.keyboard.press("Enter")
+                page.keyboard.press("Escape")
+        page.wait_for_timeout(3000)
+    except Exception as exc:  # noqa: BLE001 -- a UI change: keep MLflow's default axes
+        print(f"could not choose the plot's axes ({exc}); MLflow's defaults kept", file=sys.stderr)
 
 
 def _close_assistant(page) -> None:
