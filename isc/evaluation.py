@@ -199,7 +199,8 @@ def run_evaluation(
         if mlflow.active_run() is not None:
             record = Evaluation(average_precision=out.get("average_precision"), gt_fingerprint=out["gt_fingerprint"],
                                 gt_path=gt_path or inputs.gt_path, protocol=protocol, model_ref=str(model_ref or ""),
-                                nes_bank=str(nes_bank) if nes_bank else None)
+                                nes_bank=str(nes_bank) if nes_bank else None,
+                                nes_params=_nes_params(nes_bank))
             params = _params(protocol, metric, max_results, knn, descriptors=descriptors, before=before)
             _log_to_run(out, files, record, params)
     return out
@@ -235,6 +236,12 @@ def _log_to_run(out: dict[str, Any], files: list[Path], record: Evaluation, para
     tracking.log_metrics(metrics)
     for f in files:
         tracking.log_artifact(f, artifact_path=ARTIFACT_EVALUATION)
+
+
+def _nes_params(nes_bank: str | None) -> dict[str, Any]:
+    from isc import lineage
+
+    return lineage.nes_params_of(str(nes_bank)) if nes_bank else {}
 
 
 def _lineage(record: Evaluation) -> tuple[str | None, Any]:

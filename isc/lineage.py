@@ -186,6 +186,22 @@ def upstream_params(model_ref: str) -> dict[str, str]:
     return out
 
 
+def nes_params_of(nes_bank: str) -> dict[str, Any]:
+    """The NES constants the postprocess run behind ``runs:/<id>/.../nes_bank.h5`` used (its ``k``,
+    ``beta``, ``num_iter`` params), so promotion packages the version with what it was scored with."""
+    from mlflow import MlflowClient
+
+    try:
+        ref = ModelRef.parse(nes_bank)
+        if ref.kind != "runs" or not ref.run_id:
+            return {}
+        params = MlflowClient().get_run(ref.run_id).data.params
+        out = {"k": int(params["k"]), "beta": float(params["beta"]), "num_iter": int(params["num_iter"])}
+    except Exception:  # noqa: BLE001 -- a local bank file, or a run that is not a postprocess run
+        return {}
+    return out
+
+
 def register_training_model(run_id: str, name: str, params: Mapping[str, Any]) -> str | None:
     """An external LoggedModel for a finished training run's ``model/final.pth.tar``; its id.
 

@@ -102,3 +102,28 @@ def test_evaluation_links_gt_dataset_upstream_params_and_model_metrics(tracking,
     assert linked["average_precision"].dataset_name == "mini/ground_truth_val.csv"
     # logged once on the run: linking to the model does not duplicate the run's history
     assert len(client.get_metric_history(run.info.run_id, "average_precision")) == 1
+
+
+def test_evaluation_records_the_nes_constants_of_its_postprocess_run(tracking, mini_data, tmp_path):
+    """A version is packaged with the NES constants its µAP was measured with, not the seed's defaults."""
+    import numpy as np
+
+    from isc.contract import Evaluation
+    from isc.evaluation import run_evaluation
+    from isc.io import read_ground_truth, write_descriptors
+    from isc.tracking import tracked_run
+
+    gt_path = mini_data.root / "ground_truth_val.csv"
+    qids = sorted(read_ground_truth(gt_path).queries)
+    rids = sorted(p.stem for p in (mini_data.root / "reference_images").glob("*.jpg"))
+    rng = np.random.default_rng(1)
+    desc = write_descriptors(tmp_path / "d.h5", rng.normal(size=(len(qids), 8)).astype(np.float32), qids,
+                             rng.normal(size=(len(rids), 8)).astype(np.float32), rids)
+    with tracked_run(experiment="lineage", run_name="postprocess") as post:  # what `isc postprocess --k 5` logs
+        mlflow.log_params({"k": 5, "beta": 0.3, "num_iter": 2, "dba_k": 10})
+    bank = f"runs:/{post.info.run_id}/descriptors/nes_bank.h5"
+    with tracked_run(experiment="lineage", run_name="evaluate") as run:
+        run_evaluation(desc, gt_path, nes_bank=bank, bootstrap=0)
+    back = Evaluation.from_run(mlflow.MlflowClient().get_run(run.info.run_id))
+    assert back.nes_bank == bank and back.nes_params == {"k": 5, "beta": 0.3, "num_iter": 2}
+    assert lineage.nes_params_of(str(tmp_path / "local_bank.h5")) == {}  # a file: nothing to look up
