@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isc import tracking
+from isc import lineage, tracking
 from isc.contract import (
     ARTIFACT_DESCRIPTORS,
     ARTIFACT_EVALUATION,
@@ -200,7 +200,7 @@ def run_evaluation(
             record = Evaluation(average_precision=out.get("average_precision"), gt_fingerprint=out["gt_fingerprint"],
                                 gt_path=gt_path or inputs.gt_path, protocol=protocol, model_ref=str(model_ref or ""),
                                 nes_bank=str(nes_bank) if nes_bank else None,
-                                nes_params=_nes_params(nes_bank))
+                                nes_params=lineage.nes_params_of(str(nes_bank)) if nes_bank else {})
             params = _params(protocol, metric, max_results, knn, descriptors=descriptors, before=before)
             _log_to_run(out, files, record, params)
     return out
@@ -238,26 +238,18 @@ def _log_to_run(out: dict[str, Any], files: list[Path], record: Evaluation, para
         tracking.log_artifact(f, artifact_path=ARTIFACT_EVALUATION)
 
 
-def _nes_params(nes_bank: str | None) -> dict[str, Any]:
-    from isc import lineage
-
-    return lineage.nes_params_of(str(nes_bank)) if nes_bank else {}
-
-
 def _lineage(record: Evaluation) -> tuple[str | None, Any]:
     """Log the ground truth as the run's dataset and the scored model's training knobs as ``train.*``
     params; ``(the training run's LoggedModel id, the GT dataset)`` to link the metrics to."""
-    from isc import lineage
-
     gt_dataset = None
     if record.gt_path and Path(record.gt_path).is_file():
         gt_dataset = lineage.ground_truth_dataset(record.gt_path, lineage.split_of(record.gt_path))
         lineage.log_datasets([(gt_dataset, "evaluation")])
     model_id = None
-    if record.model_ref:
-        tracking.log_params(lineage.upstream_params(record.model_ref))
-        run_id = lineage.training_run_of(record.model_ref)
-        model_id = lineage.training_model_id(run_id) if run_id else None
+    run_id = lineage.training_run_of(record.model_ref) if record.model_ref else None
+    if run_id:  # resolved once: a registry reference costs a lookup
+        tracking.log_params(lineage.run_params(run_id))
+        model_id = lineage.training_model_id(run_id)
     return model_id, gt_dataset
 
 

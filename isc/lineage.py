@@ -170,15 +170,22 @@ def training_run_of(model_ref: str) -> str | None:
 
 def upstream_params(model_ref: str) -> dict[str, str]:
     """``train.<key>`` params of the training run behind ``model_ref`` (empty when there is none)."""
+    try:
+        run_id = training_run_of(model_ref)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("no upstream training parameters for %s: %s", model_ref, exc)
+        return {}
+    return run_params(run_id) if run_id else {}
+
+
+def run_params(run_id: str) -> dict[str, str]:
+    """``train.<key>`` params of training run ``run_id`` (with ``train.run_id``); empty when unreadable."""
     from mlflow import MlflowClient
 
     try:
-        run_id = training_run_of(model_ref)
-        if run_id is None:
-            return {}
         params = MlflowClient().get_run(run_id).data.params
     except Exception as exc:  # noqa: BLE001
-        log.warning("no upstream training parameters for %s: %s", model_ref, exc)
+        log.warning("no upstream training parameters for run %s: %s", run_id, exc)
         return {}
     out = {f"{UPSTREAM_PREFIX}{k}": params[k] for k in UPSTREAM_KEYS if k in params}
     if out:
@@ -225,9 +232,10 @@ def training_model_id(run_id: str) -> str | None:
     """The LoggedModel :func:`register_training_model` created for ``run_id`` (None when absent)."""
     from mlflow import MlflowClient
 
+    client = MlflowClient()
     try:
-        run = MlflowClient().get_run(run_id)
-        models = MlflowClient().search_logged_models(
+        run = client.get_run(run_id)
+        models = client.search_logged_models(
             experiment_ids=[run.info.experiment_id],
             filter_string=f"source_run_id = '{run_id}'",
         )
