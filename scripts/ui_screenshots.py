@@ -1,6 +1,6 @@
 """Screenshots of the MLflow UI on a main job's store, for docs/img (a real server, a real browser).
 
-    python scripts/ui_screenshots.py --store $ISC_HOME/mlflow.db --out docs/img
+    python scripts/ui_screenshots.py --store $ISC_HOME/mlflow.db --out docs/img --overwrite
 
 Needs Chromium (Debian: ``apt-get install chromium``) and Playwright's Python package
 (``pip install playwright``; no browser download: it drives /usr/bin/chromium). Neither is a project
@@ -22,6 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+PNG_NAMES = ("ui_runs_table.png", "ui_compare_tune_trials.png")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -82,7 +83,7 @@ def shoot(store: Path, out: Path, experiment: str) -> list[Path]:
             _close_assistant(page)
             _expand_nested_runs(page)
             page.wait_for_timeout(2000)
-            written.append(out / "ui_runs_table.png")
+            written.append(out / PNG_NAMES[0])
             page.screenshot(path=str(written[-1]))
             if trials:
                 ids = json.dumps([r["info"]["run_id"] for r in trials])
@@ -90,7 +91,7 @@ def shoot(store: Path, out: Path, experiment: str) -> list[Path]:
                 page.wait_for_timeout(8000)
                 _close_assistant(page)
                 _choose_axes(page, ["lr", "memory_size", "neg_margin", "pos_margin"], ["val_average_precision"])
-                written.append(out / "ui_compare_tune_trials.png")
+                written.append(out / PNG_NAMES[1])
                 page.screenshot(path=str(written[-1]), full_page=True)
             browser.close()
     finally:
@@ -152,9 +153,13 @@ def main() -> int:
     p.add_argument("--store", type=Path, required=True, help="the main job's mlflow.db")
     p.add_argument("--out", type=Path, default=Path("docs/img"))
     p.add_argument("--experiment", default="isc")
+    p.add_argument("--overwrite", action="store_true", help="replace PNGs already in --out")
     args = p.parse_args()
     if not args.store.is_file():
         raise SystemExit(f"--store: {args.store}: no such file")
+    existing = [args.out / n for n in PNG_NAMES if (args.out / n).exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(f"--out: {', '.join(map(str, existing))} exist; pass --overwrite to replace them")
     for path in shoot(args.store, args.out, args.experiment):
         print(path)
     return 0
