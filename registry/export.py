@@ -45,6 +45,7 @@ import numpy as np
 from isc.contract import Tag
 from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path, check_outputs
+from registry.writes import RegistryWriter
 
 log = logging.getLogger(__name__)
 
@@ -337,5 +338,5 @@ def log_export(name: str, version: str, fmt: str, output: Path, sidecar: Path) -
         client.log_artifact(mv.run_id, str(path), sub)
     uri = f"runs:/{mv.run_id}/{sub}/{output.name}"
     tag = f"{EXPORT_TAG_PREFIX}{fmt}"
-    client.set_model_version_tag(name, version, tag, uri)
+    RegistryWriter(client).set_version_tag(name, version, tag, uri)
     return uri, tag

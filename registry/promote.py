@@ -2,7 +2,7 @@
 
 Why aliases: registry *stages* are deprecated in MLflow 3; an alias points at exactly one version and
 moving it is the promotion. Aliases keep no history, so every promotion/rollback is also recorded as a
-registered-model tag ``isc.promotion.NNNN`` (JSON) and as tags on the versions involved.
+registered-model tag ``isc.promotion.<time>-<id>`` (JSON) and as tags on the versions involved.
 
 The flow of :func:`promote`:
 
@@ -15,8 +15,12 @@ The flow of :func:`promote`:
    twice: a file lock serialises them on one machine, and after registering each looks again -- when
    several versions of one evaluation exist, the lowest wins and the others delete their own
    (``tags`` are stored with the version in one transaction, so every racer sees every version).
-3. ``@champion`` moves to it only if its µAP beats the champion's by more than ``min_improvement`` (and
-   both were scored on the same ground truth); the old champion becomes ``@previous``.
+3. :func:`decide` (pure) says whether ``@champion`` moves to it: only if its µAP beats the champion's by
+   more than ``min_improvement`` (and both were scored on the same ground truth); the old champion becomes
+   ``@previous``. :func:`apply` carries the decision out through :class:`registry.writes.RegistryWriter`,
+   the one writer of aliases, tags and descriptions that stays correct when another promoter writes the
+   same rows at the same moment. Steps 2-3 run under the machine-wide lock, so promoters on one machine
+   see each other's result; promoters on several machines are kept correct by the writer.
 
 :func:`rollback` moves ``@champion`` back to ``@previous`` and marks the demoted version
 ``isc.rolled_back=true`` so a later promotion does not silently re-promote it.
@@ -38,6 +42,7 @@ from typing import Any
 from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, PREVIOUS, Evaluation, Step, Tag
 from isc.errors import ConfigError, ISCError
 from registry.model_logging import log_descriptor_model
+from registry.writes import RegistryWriter
 
 log = logging.getLogger(__name__)
 
@@ -201,33 +206,10 @@ def _alias_version(client: Any, model_name: str, alias: str) -> Any | None:
         return None
 
 
-def _set_alias(client: Any, model_name: str, alias: str, version: str, attempts: int = 5) -> None:
-    """``set_registered_model_alias`` that survives a concurrent writer of the same alias.
-
-    MLflow's SQL store sets an alias by INSERT when it reads none: two processes promoting at once both
-    read none and the second INSERT fails with a UNIQUE constraint (seen with two real promotes against
-    one ``mlflow server``). The alias exists by then, so the write is simply retried (it becomes an
-    update); the last writer wins, as it would without the race.
-    """
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(attempts):
-        try:
-            client.set_registered_model_alias(model_name, alias, version)
-            return
-        except MlflowException as exc:
-            if "UNIQUE constraint" not in str(exc) and "unique constraint" not in str(exc).lower() \
-                    or attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-
-
-def _record(client: Any, model_name: str, entry: dict[str, Any]) -> None:
-    """Append a promotion record as registered-model tag ``isc.promotion.NNNN`` (aliases keep no history)."""
-    rm = client.get_registered_model(model_name)
-    n = sum(1 for k in rm.tags if k.startswith(Tag.PROMOTION_PREFIX))
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
-    client.set_registered_model_tag(model_name, f"{Tag.PROMOTION_PREFIX}{n + 1:04d}", json.dumps(entry))
+def _record(writer: RegistryWriter, model_name: str, entry: dict[str, Any]) -> None:
+    """Append a promotion record as a registered-model tag ``isc.promotion.<time>-<id>`` (aliases keep no
+    history; :meth:`RegistryWriter.append_record` says why the key is not a count)."""
+    writer.append_record(model_name, Tag.PROMOTION_PREFIX, entry)
 
 
 def _versions_of(client: Any, model_name: str, eval_run_id: str) -> list[Any]:
@@ -236,20 +218,36 @@ def _versions_of(client: Any, model_name: str, eval_run_id: str) -> list[Any]:
     return sorted(found, key=lambda v: int(v.version))
 
 
+# Locks this process holds (path -> depth): promote() holds the lock around register_once(), which takes it
+# too; flock on a second open file of the same path would wait for ourselves.
+_HELD_LOCKS: dict[Path, int] = {}
+
+
 @contextlib.contextmanager
 def _registration_lock(model_name: str) -> Iterator[None]:
-    """Serialise registrations of ``model_name`` on this store among the processes of this machine."""
+    """Serialise registrations and promotions of ``model_name`` on this store among the processes of this
+    machine (re-entrant within a process). Promoters on other machines are not seen by it: for them the
+    lowest-version rule of :func:`register_once` and the :class:`RegistryWriter` keep the registry right."""
     import fcntl
 
     from isc.tracking import default_tracking_uri
 
     key = hashlib.sha256(f"{default_tracking_uri()}\0{model_name}".encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"isc-promote-{key}.lock"
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    if _HELD_LOCKS.get(path):
+        _HELD_LOCKS[path] += 1
         try:
             yield
         finally:
+            _HELD_LOCKS[path] -= 1
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        _HELD_LOCKS[path] = 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.pop(path, None)
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
@@ -388,12 +386,95 @@ def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAM
         if train_run is not None:  # a tuned model: which study, trial and values made it
             tags.update({k: train_run.data.tags[k] for k in TUNE_TAGS if k in train_run.data.tags})
         version = mlflow.register_model(info.model_uri, model_name, tags=tags)
-        client.update_model_version(model_name, str(version.version),
-                                    description=version_description(client, candidate, train_run))
+        RegistryWriter(client).set_version_description(model_name, str(version.version),
+                                                       version_description(client, candidate, train_run))
         if run is not None:
             mlflow.set_tags({Tag.REGISTERED_MODEL: model_name, Tag.REGISTERED_VERSION: str(version.version)})
     log.info("registered %s version %s from evaluation run %s", model_name, version.version, candidate.run_id)
     return client.get_model_version(model_name, version.version)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How a candidate must compare with ``@champion`` to replace it (see :func:`promote`)."""
+
+    min_improvement: float = 0.0
+    force: bool = False
+    on_other_gt: str = "error"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What promotion will do, decided before any write: ``action`` as in :class:`PromotionResult`;
+    ``move`` says whether ``@champion`` moves to the candidate (and the old champion to ``@previous``)."""
+
+    action: str
+    message: str
+    move: bool
+    champion_after: str | None
+    previous_after: str | None
+
+
+def decide(candidate: Candidate, version: Any, registered: bool, champion: Any | None, previous: Any | None,
+           rules: Rules, model_name: str = DEFAULT_MODEL_NAME) -> Decision:
+    """The promotion decision, a pure function of what the registry holds (no reads, no writes).
+
+    ``version``: the candidate's registered version; ``champion`` / ``previous``: the versions behind the
+    aliases (or None). Raises ``ConfigError('ground_truth')`` when the champion was scored on another ground
+    truth and ``rules.on_other_gt`` is ``"error"``.
+    """
+    v = str(version.version)
+    champ_v = str(champion.version) if champion is not None else None
+    prev_v = str(previous.version) if previous is not None else None
+    ap = candidate.average_precision
+
+    def stay(action: str, message: str) -> Decision:
+        return Decision(action, message, False, champ_v, prev_v)
+
+    if champ_v == v:
+        return stay("unchanged", f"{model_name} v{v} (µAP {ap:.4f}, eval run {candidate.run_id}) is already @champion")
+    if version.tags.get(Tag.ROLLED_BACK) == "true" and not rules.force:
+        return stay("registered" if registered else "kept",
+                    f"best evaluation run {candidate.run_id} is {model_name} v{v}, which was rolled back; "
+                    "not re-promoting it (use --force to override)")
+    if champion is not None and not rules.force:
+        champ_fp = champion.tags.get(Tag.GT_FINGERPRINT, "")
+        if champ_fp != candidate.gt_fingerprint:
+            why = (f"@champion ({model_name} v{champ_v}) was scored on ground truth {champ_fp[:12] or '<none>'} "
+                   f"({champion.tags.get(Tag.GT_PATH, '?')}) but the candidate on {candidate.gt_fingerprint[:12]} "
+                   f"({candidate.gt_path}); µAPs on different ground truths cannot be compared")
+            if rules.on_other_gt == "keep":
+                return stay("kept", f"{why}; registered the candidate as {model_name} v{v} and kept the champion "
+                            f"(to replace it: isc promote --ground-truth {candidate.gt_path} --force)")
+            raise ConfigError("ground_truth", f"{why} (evaluate both on one ground truth, or pass --force)")
+        champ_ap = float(champion.tags.get(Tag.AVERAGE_PRECISION, "nan"))
+        if not ap > champ_ap + rules.min_improvement:
+            return stay("registered" if registered else "kept",
+                        f"candidate {model_name} v{v} µAP {ap:.4f} does not beat @champion v{champ_v} µAP "
+                        f"{champ_ap:.4f} by more than {rules.min_improvement:g}; champion kept")
+    old = f"v{champ_v} -> @previous" if champ_v else "no previous champion"
+    return Decision("promoted", f"{model_name} v{v} (µAP {ap:.4f}, eval run {candidate.run_id}) is now @champion "
+                    f"({old})", True, v, champ_v or prev_v)
+
+
+def apply(writer: RegistryWriter, model_name: str, candidate: Candidate, version: Any, champion: Any | None,
+          decision: Decision, force: bool = False) -> None:
+    """Carry out a ``promoted`` decision: aliases, the version's promotion tags, the history record.
+    Every write goes through ``writer``, so a concurrent promoter doing the same cannot make it fail."""
+    if not decision.move:
+        return
+    v = str(version.version)
+    if champion is not None:
+        writer.set_alias(model_name, PREVIOUS, str(champion.version))
+    writer.set_alias(model_name, CHAMPION, v)
+    writer.set_version_tags(model_name, v, {
+        Tag.PROMOTED_AT: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        Tag.PROMOTED_OVER: str(champion.version) if champion is not None else "",
+    })
+    _record(writer, model_name, {
+        "action": "promote", "champion": v, "previous": str(champion.version) if champion is not None else None,
+        "average_precision": candidate.average_precision, "source_eval_run": candidate.run_id, "forced": force,
+    })
 
 
 def promote(
@@ -411,6 +492,9 @@ def promote(
     ``on_other_gt``: when ``@champion`` was scored on another ground truth (so no comparison is possible),
     ``"error"`` raises ``ConfigError``; ``"keep"`` registers the candidate, keeps the champion and says so
     (action ``"kept"``): what a pipeline wants after the data changed, rather than failing at its last step.
+
+    Reading the aliases, deciding and writing happen under the machine-wide lock, so promoters on one
+    machine see each other's result (the second finds the candidate already ``@champion``).
     """
     if on_other_gt not in ("error", "keep"):
         raise ConfigError("on_other_gt", f"must be 'error' or 'keep', got '{on_other_gt}'")
@@ -419,79 +503,35 @@ def promote(
     validate_model_name(model_name)
     candidate = find_best_evaluation(experiment, ground_truth)
     client = _client()
-    version, registered = register_once(candidate, model_name)
-    champion = _alias_version(client, model_name, CHAMPION)
-    previous = _alias_version(client, model_name, PREVIOUS)
-    prev_v = str(previous.version) if previous else None
-
-    def result(action: str, message: str, champ: str | None, prev: str | None) -> PromotionResult:
-        print(f"promote: {message}", flush=True)
-        return PromotionResult(action, model_name, str(version.version), champ, prev, message, candidate, registered)
-
-    if champion is not None and str(champion.version) == str(version.version):
-        return result("unchanged", f"{model_name} v{version.version} (µAP {candidate.average_precision:.4f}, "
-                      f"eval run {candidate.run_id}) is already @champion", str(champion.version), prev_v)
-    if version.tags.get(Tag.ROLLED_BACK) == "true" and not force:
-        return result(
-            "registered" if registered else "kept",
-            f"best evaluation run {candidate.run_id} is {model_name} v{version.version}, which was rolled back; "
-            "not re-promoting it (use --force to override)",
-            str(champion.version) if champion else None, prev_v,
-        )
-    if champion is not None and not force:
-        champ_fp = champion.tags.get(Tag.GT_FINGERPRINT, "")
-        if champ_fp != candidate.gt_fingerprint:
-            why = (f"@champion ({model_name} v{champion.version}) was scored on ground truth {champ_fp[:12] or '<none>'} "
-                   f"({champion.tags.get(Tag.GT_PATH, '?')}) but the candidate on {candidate.gt_fingerprint[:12]} "
-                   f"({candidate.gt_path}); µAPs on different ground truths cannot be compared")
-            if on_other_gt == "keep":
-                return result(
-                    "kept",
-                    f"{why}; registered the candidate as {model_name} v{version.version} and kept the champion "
-                    f"(to replace it: isc promote --ground-truth {candidate.gt_path} --force)",
-                    str(champion.version), prev_v,
-                )
-            raise ConfigError("ground_truth", f"{why} (evaluate both on one ground truth, or pass --force)")
-        champ_ap = float(champion.tags.get(Tag.AVERAGE_PRECISION, "nan"))
-        if not candidate.average_precision > champ_ap + min_improvement:
-            return result(
-                "registered" if registered else "kept",
-                f"candidate {model_name} v{version.version} µAP {candidate.average_precision:.4f} does not beat "
-                f"@champion v{champion.version} µAP {champ_ap:.4f} by more than {min_improvement:g}; champion kept",
-                str(champion.version), prev_v,
-            )
-    if champion is not None:
-        _set_alias(client, model_name, PREVIOUS, str(champion.version))
-    _set_alias(client, model_name, CHAMPION, str(version.version))
-    client.set_model_version_tag(model_name, str(version.version), Tag.PROMOTED_AT, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    client.set_model_version_tag(model_name, str(version.version), Tag.PROMOTED_OVER,
-                                 str(champion.version) if champion else "")
-    _record(client, model_name, {
-        "action": "promote", "champion": str(version.version), "previous": str(champion.version) if champion else None,
-        "average_precision": candidate.average_precision, "source_eval_run": candidate.run_id, "forced": force,
-    })
-    old = f"v{champion.version} -> @previous" if champion else "no previous champion"
-    return result("promoted", f"{model_name} v{version.version} (µAP {candidate.average_precision:.4f}, eval run "
-                  f"{candidate.run_id}) is now @champion ({old})",
-                  str(version.version), str(champion.version) if champion else prev_v)
+    with _registration_lock(model_name):
+        version, registered = register_once(candidate, model_name)
+        champion = _alias_version(client, model_name, CHAMPION)
+        previous = _alias_version(client, model_name, PREVIOUS)
+        decision = decide(candidate, version, registered, champion, previous,
+                          Rules(min_improvement, force, on_other_gt), model_name)
+        apply(RegistryWriter(client), model_name, candidate, version, champion, decision, force)
+    print(f"promote: {decision.message}", flush=True)
+    return PromotionResult(decision.action, model_name, str(version.version), decision.champion_after,
+                           decision.previous_after, decision.message, candidate, registered)
 
 
 def rollback(model_name: str = DEFAULT_MODEL_NAME) -> PromotionResult:
     """Move ``@champion`` back to ``@previous``; the demoted version is tagged ``isc.rolled_back=true``."""
     validate_model_name(model_name)
     client = _client()
-    champion = _alias_version(client, model_name, CHAMPION)
-    previous = _alias_version(client, model_name, PREVIOUS)
-    if previous is None:
-        raise ISCError(f"{model_name} has no @previous version to roll back to")
-    _set_alias(client, model_name, CHAMPION, str(previous.version))
-    client.delete_registered_model_alias(model_name, PREVIOUS)
-    if champion is not None:
-        client.set_model_version_tag(model_name, str(champion.version), Tag.ROLLED_BACK, "true")
-        client.set_model_version_tag(model_name, str(champion.version), Tag.ROLLED_BACK_AT,
-                                     time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _record(client, model_name, {"action": "rollback", "champion": str(previous.version),
-                                 "demoted": str(champion.version) if champion else None})
+    writer = RegistryWriter(client)
+    with _registration_lock(model_name):
+        champion = _alias_version(client, model_name, CHAMPION)
+        previous = _alias_version(client, model_name, PREVIOUS)
+        if previous is None:
+            raise ISCError(f"{model_name} has no @previous version to roll back to")
+        writer.set_alias(model_name, CHAMPION, str(previous.version))
+        writer.delete_alias(model_name, PREVIOUS)
+        if champion is not None:
+            writer.set_version_tags(model_name, str(champion.version), {
+                Tag.ROLLED_BACK: "true", Tag.ROLLED_BACK_AT: time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        _record(writer, model_name, {"action": "rollback", "champion": str(previous.version),
+                                     "demoted": str(champion.version) if champion else None})
     message = (f"{model_name} @champion rolled back to v{previous.version}"
                + (f" (v{champion.version} marked {Tag.ROLLED_BACK}=true)" if champion else ""))
     print(f"promote: {message}", flush=True)

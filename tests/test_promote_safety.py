@@ -1,7 +1,7 @@
 """Promotion is idempotent under concurrency and validates the model name before any work.
 
-Two ``isc promote`` processes at once against a real ``mlflow server`` on 127.0.0.1 (SQLite backend)
-register one version of one evaluation; a duplicate made by a promoter on another machine is removed;
+Eight ``isc promote`` processes at once, as on eight machines, against a real ``mlflow server`` on
+127.0.0.1 (SQLite and PostgreSQL backends) register one version of one evaluation and exit 0; a duplicate made by a promoter on another machine is removed;
 a model name MLflow (or a registry filter) cannot take is refused with one error line, before packaging.
 """
 
@@ -46,35 +46,62 @@ def _env(url: str, home) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_server(request, tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 over each SQL backend the team server may use."""
+    from tests.servers import start_mlflow_server
+
+    if request.param == "sqlite":
+        backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    else:
+        backend = request.getfixturevalue("postgres").new_database()
+    with start_mlflow_server(backend, tmp_path / "artifacts") as server:
+        yield server
+
+
+PROMOTERS = 8
+
+
 @pytest.mark.slow
-def test_two_concurrent_promotions_of_one_candidate_register_one_version(mlflow_server, checkpoint, tmp_path):
+def test_eight_concurrent_promotions_of_one_candidate_register_one_version(registry_server, checkpoint, tmp_path):
+    """8 ``isc promote`` processes at once, each with its own temp folder, so none sees another's file lock:
+    8 machines promoting one candidate. Every one exits 0; the registry ends with one version, its tags,
+    one @champion and a record per promotion that moved it."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=mlflow_server.url)
+    from isc.contract import Tag
+    from registry.writes import records
+
+    client = MlflowClient(tracking_uri=registry_server.url)
     exp = client.create_experiment("race")
     eval_run = _eval_run(client, exp, checkpoint)
     cmd = [sys.executable, "-m", "entrypoints.promote", "--experiment", "race", "--model-name", "racer"]
-    procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=PROJECT_ROOT,
-            env=_env(mlflow_server.url, tmp_path),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    procs = []
+    for i in range(PROMOTERS):
+        host_tmp = tmp_path / f"host{i}"
+        host_tmp.mkdir()
+        env = {**_env(registry_server.url, tmp_path / f"home{i}"), "TMPDIR": str(host_tmp)}
+        procs.append(subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
         assert "Traceback" not in out, out[-3000:]
+        assert "is now @champion" in out or "is already @champion" in out, out[-3000:]
     versions = client.search_model_versions("name = 'racer'")
     assert [v.version for v in versions] == ["1"], [(v.version, v.tags) for v in versions]
-    assert versions[0].tags["isc.source_eval_run"] == eval_run
+    tags = client.get_model_version("racer", "1").tags
+    assert tags[Tag.SOURCE_EVAL_RUN] == eval_run and tags[Tag.MODEL_REF] == str(checkpoint)
+    assert float(tags[Tag.AVERAGE_PRECISION]) == 0.5 and tags[Tag.GT_FINGERPRINT] == "f" * 64
+    assert tags[Tag.PROMOTED_OVER] == "" and tags[Tag.PROMOTED_AT]
     assert client.get_model_version_by_alias("racer", "champion").version == "1"
-    # A third promotion is a no-op.
-    again = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(mlflow_server.url, tmp_path), text=True,
+    assert not client.get_registered_model("racer").aliases.get("previous")
+    moved = sum("is now @champion" in out for out in outs)
+    recs = records(client, "racer", Tag.PROMOTION_PREFIX)
+    assert moved >= 1 and len(recs) == moved, (moved, recs)
+    assert {(r["action"], r["champion"], r["previous"]) for r in recs} == {("promote", "1", None)}
+    # A ninth promotion, afterwards, is a no-op.
+    again = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(registry_server.url, tmp_path), text=True,
                            capture_output=True, timeout=600)  # fmt: skip
     assert again.returncode == 0 and "already @champion" in again.stdout, again.stdout + again.stderr
     assert len(client.search_model_versions("name = 'racer'")) == 1
