@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isc.errors import ConfigError
-from isc.models import load_checkpoint, load_model
+from isc.models import create_model, load_checkpoint, load_model, load_weights
 from isc.models.seed_import import (
     SeedImportError,
     check_globals,
@@ -122,6 +122,11 @@ def test_imported_checkpoint_gives_the_seed_models_descriptors(seed_file, tmp_pa
     with torch.no_grad():
         other.fc.weight.normal_()
     assert (other.eval()(x) * got).sum(1).min().item() < 0.99
+    # --init-from <imported file>: a new stage starts from exactly these weights (the seed's --weight)
+    fresh = create_model(ARCH, pretrained=False, gem_p=1.0, gem_eval_p=3.0, input_size=SIZE)
+    assert load_weights(fresh, result.output) == ([], [])
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(x), want, atol=1e-5)
 
 
 def test_refuses_to_overwrite_and_flags_override_the_seed_args(seed_file, tmp_path):
@@ -265,3 +270,32 @@ def test_register_creates_a_version_without_moving_any_alias(seed_file, tmp_path
     assert main([str(path), "--output", str(out), "--overwrite", "--register", "isc-seed"]) == 0
     assert len(client.search_model_versions("name='isc-seed'")) == 2
     assert client.get_registered_model("isc-seed").aliases == {}
+
+
+def test_legacy_files_import_and_other_pickle_protocols_are_refused_before_unpickling(seed_file, tmp_path,
+                                                                                       monkeypatch):
+    """torch < 1.6's non-zip format imports too; a protocol-4 pickle (STACK_GLOBAL, which the scan
+    follows through the memo) is refused naming its global; a forced-unsafe torch.load setting changes
+    nothing (the scan runs first and weights_only=True is passed explicitly)."""
+    path, seed = seed_file
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    ckpt = torch.load(path, weights_only=False)
+    legacy = tmp_path / "legacy.pth.tar"
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    result = import_seed_checkpoint(legacy, tmp_path / "legacy_out.pth.tar")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(seed.eval()(x), load_model(result.output)(x), atol=1e-5)
+    marker = tmp_path / "pwned"
+    for proto, zip_format in ((2, False), (4, True), (4, False), (5, True)):
+        evil = tmp_path / f"evil_{proto}_{zip_format}.pth.tar"
+        torch.save({**ckpt, "args": Exploit(marker)}, evil, pickle_protocol=proto,
+                   _use_new_zipfile_serialization=zip_format)
+        with pytest.raises(SeedImportError, match=r"refused: the pickle imports the global '(posix|nt|os)\.system'"):
+            import_seed_checkpoint(evil, tmp_path / "out.pth.tar")
+    assert not marker.exists()
+    # a clean protocol-4 file: torch's safe loader cannot read protocol 4, and the error says so
+    clean4 = tmp_path / "clean4.pth.tar"
+    torch.save(ckpt, clean4, pickle_protocol=4)
+    with pytest.raises(SeedImportError, match="weights-only unpickler cannot read it safely .*protocol 2"):
+        import_seed_checkpoint(clean4, tmp_path / "out.pth.tar")

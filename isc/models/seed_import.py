@@ -141,10 +141,16 @@ def read_seed_checkpoint(path: str | Path) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc).splitlines()[0]
-        m = re.search(r"GLOBAL (\S+)", text)
-        what = f"the global '{m.group(1)}'" if m else "an object outside the allowlist"
-        raise SeedImportError(path, f"refused: it holds {what} (weights_only load failed: {text})") from exc
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # torch's message: a generic first line, then "WeightsUnpickler error: <the reason>"
+        reason = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln or "Can only" in ln),
+                      lines[0] if lines else type(exc).__name__)
+        m = re.search(r"GLOBAL (\S+)", reason)
+        if m:
+            raise SeedImportError(path, f"refused: it holds the global '{m.group(1)}' ({reason})") from exc
+        raise SeedImportError(path, f"refused: torch's weights-only unpickler cannot read it safely ({reason}; "
+                                    f"torch.save's default pickle protocol 2, which the seed used, is "
+                                    f"supported)") from exc
     except Exception as exc:  # noqa: BLE001 -- RuntimeError (torn zip), EOFError, ...
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SeedImportError(path, f"not a readable PyTorch checkpoint: the file is truncated or not written "
