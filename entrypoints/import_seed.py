@@ -39,7 +39,10 @@ def build_parser() -> Parser:
                    help="timm name (default: the checkpoint's arch, mapped to today's timm name)")
     p.add_argument("--input-size", type=_optional(positive_int), default=None, help="default: the seed's args.input_size")
     p.add_argument("--gem-p", type=_optional(positive_float), default=None, help="default: the seed's args.gem_p")
-    p.add_argument("--gem-eval-p", type=_optional(positive_float), default=None, help="default: the seed's args.gem_eval_p")
+    p.add_argument("--gem-eval-p", type=_optional(positive_float), default=None,
+                   help="GeM p at extraction (default: the trained p, args.gem_p, as the seed's extraction "
+                        "command --gem-eval-p 1.0; the checkpoint's args.gem_eval_p is its training command's "
+                        "unused parser default)")
     return p
 
 
@@ -87,7 +90,10 @@ def main(argv: list[str]) -> int:
     cfg = result.model_config
     print(f"imported {result.source} (epoch {result.seed_epoch}, arch {result.seed_arch}) -> {result.output}: "
           f"{cfg['backbone']}, input {cfg['input_size']}, GeM p {cfg['gem_p']} / eval {cfg['gem_eval_p']}"
-          + (f"; seed parser defaults used for {', '.join(result.defaults)}" if result.defaults else ""))
+          + (f"; seed parser defaults used for {', '.join(result.defaults)}" if result.defaults else "")
+          + (f"; its args.gem_eval_p {result.args_gem_eval_p} (the training command's) is not used, pass "
+             f"--gem-eval-p to extract with it" if args.gem_eval_p is None and result.args_gem_eval_p is not None
+             and result.args_gem_eval_p != cfg["gem_eval_p"] else ""))
     if args.register:
         run_id, version = register(result, args.register)
         print(f"registered models:/{args.register}/{version} (run {run_id}); no alias moved -- compare it with "

@@ -51,7 +51,9 @@ class SeedISCNet(nn.Module):
         return F.normalize(self.bn(self.fc(x.view(x.shape[0], -1))))
 
 
-def seed_model(gem_p: float = 1.0, gem_eval_p: float = 3.0) -> SeedISCNet:
+def seed_model(gem_p: float = 1.0, gem_eval_p: float = 1.0) -> SeedISCNet:
+    """The seed's network as its extraction builds it: p from the checkpoint's training args, eval p from
+    the extraction command (``--gem-eval-p 1.0`` in the final command)."""
     torch.manual_seed(0)
     model = SeedISCNet(timm.create_model(ARCH, features_only=True, pretrained=False), gem_p, gem_eval_p)
     with torch.no_grad():  # trained-looking BatchNorm statistics, so a key mix-up cannot go unnoticed
@@ -83,7 +85,7 @@ def seed_args(**kw) -> argparse.Namespace:
     base = dict(data="../input/", arch=ARCH, workers=8, epochs=10, start_epoch=0, batch_size=8, lr=0.5,
                 momentum=0.9, weight_decay=1e-6, resume="", world_size=8, rank=0, dist_url="tcp://localhost:10001",
                 dist_backend="nccl", seed=99999, gpu=0, multiprocessing_distributed=True, gem_p=1.0,
-                gem_eval_p=3.0, mode="train", target_set="qr", dryrun=False, pos_margin=0.0, neg_margin=1.1,
+                gem_eval_p=4.0, mode="train", target_set="qr", dryrun=False, pos_margin=0.0, neg_margin=1.1,
                 ncrops=2, input_size=SIZE, sample_size=1000000, weight="v98/train/checkpoint_0001.pth.tar",
                 eval_subset=False, memory_size=1000, tta=False, distributed=True)
     base.update(kw)
@@ -102,7 +104,9 @@ def test_imported_checkpoint_gives_the_seed_models_descriptors(seed_file, tmp_pa
     path, seed = seed_file
     result = import_seed_checkpoint(path, tmp_path / "out" / "v107.pth.tar")
     assert result.model_config["backbone"] == ARCH and result.model_config["input_size"] == SIZE
-    assert (result.model_config["gem_p"], result.model_config["gem_eval_p"]) == (1.0, 3.0)
+    # eval p = the trained p, as the seed's extraction command; not args.gem_eval_p (its parser default)
+    assert (result.model_config["gem_p"], result.model_config["gem_eval_p"]) == (1.0, 1.0)
+    assert result.args_gem_eval_p == 4.0
     assert result.seed_epoch == 10 and result.defaults == []
     ckpt = load_checkpoint(result.output)  # the project's weights_only reader accepts the output
     assert ckpt["optimizer"] is None and ckpt["imported_from"]["sha256"] == result.sha256
@@ -123,22 +127,27 @@ def test_imported_checkpoint_gives_the_seed_models_descriptors(seed_file, tmp_pa
         other.fc.weight.normal_()
     assert (other.eval()(x) * got).sum(1).min().item() < 0.99
     # --init-from <imported file>: a new stage starts from exactly these weights (the seed's --weight)
-    fresh = create_model(ARCH, pretrained=False, gem_p=1.0, gem_eval_p=3.0, input_size=SIZE)
+    fresh = create_model(ARCH, pretrained=False, gem_p=1.0, gem_eval_p=1.0, input_size=SIZE)
     assert load_weights(fresh, result.output) == ([], [])
     with torch.no_grad():
         assert torch.allclose(fresh.eval()(x), want, atol=1e-5)
 
 
 def test_refuses_to_overwrite_and_flags_override_the_seed_args(seed_file, tmp_path):
-    path, _ = seed_file
+    path, seed = seed_file
     out = tmp_path / "v107.pth.tar"
     out.write_bytes(b"keep me")
     with pytest.raises(ConfigError, match="exists; pass --overwrite"):
         import_seed_checkpoint(path, out)
     assert out.read_bytes() == b"keep me"
-    result = import_seed_checkpoint(path, out, overwrite=True, input_size=96, gem_eval_p=1.0)
-    assert result.model_config["input_size"] == 96 and result.model_config["gem_eval_p"] == 1.0
+    result = import_seed_checkpoint(path, out, overwrite=True, input_size=96, gem_eval_p=3.0)
+    assert result.model_config["input_size"] == 96 and result.model_config["gem_eval_p"] == 3.0
     assert "input_size" not in result.from_args and "gem_p" in result.from_args
+    # a real GeM (p = 3) at extraction gives the seed network's descriptors with that eval p
+    seed.eval_p = 3.0
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(seed.eval()(x), load_model(out)(x), atol=1e-5)
 
 
 def test_a_checkpoint_without_args_uses_the_seed_parser_defaults_and_says_so(tmp_path):
@@ -147,9 +156,9 @@ def test_a_checkpoint_without_args_uses_the_seed_parser_defaults_and_says_so(tmp
     torch.save({"epoch": 1, "arch": ARCH, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
                path)
     result = import_seed_checkpoint(path, tmp_path / "out.pth.tar")
-    assert sorted(result.defaults) == ["gem_eval_p", "gem_p", "input_size"]
+    assert sorted(result.defaults) == ["gem_p", "input_size"]
     assert (result.model_config["gem_p"], result.model_config["gem_eval_p"], result.model_config["input_size"]) \
-        == (3.0, 4.0, 224)
+        == (3.0, 3.0, 224)
 
 
 class Exploit:
@@ -263,7 +272,7 @@ def test_register_creates_a_version_without_moving_any_alias(seed_file, tmp_path
     assert "checkpoint_0009.pth.tar" in versions[0].description
     assert client.get_registered_model("isc-seed").aliases == {}
     run = client.get_run(versions[0].run_id)
-    assert run.data.params["seed_epoch"] == "10" and run.data.params["gem_eval_p"] == "3.0"
+    assert run.data.params["seed_epoch"] == "10" and run.data.params["gem_eval_p"] == "1.0"
     served = load_model("models:/isc-seed/1")  # the registered version's checkpoint rebuilds the model
     assert served.model_config["input_size"] == SIZE
     # a second import of the same file is a new version; still no alias

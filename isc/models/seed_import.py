@@ -16,8 +16,14 @@ explicit ``weights_only=True`` is not overridden by ``TORCH_FORCE_NO_WEIGHTS_ONL
 
 The seed's network (``ISCNet`` in its scripts) names its weights ``backbone.*`` (timm, ``features_only``),
 ``fc.weight`` (Linear C -> 256, no bias) and ``bn.*`` (BatchNorm1d); GeM's p is a plain attribute taken
-from ``args.gem_p`` / ``args.gem_eval_p``. DDP saved every key with a ``module.`` prefix. That is this
-project's :class:`isc.models.ISCNet` layout key for key, so the weights map one to one (strict).
+from ``args.gem_p``. DDP saved every key with a ``module.`` prefix. That is this project's
+:class:`isc.models.ISCNet` layout key for key, so the weights map one to one (strict).
+
+GeM's eval p: a checkpoint's ``args`` are those of the *training* command, and the seed's training commands
+never pass ``--gem-eval-p``: their ``args.gem_eval_p`` is the parser default 4.0, which the seed never
+extracted with -- its extraction is a separate command (``v107.py --mode extract --gem-eval-p 1.0``). So the
+eval p defaults to the trained p (``args.gem_p``, 1.0 in every final command), which reproduces the seed's
+published descriptors; ``gem_eval_p=`` (``--gem-eval-p``) sets another.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from isc.models.checkpoint import strip_module_prefix
 from isc.models.iscnet import check_backbone, create_model
 
 # The seed's parser defaults (exp/v107.py), used only for an attribute its args do not carry.
-SEED_DEFAULTS = {"gem_p": 3.0, "gem_eval_p": 4.0, "input_size": 224}
+SEED_DEFAULTS = {"gem_p": 3.0, "input_size": 224}
 ALLOWED_GLOBALS = frozenset({"collections.OrderedDict", "argparse.Namespace"})
 _GLOBAL_OPS = {"GLOBAL", "INST"}
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
@@ -224,6 +230,7 @@ class SeedImport:
     seed_arch: str | None
     from_args: list[str] = field(default_factory=list)  # model_config keys read from the seed's args
     defaults: list[str] = field(default_factory=list)  # keys filled with the seed's parser defaults
+    args_gem_eval_p: float | None = None  # the training command's args.gem_eval_p (not used: module doc)
 
 
 def import_seed_checkpoint(
@@ -238,7 +245,9 @@ def import_seed_checkpoint(
     """Convert a seed checkpoint into a weights-only isc checkpoint at ``output``.
 
     Every model setting comes from, in order: the explicit argument, the seed's ``args`` (``arch``,
-    ``gem_p``, ``gem_eval_p``, ``input_size``), the checkpoint's ``arch``, the seed parser's default.
+    ``gem_p``, ``input_size``), the checkpoint's ``arch``, the seed parser's default; ``gem_eval_p``
+    from the argument, else the trained p (module doc: ``args.gem_eval_p`` is never what the seed
+    extracted with).
     The weights must fit the rebuilt network exactly (strict), otherwise nothing is written.
     """
     source, output = Path(source), Path(output)
@@ -272,9 +281,10 @@ def import_seed_checkpoint(
     except ConfigError as exc:
         raise SeedImportError(source, f"its architecture '{arch}' is unknown to this timm ({exc}); "
                                       f"pass --backbone") from exc
-    model = create_model(name, pretrained=False, gem_p=float(pick("gem_p", gem_p)),
-                         gem_eval_p=float(pick("gem_eval_p", gem_eval_p)), dim=int(fc.shape[0]),
-                         input_size=int(pick("input_size", input_size)))
+    train_p = float(pick("gem_p", gem_p))
+    model = create_model(name, pretrained=False, gem_p=train_p,
+                         gem_eval_p=float(gem_eval_p) if gem_eval_p is not None else train_p,
+                         dim=int(fc.shape[0]), input_size=int(pick("input_size", input_size)))
     _load_exactly(source, name, model, state)
     digest = sha256_of(source)
     epoch = ckpt.get("epoch")
@@ -300,4 +310,5 @@ def import_seed_checkpoint(
     return SeedImport(output=output, source=source, sha256=digest, model_config=dict(model.model_config),
                       seed_epoch=int(epoch) if isinstance(epoch, int) else None,
                       seed_arch=str(ckpt.get("arch")) if ckpt.get("arch") else None,
-                      from_args=from_args, defaults=defaults)
+                      from_args=from_args, defaults=defaults,
+                      args_gem_eval_p=float(args["gem_eval_p"]) if args.get("gem_eval_p") is not None else None)
