@@ -227,6 +227,11 @@ def _measure(cell: Cell, stage: Stage, items: int, negatives: int, root: Path, p
     import torch
 
     model, criterion, optimizer, scaler, loader = _build(stage, root, pairs, sz, items, negatives, device)
+    # one step on random images first: a per-GPU batch that does not fit fails here (OOM), before the
+    # loader's workers spend a minute making views for it
+    probe = torch.randn(cell.images, 3, cell.px, cell.px, device=device)
+    _train_step(model, criterion, optimizer, scaler, probe, torch.arange(cell.images, device=device) // 2, device)
+    del probe
     it = iter(loader)
     warm, steps = sz["warmup"], sz["steps"]
     # loader alone, in steady state: the first round (one batch per worker, all started together, worker
@@ -351,14 +356,19 @@ def print_report(stages, cells, hours, extraction, knn_res, gpus_list, smoke: bo
                   f"{fmt(c.compute)} | {fmt(c.step)} | {fmt(c.peak_gib, '.1f')} | {fmt(c.seconds_per_step, '.3f')} "
                   f"| {c.error or fmt(h, '.1f')} |")
     ext_rate = extraction.get("images_per_s", float("nan"))
-    print(f"\nextraction: {fmt(ext_rate)} images/s per GPU ({extraction.get('images')} JPEGs at "
-          f"{extraction.get('px')} px, peak {fmt(extraction.get('peak_gib', float('nan')), '.1f')} GiB"
-          f"{', ' + extraction['error'] if 'error' in extraction else ''})")
-    print(f"kNN top-10 {knn_res.get('nq')} x {knn_res.get('nb')} x 256: torch on {knn_res.get('torch_device')} "
-          f"{fmt(knn_res.get('torch_seconds', float('nan')), '.2f')} s; faiss (isc.knn) projected "
-          f"{fmt(knn_res.get('faiss_seconds_projected', float('nan')), '.1f')} s")
-    print("\n| GPUs | training hours (1a+1b+2+3+4) | extraction of 2M images, hours | kNN 50k x 1M (1 GPU), s | "
-          "total hours |")
+    if "error" in extraction or not extraction:
+        print(f"\nextraction: {extraction.get('error', 'skipped')}")
+    else:
+        print(f"\nextraction: {fmt(ext_rate)} images/s per GPU ({extraction['images']} JPEGs at {extraction['px']} px, "
+              f"peak {fmt(extraction['peak_gib'], '.1f')} GiB)")
+    if "error" in knn_res or not knn_res:
+        print(f"kNN: {knn_res.get('error', 'skipped')}")
+    else:
+        print(f"kNN top-10 {knn_res['nq']} x {knn_res['nb']} x 256: torch on {knn_res['torch_device']} "
+              f"{fmt(knn_res['torch_seconds'], '.2f')} s; faiss (isc.knn) projected "
+              f"{fmt(knn_res['faiss_seconds_projected'], '.1f')} s{' (' + knn_res['faiss_error'] + ')' if 'faiss_error' in knn_res else ''}")
+    print(f"\n| GPUs | training hours ({'+'.join(st.name for st in stages)}) | extraction of 2M images, hours | "
+          "kNN 50k x 1M (1 GPU), s | total hours |")
     print("|---|---|---|---|---|")
     # exact search costs nq x nb: a smaller measured size (smoke) is scaled up to 50k x 1M
     knn_scale = 50_000 * 1_000_000 / (knn_res["nq"] * knn_res["nb"]) if "nq" in knn_res else float("nan")
