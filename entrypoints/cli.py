@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("entrypoints.promote", "register the best evaluated model and move @champion"),
     "search": ("entrypoints.search", "find copies of query images with a registered model"),
     "export": ("entrypoints.export", "a registered model as a standalone TorchScript/ONNX file"),
+    "import-seed": ("entrypoints.import_seed", "the seed's own checkpoint as an isc model (optionally registered)"),
     "main": ("entrypoints.main", "the whole pipeline, data to promoted champion"),
 }
 

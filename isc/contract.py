@@ -105,6 +105,7 @@ class Step:
     SEARCH = "search"
     MAKE_MINI = "make_mini"
     MAIN = "main"
+    IMPORT_SEED = "import_seed"  # isc import-seed --register: a seed checkpoint logged and registered
 
 
 # ------------------------------------------------------------------ artifact paths inside a run
