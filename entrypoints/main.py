@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from isc.cliutil import Parser, nonnegative_int, optional_str, str2bool
+from isc.cliutil import Parser, nonnegative_int, optional_str, positive_int, str2bool
 from isc.contract import Step, Tag
 
 
@@ -19,6 +19,9 @@ def build_parser() -> Parser:
     p.add_argument("--force", type=str2bool, default=False, help="re-run every step instead of reusing finished runs")
     p.add_argument("--model-name", default="isc-descriptor", help="registered model name")
     p.add_argument("--experiment-name", type=optional_str, default=None)
+    p.add_argument("--nproc-per-node", type=positive_int, default=1,
+                   help="processes (GPUs) of every training stage and extraction, under torchrun when > 1; each "
+                        "takes global batch / processes items per step")
     return p
 
 
@@ -27,17 +30,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from isc.driver import check_arguments, run_main
+    from isc.driver import check_arguments, check_processes, run_main
     from isc.tracking import tracked_run
 
     args = build_parser().parse_args(argv)
     check_arguments(args.profile, args.n_trials, args.overrides or "")  # before any run opens
+    check_processes(args.profile, args.nproc_per_node, args.overrides or "")
     # A name that says what ran and when (under `mlflow run` the launcher's run has a random one).
     name = f"main-{args.profile}-{time.strftime('%Y%m%d-%H%M')}"
     with tracked_run(experiment=args.experiment_name, run_name=name, tags={Tag.STEP: Step.MAIN}):
         mlflow.set_tag("mlflow.runName", name)
         run_main(args.data, args.source, args.profile, args.n_trials, args.force, args.model_name,
-                 overrides=args.overrides or "")
+                 overrides=args.overrides or "", nproc_per_node=args.nproc_per_node)
     return 0
 
 

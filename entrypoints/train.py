@@ -61,7 +61,10 @@ def build_parser() -> Parser:
                         "checkpoint_000N; also run id (final model), runs:/, models:/, path")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
-    g.add_argument("--lr", type=float)
+    g.add_argument("--lr", type=float, help="the lr as stated for --lr-world-size processes")
+    g.add_argument("--lr-world-size", type=int,
+                   help="process count the lr is stated for: each step moves by lr * grad(L) / this, "
+                        "whatever the processes used (the seed's GPUs of the stage; 1 = lr * grad(L))")
     g.add_argument("--momentum", type=float)
     g.add_argument("--wd", "--weight-decay", dest="wd", type=float, help="weight decay (weights only)")
     g.add_argument("--schedule", choices=SCHEDULES, help="constant (stages 1-2), linear (stages 3-4), cosine")

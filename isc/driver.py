@@ -87,6 +87,24 @@ def check_arguments(profile: str, n_trials: int, overrides: str = "") -> None:
         parse_overrides(overrides)  # a bad mapping fails here, before any run
 
 
+def check_processes(profile: str, nproc_per_node: int, overrides: str = "") -> None:
+    """Every training stage's global batch splits over ``nproc_per_node`` processes (at least 2 items
+    each), checked before the main job's run opens rather than when a late stage starts."""
+    from isc.train.config import load_config
+
+    if nproc_per_node < 1:
+        raise ConfigError("nproc_per_node", f"must be >= 1, got {nproc_per_node}")
+    extra = dict(parse_overrides(overrides)) if overrides else {}
+    bad = []
+    for stage in PROFILES[profile].stages:
+        batch = load_config(stage.config, **{**extra, **dict(stage.overrides)}).batch_size
+        if batch % nproc_per_node or batch // nproc_per_node < 2:
+            bad.append(f"{stage.name} (global batch {batch})")
+    if bad:
+        raise ConfigError("nproc_per_node", f"{nproc_per_node} processes: the global batch of {', '.join(bad)} does "
+                                            f"not split into equal per-process batches of at least 2 items")
+
+
 def tuned_stage(profile: str, stage: str | None = None) -> Stage:
     """The stage ``isc tune`` tunes: ``stage`` by name, by default the profile's last fine-tuning stage.
 
@@ -147,12 +165,17 @@ class StepRecord:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+# Entry points started through isc.launch: each is given the job's process count (nproc_per_node).
+LAUNCHED_ENTRY_POINTS = ("train", "extract")
+
+
 class Pipeline:
     """Runs and reuses MLflow project steps inside the driver's (parent) run."""
 
-    def __init__(self, project_dir: Path, experiment_id: str, force: bool = False):
+    def __init__(self, project_dir: Path, experiment_id: str, force: bool = False, nproc_per_node: int = 1):
         from mlflow import MlflowClient
 
+        self.nproc_per_node = nproc_per_node
         self.project_dir = project_dir
         self.experiment_id = experiment_id
         self.force = force
@@ -177,6 +200,8 @@ class Pipeline:
         import mlflow
 
         parameters = {k: v for k, v in parameters.items()}
+        if entry_point in LAUNCHED_ENTRY_POINTS:  # a part of the reuse key: runs differ in process count
+            parameters.setdefault("nproc_per_node", self.nproc_per_node)
         existing = None if self.force else self.find_finished(entry_point, parameters)
         if existing is not None:
             wall = ((existing.info.end_time or 0) - (existing.info.start_time or 0)) / 1000.0
@@ -212,10 +237,12 @@ def run_main(
     force: bool = False,
     model_name: str = "isc-descriptor",
     overrides: str = "",
+    nproc_per_node: int = 1,
 ) -> Any:
     """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame.
 
     The arguments are those :func:`check_arguments` accepted (before the run was opened).
+    ``nproc_per_node``: processes of every training stage and extraction (torchrun through isc.launch).
     """
     # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
     # ids of the steps before it, which is what the reuse of finished runs keys on.
@@ -231,7 +258,7 @@ def run_main(
     active = mlflow.active_run()
     if active is None:
         raise RuntimeError("run_main must run inside an active MLflow run")
-    pipe = Pipeline(project_dir, active.info.experiment_id, force=force)
+    pipe = Pipeline(project_dir, active.info.experiment_id, force=force, nproc_per_node=nproc_per_node)
     data_dir = Path(data).expanduser()
     if not data_dir.is_absolute():
         data_dir = (Path.cwd() / data_dir).resolve()

@@ -12,9 +12,12 @@ Under DDP (``torch.distributed`` initialised) the batch is all-gathered first, l
 ``DistributedLossWrapper``, but **in rank order** (pml puts the local rank first, so every rank would
 enqueue the same embeddings in a different order). Each rank therefore computes the loss of the global
 batch against its bank, and every rank enqueues the identical global batch, so all banks stay
-bit-identical. Only the local slice of the gathered batch carries gradients; callers multiply the loss
-by ``world_size`` before ``backward()`` (see :attr:`XBMContrastiveLoss.grad_scale`) because DDP averages
-gradients over ranks -- the sum over ranks of the local-slice gradients is the full gradient.
+bit-identical. Only the local slice of the gathered batch carries gradients, so the sum over ranks of
+the local-slice gradients is the full gradient grad(L) and DDP's average is grad(L) / W. The training
+loop scales the loss by :attr:`XBMContrastiveLoss.grad_scale` (W) over the stage's ``lr_world_size``
+(:func:`isc.train.loop.loss_scale`), so every step is the seed's ``lr * grad(L) / W_seed`` whatever W.
+The seed's pml 0.9.99 ``DistributedLossWrapper`` did not scale the loss at all (pml >= 1.0 multiplies
+it by the world size).
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ class XBMContrastiveLoss(nn.Module):
 
     @property
     def grad_scale(self) -> int:
-        """Factor to multiply the loss by before ``backward()`` (world size under DDP, else 1)."""
+        """Factor that turns DDP's average of the local-slice gradients into grad(L) of the global batch
+        (world size under DDP, else 1); the loop divides it by ``lr_world_size``."""
         return torch.distributed.get_world_size() if _distributed() else 1
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

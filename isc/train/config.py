@@ -64,6 +64,12 @@ class TrainConfig:
     # optimisation
     epochs: int = 5
     lr: float = 0.1
+    # The update rule (docs/training.md "Gradient scale"): every optimizer step moves the weights by
+    # lr * grad(L) / lr_world_size (+ weight decay), L the loss of the global batch, whatever the number
+    # of processes this run uses. lr_world_size = the process count the lr was stated for: the seed's
+    # GPU count of the stage (its DDP averaged per-rank gradients of an unscaled loss, so its update was
+    # lr * grad(L) / W_seed); 1 = lr * grad(L), what one process of the global batch does unscaled.
+    lr_world_size: int = 1
     momentum: float = 0.9
     wd: float = 1e-6
     schedule: str = "constant"  # constant (stages 1-2) | linear (stages 3-4: lr * (1 - e / epochs)) | cosine
@@ -265,6 +271,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.stage in STAGES, "stage", f"unknown stage '{cfg.stage}' (one of {', '.join(STAGES)})")
     _check(cfg.epochs >= 0, "epochs", f"must be >= 0 (0 = no fine-tuning: the starting model), got {cfg.epochs}")
     _check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+    _check(cfg.lr_world_size >= 1, "lr_world_size",
+           f"must be >= 1 (the process count the lr is stated for), got {cfg.lr_world_size}")
     _check(0 <= cfg.momentum < 1, "momentum", f"must be in [0, 1), got {cfg.momentum}")
     _check(cfg.wd >= 0, "wd", f"must be >= 0, got {cfg.wd}")
     _check(cfg.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")

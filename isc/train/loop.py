@@ -341,9 +341,32 @@ class _Parts:
     optimizer: torch.optim.Optimizer
     scaler: Any
     amp: bool
+    loss_scale: float = 1.0  # see loss_scale()
     start_epoch: int = 0
     start_step: int = 0
     init_report: dict[str, float] = field(default_factory=dict)
+
+
+def loss_scale(criterion: torch.nn.Module, lr_world_size: int) -> float:
+    """The factor each rank multiplies its loss by before ``backward()``: the one gradient-scale rule.
+
+    Every rank's loss is that of the global batch, but only its local slice of the gathered embeddings
+    carries gradients, so its gradient is one share of grad(L); DDP then *averages* over the W ranks.
+    Scaling by ``criterion.grad_scale`` (W under DDP, else 1) makes the averaged gradient the full
+    grad(L); dividing by ``lr_world_size`` (W_seed) makes it grad(L) / W_seed -- the seed's gradient
+    (pml 0.9.99 gathered without scaling, DDP averaged over its W_seed GPUs). So each step is
+    ``lr * grad(L) / W_seed`` for 1, W_seed or any number of processes. Weight decay is the optimizer's
+    (``wd * p`` added to the gradient after backward), so scaling the loss leaves it as the seed's:
+    ``p -= lr * (grad(L) / W_seed + wd * p)`` (+ momentum over that sum, as torch's SGD)."""
+    return float(getattr(criterion, "grad_scale", 1)) / lr_world_size
+
+
+def optimizer_step(parts: _Parts, loss: torch.Tensor) -> None:
+    """Backward of ``loss * parts.loss_scale`` (through the AMP scaler) and one SGD step."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss * parts.loss_scale).backward()
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
 
 
 def _setup(cfg: TrainConfig, info: ddp.DistInfo, weights_given: bool, init_path: Path | None) -> _Parts:
@@ -372,7 +395,8 @@ def _setup(cfg: TrainConfig, info: ddp.DistInfo, weights_given: bool, init_path:
     if info.distributed:
         model = ddp.wrap_model(model, device)  # SyncBatchNorm on CUDA, then DDP
         net = model.module
-    return _Parts(model, net, criterion, optimizer, scaler, amp, init_report=report)
+    return _Parts(model, net, criterion, optimizer, scaler, amp, loss_scale(criterion, cfg.lr_world_size),
+                  init_report=report)
 
 
 def _restore(cfg: TrainConfig, parts: _Parts, resume: dict, resume_path: Path | None) -> None:
@@ -521,7 +545,7 @@ class _Stage:
         """Log the stage's parameters and where it started; pick up the summary of a resumed run."""
         cfg, data, parts = self.cfg, self.data, self.parts
         params = {k: v for k, v in cfg.to_dict().items() if k not in ("tags",)}
-        params.update(world_size=self.info.world_size, per_rank_batch=data.per_rank,
+        params.update(world_size=self.info.world_size, per_rank_batch=data.per_rank, loss_scale=parts.loss_scale,
                       steps_per_epoch=data.steps_per_epoch, num_negatives=cfg.negatives,
                       images_per_step=cfg.batch_size * cfg.images_per_item, device=str(self.info.device),
                       amp=parts.amp, output_dir=str(self.out_dir), **data.facts)
@@ -595,10 +619,7 @@ class _Stage:
                 f"loss is {value} at epoch {epoch} step {step}: training stopped; last good checkpoint: "
                 f"{self.last_ckpt or 'none (no checkpoint was written yet)'}")
         with timer("backward"):
-            p.optimizer.zero_grad(set_to_none=True)
-            p.scaler.scale(loss * p.criterion.grad_scale).backward()
-            p.scaler.step(p.optimizer)
-            p.scaler.update()
+            optimizer_step(p, loss)
         return value
 
     def run_epoch(self, epoch: int, first_step: int) -> dict[str, float]:

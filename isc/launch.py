@@ -1,0 +1,89 @@
+"""Run an entry point as one process or under torchrun: ``python -m isc.launch [options] -m MODULE ARGS...``.
+
+The ``train`` and ``extract`` entry points (and so every training stage and extraction of the main job)
+start through this launcher, so one parameter, ``nproc_per_node``, decides how many processes a step
+uses -- the same command on a laptop (1) and on a machine with 8 GPUs (8):
+
+* 1 process on 1 machine: ``python -m MODULE ARGS`` (the process is replaced: exactly the old command);
+* N processes on 1 machine: :mod:`isc.local_torchrun` (torchrun whose rendezvous store listens on
+  127.0.0.1 only), ``--nproc-per-node N``;
+* several machines (``--nnodes M > 1``): plain ``torchrun`` with the c10d rendezvous at
+  ``--rdzv-endpoint HOST:PORT`` (it must be reachable from every machine: firewall it, see
+  docs/operations.md); every machine runs the same step command with the same ``--rdzv-id``.
+
+Each process then takes ``global batch / world size`` items per step (``isc.train.loop``); NCCL on GPUs,
+gloo on CPU (``isc.train.distributed.setup``); only global rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from isc.errors import ConfigError
+
+
+def torchrun_args(nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "") -> list[str] | None:
+    """torchrun's arguments for this layout, or None for a single process (no torchrun at all)."""
+    if nproc_per_node < 1:
+        raise ConfigError("nproc_per_node", f"must be >= 1, got {nproc_per_node}")
+    if nnodes < 1:
+        raise ConfigError("nnodes", f"must be >= 1, got {nnodes}")
+    if nnodes == 1:
+        if nproc_per_node == 1:
+            return None
+        return ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+                "--local-addr", "127.0.0.1", "--nproc-per-node", str(nproc_per_node)]
+    if not rdzv_endpoint or ":" not in rdzv_endpoint:
+        raise ConfigError("rdzv_endpoint", f"{nnodes} machines need a rendezvous HOST:PORT reachable from every "
+                                           f"machine, got '{rdzv_endpoint}'")
+    return ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
+            "--rdzv-id", rdzv_id or "isc", "--nproc-per-node", str(nproc_per_node)]
+
+
+def _parse(argv: list[str]) -> tuple[dict[str, str], str, list[str]]:
+    """``[--option value]... -m MODULE ARGS...`` (options: dash or underscore spelling)."""
+    options: dict[str, str] = {}
+    i = 0
+    while i < len(argv) and argv[i] != "-m":
+        key = argv[i].lstrip("-").replace("-", "_")
+        if key not in ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id") or i + 1 >= len(argv):
+            raise ConfigError("launch", f"unknown option or missing value: {argv[i]} (usage: python -m isc.launch "
+                                        "[--nproc-per-node N] [--nnodes M --rdzv-endpoint HOST:PORT] -m MODULE ...)")
+        options[key] = argv[i + 1]
+        i += 2
+    if i + 1 >= len(argv):
+        raise ConfigError("launch", "no module to run: give -m MODULE ARGS...")
+    return options, argv[i + 1], argv[i + 2:]
+
+
+def _int(options: dict[str, str], name: str) -> int:
+    try:
+        return int(options.get(name) or 1)
+    except ValueError:
+        raise ConfigError(name, f"expected a whole number, got '{options[name]}'") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        options, module, rest = _parse(argv)
+        args = torchrun_args(_int(options, "nproc_per_node"), _int(options, "nnodes"),
+                             options.get("rdzv_endpoint", ""), options.get("rdzv_id", ""))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args is None:
+        os.execv(sys.executable, [sys.executable, "-m", module, *rest])
+    if args[:2] == ["--nnodes", "1"]:
+        from isc.local_torchrun import main as local_main
+
+        return local_main([*args, "-m", module, *rest])
+    from torch.distributed.run import main as torchrun_main
+
+    torchrun_main([*args, "-m", module, *rest])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

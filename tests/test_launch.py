@@ -1,0 +1,80 @@
+"""``python -m isc.launch``: how the train/extract steps start (one process, torchrun on one machine, several
+machines), and the main job's process-count check before its run opens."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from isc.driver import check_processes
+from isc.errors import ConfigError
+from isc.launch import torchrun_args
+from tests.conftest import PROJECT_ROOT
+from tests.test_main import TINY_FULL
+
+WORKER = """
+import os, pathlib, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+pathlib.Path(sys.argv[1], f"rank{dist.get_rank()}").write_text(f"{dist.get_world_size()} {t.item():g} {sys.argv[2]}")
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_arguments_per_layout():
+    assert torchrun_args(1) is None  # one process: no torchrun, the module itself
+    assert torchrun_args(4) == ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+                                "--local-addr", "127.0.0.1", "--nproc-per-node", "4"]
+    assert torchrun_args(8, 2, "node0:29400")[:6] == ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                                                      "node0:29400"]
+    with pytest.raises(ConfigError, match="rdzv_endpoint: 2 machines need a rendezvous HOST:PORT"):
+        torchrun_args(8, 2, "")
+    with pytest.raises(ConfigError, match="nproc_per_node: must be >= 1"):
+        torchrun_args(0)
+
+
+def _launch(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "isc.launch", *args], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_one_process_runs_the_module_itself_and_bad_counts_fail_naming_the_parameter(tmp_path):
+    done = _launch(["--nproc-per-node", "1", "--nnodes", "1", "--rdzv-endpoint", "", "-m", "json.tool", "--help"])
+    assert done.returncode == 0 and "usage:" in done.stdout and "json.tool" in done.stdout
+    bad = _launch(["--nproc-per-node", "two", "-m", "json.tool"])
+    assert bad.returncode == 2 and "error: nproc_per_node: expected a whole number, got 'two'" in bad.stderr
+    assert _launch(["--gpus", "2", "-m", "json.tool"]).returncode == 2
+
+
+def test_main_refuses_a_process_count_that_does_not_split_every_stage_batch():
+    check_processes("full", 8)  # the seed's counts fit its batches (128, 128, 128, 64, 16)
+    check_processes("full", 2, json.dumps(TINY_FULL))
+    with pytest.raises(ConfigError, match=r"nproc_per_node: 3 processes: the global batch of stage0 \(global batch "
+                                          r"128\), .*stage3 \(global batch 64\), stage4 \(global batch 16\)"):
+        check_processes("full", 3)
+
+
+@pytest.mark.slow
+def test_two_machines_join_one_job(tmp_path):
+    """Two launchers with nnodes 2 (here both on this machine) form one 2-rank gloo job."""
+    (tmp_path / "two_node_worker.py").write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{PROJECT_ROOT}"}
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m",
+              "two_node_worker", str(tmp_path)]
+    procs = [subprocess.Popen([sys.executable, "-m", "isc.launch", *common, f"node{n}"], cwd=PROJECT_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    results = sorted((tmp_path / f"rank{r}").read_text() for r in range(2))
+    assert [r.split()[:2] for r in results] == [["2", "3"], ["2", "3"]]  # world 2, 1 + 2 summed across machines
+    assert {r.split()[2] for r in results} == {"node0", "node1"}
