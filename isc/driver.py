@@ -241,16 +241,17 @@ def run_main(
     if not (data_dir / "reference_images").is_dir():
         pipe.run("make_mini", "make_mini", {"source": source or "", "out": str(data_dir), "seed": 0})
     ds = DISC21(data_dir)
-    test_gt = ds.ground_truth("test")
-    if not test_gt.exists():
-        test_gt = ds.ground_truth()
-    if not test_gt.exists():
-        raise ConfigError("data", f"{data_dir} has no ground_truth_test.csv / ground_truth.csv")
+    extra = dict(parse_overrides(overrides)) if overrides else {}
+    # Every stage's config and input (pairs, ground truths, negatives, disk), checked before the first step:
+    # one message naming every problem, not a failure after days of training (isc/preflight.py).
     # The champion is chosen on the validation split and reported on the test split, so the test numbers
     # stay held out (choosing the best stage on test would bias the champion's test µAP upwards). Data
-    # without a val split is chosen and reported on the same GT, and the summary says so.
-    val_gt = ds.ground_truth("val")
-    select_gt = val_gt if val_gt.exists() and val_gt != test_gt else test_gt
+    # without a val split is chosen and reported on the same GT, and the summary says so. Neither is ever
+    # a ground truth stage 4 trains on.
+    from isc.preflight import check_main_inputs
+
+    gts = check_main_inputs(profile, data_dir, extra, n_trials, out_root=out_root / "train")
+    test_gt, select_gt = gts.test, gts.select
 
     rows: list[dict[str, Any]] = []
     base = pipe.run(
@@ -261,7 +262,6 @@ def run_main(
                  "uAP 95% CI": _interval(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
 
     stage_runs: dict[str, str] = {}
-    extra = dict(parse_overrides(overrides)) if overrides else {}
     handoffs = handoff_epochs(PROFILES[profile].stages)
     for stage in PROFILES[profile].stages:
         start = start_reference(stage, stage_runs)
