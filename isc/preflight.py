@@ -137,7 +137,7 @@ def check_main_inputs(profile: str, data_dir: str | Path, overrides: dict[str, A
                 if pool < negatives:
                     problems.append(f"{label}: {pool} reference image(s) under {ds.reference_dir} are no positive "
                                     f"of {pairs_path}, fewer than the {negatives} negatives per pair")
-        else:
+        elif cfg.epochs > 0:  # stage 0 (epochs 0) reads no training image
             n = min(len(images("train")), cfg.sample_size)
             if 0 < n < batch:
                 problems.append(f"{label}: {n} training image(s) under {ds.training_dir}, fewer than one step's "

@@ -361,8 +361,10 @@ def _validate_data(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(data.root.is_dir(), "data", f"{data.root} does not exist")
     if cfg.stage == PAIRS_STAGE:
         pairs = resolve_pairs_path(cfg)
-        _check(pairs.is_file(), "pairs", f"{pairs} does not exist ({PAIRS_STAGE} trains on positive GT pairs; "
-                                         f"the seed's file is <data>/{SEED_PAIRS_FILE})")
+        _check(pairs.is_file() or cfg.pairs, "pairs",
+               f"{PAIRS_STAGE} trains on positive GT pairs: {data.root / SEED_PAIRS_FILE} (the seed's file) does not "
+               f"exist, nor does {data.ground_truth('train').name} (a train split); give `pairs`")
+        _check(pairs.is_file(), "pairs", f"{pairs} does not exist ({PAIRS_STAGE} trains on positive GT pairs)")
         for split in ("val", "test"):
             held_out = data.ground_truth(split)
             _check(not (held_out.exists() and held_out.resolve() == pairs.resolve()), "pairs",
