@@ -211,3 +211,17 @@ def test_full_profile_on_the_readme_layout_trains_stage4_on_public_pairs_and_cho
     assert champion.tags["isc.gt_path"] == str(readme_data / "ground_truth_test.csv")
     summary = mlflow.artifacts.load_text(f"runs:/{run.run_id}/summary/summary.txt")
     assert "chosen on ground_truth_test.csv" in summary and "not held out" in summary
+
+
+def test_too_little_disk_for_the_checkpoints_is_named_before_training(readme_data, tmp_path):
+    """The checkpoints each stage keeps (local + artifact copy), weighed against the free space where they go:
+    a bank of 10^12 slots (about 1 PB a checkpoint) cannot fit on any test machine's disk."""
+    from isc.preflight import check_main_inputs, checkpoint_bytes
+    from tests.test_main import TINY_FULL
+
+    small = checkpoint_bytes(load_config("stage1", **TINY_FULL))
+    assert 4 * 2 * 1000 < small < 50 * 2**20  # the tiny test network: weights + momentum + a 256-slot bank
+    check_main_inputs("full", readme_data, TINY_FULL, out_root=tmp_path / "outputs" / "train")
+    with pytest.raises(ConfigError, match=r"disk: .* GiB free; the profile's checkpoints need about"):
+        check_main_inputs("full", readme_data, {**TINY_FULL, "memory_size": 10**12},
+                          out_root=tmp_path / "outputs" / "train")
