@@ -58,8 +58,8 @@ def main() -> None:
         from isc.data.mini import make_mini
 
         data = str(make_mini(tmp / "mini", seed=0, size="tiny").root)
-    n_emb = cfg.batch_size * cfg.images_per_item
-    print(f"config {args.config}: {cfg.backbone} at {cfg.input_size}px, global batch {cfg.batch_size} "
+    n_emb = cfg.global_batch(1) * cfg.images_per_item_at(1)  # one process, as this benchmark runs
+    print(f"config {args.config}: {cfg.backbone} at {cfg.input_size}px, global batch {cfg.global_batch(1)} "
           f"({n_emb} embeddings/step), memory {cfg.memory_size}, torch threads {torch.get_num_threads()}")
 
     # 1. micro-benchmark: one step of the model vs the loss on a full bank
@@ -68,7 +68,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     crit = XBMContrastiveLoss(cfg.pos_margin, cfg.neg_margin, cfg.dim, cfg.memory_size)
     x = torch.randn(n_emb, 3, cfg.input_size, cfg.input_size)
-    labels = torch.arange(n_emb) // cfg.images_per_item
+    labels = torch.arange(n_emb) // cfg.images_per_item_at(1)
     with torch.no_grad():
         for _ in range(cfg.memory_size // n_emb + 1):  # fill the bank
             crit(torch.nn.functional.normalize(torch.randn(n_emb, cfg.dim), dim=1), labels + 10_000)

@@ -36,9 +36,12 @@ def build_parser() -> Parser:
                    help="augmentation + dataset kind of the recipe stage (stage1-4 = the seed's v83, v86, v98, "
                         "v107; those old names are read too)")
     g.add_argument("--sample-size", type=int, help="train on the first N sorted training images")
-    g.add_argument("--pairs", type=optional_str, help="stage4: positive GT CSV (default: the train split)")
+    g.add_argument("--pairs", type=optional_str,
+                   help="stage4: positive GT CSV (default: <data>/public_ground_truth.csv as the seed, else the "
+                        "train split ground_truth_train.csv)")
     g.add_argument("--num-negatives", type=optional_str,
-                   help="extra negative references per item (default: 2 for stage3, 30 for stage4)")
+                   help="extra negative references per item (default: 2 for stage3, 2*G-2 for stage4 with G "
+                        "processes, as v107)")
     g.add_argument("--views", choices=("recipe", "edits"),
                    help="hard views: recipe (the stage's, the seed's) or edits (the mini queries' copy edits)")
     g.add_argument("--anchor", choices=("moderate", "plain"), help="first view: moderate crop+flip or plain resize")
@@ -70,6 +73,9 @@ def build_parser() -> Parser:
     g.add_argument("--schedule", choices=SCHEDULES, help="constant (stages 1-2), linear (stages 3-4), cosine")
     g.add_argument("--warmup-steps", type=int, help="linear lr warm-up over the first optimizer steps")
     g.add_argument("--batch-size", "-b", type=int, help="GLOBAL batch of items, split across ranks")
+    g.add_argument("--batch-per-process", type=int,
+                   help="items per process per step whatever the process count (stage4: 1 pair, as v107); "
+                        "0 = --batch-size split across ranks")
     g.add_argument("--amp", choices=("auto", "true", "false"), help="mixed precision (auto = on CUDA)")
     g.add_argument("--seed", type=int)
     g.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (0 = whole epoch)")
@@ -82,6 +88,10 @@ def build_parser() -> Parser:
     g.add_argument("--resume-from", type=optional_str,
                    help="continue from a full checkpoint: model, optimizer, RNG, XBM, epoch. A run id (even "
                         "a finished one) = its latest epoch checkpoint; <run id>:<N>; runs:/; path")
+    g.add_argument("--resume-state", choices=("exact", "seed"),
+                   help="a new stage resumed from another's checkpoint: exact (also its memory bank and "
+                        "GradScaler) or seed (an empty bank and a fresh GradScaler, as the seed's checkpoints; "
+                        "stage1b.yaml)")
     g.add_argument("--overrides", type=optional_str,
                    help="YAML/JSON mapping applied on top of --config (e.g. '{input_size: 32, epochs: 1}')")
     g.add_argument("--checkpoint-every-steps", type=int, help="extra mid-epoch checkpoints (0 = per epoch)")

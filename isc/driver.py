@@ -88,21 +88,22 @@ def check_arguments(profile: str, n_trials: int, overrides: str = "") -> None:
 
 
 def check_processes(profile: str, nproc_per_node: int, overrides: str = "") -> None:
-    """Every training stage's global batch splits over ``nproc_per_node`` processes (at least 2 items
-    each), checked before the main job's run opens rather than when a late stage starts."""
-    from isc.train.config import load_config
+    """Every training stage's batch works on ``nproc_per_node`` processes (the global batch splits evenly, each
+    process sees images of two labels; v107 takes 1 pair + 2G-2 negatives per process), checked before the
+    main job's run opens rather than when a late stage starts. One message names every stage that fails."""
+    from isc.train.config import check_batch, load_config
 
     if nproc_per_node < 1:
         raise ConfigError("nproc_per_node", f"must be >= 1, got {nproc_per_node}")
     extra = dict(parse_overrides(overrides)) if overrides else {}
     bad = []
     for stage in PROFILES[profile].stages:
-        batch = load_config(stage.config, **{**extra, **dict(stage.overrides)}).batch_size
-        if batch % nproc_per_node or batch // nproc_per_node < 2:
-            bad.append(f"{stage.name} (global batch {batch})")
+        try:
+            check_batch(load_config(stage.config, **{**extra, **dict(stage.overrides)}), nproc_per_node)
+        except ConfigError as exc:
+            bad.append(f"{stage.name}: {exc}")
     if bad:
-        raise ConfigError("nproc_per_node", f"{nproc_per_node} processes: the global batch of {', '.join(bad)} does "
-                                            f"not split into equal per-process batches of at least 2 items")
+        raise ConfigError("nproc_per_node", f"{nproc_per_node} process(es) per stage do not fit: " + "; ".join(bad))
 
 
 def tuned_stage(profile: str, stage: str | None = None) -> Stage:
@@ -268,16 +269,18 @@ def run_main(
     if not (data_dir / "reference_images").is_dir():
         pipe.run("make_mini", "make_mini", {"source": source or "", "out": str(data_dir), "seed": 0})
     ds = DISC21(data_dir)
-    test_gt = ds.ground_truth("test")
-    if not test_gt.exists():
-        test_gt = ds.ground_truth()
-    if not test_gt.exists():
-        raise ConfigError("data", f"{data_dir} has no ground_truth_test.csv / ground_truth.csv")
+    extra = dict(parse_overrides(overrides)) if overrides else {}
+    # Every stage's config and input (pairs, ground truths, negatives, disk), checked before the first step:
+    # one message naming every problem, not a failure after days of training (isc/preflight.py).
     # The champion is chosen on the validation split and reported on the test split, so the test numbers
     # stay held out (choosing the best stage on test would bias the champion's test µAP upwards). Data
-    # without a val split is chosen and reported on the same GT, and the summary says so.
-    val_gt = ds.ground_truth("val")
-    select_gt = val_gt if val_gt.exists() and val_gt != test_gt else test_gt
+    # without a val split is chosen and reported on the same GT, and the summary says so. Neither is ever
+    # a ground truth stage 4 trains on.
+    from isc.preflight import check_main_inputs
+
+    gts = check_main_inputs(profile, data_dir, extra, n_trials, world_size=nproc_per_node,
+                            out_root=out_root / "train")
+    test_gt, select_gt = gts.test, gts.select
 
     rows: list[dict[str, Any]] = []
     base = pipe.run(
@@ -288,7 +291,6 @@ def run_main(
                  "uAP 95% CI": _interval(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
 
     stage_runs: dict[str, str] = {}
-    extra = dict(parse_overrides(overrides)) if overrides else {}
     handoffs = handoff_epochs(PROFILES[profile].stages)
     for stage in PROFILES[profile].stages:
         start = start_reference(stage, stage_runs)

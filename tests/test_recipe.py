@@ -23,8 +23,9 @@ from isc.train import load_config, train
 from isc.train.config import CONFIG_DIR, SEED_SCRIPTS
 from isc.train.loop import lr_at
 
-# stage config: input, epochs, lr, wd, global batch (the seed's per-GPU batch x GPUs), memory, margins, seed,
-# schedule (v83/v86 keep the lr; v98/v107 decay it linearly every epoch), negatives per item
+# stage config: input, epochs, lr, wd, global batch (the seed's per-GPU batch x GPUs; v107: 1 pair per process),
+# memory, margins, seed, schedule (v83/v86 keep the lr; v98/v107 decay it linearly every epoch), negatives per
+# item at G = 8 processes (v107: 2G-2 = 14)
 RECIPE = {
     "stage1": dict(stage="stage1", input_size=256, epochs=5, lr=0.1, wd=1e-6, batch_size=128, memory_size=20000,
                    pos_margin=0.0, neg_margin=1.0, seed=9, schedule="constant", negatives=0),
@@ -34,8 +35,8 @@ RECIPE = {
                    pos_margin=0.0, neg_margin=1.0, seed=99, schedule="constant", negatives=0),
     "stage3": dict(stage="stage3", input_size=512, epochs=3, lr=0.1, wd=1e-6, batch_size=64, memory_size=20000,
                    pos_margin=0.0, neg_margin=1.0, seed=999, schedule="linear", negatives=2),
-    "stage4": dict(stage="stage4", input_size=512, epochs=10, lr=0.5, wd=1e-6, batch_size=16, memory_size=1000,
-                   pos_margin=0.0, neg_margin=1.1, seed=99999, schedule="linear", negatives=30),
+    "stage4": dict(stage="stage4", input_size=512, epochs=10, lr=0.5, wd=1e-6, batch_per_process=1, memory_size=1000,
+                   pos_margin=0.0, neg_margin=1.1, seed=99999, schedule="linear", negatives=14),
 }
 # the seed's script behind each packaged config (stage 1b is v83.py --resume)
 SCRIPT = {"stage1": "v83", "stage1b": "v83", "stage2": "v86", "stage3": "v98", "stage4": "v107"}
@@ -55,7 +56,7 @@ HANDOFFS = [("stage1b", "resume", "stage1", 4), ("stage2", "init", "stage1b", 5)
 def test_stage_config_states_the_seeds_values(name):
     want = dict(RECIPE[name])
     cfg = load_config(name)
-    assert cfg.negatives == want.pop("negatives")
+    assert cfg.negatives_at(8) == want.pop("negatives")
     assert {k: getattr(cfg, k) for k in want} == want
     assert (cfg.ncrops, cfg.gem_p, cfg.gem_eval_p, cfg.sample_size, cfg.momentum) == (2, 1.0, 1.0, 1_000_000, 0.9)
     assert cfg.backbone == "tf_efficientnetv2_m.in21k_ft_in1k"

@@ -113,8 +113,8 @@ def test_load_config_packaged_stages_match_the_recipe():
     assert s1.backbone == "tf_efficientnetv2_m.in21k_ft_in1k" and s1.pretrained is True
     assert (s1.pos_margin, s1.neg_margin, s1.gem_p, s1.gem_eval_p, s1.ncrops) == (0.0, 1.0, 1.0, 1.0, 2)
     s4 = load_config("stage4")
-    assert (s4.stage, s4.lr, s4.batch_size, s4.memory_size, s4.neg_margin, s4.seed) == (
-        "stage4", 0.5, 16, 1000, 1.1, 99999)
+    assert (s4.stage, s4.lr, s4.batch_per_process, s4.memory_size, s4.neg_margin, s4.seed) == (
+        "stage4", 0.5, 1, 1000, 1.1, 99999)  # v107: 1 pair per process per step
     assert load_config("stage3").batch_size == 64 and load_config("stage2").input_size == 384
     assert load_config("stage1b").epochs == 10 and load_config("stage1b").seed == 90
     demo = load_config("smoke", epochs=1, **{"neg-margin": "0.9"})

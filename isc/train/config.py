@@ -26,9 +26,13 @@ STAGES = tuple(SEED_SCRIPTS)
 # Earlier configs, checkpoints and commands named a stage by its seed script (and smoke "demo"): still read.
 OLD_STAGE_NAMES = {"demo": "smoke", **{script: name for name, script in SEED_SCRIPTS.items() if script}}
 PAIRS_STAGE = "stage4"  # v107: trains on positive (query, reference) pairs, not on views of training images
-# Extra negative images per training item, as in the seed: v98 adds two random references (moderate
-# transform), v107 thirty random references that are nobody's positive.
-DEFAULT_NEGATIVES = {"smoke": 0, "stage1": 0, "stage2": 0, "stage3": 2, "stage4": 30}
+SEED_PAIRS_FILE = "public_ground_truth.csv"  # what v107.py trains on (every positive pair of it)
+# Extra negative images per training item, as in the seed: v98 adds two random references (the plain
+# Resize((s, s)) of every reference, no random view); v107 adds ``2 * G - 2`` random references that are no
+# positive of the pairs file, G = the number of processes (v107.py: num_negatives = 2 * GPUs - 2 with a
+# DataLoader batch of 1 pair, so that is per process too). None = that world-size rule.
+DEFAULT_NEGATIVES: dict[str, int | None] = {"smoke": 0, "stage1": 0, "stage2": 0, "stage3": 2, "stage4": None}
+RESUME_STATES = ("exact", "seed")
 NEGATIVE_STAGES = ("stage3", "stage4")
 SCHEDULES = ("constant", "linear", "cosine")
 HEAD_INITS = ("xavier", "pca")
@@ -43,7 +47,7 @@ class TrainConfig:
     stage: str = "smoke"  # one of STAGES (an old name of OLD_STAGE_NAMES is read as its new name)
     sample_size: int = 1_000_000
     pairs: str | None = None
-    num_negatives: int | None = None  # None = the stage default (DEFAULT_NEGATIVES)
+    num_negatives: int | None = None  # per item; None = the stage default (DEFAULT_NEGATIVES; v107: 2 * G - 2)
     views: str = "recipe"  # recipe (the stage's hard view) | edits (the mini queries' copy edits)
     anchor: str = "moderate"  # moderate (RandomResizedCrop + flip, the seed) | plain (the eval resize)
     workers: int = 2
@@ -75,6 +79,9 @@ class TrainConfig:
     schedule: str = "constant"  # constant (stages 1-2) | linear (stages 3-4: lr * (1 - e / epochs)) | cosine
     warmup_steps: int = 0  # linear lr warm-up over the first optimizer steps of this stage
     batch_size: int = 128  # global, split across ranks
+    # > 0: items per process per step, whatever the number of processes (the global batch is then this x
+    # the world size and batch_size is not used): v107 takes 1 pair per process (its DataLoader batch_size=1)
+    batch_per_process: int = 0
     amp: str = "auto"
     seed: int = 0
     max_steps_per_epoch: int = 0  # 0 = the whole epoch
@@ -86,6 +93,11 @@ class TrainConfig:
     memory_size: int = 20000
     # run / tracking
     resume_from: str | None = None
+    # what resume_from restores when it starts a new stage (another seed: stage 1b from 1a's checkpoint_0004):
+    # exact = weights, optimizer, memory bank, GradScaler, epoch; seed = what the seed's checkpoints hold
+    # (weights, optimizer, epoch): the memory bank starts empty and the GradScaler fresh, as the seed's 1b did.
+    # Crash recovery (the same seed continuing its own checkpoint) is always exact.
+    resume_state: str = "exact"
     checkpoint_every_steps: int = 0
     # retention (isc.train.retention), locally and in the run's checkpoints/ artifacts: the newest
     # keep_checkpoints (0 or 'all' = every checkpoint), the hand-off epochs and the best epoch by keep_best
@@ -100,13 +112,23 @@ class TrainConfig:
     device: str = "auto"
     tags: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def negatives(self) -> int:
-        return DEFAULT_NEGATIVES[self.stage] if self.num_negatives is None else int(self.num_negatives)
+    def negatives_at(self, world_size: int = 1) -> int:
+        """Negative references per item when the stage runs as ``world_size`` processes."""
+        if self.num_negatives is not None:
+            return int(self.num_negatives)
+        default = DEFAULT_NEGATIVES[self.stage]
+        return 2 * int(world_size) - 2 if default is None else default
 
-    @property
-    def images_per_item(self) -> int:
-        return self.ncrops + self.negatives
+    def images_per_item_at(self, world_size: int = 1) -> int:
+        return self.ncrops + self.negatives_at(world_size)
+
+    def per_process_batch(self, world_size: int = 1) -> int:
+        """Items each process takes per step (``batch_per_process``, else the global batch split)."""
+        return self.batch_per_process or self.batch_size // int(world_size)
+
+    def global_batch(self, world_size: int = 1) -> int:
+        """Items per optimizer step over all processes."""
+        return self.batch_per_process * int(world_size) if self.batch_per_process else self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -264,6 +286,24 @@ def _check(cond: bool, name: str, message: str) -> None:
         raise ConfigError(name, message)
 
 
+def check_batch(cfg: TrainConfig, world_size: int = 1) -> None:
+    """The batch checks of :func:`validate_config` alone (no folder is read): the global batch splits over
+    ``world_size`` processes and each process sees images of two labels."""
+    _check(cfg.batch_per_process >= 0, "batch_per_process", f"must be >= 0, got {cfg.batch_per_process}")
+    _check(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
+    _check(cfg.batch_per_process > 0 or cfg.batch_size % world_size == 0, "batch_size",
+           f"global batch {cfg.batch_size} does not split evenly over {world_size} processes")
+    # BatchNorm1d over one item's views alone forces them apart: the loss sits at its margin and nothing is
+    # learnt. A process needs images of two labels: two items, or one item and its negatives (v107: 1 pair
+    # + 2G-2 references; at G = 1 that is none, so one process needs num_negatives set).
+    per_process, negatives = cfg.per_process_batch(world_size), cfg.negatives_at(world_size)
+    _check(per_process >= 2 or (per_process == 1 and negatives >= 1),
+           "batch_per_process" if cfg.batch_per_process else "batch_size",
+           f"a process needs images of two labels (BatchNorm over one item's views trains nothing): got "
+           f"{per_process} item(s) per process and {negatives} negative(s) per item over {world_size} "
+           f"process(es); give num_negatives >= 1 or more items per process")
+
+
 def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Raise ``ConfigError`` naming the first bad parameter. Touches no run, reads only folder listings."""
     from isc.models.iscnet import check_backbone
@@ -301,13 +341,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     from isc.losses import LOSSES
 
     _check(cfg.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}, got '{cfg.loss}'")
-    _check(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
-    _check(cfg.batch_size % world_size == 0, "batch_size",
-           f"global batch {cfg.batch_size} does not split evenly over {world_size} processes")
-    # BatchNorm1d over one item's views forces them apart: the loss sits at its margin and nothing is learnt
-    _check(cfg.batch_size // world_size >= 2, "batch_size",
-           f"needs at least 2 items per process (BatchNorm over one item trains nothing), got "
-           f"{cfg.batch_size} over {world_size} process(es)")
+    check_batch(cfg, world_size)
+    _check(cfg.resume_state in RESUME_STATES, "resume_state",
+           f"one of {', '.join(RESUME_STATES)}, got '{cfg.resume_state}'")
     _check(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     _check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
     _check(cfg.keep_checkpoints >= 0, "keep_checkpoints",
@@ -328,10 +364,10 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.weights_file:
         _check(Path(cfg.weights_file).expanduser().is_file(), "weights_file",
                f"{cfg.weights_file} does not exist")
-    _validate_data(cfg)
+    _validate_data(cfg, world_size)
 
 
-def _validate_data(cfg: TrainConfig) -> None:
+def _validate_data(cfg: TrainConfig, world_size: int = 1) -> None:
     """The data folders (and pairs file) the stage reads, and a memory bank that holds one batch."""
     from isc.data.disc21 import DISC21
 
@@ -339,6 +375,9 @@ def _validate_data(cfg: TrainConfig) -> None:
     _check(data.root.is_dir(), "data", f"{data.root} does not exist")
     if cfg.stage == PAIRS_STAGE:
         pairs = resolve_pairs_path(cfg)
+        _check(pairs.is_file() or cfg.pairs, "pairs",
+               f"{PAIRS_STAGE} trains on positive GT pairs: {data.root / SEED_PAIRS_FILE} (the seed's file) does not "
+               f"exist, nor does {data.ground_truth('train').name} (a train split); give `pairs`")
         _check(pairs.is_file(), "pairs", f"{pairs} does not exist ({PAIRS_STAGE} trains on positive GT pairs)")
         for split in ("val", "test"):
             held_out = data.ground_truth(split)
@@ -348,18 +387,21 @@ def _validate_data(cfg: TrainConfig) -> None:
     else:
         _check(data.training_dir.is_dir(), "data", f"missing {data.training_dir}")
         _check(any(data.training_dir.iterdir()), "data", f"{data.training_dir} holds no images")
-    if cfg.stage in NEGATIVE_STAGES and cfg.negatives > 0:
+    if cfg.stage in NEGATIVE_STAGES and cfg.negatives_at(world_size) > 0:
         _check(data.reference_dir.is_dir(), "data", f"missing {data.reference_dir} (needed for negatives)")
-    per_step = cfg.batch_size * cfg.images_per_item
+    per_step = cfg.global_batch(world_size) * cfg.images_per_item_at(world_size)
     _check(cfg.memory_size >= per_step, "memory_size",
            f"{cfg.memory_size} is smaller than one global batch of {per_step} embeddings "
-           f"(batch_size {cfg.batch_size} x {cfg.images_per_item} images per item)")
+           f"({cfg.global_batch(world_size)} items x {cfg.images_per_item_at(world_size)} images per item)")
 
 
 def resolve_pairs_path(cfg: TrainConfig) -> Path:
-    """v107's positive-pair CSV: ``--pairs`` or the dataset's *train* ground-truth split."""
+    """v107's positive-pair CSV: ``pairs`` if given, else the seed's ``<data>/public_ground_truth.csv`` (all
+    its positives, as v107.py), else the dataset's *train* split (``ground_truth_train.csv`` of mini data)."""
     from isc.data.disc21 import DISC21
 
     if cfg.pairs:
         return Path(cfg.pairs).expanduser().resolve()
-    return DISC21(cfg.data).ground_truth("train")
+    data = DISC21(cfg.data)
+    public = data.root / SEED_PAIRS_FILE
+    return public if public.is_file() else data.ground_truth("train")

@@ -126,7 +126,8 @@ def _resolve_on_primary(info: ddp.DistInfo, param: str, ref: str | None) -> Path
     return Path(path)
 
 
-def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float]) -> tuple[torch.utils.data.Dataset, dict]:
+def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float],
+                  world_size: int = 1) -> tuple[torch.utils.data.Dataset, dict]:
     """The stage's dataset plus facts worth logging (item count, pairs file)."""
     from isc.data import augment
     from isc.data.disc21 import DISC21
@@ -134,14 +135,18 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float]) -> tupl
     data = DISC21(cfg.data)
     facts: dict[str, Any] = {}
     negatives: list[Path] = []
+    n_negatives = cfg.negatives_at(world_size)
     if cfg.stage == PAIRS_STAGE:
         pairs_path = resolve_pairs_path(cfg)
-        pairs = read_positive_pairs(pairs_path, data.root)[: cfg.sample_size]
-        if cfg.negatives:
-            positive_refs = {r for _, r in pairs}
+        all_pairs = read_positive_pairs(pairs_path, data.root)
+        pairs = all_pairs[: cfg.sample_size]
+        if n_negatives:
+            # v107.py: negatives come from the references that are no positive of any pair of the file
+            # (all of it, also when sample_size trains on fewer pairs)
+            positive_refs = {r for _, r in all_pairs}
             negatives = [p for _, p in data.images("reference") if p not in positive_refs]
         transform = augment.build_eval_transform(cfg.input_size, mean, std)
-        ds: torch.utils.data.Dataset = PairsDataset(pairs, transform, cfg.seed, negatives, cfg.negatives)
+        ds: torch.utils.data.Dataset = PairsDataset(pairs, transform, cfg.seed, negatives, n_negatives)
         facts["pairs_path"] = str(pairs_path)
     else:
         paths = [p for _, p in data.images("train", limit=cfg.sample_size)]
@@ -150,11 +155,11 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float]) -> tupl
         transform = augment.build_train_transform(cfg.stage, cfg.input_size, cfg.ncrops, mean, std, paths,
                                                   views=cfg.views, anchor=cfg.anchor)
         neg_transform = None
-        if cfg.negatives:
+        if n_negatives:
             negatives = [p for _, p in data.images("reference")]
             # v98.py: the reference negatives get the plain Resize((s, s)) + Normalize, no random view
             neg_transform = augment.build_eval_transform(cfg.input_size, mean, std)
-        ds = ViewsDataset(paths, transform, cfg.seed, negatives, cfg.negatives, neg_transform)
+        ds = ViewsDataset(paths, transform, cfg.seed, negatives, n_negatives, neg_transform)
     facts["n_items"] = len(ds)
     facts["n_negative_pool"] = len(negatives)
     return ds, facts
@@ -345,6 +350,7 @@ class _Parts:
     start_epoch: int = 0
     start_step: int = 0
     init_report: dict[str, float] = field(default_factory=dict)
+    bank_restored: bool = False  # resumed with the checkpoint's memory bank and GradScaler (resume_state)
 
 
 def loss_scale(criterion: torch.nn.Module, lr_world_size: int) -> float:
@@ -406,17 +412,22 @@ def _restore(cfg: TrainConfig, parts: _Parts, resume: dict, resume_path: Path | 
     except RuntimeError as exc:
         raise ConfigError("resume_from", f"{resume_path}: weights do not fit --backbone "
                                          f"{cfg.backbone}: {str(exc)[:400]}") from exc
+    # Crash recovery (same seed) continues its own checkpoint exactly; a new stage resumed from a finished one
+    # (stage 1b: seed 90 after 1a's seed 9) draws from its own seed, as the seed's --resume does, and with
+    # resume_state=seed also takes only what the seed's checkpoints hold ({epoch, arch, state_dict, optimizer,
+    # args}): its memory bank starts empty and its GradScaler fresh.
+    recovering = int((resume.get("train_config") or {}).get("seed", cfg.seed)) == cfg.seed
+    parts.bank_restored = recovering or cfg.resume_state == "exact"
     try:
         parts.optimizer.load_state_dict(resume["optimizer"])
-        parts.criterion.load_state_dict(resume["xbm"])
+        if parts.bank_restored:
+            parts.criterion.load_state_dict(resume["xbm"])
     except (ValueError, RuntimeError, KeyError) as exc:
         raise ConfigError("resume_from", f"{resume_path}: optimizer/memory state does not fit this "
                                          f"configuration ({str(exc)[:300]})") from exc
-    if parts.amp and resume.get("scaler"):
+    if parts.amp and resume.get("scaler") and parts.bank_restored:
         parts.scaler.load_state_dict(resume["scaler"])
-    # Crash recovery (same seed) continues the RNG streams; a new stage resumed from a finished one
-    # (stage 1b: seed 90 after 1a's seed 9) draws from its own seed, as the seed's --resume does.
-    if resume.get("rng") and int((resume.get("train_config") or {}).get("seed", cfg.seed)) == cfg.seed:
+    if resume.get("rng") and recovering:
         set_rng_state(resume["rng"])
     parts.start_epoch, parts.start_step = int(resume["epoch"]), int(resume.get("step") or 0)
 
@@ -433,14 +444,14 @@ class _Data:
 
 def _data(cfg: TrainConfig, info: ddp.DistInfo, net: torch.nn.Module) -> _Data:
     """The stage's dataset, its resumable per-rank sampler and the DataLoader (workers persist)."""
-    dataset, facts = build_dataset(cfg, net.model_config["mean"], net.model_config["std"])
-    per_rank = cfg.batch_size // info.world_size
+    dataset, facts = build_dataset(cfg, net.model_config["mean"], net.model_config["std"], info.world_size)
+    per_rank = cfg.per_process_batch(info.world_size)
     sampler = ResumableShuffleSampler(len(dataset), per_rank, cfg.seed, info.rank, info.world_size)
     steps = sampler.batches_per_epoch
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     if steps == 0:
-        raise ConfigError("batch_size", f"global batch {cfg.batch_size} is larger than the {len(dataset)} "
+        raise ConfigError("batch_size", f"global batch {cfg.global_batch(info.world_size)} is larger than the {len(dataset)} "
                                         f"training items ({info.world_size} process(es), drop_last)")
     loader = DataLoader(dataset, batch_size=per_rank, sampler=EpochTaggedSampler(sampler), num_workers=cfg.workers,
                         collate_fn=collate, pin_memory=info.device.type == "cuda", drop_last=True,
@@ -546,11 +557,13 @@ class _Stage:
         cfg, data, parts = self.cfg, self.data, self.parts
         params = {k: v for k, v in cfg.to_dict().items() if k not in ("tags",)}
         params.update(world_size=self.info.world_size, per_rank_batch=data.per_rank, loss_scale=parts.loss_scale,
-                      steps_per_epoch=data.steps_per_epoch, num_negatives=cfg.negatives,
-                      images_per_step=cfg.batch_size * cfg.images_per_item, device=str(self.info.device),
+                      steps_per_epoch=data.steps_per_epoch, num_negatives=cfg.negatives_at(self.info.world_size),
+                      images_per_step=data.per_rank * cfg.images_per_item_at(self.info.world_size) * self.info.world_size,
+                      device=str(self.info.device),
                       amp=parts.amp, output_dir=str(self.out_dir), **data.facts)
         if self.resume_path:
             params["resumed_from_checkpoint"] = str(self.resume_path)
+            params["resumed_memory_bank"] = "restored" if parts.bank_restored else "empty"
         if init_path:
             params["init_checkpoint"] = str(init_path)
         # which checkpoint this stage started from, as the user gave it (<run id>:N, runs:/ URI, path)
@@ -629,7 +642,7 @@ class _Stage:
         p.model.train()
         keep_frozen_in_eval(p.net, cfg.freeze_blocks, all_bn=cfg.freeze_bn)
         d.sampler.set_epoch(epoch, first_step)  # EpochTaggedSampler hands the epoch to the dataset's items
-        images_per_step = d.per_rank * cfg.images_per_item * info.world_size
+        images_per_step = d.per_rank * cfg.images_per_item_at(info.world_size) * info.world_size
         loss_sum, loss_n, window_sum, window_n = 0.0, 0, 0.0, 0
         bad_this_epoch: list[str] = []
         t_epoch = t_window = time.perf_counter()

@@ -1,0 +1,206 @@
+"""The main job's inputs, checked once before its first step: every problem named, in one message.
+
+Why: a profile chains days of GPU training; a pairs file, a ground truth or a reference folder that only the
+last stage reads used to fail after the stages before it had trained. ``check_main_inputs`` reads every
+stage's config (with the job's overrides) and every file the job will need -- the stage-4 pairs, the
+ground truths that choose and score the champion, the reference pool the negatives are drawn from, the
+tuning split, the free disk the checkpoints need where that can be told -- and raises one ``ConfigError``
+listing them all. It writes nothing and opens no run; on DISC21 it lists the image folders once (seconds).
+
+Which ground truth does what (``GroundTruths``):
+
+* ``test``: the summary's numbers -- ``ground_truth_test.csv``, else the data's full ground truth
+  (``ground_truth.csv`` / ``public_ground_truth.csv``);
+* ``select``: chooses the champion -- ``ground_truth_val.csv`` when present (then ``test`` stays held out
+  from the choice), else ``test`` (the summary says the rows are then not held out);
+* stage 4 (v107) trains on its pairs file (``isc.train.config.resolve_pairs_path``: ``pairs``, else
+  ``public_ground_truth.csv`` as the seed, else ``ground_truth_train.csv``). Neither ``select`` nor ``test``
+  (nor the tuning split) may share a query with it: the seed's local 0.9479 was scored on its training pairs,
+  and this platform refuses to.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from isc.errors import ConfigError, ISCError
+
+# what one checkpoint holds besides the weights: SGD momentum (one buffer per weight) -> 2 x the weights
+_STATE_COPIES = 2
+
+
+@dataclass(frozen=True)
+class GroundTruths:
+    test: Path  # reported (held out when a val split exists)
+    select: Path  # chooses the champion
+
+
+def choose_ground_truths(data_dir: Path) -> GroundTruths:
+    """The test and selection ground truths of a DISC21-layout folder (see the module docstring)."""
+    from isc.data.disc21 import DISC21
+
+    ds = DISC21(data_dir)
+    test = ds.ground_truth("test")
+    if not test.exists():
+        test = ds.ground_truth()
+    val = ds.ground_truth("val")
+    return GroundTruths(test=test, select=val if val.exists() and val != test else test)
+
+
+def check_main_inputs(profile: str, data_dir: str | Path, overrides: dict[str, Any] | None = None, n_trials: int = 0,
+                      world_size: int = 1, out_root: str | Path | None = None) -> GroundTruths:
+    """Check every stage's config and every input of the main job; raise one ``ConfigError`` naming all.
+
+    ``world_size``: processes each training stage runs as (v107's negatives and batch depend on it).
+    ``out_root``: where checkpoints are written (its file system's free space is checked). Returns the
+    ground truths the job scores and chooses on.
+    """
+    # long: one pass over the stages and files in the order the job meets them, collecting every problem
+    # instead of stopping at the first; the pieces are short and only make sense in that order.
+    from isc.data.disc21 import DISC21, list_images
+    from isc.driver import PROFILES, stage_overrides
+    from isc.train import config as tc
+
+    data_dir = Path(data_dir)
+    ds = DISC21(data_dir)
+    problems: list[str] = []
+    gts = choose_ground_truths(data_dir)
+    if not ds.root.is_dir():
+        raise ConfigError("data", f"{ds.root} does not exist")
+    stages = PROFILES[profile].stages
+    configs = []
+    for stage in stages:
+        try:
+            cfg = tc.load_config(stage.config, data=str(ds.root), **stage_overrides(stage, dict(overrides or {}), {}))
+            tc.validate_config(cfg, world_size)
+        except ISCError as exc:
+            problems.append(f"{stage.name} ({stage.config}): {exc}")
+            continue
+        configs.append((stage, cfg))
+
+    listings: dict[str, dict[str, Path]] = {}
+
+    def images(split: str) -> dict[str, Path]:
+        if split not in listings:
+            folder = ds.split_dir(split)
+            listings[split] = dict(list_images(folder)) if folder.is_dir() else {}
+        return listings[split]
+
+    def ground_truth(path: Path, role: str) -> Any:
+        from isc.io import read_ground_truth
+
+        try:
+            return read_ground_truth(path)
+        except ISCError as exc:
+            problems.append(f"{role}: {exc}")
+            return None
+
+    scored = {"test ground truth (the summary's numbers)": gts.test}
+    if gts.select != gts.test:
+        scored["selection ground truth (chooses the champion)"] = gts.select
+    if not gts.test.exists():
+        problems.append(f"test ground truth: {data_dir} has no ground_truth_test.csv, ground_truth.csv or "
+                        f"public_ground_truth.csv (the summary's numbers and the champion's choice need one)")
+        scored = {}
+    if n_trials > 0:
+        tuned = _tuning_split(profile, ds.root, problems)
+        if tuned is not None:
+            scored["tuning split (Optuna objective)"] = tuned
+    read = {role: ground_truth(path, role) for role, path in scored.items()}
+    for stage, cfg in configs:
+        label = f"{stage.name} ({stage.config})"
+        negatives = cfg.negatives_at(world_size)
+        batch = cfg.global_batch(world_size)
+        if cfg.stage == tc.PAIRS_STAGE:
+            pairs_path = tc.resolve_pairs_path(cfg)
+            pairs_gt = ground_truth(pairs_path, f"{label} pairs")
+            if pairs_gt is None:
+                continue
+            queries, refs = images("query"), images("reference")
+            usable = [(q, r) for q, r in pairs_gt.positives if q in queries and r in refs]
+            if len(usable) < batch:
+                problems.append(f"{label}: {pairs_path} has {len(usable)} positive pair(s) with both images under "
+                                f"{ds.root}, fewer than one step's {batch} pair(s)")
+            trained = {q for q, _ in pairs_gt.positives}
+            for role, gt in read.items():
+                shared = trained & set(gt.queries) if gt is not None else set()
+                if shared:
+                    problems.append(
+                        f"{role} {scored[role]} shares {len(shared)} quer(ies) with {label}'s training pairs "
+                        f"{pairs_path} (e.g. {sorted(shared)[:3]}): scoring on training pairs is refused; give "
+                        f"a ground truth disjoint from them, or stage 4 another `pairs` file")
+            if negatives:
+                pool = len(set(refs) - {r for _, r in pairs_gt.positives})
+                if pool < negatives:
+                    problems.append(f"{label}: {pool} reference image(s) under {ds.reference_dir} are no positive "
+                                    f"of {pairs_path}, fewer than the {negatives} negatives per pair")
+        elif cfg.epochs > 0:  # stage 0 (epochs 0) reads no training image
+            n = min(len(images("train")), cfg.sample_size)
+            if 0 < n < batch:
+                problems.append(f"{label}: {n} training image(s) under {ds.training_dir}, fewer than one step's "
+                                f"global batch of {batch}")
+            if cfg.stage in tc.NEGATIVE_STAGES and negatives and 0 < len(images("reference")) < negatives:
+                problems.append(f"{label}: {len(images('reference'))} reference image(s) under {ds.reference_dir}, "
+                                f"fewer than the {negatives} negatives per item")
+    disk = _disk_problem([cfg for _, cfg in configs], out_root)
+    if disk:
+        problems.append(disk)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in dict.fromkeys(problems))
+        raise ConfigError("data", f"{len(dict.fromkeys(problems))} problem(s) found before any training run "
+                                  f"(profile {profile}, {ds.root}):\n{listing}")
+    return gts
+
+
+def _tuning_split(profile: str, root: Path, problems: list[str]) -> Path | None:
+    """The ground truth ``isc tune`` scores trials on (it refuses the test split); None when it cannot."""
+    from isc.driver import PROFILES
+    from isc.tune import load_tune_config
+    from isc.tune.objective import resolve_validation_gt
+
+    project = Path(__file__).resolve().parent.parent
+    try:
+        cfg = load_tune_config(project / PROFILES[profile].tune_config, profile=profile)
+        return resolve_validation_gt(root, cfg.split, cfg.ground_truth)
+    except ISCError as exc:
+        problems.append(f"n_trials > 0 tunes on a validation split: {exc} (or pass n_trials=0)")
+        return None
+
+
+def checkpoint_bytes(cfg: Any) -> int | None:
+    """Bytes of one checkpoint of ``cfg``'s network: weights + momentum + memory bank (None if unknown)."""
+    import torch
+
+    try:
+        import timm
+
+        with torch.device("meta"):
+            backbone = timm.create_model(cfg.backbone, features_only=True, pretrained=False)
+        n = sum(p.numel() for p in backbone.parameters()) + backbone.feature_info.channels()[-1] * cfg.dim
+    except Exception:  # an unknown or exotic backbone: the disk check is only "where it can tell"
+        return None
+    return 4 * n * _STATE_COPIES + cfg.memory_size * (cfg.dim * 4 + 8)
+
+
+def _disk_problem(configs: list[Any], out_root: str | Path | None) -> str | None:
+    """Free space where checkpoints go against what the stages keep there (with one in flight)."""
+    if out_root is None or not configs:
+        return None
+    need = 0
+    for cfg in configs:
+        size = checkpoint_bytes(cfg)
+        if size is None:
+            return None
+        kept = (cfg.keep_checkpoints or cfg.epochs) + len(cfg.keep_epochs) + (1 if cfg.keep_best else 0) + 1
+        need += size * min(kept, cfg.epochs + 1) * (2 if cfg.log_checkpoints else 1)  # local + artifact copy
+    folder = Path(out_root)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        return (f"disk: {folder} has {free / 2**30:.1f} GiB free; the profile's checkpoints need about "
+                f"{need / 2**30:.1f} GiB (local copies and their artifact copies)")
+    return None
