@@ -1,5 +1,6 @@
 """The full profile on the README's DISC21 layout: inputs checked before any training run, v107's batch as
-the seed's, stage 1b's memory bank as the seed's, and the whole chain at a tiny scale through `main`.
+the seed's, stage 1b's memory bank as the seed's (the whole chain through `main` on this layout, with 2 gloo
+ranks per step: tests/test_main_full.py).
 
 The README layout (`--data /data/disc21`) has exactly: query_images/, reference_images/, training_images/,
 public_ground_truth.csv (stage 4 trains on every positive of it, as v107.py) and ground_truth_test.csv
@@ -12,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -21,24 +21,27 @@ from isc.errors import ConfigError
 from isc.io import read_ground_truth
 from isc.losses import NEGATIVE_LABEL_OFFSET
 from isc.train import load_config, train
-from tests.conftest import PROJECT_ROOT
 
 README_FILES = ["public_ground_truth.csv", "ground_truth_test.csv"]
 TINY = {"backbone": "test_efficientnet", "pretrained": False, "input_size": 32, "workers": 0, "amp": "false",
         "log_every_steps": 1}
 
 
-def readme_layout(root: Path, mini) -> Path:
+def readme_layout(root: Path, mini, with_val: bool = False) -> Path:
     """The README's DISC21 layout built from the mini data: public GT = the mini's train + val queries
-    (what stage 4 may train on), ground_truth_test.csv = its test split (queries disjoint from them)."""
+    (what stage 4 may train on), ground_truth_test.csv = its test split (queries disjoint from them).
+    ``with_val``: also the README's optional ground_truth_val.csv (the mini's val split, then no longer
+    part of the public GT: a split that chooses the champion is never trained on)."""
     root.mkdir()
     for name in ("query_images", "reference_images", "training_images"):
         (root / name).symlink_to(mini.root / name)
     rows = ["query_id,reference_id"]
-    for split in ("train", "val"):
+    for split in ("train",) if with_val else ("train", "val"):
         rows += mini.ground_truth(split).read_text().splitlines()[1:]
     (root / "public_ground_truth.csv").write_text("\n".join(rows) + "\n")
     (root / "ground_truth_test.csv").write_text(mini.ground_truth("test").read_text())
+    if with_val:
+        (root / "ground_truth_val.csv").write_text(mini.ground_truth("val").read_text())
     return root
 
 
@@ -183,34 +186,6 @@ def test_stage1b_resumes_with_an_empty_bank_as_the_seed_unless_told_exact(tracki
     run = train(cfg)
     params = MlflowClient().get_run(run.run_id).data.params
     assert params["resumed_memory_bank"] == ("restored" if restored else "empty")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_full_profile_on_the_readme_layout_trains_stage4_on_public_pairs_and_chooses_on_the_test_gt(tracking,
-                                                                                                    readme_data):
-    """`main` with profile=full on exactly the README's files, one process, tiny sizes: every stage runs,
-    stage 4 trains on the public ground truth's positives, the champion is chosen on ground_truth_test.csv."""
-    from tests.test_main import TINY_FULL
-
-    params = {"data": str(readme_data), "profile": "full", "n_trials": 0, "overrides": json.dumps(TINY_FULL)}
-    from isc.tracking import get_or_create_experiment
-
-    exp = get_or_create_experiment("main-readme")
-    run = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp, env_manager="local",
-                     synchronous=True)
-    client = MlflowClient()
-    assert client.get_run(run.run_id).info.status == "FINISHED"
-    tags = client.get_run(run.run_id).data.tags
-    stage4 = client.get_run(tags["isc.step_run.train_stage4"]).data.params
-    assert stage4["pairs_path"] == str(readme_data / "public_ground_truth.csv") and stage4["n_items"] == "18"
-    assert (stage4["per_rank_batch"], stage4["num_negatives"], stage4["world_size"]) == ("1", "2", "1")
-    stage1b = client.get_run(tags["isc.step_run.train_stage1b"]).data.params
-    assert stage1b["resumed_memory_bank"] == "empty"  # the seed's 1b
-    champion = client.get_model_version_by_alias("isc-descriptor", "champion")
-    assert champion.tags["isc.gt_path"] == str(readme_data / "ground_truth_test.csv")
-    summary = mlflow.artifacts.load_text(f"runs:/{run.run_id}/summary/summary.txt")
-    assert "chosen on ground_truth_test.csv" in summary and "not held out" in summary
 
 
 def test_too_little_disk_for_the_checkpoints_is_named_before_training(readme_data, tmp_path):
