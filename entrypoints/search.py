@@ -22,6 +22,8 @@ def build_parser() -> Parser:
     p.add_argument("--output", type=optional_str, default="outputs/search/matches.csv",
                    help="matching-track CSV query_id,reference_id,score ('' = do not write)")
     p.add_argument("--topk", type=positive_int, default=5, help="matches per query")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace an existing --output CSV (--index is only ever replaced when isc search wrote it)")
     p.add_argument("--log-run", type=str2bool, default=False, nargs="?", const=True,
                    help="also log the CSV to an MLflow run (always on under `mlflow run`)")
     return p
@@ -39,12 +41,14 @@ def main(argv: list[str]) -> int:
     configure(check=True)
     if os.environ.get("MLFLOW_RUN_ID") or args.log_run:
         with tracked_run(run_name="search", tags={Tag.STEP: Step.SEARCH}):
-            result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output)
+            result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output,
+                                   args.overwrite)
             log_params({"resolved_model": result.model["resolved_uri"], "index_reused": result.index_reused})
             if args.output:
                 log_artifact(args.output, "search")
     else:
-        result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output)
+        result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output,
+                                   args.overwrite)
     with pd.option_context("display.max_rows", 200, "display.width", 160):
         print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     where = f"; CSV: {args.output}" if args.output else ""

@@ -253,6 +253,22 @@ def _lineage(record: Evaluation) -> tuple[str | None, Any]:
     return model_id, gt_dataset
 
 
+ARTIFACT_FILES = ("metrics.json", "pr_curve.png", "gallery.png")
+
+
+def check_output_dir(output_dir: str | Path | None, inputs: dict[str, Any], overwrite: bool,
+                     param: str = "output_dir") -> None:
+    """The output rule (:func:`isc.fileutil.check_outputs`) for the files :func:`run_evaluation` keeps in
+    ``output_dir``: an earlier evaluation's metrics.json/pr_curve.png are replaced only with ``overwrite``.
+    ``inputs`` values that are not local paths (run ids, URIs, loaded objects) are skipped."""
+    if not output_dir:
+        return
+    from isc.fileutil import check_outputs
+
+    local = {k: v for k, v in inputs.items() if isinstance(v, str | Path) and "://" not in str(v)}
+    check_outputs({n: Path(output_dir) / n for n in ARTIFACT_FILES}, local, overwrite, param=param)
+
+
 def _write_artifacts(
     folder: Path,
     out: dict[str, Any],

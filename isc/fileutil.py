@@ -63,18 +63,43 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def check_outputs(
-    outputs: dict[str, Path], inputs: dict[str, Path], overwrite: bool, param: str = "output"
-) -> None:
-    """Refuse, naming the file, an output that is an input (always) or that exists (unless ``overwrite``).
+    outputs: dict[str, str | Path],
+    inputs: dict[str, str | Path | None],
+    overwrite: bool,
+    param: str = "output",
+) -> list[Path]:
+    """The one output rule of every command that writes files; returns the output paths.
 
-    ``outputs``/``inputs`` map a description (``--output``, ``--train-descriptors``...) to a path.
+    Refused, naming the file: an output that is a folder, an output that is an input (always: through
+    symlinks, hard links and ``../`` too, whatever ``overwrite`` says), and an output that exists unless
+    ``overwrite``. ``outputs``/``inputs`` map a description (``--output``, ``--train-descriptors``, an
+    image id...) to a path; an empty input (an MLflow URI, an absent option) is skipped.
+    Why one function: the commands that once each had their own check differed, and three of them
+    replaced existing files silently.
     """
-    for out_name, out in outputs.items():
-        for in_name, inp in inputs.items():
-            if same_file(out, inp) or out.resolve() == inp.resolve():
-                raise ConfigError(param, f"{out} ({out_name}) is the input {in_name}: writing it would "
-                                  "destroy the input; choose another output path")
-    existing = [f"{p} ({n})" for n, p in outputs.items() if p.exists()]
+    outs = {name: Path(p).expanduser() for name, p in outputs.items()}
+    ins = {name: Path(p).expanduser() for name, p in inputs.items() if p is not None and str(p).strip()}
+    by_path = {p.resolve(): name for name, p in ins.items()}
+    by_inode: dict[tuple[int, int], str] | None = None
+    for out_name, out in outs.items():
+        if out.is_dir():
+            raise ConfigError(param, f"{out} ({out_name}) is a folder; give a file path")
+        hit = by_path.get(out.resolve())
+        if hit is None and out.exists():
+            if by_inode is None:  # hard links: stat the inputs once, only when some output exists
+                by_inode = {}
+                for name, p in ins.items():
+                    with contextlib.suppress(OSError):
+                        st = p.stat()
+                        by_inode[(st.st_dev, st.st_ino)] = name
+            with contextlib.suppress(OSError):
+                st = out.stat()
+                hit = by_inode.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            raise ConfigError(param, f"{out} ({out_name}) is both an input and an output (the input {hit}); "
+                                     "writing it would destroy the input; choose another output path")
+    existing = [f"{p} ({n})" for n, p in outs.items() if p.exists() or p.is_symlink()]
     if existing and not overwrite:
-        raise ConfigError(param, f"{', '.join(existing)} already exist(s); pass --overwrite true to replace, "
-                          "or choose another output folder")
+        raise ConfigError(param, f"{', '.join(existing)} already exists; pass --overwrite true to replace it, "
+                                 "or choose another output path")
+    return list(outs.values())

@@ -149,22 +149,42 @@ def collect_images(sources: list[str | Path], param: str) -> list[tuple[str, Pat
     return sorted(items.items())
 
 
-def check_output_paths(index_path: Path, output: str | Path | None, images: list[tuple[str, Path]]) -> None:
-    """Refuse an index/CSV path that is an input image or the other output (one would destroy the other)."""
+def is_search_index(index_path: Path) -> bool:
+    """True when ``index_path`` is an index ``isc search`` wrote: a faiss file with its ``.ids.txt`` and a
+    ``.meta.json`` of this format beside it (the only files ``--index`` may replace)."""
     ids_path, meta_path = _side_paths(index_path)
-    outputs = {"index": index_path, "index ids": ids_path, "index meta": meta_path}
-    outputs = {name: path.resolve() for name, path in outputs.items()}
+    try:
+        meta = json.loads(meta_path.read_text())
+        with open(index_path, "rb") as fh:
+            magic = fh.read(4)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(meta, dict) and meta.get("format") == INDEX_FORMAT and ids_path.is_file()
+            and magic.startswith(b"IxF"))
+
+
+def check_output_paths(index_path: Path, output: str | Path | None, images: list[tuple[str, Path]],
+                       overwrite: bool = False) -> None:
+    """The project's output rule (:func:`isc.fileutil.check_outputs`) for the index set and the CSV.
+
+    ``--index`` is a cache this command owns: an index it wrote is reused or rebuilt, but any other
+    existing file there (or beside it) is refused, ``--overwrite`` or not -- it could be anything (a
+    ground-truth CSV, another tool's index). An existing ``--output`` is replaced only with ``overwrite``;
+    neither may be an input image or the other output.
+    """
+    from isc.fileutil import check_outputs
+
+    ids_path, meta_path = _side_paths(index_path)
+    index_files = {"index": index_path, "index ids": ids_path, "index meta": meta_path}
+    inputs = {f"input image '{image_id}'": p for image_id, p in images}
+    check_outputs(index_files, inputs, overwrite=True, param="index")
+    present = [str(p) for p in index_files.values() if p.exists() or p.is_symlink()]
+    if present and not is_search_index(index_path):
+        raise ConfigError("index", f"{', '.join(present)} exist(s) but {index_path} is not an index written by "
+                                   f"isc search (no {meta_path.name} of format {INDEX_FORMAT} beside a faiss "
+                                   "file); it is never replaced: remove it or choose another --index")
     if output:
-        out = Path(output).resolve()
-        for name, path in outputs.items():
-            if out == path:
-                raise ConfigError("output", f"{output} is also the {name} file ({path}); choose another path")
-        outputs["output"] = out
-    inputs = {p.resolve(): image_id for image_id, p in images}
-    for name, path in outputs.items():
-        if path in inputs:
-            param = "output" if name == "output" else "index"
-            raise ConfigError(param, f"{path} ({name}) is the input image '{inputs[path]}'; choose another")
+        check_outputs({"--output": output}, {**inputs, **index_files}, overwrite, param="output")
 
 
 def _references_fingerprint(items: list[tuple[str, Path]]) -> str:
@@ -242,9 +262,10 @@ def search_images(
     index_path: str | Path,
     topk: int = 5,
     output: str | Path | None = None,
+    overwrite: bool = False,
 ) -> SearchResult:
     """Top-``topk`` references for every query image (see module doc); writes the matching-track CSV
-    ``query_id,reference_id,score`` to ``output`` when given."""
+    ``query_id,reference_id,score`` to ``output`` when given (an existing one only with ``overwrite``)."""
     from isc.io import write_matches_csv
     from isc.knn import FlatIndex
 
@@ -253,7 +274,7 @@ def search_images(
     ref_items = collect_images(list(references), "references")
     query_items = collect_images(list(queries), "queries")
     index_path = Path(index_path)
-    check_output_paths(index_path, output, ref_items + query_items)
+    check_output_paths(index_path, output, ref_items + query_items, overwrite)
     model, ident = load_descriptor_model(model_uri)
     ref_fp = _references_fingerprint(ref_items)
     loaded = load_index(index_path, ident, ref_fp)
