@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from isc import lineage, tracking
 from isc.contract import (
     ARTIFACT_DESCRIPTORS,
@@ -32,6 +34,7 @@ from isc.metrics import (
     EvalResult,
     bootstrap_average_precision,
     check_ground_truth_ids,
+    check_not_constant,
     evaluate,
     ground_truth_fingerprint,
 )
@@ -102,6 +105,13 @@ class EvaluationInputs:
     before: Descriptors | None
 
 
+def _check_set(desc: Descriptors, gt: GroundTruth, source: str) -> None:
+    """GT ids present, and not all one vector (all zero, say): both fail before a run opens."""
+    check_ground_truth_ids(desc, gt, source)
+    check_not_constant(source, "query", np.asarray(desc.query))
+    check_not_constant(source, "reference", np.asarray(desc.reference))
+
+
 def prepare_inputs(
     descriptors: str | Path | Descriptors,
     ground_truth: str | Path | GroundTruth,
@@ -120,13 +130,11 @@ def prepare_inputs(
         if isinstance(descriptors, Descriptors)
         else load_descriptors(descriptors, allow_large_dim)
     )
-    check_ground_truth_ids(
-        desc, gt, str(descriptors) if not isinstance(descriptors, Descriptors) else "descriptors"
-    )
+    _check_set(desc, gt, str(descriptors) if not isinstance(descriptors, Descriptors) else "descriptors")
     bef = None
     if before is not None:
         bef = before if isinstance(before, Descriptors) else load_descriptors(before, allow_large_dim)
-        check_ground_truth_ids(bef, gt, str(before) if not isinstance(before, Descriptors) else "before")
+        _check_set(bef, gt, str(before) if not isinstance(before, Descriptors) else "before")
     if data is not None:
         from isc.data.disc21 import DISC21
 
