@@ -30,6 +30,7 @@ from isc.contract import (
 from isc.errors import DescriptorFileError
 from isc.io import Descriptors, GroundTruth, read_descriptors, read_ground_truth
 from isc.knn import DEFAULT_BATCH_SIZE
+from isc.limits import check_bootstrap
 from isc.metrics import (
     EvalResult,
     bootstrap_average_precision,
@@ -195,6 +196,7 @@ def run_evaluation(
     if before_result is not None:
         out["before"] = before_result.to_dict()
     if bootstrap > 0:
+        check_bootstrap(bootstrap)
         _add_intervals(out, result, before_result, inputs.gt, bootstrap)
 
     with contextlib.ExitStack() as stack:
