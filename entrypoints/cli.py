@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from isc.errors import ISCError
@@ -64,6 +65,18 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
         return int(mod.main(argv) or 0)
     except ISCError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # An MLflow failure that got past the checks (a server that imitates MLflow's probe endpoints and
+        # then answers 404, a store that fails mid-run): one line naming the tracking URI, not a traceback.
+        mlflow_errors = sys.modules.get("mlflow.exceptions")
+        if mlflow_errors is None or not isinstance(exc, mlflow_errors.MlflowException):
+            raise
+        logging.getLogger(__name__).debug("MLflow error", exc_info=True)
+        lines = str(getattr(exc, "message", "") or exc).strip().splitlines()
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        print(f"error: MLflow tracking store {redact(uri) or '(default)'}: {redact(lines[0] if lines else '')}",
+              file=sys.stderr)
         return 2
 
 

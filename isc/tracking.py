@@ -157,6 +157,84 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         )
 
 
+# SQLAlchemy dialect -> (its default driver module, the pip package). SQLAlchemy 2.1 made psycopg (3)
+# the default of a plain ``postgresql://``; the project ships psycopg2-binary, so a plain URI is mapped
+# to ``+psycopg2`` when psycopg is absent (the scheme a user types from the README's team-server path).
+_DB_DRIVERS = {
+    "postgresql": {"": ("psycopg", "psycopg[binary]"), "psycopg": ("psycopg", "psycopg[binary]"),
+                   "psycopg2": ("psycopg2", "psycopg2-binary"), "pg8000": ("pg8000", "pg8000")},
+    "mysql": {"": ("MySQLdb", "mysqlclient"), "mysqldb": ("MySQLdb", "mysqlclient"),
+              "pymysql": ("pymysql", "PyMySQL"), "mysqlconnector": ("mysql.connector", "mysql-connector-python")},
+    "mssql": {"": ("pyodbc", "pyodbc"), "pyodbc": ("pyodbc", "pyodbc"), "pymssql": ("pymssql", "pymssql")},
+}
+_FALLBACK_DRIVER = {"postgresql": "psycopg2", "mysql": "pymysql"}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_store_uri(uri: str) -> str:
+    """The tracking URI to use, or :class:`TrackingUnavailableError` naming it (password masked).
+
+    Refused before MLflow sees them (it would end in a traceback): schemes it has no store for, the
+    file store (MLflow 3 keeps it in maintenance mode and fails on it), and database URIs whose driver
+    is not installed -- a plain ``postgresql://``/``mysql://`` is mapped to an installed driver instead.
+    """
+    shown = redact(uri)
+    scheme, sep, rest = uri.partition("://")
+    scheme = scheme.lower() if sep else ""
+    if scheme in ("http", "https", "sqlite", "databricks", "databricks-uc"):
+        return uri
+    if scheme in ("", "file"):
+        raise TrackingUnavailableError(
+            f"tracking URI {shown}: MLflow's file store is not supported (MLflow 3 keeps it in maintenance mode); "
+            "use sqlite:///<folder>/mlflow.db or an http(s):// tracking server")
+    dialect, _, driver = scheme.partition("+")
+    drivers = _DB_DRIVERS.get(dialect)
+    if drivers is None:
+        raise TrackingUnavailableError(
+            f"tracking URI {shown}: unsupported scheme '{scheme}'; use sqlite:///..., postgresql://..., "
+            "mysql://... or http(s)://...")
+    if driver not in drivers:
+        raise TrackingUnavailableError(f"tracking URI {shown}: unknown {dialect} driver '{driver}' "
+                                       f"(known: {', '.join(d for d in drivers if d)})")
+    module, package = drivers[driver]
+    if _importable(module):
+        return uri
+    fallback = _FALLBACK_DRIVER.get(dialect) if not driver else None
+    if fallback and _importable(drivers[fallback][0]):
+        return f"{dialect}+{fallback}://{rest}"
+    raise TrackingUnavailableError(f"tracking URI {shown}: the {dialect} driver '{module}' is not installed "
+                                   f"(pip install {package})")
+
+
+def check_database(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when a database store cannot be connected to (refused, unknown host,
+    bad password): MLflow would retry and then raise its own traceback."""
+    if uri.partition("://")[0].split("+")[0].lower() not in _DB_DRIVERS:
+        return
+    import sqlalchemy
+
+    try:
+        args = {"connect_timeout": int(timeout)} if uri.lower().startswith("postgresql") else {}
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 -- OperationalError, ArgumentError, driver errors...
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise TrackingUnavailableError(f"tracking database {redact(uri)} is unreachable "
+                                       f"({redact(first[0]) if first else type(exc).__name__})") from exc
+
+
 def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     """Point MLflow at ``tracking_uri`` (default: :func:`default_tracking_uri`) and return it.
 
@@ -168,9 +246,10 @@ def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     from isc.redact import install_log_redaction
 
     install_log_redaction()  # MLflow's handlers exist once it is imported; they print run URLs with the URI
-    uri = tracking_uri or default_tracking_uri()
+    uri = check_store_uri(tracking_uri or default_tracking_uri())
     if check:
         check_reachable(uri)
+        check_database(uri)
     uri, user, password = split_credentials(uri)
     if user is not None:  # MLflow's own convention; keeps the password out of the URI everyone prints
         os.environ["MLFLOW_TRACKING_USERNAME"] = user
