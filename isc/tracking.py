@@ -31,12 +31,18 @@ log = logging.getLogger(__name__)
 
 
 
+CODE_ROOT = Path(__file__).resolve().parent.parent  # this checkout (or site-packages): for git, never for outputs
+
+
 def project_root() -> Path:
-    """Folder that holds the default store: ``$ISC_HOME`` or the repository root of this checkout."""
+    """Folder of the default store (mlflow.db, mlartifacts/, optuna.db) and outputs/: ``$ISC_HOME``, else
+    the current folder -- never the installed package (a pip install would write into site-packages).
+    :func:`configure` exports it as ``ISC_HOME``, so steps run elsewhere (``mlflow run`` starts entry
+    points in the project folder) keep the caller's home."""
     env = os.environ.get("ISC_HOME")
     if env:
         return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent
+    return Path.cwd().resolve()
 
 
 def default_tracking_uri() -> str:
@@ -246,6 +252,7 @@ def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     from isc.redact import install_log_redaction
 
     install_log_redaction()  # MLflow's handlers exist once it is imported; they print run URLs with the URI
+    os.environ.setdefault("ISC_HOME", str(project_root()))  # one home for this process and its steps
     uri = check_store_uri(tracking_uri or default_tracking_uri())
     if check:
         check_reachable(uri)
@@ -316,7 +323,7 @@ def git_commit(root: str | Path | None = None) -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "-C", str(root or project_root()), "rev-parse", "HEAD"],
+        out = subprocess.run(["git", "-C", str(root or CODE_ROOT), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=10, check=True)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
