@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from isc.errors import ISCError
@@ -61,8 +62,16 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mod = importlib.import_module(module)
     install_log_redaction()  # after the import: MLflow adds its own handlers when imported
+    previous = _catch_sigterm()
     try:
         return int(mod.main(argv) or 0)
+    except KeyboardInterrupt as exc:
+        # SIGTERM (timeout, Slurm, Kubernetes) arrives as Terminated, Ctrl-C as KeyboardInterrupt: the
+        # tracked run ends KILLED and atomic outputs drop their temporary files on the way out.
+        name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
+        print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
+              "unfinished outputs were removed", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except ISCError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
@@ -78,6 +87,27 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
         print(f"error: MLflow tracking store {redact(uri) or '(default)'}: {redact(lines[0] if lines else '')}",
               file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so the same cleanup runs
+    (``tracked_run`` marks the run KILLED; ``atomic_path`` removes its temporary file)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Install the SIGTERM handler (main thread only); returns the previous handler, or None."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

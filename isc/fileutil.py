@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,16 +32,51 @@ def _umask() -> int:
     return old
 
 
+def _owner() -> str:
+    """``@<host>@<pid>``: who writes a temporary file (the host too: output folders may be shared)."""
+    return f"@{socket.gethostname()}@{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_partials(path: str | Path) -> list[Path]:
+    """Remove the temporary files of ``path`` left by a killed writer on this host (SIGKILL, OOM killer,
+    power loss: nothing ran to clean up) whose process is gone; returns them. Files of live processes,
+    of other hosts and of other outputs are left alone."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.@{re.escape(socket.gethostname())}@(\d+)\..*\.partial$")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            m = pattern.match(entry.name)
+            if m and not _alive(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
-    On any exception the temporary file is removed and an existing ``path`` is left untouched,
-    so a crash or bad input never leaves an output that looks complete.
+    On any exception (also a SIGTERM/Ctrl-C turned into one by the CLI) the temporary file is removed
+    and an existing ``path`` is left untouched, so a crash or bad input never leaves an output that
+    looks complete. The temporary name carries host and pid, so the next writer of ``path`` removes
+    what a SIGKILLed one left (:func:`remove_stale_partials`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    remove_stale_partials(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=".partial", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
     finally:
