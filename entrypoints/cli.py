@@ -75,14 +75,32 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     except ISCError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A full, read-only or failing disk (ENOSPC, EROFS, EIO), a quota or `ulimit -f`: atomic outputs
+        # have dropped their temporary files and a tracked run has ended FAILED; say which file, in one line.
+        from isc.fileutil import os_error_line
+
+        logging.getLogger(__name__).debug("OS error", exc_info=True)
+        print(f"error: {redact(os_error_line(exc))}", file=sys.stderr)
+        return 2
     except Exception as exc:
         # An MLflow failure that got past the checks (a server that imitates MLflow's probe endpoints and
         # then answers 404, a store that fails mid-run): one line naming the tracking URI, not a traceback.
-        mlflow_errors = sys.modules.get("mlflow.exceptions")
-        if mlflow_errors is None or not isinstance(exc, mlflow_errors.MlflowException):
+        # A database store that fails under MLflow's own code (SQLite "disk I/O error", "database or
+        # disk is full" while migrating or logging) raises SQLAlchemy's errors unwrapped: same line.
+        from isc.fileutil import disk_error_in, os_error_line
+
+        disk = disk_error_in(exc)
+        if disk is not None:  # e.g. h5py's RuntimeError from closing a file whose write hit ENOSPC/EFBIG
+            logging.getLogger(__name__).debug("disk error", exc_info=True)
+            print(f"error: {redact(os_error_line(disk))}", file=sys.stderr)
+            return 2
+        mlflow_errors, sql_errors = sys.modules.get("mlflow.exceptions"), sys.modules.get("sqlalchemy.exc")
+        if not ((mlflow_errors and isinstance(exc, mlflow_errors.MlflowException))
+                or (sql_errors and isinstance(exc, sql_errors.SQLAlchemyError))):
             raise
         logging.getLogger(__name__).debug("MLflow error", exc_info=True)
-        lines = str(getattr(exc, "message", "") or exc).strip().splitlines()
+        lines = str(getattr(exc, "message", "") or getattr(exc, "orig", "") or exc).strip().splitlines()
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         print(f"error: MLflow tracking store {redact(uri) or '(default)'}: {redact(lines[0] if lines else '')}",
               file=sys.stderr)

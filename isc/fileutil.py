@@ -8,6 +8,7 @@ other users of a shared output folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -140,3 +141,43 @@ def check_outputs(
         raise ConfigError(param, f"{', '.join(existing)} already exists; pass --overwrite true to replace it, "
                                  "or choose another output path")
     return list(outs.values())
+
+
+_PARTIAL_RE = re.compile(r"^\.(?P<name>.+?)\.(?:@[^@/]*@\d+\.)?[^./]+\.partial$")
+_H5_FILENAME_RE = re.compile(r"(?:filename|name) = '([^']+)'")
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError that reached the command line (full disk, read-only or failing disk, quota,
+    ``ulimit -f``, a path under /proc): the file -- the final output, not its temporary name -- and the
+    reason. h5py's errors carry the file only inside their (multi-line) message."""
+    name = exc.filename
+    if not name:
+        m = _H5_FILENAME_RE.search(str(exc))
+        name = m.group(1) if m else None
+    if name:
+        path = Path(os.fsdecode(name))
+        m = _PARTIAL_RE.match(path.name)
+        name = str(path.with_name(m.group("name"))) if m else str(path)
+    reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [type(exc).__name__])[0]
+    extra = "; files that existed before are untouched" if exc.errno in _DISK_ERRNOS else ""
+    return f"{name or 'a file'}: {reason}{extra}"
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EFBIG}
+
+
+def disk_error_in(exc: BaseException) -> OSError | None:
+    """The OSError of a full/read-only/failing disk behind ``exc``, if any: h5py, for one, reports the
+    failed write as an OSError and then raises a RuntimeError from closing the file on top of it."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            return e
+        stack += [e.__cause__, e.__context__]
+    return None
