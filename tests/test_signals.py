@@ -91,3 +91,41 @@ def test_the_next_writer_removes_what_a_sigkilled_writer_left(tmp_path):
     finally:
         procs[1].kill()
         procs[1].wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_sigterm_to_train_ends_its_dataloader_workers_and_marks_the_run_killed(tmp_path, mini_data):
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.train", "--config", str(PROJECT_ROOT / "isc" / "configs" / "smoke.yaml"),
+         "--data", str(mini_data.root), "--workers", "2", "--epochs", "50", "--output-dir", str(tmp_path / "out")],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while len(children) < 2:  # the two DataLoader workers are up: training is under way
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no DataLoader workers appeared"
+            time.sleep(0.5)
+            out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+            children = [int(p) for p in out.split()]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")][0].startswith("error: interrupted by SIGTERM")
+    time.sleep(2)
+    alive = []
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert alive == [], f"DataLoader workers still alive: {alive}"
+    assert _statuses(home / "mlflow.db") == ["KILLED"]
