@@ -1,6 +1,6 @@
 """``isc baseline`` / MLproject ``baseline``: hash/thumbnail descriptors of a DISC21 folder, evaluated.
 
-Writes ``OUTPUT_DIR/<method>.h5`` (descriptor-track h5 of every query and reference image), scores it
+Writes ``OUTPUT_DIR/<method>.h5`` (an existing one is replaced only with ``--overwrite true``) (descriptor-track h5 of every query and reference image), scores it
 on the ground truth (default: the held-out ``ground_truth_test.csv`` when the dataset has one, else the
 full ``ground_truth.csv``) with the official protocol, logs it to MLflow like ``isc evaluate`` (plus tag
 ``isc.baseline``) and prints the metrics JSON on stdout.
@@ -17,7 +17,7 @@ import mlflow
 
 from isc import tracking
 from isc.baselines import METHODS, compute_descriptors
-from isc.cliutil import Parser, optional_str
+from isc.cliutil import Parser, optional_str, str2bool
 from isc.contract import Step, Tag
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError, DescriptorFileError
@@ -32,6 +32,8 @@ def build_parser() -> Parser:
     p.add_argument("--method", choices=sorted(METHODS), default="phash")
     p.add_argument("--ground-truth", type=optional_str, default=None, help="GT CSV (default: see above)")
     p.add_argument("--output-dir", default="outputs/baseline")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace the descriptors and artifacts of an earlier baseline in --output-dir")
     p.add_argument("--experiment-name", type=optional_str, default=None)
     return p
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {"descriptors": out_dir / f"{args.method}.h5"}
     for name in ("metrics.json", "pr_curve.png", "gallery.png"):  # run_evaluation's artifacts
         outputs[name] = out_dir / args.method / name
-    check_outputs(outputs, {"--ground-truth": gt_path}, overwrite=True, param="output_dir")
+    check_outputs(outputs, {"--ground-truth": gt_path}, args.overwrite, param="output_dir")
     queries, refs = root.images("query"), root.images("reference")
     if not queries or not refs:
         raise ConfigError("--data", f"{root.root} has no query or no reference images")

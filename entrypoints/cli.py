@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import signal
 import sys
 
 from isc.errors import ISCError
@@ -61,11 +63,70 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mod = importlib.import_module(module)
     install_log_redaction()  # after the import: MLflow adds its own handlers when imported
+    previous = _catch_sigterm()
     try:
         return int(mod.main(argv) or 0)
+    except KeyboardInterrupt as exc:
+        # SIGTERM (timeout, Slurm, Kubernetes) arrives as Terminated, Ctrl-C as KeyboardInterrupt: the
+        # tracked run ends KILLED and atomic outputs drop their temporary files on the way out.
+        name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
+        print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
+              "unfinished outputs were removed", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except ISCError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A full, read-only or failing disk (ENOSPC, EROFS, EIO), a quota or `ulimit -f`: atomic outputs
+        # have dropped their temporary files and a tracked run has ended FAILED; say which file, in one line.
+        from isc.fileutil import os_error_line
+
+        logging.getLogger(__name__).debug("OS error", exc_info=True)
+        print(f"error: {redact(os_error_line(exc))}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # An MLflow failure that got past the checks (a server that imitates MLflow's probe endpoints and
+        # then answers 404, a store that fails mid-run): one line naming the tracking URI, not a traceback.
+        # A database store that fails under MLflow's own code (SQLite "disk I/O error", "database or
+        # disk is full" while migrating or logging) raises SQLAlchemy's errors unwrapped: same line.
+        from isc.fileutil import disk_error_in, os_error_line
+
+        disk = disk_error_in(exc)
+        if disk is not None:  # e.g. h5py's RuntimeError from closing a file whose write hit ENOSPC/EFBIG
+            logging.getLogger(__name__).debug("disk error", exc_info=True)
+            print(f"error: {redact(os_error_line(disk))}", file=sys.stderr)
+            return 2
+        mlflow_errors, sql_errors = sys.modules.get("mlflow.exceptions"), sys.modules.get("sqlalchemy.exc")
+        if not ((mlflow_errors and isinstance(exc, mlflow_errors.MlflowException))
+                or (sql_errors and isinstance(exc, sql_errors.SQLAlchemyError))):
+            raise
+        logging.getLogger(__name__).debug("MLflow error", exc_info=True)
+        lines = str(getattr(exc, "message", "") or getattr(exc, "orig", "") or exc).strip().splitlines()
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        print(f"error: MLflow tracking store {redact(uri) or '(default)'}: {redact(lines[0] if lines else '')}",
+              file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so the same cleanup runs
+    (``tracked_run`` marks the run KILLED; ``atomic_path`` removes its temporary file)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Install the SIGTERM handler (main thread only); returns the previous handler, or None."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import sys
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, optional_str, positive_int, str2bool
 from isc.contract import Step, Tag
-from isc.evaluation import DEFAULT_BOOTSTRAP, prepare_inputs, run_evaluation
+from isc.evaluation import DEFAULT_BOOTSTRAP, check_output_dir, prepare_inputs, run_evaluation
 from isc.knn import DEFAULT_BATCH_SIZE
+from isc.limits import MAX_BOOTSTRAP, check_bootstrap
 from isc.metrics import PROTOCOLS
 
 
@@ -35,15 +36,21 @@ def build_parser() -> Parser:
     p.add_argument("--allow-large-dim", type=str2bool, nargs="?", const=True, default=False)
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="queries per search")
     p.add_argument("--bootstrap", type=nonnegative_int, default=DEFAULT_BOOTSTRAP,
-                   help="query-bootstrap replicates for the 95%% µAP interval (0 = none)")
+                   help=f"query-bootstrap replicates for the 95%% µAP interval (0 = none; at most {MAX_BOOTSTRAP:,})")
     p.add_argument("--experiment-name", type=optional_str, default=None)
-    p.add_argument("--output-dir", type=optional_str, default=None, help="also keep the artifacts here")
+    p.add_argument("--output-dir", type=optional_str, default=None,
+                   help="also keep the artifacts here (metrics.json, pr_curve.png, gallery.png)")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace the artifacts of an earlier evaluation in --output-dir")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Validate every input before the run opens: a bad file fails fast and leaves no empty run.
+    check_bootstrap(args.bootstrap)
+    check_output_dir(args.output_dir, {"--descriptors": args.descriptors, "--ground-truth": args.ground_truth,
+                                       "--before": args.before}, args.overwrite)
     inputs = prepare_inputs(args.descriptors, args.ground_truth, args.before, args.allow_large_dim, args.data)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON only
         with tracking.tracked_run(

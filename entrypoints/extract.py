@@ -28,6 +28,7 @@ from isc.extract import (
     resolve_input_size,
 )
 from isc.fileutil import atomic_path
+from isc.limits import check_input_size, check_workers
 from isc.train import distributed as ddp
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ def _setup_ranks(device_arg: str) -> tuple[ddp.DistInfo, torch.device]:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     letters = parse_sets(args.sets)
+    check_workers(args.workers)
+    check_input_size(args.input_size)
     data = DISC21(args.data)
     if not data.root.is_dir():
         raise ConfigError("data", f"{data.root} is not a folder")

@@ -1,5 +1,9 @@
 """``isc search`` / MLproject ``search``: top-k reference matches of query images with a registered model.
 
+The model is an MLflow pyfunc, and loading a pyfunc runs the Python code it was saved with. Only this
+project's descriptor models are loaded (a local folder must hold this checkout's own code); anything else
+needs ``--trust-model-code true``.
+
     isc search --model models:/isc-descriptor@champion --references data/mini/reference_images \\
         --queries data/mini/query_images/Q00003.jpg other/folder --index outputs/search/reference.index \\
         --output outputs/search/matches.csv --topk 5
@@ -12,7 +16,7 @@ from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, Step, Tag
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="isc search", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="isc search", description="\n\n".join(__doc__.split("\n\n")[:2]))
     p.add_argument("--model", default=f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}",
                    help="model URI: models:/name@alias, models:/name/version, models:/m-<id>, runs:/...")
     p.add_argument("--references", nargs="+", required=True, help="reference image folder(s) and/or files")
@@ -22,6 +26,11 @@ def build_parser() -> Parser:
     p.add_argument("--output", type=optional_str, default="outputs/search/matches.csv",
                    help="matching-track CSV query_id,reference_id,score ('' = do not write)")
     p.add_argument("--topk", type=positive_int, default=5, help="matches per query")
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace an existing --output CSV (--index is only ever replaced when isc search wrote it)")
+    p.add_argument("--trust-model-code", type=str2bool, nargs="?", const=True, default=False,
+                   help="load a pyfunc that is not one of this project's descriptor models (a pyfunc runs the "
+                        "code it was saved with: only for a model you trust)")
     p.add_argument("--log-run", type=str2bool, default=False, nargs="?", const=True,
                    help="also log the CSV to an MLflow run (always on under `mlflow run`)")
     return p
@@ -39,12 +48,14 @@ def main(argv: list[str]) -> int:
     configure(check=True)
     if os.environ.get("MLFLOW_RUN_ID") or args.log_run:
         with tracked_run(run_name="search", tags={Tag.STEP: Step.SEARCH}):
-            result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output)
+            result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output,
+                                   args.overwrite, args.trust_model_code)
             log_params({"resolved_model": result.model["resolved_uri"], "index_reused": result.index_reused})
             if args.output:
                 log_artifact(args.output, "search")
     else:
-        result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output)
+        result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output,
+                                   args.overwrite, args.trust_model_code)
     with pd.option_context("display.max_rows", 200, "display.width", 160):
         print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     where = f"; CSV: {args.output}" if args.output else ""

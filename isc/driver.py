@@ -285,7 +285,8 @@ def run_main(
     rows: list[dict[str, Any]] = []
     base = pipe.run(
         "baseline_phash", "baseline",
-        {"data": str(data_dir), "method": "phash", "ground_truth": str(test_gt), "output_dir": str(out_root / "baseline")},
+        {"data": str(data_dir), "method": "phash", "ground_truth": str(test_gt), "output_dir": str(out_root / "baseline"),
+         "overwrite": "true"},
     )
     rows.append({"step": "baseline (pHash)", "uAP": base.metrics.get("average_precision"),
                  "uAP 95% CI": _interval(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
@@ -321,7 +322,7 @@ def run_main(
         "search", "search",
         {"model": f"models:/{model_name}@champion", "references": str(ds.reference_dir),
          "queries": str(ds.query_dir), "index": str(out_root / "search" / f"{model_name}.index"),
-         "output": str(out_root / "search" / "matches.csv")},
+         "output": str(out_root / "search" / "matches.csv"), "overwrite": "true"},
     )
     notes.append(_promotion_line(pipe.client.get_run(prom.run_id)))
     del search

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from isc import lineage, tracking
 from isc.contract import (
     ARTIFACT_DESCRIPTORS,
@@ -28,10 +30,12 @@ from isc.contract import (
 from isc.errors import DescriptorFileError
 from isc.io import Descriptors, GroundTruth, read_descriptors, read_ground_truth
 from isc.knn import DEFAULT_BATCH_SIZE
+from isc.limits import check_bootstrap
 from isc.metrics import (
     EvalResult,
     bootstrap_average_precision,
     check_ground_truth_ids,
+    check_not_constant,
     evaluate,
     ground_truth_fingerprint,
 )
@@ -102,6 +106,13 @@ class EvaluationInputs:
     before: Descriptors | None
 
 
+def _check_set(desc: Descriptors, gt: GroundTruth, source: str) -> None:
+    """GT ids present, and not all one vector (all zero, say): both fail before a run opens."""
+    check_ground_truth_ids(desc, gt, source)
+    check_not_constant(source, "query", np.asarray(desc.query))
+    check_not_constant(source, "reference", np.asarray(desc.reference))
+
+
 def prepare_inputs(
     descriptors: str | Path | Descriptors,
     ground_truth: str | Path | GroundTruth,
@@ -120,13 +131,11 @@ def prepare_inputs(
         if isinstance(descriptors, Descriptors)
         else load_descriptors(descriptors, allow_large_dim)
     )
-    check_ground_truth_ids(
-        desc, gt, str(descriptors) if not isinstance(descriptors, Descriptors) else "descriptors"
-    )
+    _check_set(desc, gt, str(descriptors) if not isinstance(descriptors, Descriptors) else "descriptors")
     bef = None
     if before is not None:
         bef = before if isinstance(before, Descriptors) else load_descriptors(before, allow_large_dim)
-        check_ground_truth_ids(bef, gt, str(before) if not isinstance(before, Descriptors) else "before")
+        _check_set(bef, gt, str(before) if not isinstance(before, Descriptors) else "before")
     if data is not None:
         from isc.data.disc21 import DISC21
 
@@ -187,6 +196,7 @@ def run_evaluation(
     if before_result is not None:
         out["before"] = before_result.to_dict()
     if bootstrap > 0:
+        check_bootstrap(bootstrap)
         _add_intervals(out, result, before_result, inputs.gt, bootstrap)
 
     with contextlib.ExitStack() as stack:
@@ -251,6 +261,22 @@ def _lineage(record: Evaluation) -> tuple[str | None, Any]:
         tracking.log_params(lineage.run_params(run_id))
         model_id = lineage.training_model_id(run_id)
     return model_id, gt_dataset
+
+
+ARTIFACT_FILES = ("metrics.json", "pr_curve.png", "gallery.png")
+
+
+def check_output_dir(output_dir: str | Path | None, inputs: dict[str, Any], overwrite: bool,
+                     param: str = "output_dir") -> None:
+    """The output rule (:func:`isc.fileutil.check_outputs`) for the files :func:`run_evaluation` keeps in
+    ``output_dir``: an earlier evaluation's metrics.json/pr_curve.png are replaced only with ``overwrite``.
+    ``inputs`` values that are not local paths (run ids, URIs, loaded objects) are skipped."""
+    if not output_dir:
+        return
+    from isc.fileutil import check_outputs
+
+    local = {k: v for k, v in inputs.items() if isinstance(v, str | Path) and "://" not in str(v)}
+    check_outputs({n: Path(output_dir) / n for n in ARTIFACT_FILES}, local, overwrite, param=param)
 
 
 def _write_artifacts(

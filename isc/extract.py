@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from isc import contract
+from isc import contract, fileutil
 from isc.contract import Tag
 from isc.data.disc21 import DISC21
 from isc.data.images import decode_image, load_image, to_rgb
@@ -76,25 +76,14 @@ def output_paths(out_dir: str | Path, letters: Sequence[str]) -> list[Path]:
 def check_outputs(
     out_dir: str | Path, letters: Sequence[str], overwrite: bool, inputs: Sequence[str | Path] = ()
 ) -> list[Path]:
-    """Refuse, before any work, to replace an existing output unless ``overwrite`` is set, and refuse an
-    output that is also one of ``inputs`` whatever ``overwrite`` says.
+    """The project's output rule (:func:`isc.fileutil.check_outputs`) for this extraction's files.
 
     Why: ``--sets q`` into a folder that holds a full ``descriptors.h5`` would otherwise replace hours of
     extraction with a query-only file, and exit 0. The error names the file.
     """
     outs = output_paths(out_dir, letters)
-    same = {Path(p).expanduser().resolve() for p in inputs if p}
-    for path in outs:
-        if path.resolve() in same:
-            raise ConfigError(str(path), "is both an input and an output of this extraction")
-        if path.is_dir():
-            raise ConfigError(str(path), "is a folder; choose another output_dir")
-        if path.exists() and not overwrite:
-            raise ConfigError(
-                str(path),
-                "already exists; pass --overwrite true to replace it, or choose another --output-dir",
-            )
-    return outs
+    return fileutil.check_outputs({p.name: p for p in outs}, {"--model checkpoint" if i == 0 else f"input {i + 1}": p for i, p in enumerate(inputs)},
+                                  overwrite, param="output_dir")
 
 
 def parse_sets(sets: str) -> list[str]:

@@ -11,6 +11,7 @@ Every writer is atomic (temp file + rename) and every reader validates and names
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,9 @@ def write_train_descriptors(path: str | Path, train: np.ndarray, train_ids: Sequ
     return path
 
 
+_NOT_AN_ID_RE = re.compile(r"[/\\\x00-\x1f\x7f]")  # an id is a file stem: no folder separator, no control char
+
+
 def read_ground_truth(path: str | Path) -> GroundTruth:
     """Read ``query_id,reference_id`` (header optional; empty reference = distractor query).
 
@@ -231,12 +235,19 @@ def read_ground_truth(path: str | Path) -> GroundTruth:
                     continue
                 if lineno == 1 and row[0].strip() == "query_id":
                     continue
+                # Errors give the line number and never the line: a wrong file (/etc/passwd, a key
+                # file) given as --ground-truth must not be printed to the terminal or a log.
                 if len(row) > 2:
                     raise DescriptorFileError(
-                        path, f"line {lineno}: expected 'query_id,reference_id', got {row[:4]}"
+                        path, f"line {lineno}: expected 2 columns 'query_id,reference_id', got {len(row)}"
                     )
                 q = row[0].strip()
                 r = row[1].strip() if len(row) > 1 else ""
+                if _NOT_AN_ID_RE.search(q) or _NOT_AN_ID_RE.search(r):
+                    raise DescriptorFileError(
+                        path, f"line {lineno}: not an image id (ids are file names without a folder or "
+                        "control characters); is this a ground-truth CSV?"
+                    )
                 if q not in seen:
                     seen.add(q)
                     queries.append(q)

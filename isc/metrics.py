@@ -16,11 +16,20 @@ Reimplemented from the definition in ``docs/evaluation.md`` (the DrivenData desc
   counting every prediction with a score >= the correct one (ties pessimistic).
 
 Everything accumulates in float64. Functions are plain functions on arrays returning dataclasses.
+
+Scale: the faiss search runs in float32, where ``||q - r||^2`` of a query scaled by 1e6 (or 1e14)
+against unit references loses the ``q . r`` term and the ranking with it. When every query has the
+same norm and every reference has the same norm (relative spread <= ``UNIFORM_NORM_RTOL``), the L2
+ranking *is* the cosine ranking, so :func:`scoring_copies` searches unit-norm copies when the two
+norms differ enough to cost precision (the scores are then the copies'; even float64 cannot hold the
+ranking of ``-||q - r||^2`` at 1e14): µAP does not depend on the scale. Descriptors of mixed norms are searched as given (their scale is information).
+A set whose rows are all the same vector (all zero, say) is refused: its ranking is arbitrary.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +42,52 @@ from isc.io import MAX_DIM, Descriptors, GroundTruth, validate_matrix
 from isc.knn import DEFAULT_BATCH_SIZE, FlatIndex, global_topk
 from isc.knn import knn as per_query_knn  # `knn` is also evaluate()'s k
 
+log = logging.getLogger(__name__)
+
 PROTOCOLS = ("official", "max_results", "knn")
 RESULTS_PER_GT_QUERY = 10  # the DrivenData cap: K = 10 x number of GT queries
 P90 = 0.9
+UNIFORM_NORM_RTOL = 1e-5  # float32 rounding of a scaled unit vector moves its norm by ~1e-7
+NORM_RATIO_EXACT = 4.0  # float32 L2 loses ~ratio/2 of cos resolution; up to 4x is searched as given
+
+
+def check_not_constant(source: str, name: str, x: np.ndarray) -> None:
+    """Refuse a set of >= 2 descriptors that are all one vector: every distance ties, µAP is noise."""
+    if x.shape[0] >= 2 and not np.any(x != x[0]):
+        what = "all zero" if not np.any(x[0]) else "one constant vector"
+        raise ISCError(f"{source}: every {name} descriptor is {what} ({x.shape[0]} rows); any ranking of "
+                       "them is arbitrary -- check the extraction / post-processing that wrote them")
+
+
+def _uniform_norms(x: np.ndarray) -> float | None:
+    """The common L2 norm of the rows of ``x`` (float64), or None when the norms differ."""
+    norms = np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1)
+    lo, hi = float(norms.min()), float(norms.max())
+    return hi if lo > 0 and hi - lo <= UNIFORM_NORM_RTOL * hi else None
+
+
+def scoring_copies(query: np.ndarray, reference: np.ndarray, metric: str, source: str = "descriptors",
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(query, reference)`` to search (see the module doc).
+
+    For L2 when each side has one common norm and the two norms differ by more than
+    ``NORM_RATIO_EXACT`` (float32 -- and at 1e14 even float64 -- would lose the ``q . r`` term):
+    unit-norm copies, whose ranking is the inputs' ranking; the scores (and ``threshold_p90``) are then
+    those of the copies, and a warning says so. Otherwise the inputs, unchanged.
+    """
+    if metric != "l2":
+        return query, reference
+    cq, cr = _uniform_norms(query), _uniform_norms(reference)
+    if cq is None or cr is None or max(cq, cr) / min(cq, cr) <= NORM_RATIO_EXACT:
+        return query, reference
+    log.warning("%s: queries have norm %.3g and references %.3g: scored on unit-norm copies (the same "
+                "L2 ranking, exact); scores and threshold_p90 are those of the copies", source, cq, cr)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x64 = np.asarray(x, dtype=np.float64)
+        return np.ascontiguousarray(x64 / np.linalg.norm(x64, axis=1, keepdims=True), dtype=np.float32)
+
+    return unit(query), unit(reference)
 
 
 class PredictionsError(ISCError):
@@ -240,6 +292,8 @@ def evaluate(
             f"{source}: query dim {descriptors.query.shape[1]} != reference dim {descriptors.reference.shape[1]}"
         )
     check_ground_truth_ids(descriptors, gt, source)
+    check_not_constant(source, "query", np.asarray(descriptors.query))
+    check_not_constant(source, "reference", np.asarray(descriptors.reference))
 
     qids_all = np.asarray(descriptors.query_ids, dtype=object)
     rids = np.asarray(descriptors.reference_ids, dtype=object)
@@ -248,8 +302,8 @@ def evaluate(
     else:
         gt_q = set(gt.queries)
         rows = np.array([i for i, q in enumerate(descriptors.query_ids) if q in gt_q], dtype=np.int64)
-    query = np.asarray(descriptors.query)[rows]
-    index = FlatIndex(descriptors.reference, metric)
+    query, reference = scoring_copies(np.asarray(descriptors.query)[rows], descriptors.reference, metric, source)
+    index = FlatIndex(reference, metric)
     n_research = 0
     if protocol == "knn":
         q_idx, r_idx, score = per_query_knn(query, None, knn, metric, batch_size, index=index)

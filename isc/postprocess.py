@@ -41,6 +41,10 @@ DEFAULT_DBA_ALPHA = DBA_ALPHA
 DEFAULT_BATCH_SIZE = 65_536  # rows searched per faiss call: 65,536 x k results, a few MB
 
 _EPS = 1e-12  # guards the division when a vector is subtracted down to (numerically) zero
+# Above this the row itself is < 1% of what is left: every output is (minus) its neighbours' mean, and
+# around 1e19 float32 overflows to all-zero rows that still score (µAP of noise, exit 0). The recipe
+# uses 0.35; a tuning range never needs more than a few units.
+MAX_BETA = 100.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class NESConfig:
             raise ConfigError("k", f"must be >= 1, got {self.k}")
         if not np.isfinite(self.beta) or self.beta < 0:
             raise ConfigError("beta", f"must be a finite number >= 0, got {self.beta}")
+        if self.beta > MAX_BETA:
+            raise ConfigError("beta", f"{self.beta:g} > {MAX_BETA:g}: the output would be the neighbours' mean "
+                                      "alone (or all zero), not the descriptor; the recipe uses 0.35")
         if int(self.num_iter) < 0:
             raise ConfigError("num_iter", f"must be >= 0, got {self.num_iter}")
         if int(self.dba_k) < 0:
@@ -94,8 +101,9 @@ def _as_matrix(name: str, x: np.ndarray) -> np.ndarray:
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows divided by their L2 norm (float32, [n, d]); an all-zero row stays zero instead of NaN."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, _EPS)
+    # float64 norms: squares of large float32 rows overflow to inf and would turn the row into zeros.
+    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    return (x / np.maximum(norms, _EPS)).astype(np.float32)
 
 
 def bank_index(bank: np.ndarray, use_gpu: bool | None = None) -> FlatIndex:
@@ -180,8 +188,8 @@ def negative_embedding_subtraction(
         raise ConfigError("k", f"must be >= 1, got {k}")
     if num_iter < 0:
         raise ConfigError("num_iter", f"must be >= 0, got {num_iter}")
-    if beta < 0 or not np.isfinite(beta):
-        raise ConfigError("beta", f"must be a finite number >= 0, got {beta}")
+    if beta < 0 or not np.isfinite(beta) or beta > MAX_BETA:
+        raise ConfigError("beta", f"must be a finite number in [0, {MAX_BETA:g}], got {beta}")
     index = bank if isinstance(bank, FlatIndex) else None
     vectors = bank.reference if isinstance(bank, FlatIndex) else _as_matrix("bank", bank)
     if vectors.shape[1] != x.shape[1]:
@@ -202,6 +210,10 @@ def negative_embedding_subtraction(
                 mean += vectors[idx[:, j]]
             mean /= np.float32(idx.shape[1])
             out[s : s + batch_size] = l2_normalize(block - beta32 * mean)
+    zero = ~np.any(out, axis=1) & np.any(x, axis=1)
+    if zero.any():  # a row subtracted down to nothing scores as noise: refuse instead of writing it
+        raise ConfigError("beta", f"beta={beta:g}, k={k} subtract {int(zero.sum())} row(s) down to zero "
+                                  f"(e.g. rows {np.flatnonzero(zero)[:5].tolist()}); lower --beta")
     return out
 
 

@@ -79,13 +79,16 @@ _QUOTED_KEY_RE = re.compile(
 _FLAG_RE = re.compile(
     r"(?P<head>(?<![\w\-])--?(?P<key>[A-Za-z][\w\-.]*)(?:=|\s+))(?P<val>'[^']*'|\"[^\"]*\"|[^\s'\"]+)"
 )
+# ``key=value`` and ``key: value`` are not matched inside a path (``gt/password.csv: line 14``,
+# ``runs/token=abc/gt.csv``): a folder or file name is not a secret, and masking there ate words of the
+# message and the path's tail. A key that is a file name (``password.csv``) is not a secret name either.
 # ``key=value`` (query strings, DSNs, env assignments, ini files; quoted DSN values included).
 _ASSIGN_RE = re.compile(
-    r"(?P<head>(?<![\w\-.])(?P<key>[A-Za-z_][\w.\-]*)\s*=\s*)"
+    r"(?P<head>(?<![\w\-./\\])(?P<key>[A-Za-z_][\w.\-]*)\s*=\s*)"
     r"(?P<val>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^&\s;,'\"]+)"
 )
 # ``password: x`` (YAML, HTTP-style headers such as ``X-Api-Key: x``).
-_COLON_RE = re.compile(r"(?P<head>(?<![\w\-.])(?P<key>[A-Za-z_][\w.\-]*):[ \t]+)(?P<val>[^\s,;'\"]+)")
+_COLON_RE = re.compile(r"(?P<head>(?<![\w\-./\\])(?P<key>[A-Za-z_][\w.\-]*):[ \t]+)(?P<val>[^\s,;'\"]+)")
 # pgpass: ``hostname:port:database:username:password``.
 _PGPASS_RE = re.compile(r"(?m)^(?P<head>[^:\s#]+:(?:\d+|\*):[^:\s]+:[^:\s]+:)(?P<val>\S.*)$")
 
@@ -114,8 +117,16 @@ def _url_userinfo(m: re.Match) -> str:
     return m.group(0)
 
 
+_FILE_NAME_RE = re.compile(
+    r"(?i)\.(?:csv|tsv|txt|h5|hdf5|json|ya?ml|toml|ini|cfg|conf|png|jpe?g|pt|pth|tar|gz|zip|db|sqlite|onnx|"
+    r"index|log)$"
+)
+
+
 def _keyed(m: re.Match) -> str:
     val = m.group("val").strip("'\"")
+    if _FILE_NAME_RE.search(m.group("key")):
+        return m.group(0)
     if not is_secret_key(m.group("key")) or val == REDACTED or val.lower() in _AUTH_SCHEMES:
         return m.group(0)
     head = m.group("head") if "head" in m.groupdict() and m.group("head") is not None else None

@@ -31,12 +31,18 @@ log = logging.getLogger(__name__)
 
 
 
+CODE_ROOT = Path(__file__).resolve().parent.parent  # this checkout (or site-packages): for git, never for outputs
+
+
 def project_root() -> Path:
-    """Folder that holds the default store: ``$ISC_HOME`` or the repository root of this checkout."""
+    """Folder of the default store (mlflow.db, mlartifacts/, optuna.db) and outputs/: ``$ISC_HOME``, else
+    the current folder -- never the installed package (a pip install would write into site-packages).
+    :func:`configure` exports it as ``ISC_HOME``, so steps run elsewhere (``mlflow run`` starts entry
+    points in the project folder) keep the caller's home."""
     env = os.environ.get("ISC_HOME")
     if env:
         return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent
+    return Path.cwd().resolve()
 
 
 def default_tracking_uri() -> str:
@@ -157,6 +163,84 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         )
 
 
+# SQLAlchemy dialect -> (its default driver module, the pip package). SQLAlchemy 2.1 made psycopg (3)
+# the default of a plain ``postgresql://``; the project ships psycopg2-binary, so a plain URI is mapped
+# to ``+psycopg2`` when psycopg is absent (the scheme a user types from the README's team-server path).
+_DB_DRIVERS = {
+    "postgresql": {"": ("psycopg", "psycopg[binary]"), "psycopg": ("psycopg", "psycopg[binary]"),
+                   "psycopg2": ("psycopg2", "psycopg2-binary"), "pg8000": ("pg8000", "pg8000")},
+    "mysql": {"": ("MySQLdb", "mysqlclient"), "mysqldb": ("MySQLdb", "mysqlclient"),
+              "pymysql": ("pymysql", "PyMySQL"), "mysqlconnector": ("mysql.connector", "mysql-connector-python")},
+    "mssql": {"": ("pyodbc", "pyodbc"), "pyodbc": ("pyodbc", "pyodbc"), "pymssql": ("pymssql", "pymssql")},
+}
+_FALLBACK_DRIVER = {"postgresql": "psycopg2", "mysql": "pymysql"}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_store_uri(uri: str) -> str:
+    """The tracking URI to use, or :class:`TrackingUnavailableError` naming it (password masked).
+
+    Refused before MLflow sees them (it would end in a traceback): schemes it has no store for, the
+    file store (MLflow 3 keeps it in maintenance mode and fails on it), and database URIs whose driver
+    is not installed -- a plain ``postgresql://``/``mysql://`` is mapped to an installed driver instead.
+    """
+    shown = redact(uri)
+    scheme, sep, rest = uri.partition("://")
+    scheme = scheme.lower() if sep else ""
+    if scheme in ("http", "https", "sqlite", "databricks", "databricks-uc"):
+        return uri
+    if scheme in ("", "file"):
+        raise TrackingUnavailableError(
+            f"tracking URI {shown}: MLflow's file store is not supported (MLflow 3 keeps it in maintenance mode); "
+            "use sqlite:///<folder>/mlflow.db or an http(s):// tracking server")
+    dialect, _, driver = scheme.partition("+")
+    drivers = _DB_DRIVERS.get(dialect)
+    if drivers is None:
+        raise TrackingUnavailableError(
+            f"tracking URI {shown}: unsupported scheme '{scheme}'; use sqlite:///..., postgresql://..., "
+            "mysql://... or http(s)://...")
+    if driver not in drivers:
+        raise TrackingUnavailableError(f"tracking URI {shown}: unknown {dialect} driver '{driver}' "
+                                       f"(known: {', '.join(d for d in drivers if d)})")
+    module, package = drivers[driver]
+    if _importable(module):
+        return uri
+    fallback = _FALLBACK_DRIVER.get(dialect) if not driver else None
+    if fallback and _importable(drivers[fallback][0]):
+        return f"{dialect}+{fallback}://{rest}"
+    raise TrackingUnavailableError(f"tracking URI {shown}: the {dialect} driver '{module}' is not installed "
+                                   f"(pip install {package})")
+
+
+def check_database(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when a database store cannot be connected to (refused, unknown host,
+    bad password): MLflow would retry and then raise its own traceback."""
+    if uri.partition("://")[0].split("+")[0].lower() not in _DB_DRIVERS:
+        return
+    import sqlalchemy
+
+    try:
+        args = {"connect_timeout": int(timeout)} if uri.lower().startswith("postgresql") else {}
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 -- OperationalError, ArgumentError, driver errors...
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise TrackingUnavailableError(f"tracking database {redact(uri)} is unreachable "
+                                       f"({redact(first[0]) if first else type(exc).__name__})") from exc
+
+
 def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     """Point MLflow at ``tracking_uri`` (default: :func:`default_tracking_uri`) and return it.
 
@@ -168,9 +252,11 @@ def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     from isc.redact import install_log_redaction
 
     install_log_redaction()  # MLflow's handlers exist once it is imported; they print run URLs with the URI
-    uri = tracking_uri or default_tracking_uri()
+    os.environ.setdefault("ISC_HOME", str(project_root()))  # one home for this process and its steps
+    uri = check_store_uri(tracking_uri or default_tracking_uri())
     if check:
         check_reachable(uri)
+        check_database(uri)
     uri, user, password = split_credentials(uri)
     if user is not None:  # MLflow's own convention; keeps the password out of the URI everyone prints
         os.environ["MLFLOW_TRACKING_USERNAME"] = user
@@ -237,7 +323,7 @@ def git_commit(root: str | Path | None = None) -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "-C", str(root or project_root()), "rev-parse", "HEAD"],
+        out = subprocess.run(["git", "-C", str(root or CODE_ROOT), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=10, check=True)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):

@@ -32,10 +32,15 @@ the version's µAP was measured with. Queries and references must be described t
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import mlflow
 import numpy as np
+
+# Set to "true" by MLflow's scoring server (mlflow.environment_variables._MLFLOW_IS_IN_SERVING_ENVIRONMENT).
+_SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
 
 class DescriptorModel(mlflow.pyfunc.PythonModel):
@@ -135,7 +140,29 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
         return self._describe_tensor(model_input)
 
     def predict(self, context, model_input, params=None):  # untyped on purpose: type hints make MLflow infer an input schema
-        """[N, 256] float32 descriptors; see the module doc for the accepted inputs."""
+        """[N, 256] float32 descriptors; see the module doc for the accepted inputs.
+
+        Under ``mlflow models serve`` a failure becomes an ``MlflowException`` without a stack trace: the
+        scoring server otherwise answers every HTTP 400 with the full traceback and server-side paths.
+        The traceback goes to the server's log instead. In-process callers get the original exception.
+        """
+        if os.environ.get(_SERVING_ENV) != "true":
+            return self._predict(model_input, params)
+        try:
+            return self._predict(model_input, params)
+        except Exception as exc:  # noqa: BLE001 -- every failure of a request, answered without a traceback
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import BAD_REQUEST, INTERNAL_ERROR
+
+            logging.getLogger(__name__).exception("predict failed")
+            from isc.errors import ISCError
+
+            if isinstance(exc, ISCError | ValueError | TypeError | KeyError):
+                raise MlflowException(f"{type(exc).__name__}: {exc}", error_code=BAD_REQUEST) from None
+            raise MlflowException("the model failed on this request (details in the server log)",
+                                  error_code=INTERNAL_ERROR) from None
+
+    def _predict(self, model_input, params=None):
         x = self.describe(model_input)
         postprocess = bool((params or {}).get("postprocess", True))
         if postprocess and self.bank is not None and x.shape[0] > 0:

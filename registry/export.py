@@ -109,10 +109,8 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
         raise ConfigError("output", f"{path} is a folder; give a file path (e.g. {path / 'isc-descriptor.pt'})")
     if path.parent.exists() and not path.parent.is_dir():
         raise ConfigError("output", f"{path.parent} is a file, not a folder")
-    existing = [str(p) for p in (path, *sidecar_paths(path)) if p.exists()]
-    if existing and not overwrite:
-        raise ConfigError("output", f"{', '.join(existing)} already exist(s); pass --overwrite to replace, "
-                                    "or choose another --output")
+    sidecar, bank = sidecar_paths(path)
+    check_outputs({"--output": path, "its sidecar": sidecar, "its bank copy": bank}, {}, overwrite)
     return path
 
 

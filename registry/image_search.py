@@ -115,11 +115,84 @@ def _same_model(meta_model: dict[str, str], ident: dict[str, str]) -> bool:
     return all(meta_model.get(k) == ident.get(k) for k in ("resolved_uri", "content_sha256"))
 
 
-def load_descriptor_model(model_uri: str) -> tuple[Any, dict[str, str]]:
-    """``(pyfunc, identity)``: the model is loaded through its resolved (version-pinned) URI."""
+TRUST_HINT = ("loading an MLflow pyfunc runs the Python code it was saved with; pass --trust-model-code true "
+              "only for a model whose code you trust")
+
+
+def _pyfunc_flavor(model_uri: str, local: Path | None) -> dict[str, Any]:
+    """The ``python_function`` section of the model's MLmodel file (only that file is read or fetched)."""
+    import yaml
+
+    try:
+        if local is not None:
+            flavors = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {})
+        else:
+            import mlflow
+
+            flavors = mlflow.models.get_model_info(model_uri).flavors
+    except Exception as exc:  # noqa: BLE001 -- OSError, YAMLError, MlflowException...
+        raise ConfigError("model", f"{model_uri}: cannot read its MLmodel file ({exc})") from exc
+    flavor = (flavors or {}).get("python_function")
+    if not isinstance(flavor, dict):
+        raise ConfigError("model", f"{model_uri}: not an MLflow pyfunc model (no python_function flavor)")
+    return flavor
+
+
+def _foreign_code(folder: Path) -> list[str]:
+    """Files of a local model folder that could run code and are not this checkout's own code."""
+    from registry.model_logging import ISC_PACKAGE_DIR, MODEL_CODE_PATH
+
+    foreign = []
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or "__pycache__" in f.parts or f.suffix == ".pyc":
+            continue
+        rel = f.relative_to(folder)
+        if f.suffix in (".pkl", ".pickle", ".cloudpickle", ".so"):
+            foreign.append(str(rel))
+        elif f.suffix == ".py":
+            if rel.parts == (MODEL_CODE_PATH.name,):
+                own = MODEL_CODE_PATH
+            elif rel.parts[:2] == ("code", "isc"):
+                own = ISC_PACKAGE_DIR.joinpath(*rel.parts[2:])
+            else:
+                own = None
+            if own is None or not own.is_file() or own.read_bytes() != f.read_bytes():
+                foreign.append(str(rel))
+    return foreign
+
+
+def check_model_code(model_uri: str, trust: bool = False) -> None:
+    """Refuse, before anything is loaded, a pyfunc that is not one of this project's descriptor models.
+
+    Checkpoints are read weights-only; a pyfunc cannot be: loading it imports its code, and a
+    cloudpickled ``python_model`` runs arbitrary code on unpickling. Without ``trust`` a model must be
+    a models-from-code ``descriptor_model.py`` pyfunc (what ``registry.model_logging`` logs); a local
+    folder must moreover hold only this checkout's code (``descriptor_model.py`` and ``code/isc``).
+    """
+    if trust:
+        return
+    uri = model_uri.strip()
+    local = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+    local = local if local.is_dir() else None
+    flavor = _pyfunc_flavor(uri, local)
+    code = str(flavor.get("model_code_path") or "")
+    if "python_model" in flavor or Path(code).name != "descriptor_model.py":
+        what = flavor.get("python_model") or code or flavor.get("loader_module") or "unknown"
+        raise ConfigError("model", f"{model_uri} is not an isc descriptor model (its pyfunc is {what}); {TRUST_HINT}")
+    if local is not None:
+        foreign = _foreign_code(local)
+        if foreign:
+            raise ConfigError("model", f"{model_uri} holds code that is not this isc's ({', '.join(foreign[:5])}); "
+                                       f"{TRUST_HINT}")
+
+
+def load_descriptor_model(model_uri: str, trust: bool = False) -> tuple[Any, dict[str, str]]:
+    """``(pyfunc, identity)``: the model is loaded through its resolved (version-pinned) URI, after
+    :func:`check_model_code` (unless ``trust``)."""
     import mlflow
 
     ident = model_identity(model_uri)
+    check_model_code(ident["resolved_uri"], trust)
     try:
         model = mlflow.pyfunc.load_model(ident["resolved_uri"])
     except Exception as exc:  # noqa: BLE001 -- MlflowException, OSError...
@@ -149,22 +222,42 @@ def collect_images(sources: list[str | Path], param: str) -> list[tuple[str, Pat
     return sorted(items.items())
 
 
-def check_output_paths(index_path: Path, output: str | Path | None, images: list[tuple[str, Path]]) -> None:
-    """Refuse an index/CSV path that is an input image or the other output (one would destroy the other)."""
+def is_search_index(index_path: Path) -> bool:
+    """True when ``index_path`` is an index ``isc search`` wrote: a faiss file with its ``.ids.txt`` and a
+    ``.meta.json`` of this format beside it (the only files ``--index`` may replace)."""
     ids_path, meta_path = _side_paths(index_path)
-    outputs = {"index": index_path, "index ids": ids_path, "index meta": meta_path}
-    outputs = {name: path.resolve() for name, path in outputs.items()}
+    try:
+        meta = json.loads(meta_path.read_text())
+        with open(index_path, "rb") as fh:
+            magic = fh.read(4)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(meta, dict) and meta.get("format") == INDEX_FORMAT and ids_path.is_file()
+            and magic.startswith(b"IxF"))
+
+
+def check_output_paths(index_path: Path, output: str | Path | None, images: list[tuple[str, Path]],
+                       overwrite: bool = False) -> None:
+    """The project's output rule (:func:`isc.fileutil.check_outputs`) for the index set and the CSV.
+
+    ``--index`` is a cache this command owns: an index it wrote is reused or rebuilt, but any other
+    existing file there (or beside it) is refused, ``--overwrite`` or not -- it could be anything (a
+    ground-truth CSV, another tool's index). An existing ``--output`` is replaced only with ``overwrite``;
+    neither may be an input image or the other output.
+    """
+    from isc.fileutil import check_outputs
+
+    ids_path, meta_path = _side_paths(index_path)
+    index_files = {"index": index_path, "index ids": ids_path, "index meta": meta_path}
+    inputs = {f"input image '{image_id}'": p for image_id, p in images}
+    check_outputs(index_files, inputs, overwrite=True, param="index")
+    present = [str(p) for p in index_files.values() if p.exists() or p.is_symlink()]
+    if present and not is_search_index(index_path):
+        raise ConfigError("index", f"{', '.join(present)} exist(s) but {index_path} is not an index written by "
+                                   f"isc search (no {meta_path.name} of format {INDEX_FORMAT} beside a faiss "
+                                   "file); it is never replaced: remove it or choose another --index")
     if output:
-        out = Path(output).resolve()
-        for name, path in outputs.items():
-            if out == path:
-                raise ConfigError("output", f"{output} is also the {name} file ({path}); choose another path")
-        outputs["output"] = out
-    inputs = {p.resolve(): image_id for image_id, p in images}
-    for name, path in outputs.items():
-        if path in inputs:
-            param = "output" if name == "output" else "index"
-            raise ConfigError(param, f"{path} ({name}) is the input image '{inputs[path]}'; choose another")
+        check_outputs({"--output": output}, {**inputs, **index_files}, overwrite, param="output")
 
 
 def _references_fingerprint(items: list[tuple[str, Path]]) -> str:
@@ -242,9 +335,11 @@ def search_images(
     index_path: str | Path,
     topk: int = 5,
     output: str | Path | None = None,
+    overwrite: bool = False,
+    trust_model_code: bool = False,
 ) -> SearchResult:
     """Top-``topk`` references for every query image (see module doc); writes the matching-track CSV
-    ``query_id,reference_id,score`` to ``output`` when given."""
+    ``query_id,reference_id,score`` to ``output`` when given (an existing one only with ``overwrite``)."""
     from isc.io import write_matches_csv
     from isc.knn import FlatIndex
 
@@ -253,8 +348,8 @@ def search_images(
     ref_items = collect_images(list(references), "references")
     query_items = collect_images(list(queries), "queries")
     index_path = Path(index_path)
-    check_output_paths(index_path, output, ref_items + query_items)
-    model, ident = load_descriptor_model(model_uri)
+    check_output_paths(index_path, output, ref_items + query_items, overwrite)
+    model, ident = load_descriptor_model(model_uri, trust_model_code)
     ref_fp = _references_fingerprint(ref_items)
     loaded = load_index(index_path, ident, ref_fp)
     reused = loaded is not None

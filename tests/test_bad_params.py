@@ -31,6 +31,8 @@ CASES = [
     ("train", "--data {mini} --memory-size 0", "memory_size", None),
     ("train", "--data {mini} --backbone no_such_net_v9", "backbone", None),
     ("train", "--data {mini} --input-size 0", "input_size", None),
+    ("train", "--data {mini} --input-size 99999999", "input_size", None),  # was a MemoryError traceback
+    ("train", "--data {mini} --workers 99999", "workers", None),  # was the OOM killer, run left RUNNING
     ("train", "--data {mini} --epochs -1", "epochs", None),
     ("train", "--data {mini} --head-init random", "head_init", None),
     ("train", "--data {mini} --freeze-blocks -1", "freeze_blocks", None),
@@ -44,6 +46,8 @@ CASES = [
     ("extract", "--model {missing}.pth.tar --data {mini} --output-dir {out}/x", "{missing}", "{out}/x"),
     ("extract", "--model {missing}.pth.tar --data {mini} --input-size -5", "input_size", None),
     ("extract", "--model {missing}.pth.tar --data {mini} --batch-size 0", "batch_size", None),
+    ("extract", "--model {missing}.pth.tar --data {mini} --workers 99999", "workers", None),
+    ("extract", "--model {missing}.pth.tar --data {mini} --input-size 99999999", "input_size", None),
     ("extract", "--model {missing}.pth.tar --data {mini} --sets xyz", "sets", None),
     (
         "postprocess",
@@ -64,6 +68,13 @@ CASES = [
         "{out}/n.h5",
     ),
     ("evaluate", "--descriptors {desc} --ground-truth {gt} --knn 0", "knn", None),
+    ("evaluate", "--descriptors {desc} --ground-truth {gt} --bootstrap 100000000", "bootstrap", None),  # ran for ever
+    (
+        "postprocess",
+        "--descriptors {desc} --train-descriptors {train} --output {out}/n.h5 --beta 1e30",
+        "beta",
+        "{out}/n.h5",
+    ),  # wrote all-zero descriptors, exit 0
     ("evaluate", "--descriptors {desc} --ground-truth {gt} --max-results -3", "max_results", None),
     ("evaluate", "--descriptors {desc} --ground-truth {gt} --protocol bogus", "protocol", None),
     (

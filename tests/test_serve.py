@@ -187,6 +187,7 @@ def test_served_champion_answers_base64_images_with_the_extract_and_postprocess_
         bad = {"dataframe_split": {"columns": ["image"], "data": [body["dataframe_split"]["data"][0], [b64(b"hi")]]}}
         status, answer = post_json(url + "/invocations", bad)
         assert status == 400 and "image[1]" in json.dumps(answer), answer
+        assert "stack_trace" not in answer and "Traceback" not in json.dumps(answer), answer  # no server internals
         assert post_json(url + "/invocations", body)[0] == 200
     finally:
         _stop_group(proc)

@@ -69,23 +69,27 @@ def _http_server(folder):
         proc.wait(timeout=15)
 
 
-@pytest.mark.parametrize("has_health", [False, True], ids=["plain", "with-health-file"])
+@pytest.mark.parametrize("imitates", ["plain", "with-health-file", "with-probe-endpoints"])
 def test_non_mlflow_web_server_is_named_in_one_error_line(
-    tmp_path, clean_env, eval_files, capsys, has_health
+    tmp_path, clean_env, eval_files, capsys, imitates
 ):
     site = tmp_path / "site"
     site.mkdir()
-    if has_health:  # /health answers 200 "OK" like MLflow's; before the fix the client crashed later
+    if imitates != "plain":  # /health answers 200 "OK" like MLflow's; before the fix the client crashed later
         (site / "health").write_text("OK\n")
+    if imitates == "with-probe-endpoints":  # the API probe gets JSON too; every later call is a 404
+        probe = site / "api" / "2.0" / "mlflow" / "experiments" / "search"
+        probe.parent.mkdir(parents=True)
+        probe.write_text('{"experiments": []}')
     with _http_server(site) as url:
         clean_env.setenv("MLFLOW_TRACKING_URI", url)
         rc, text = _evaluate(eval_files, capsys)
     assert rc == 2, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and url in errors[0] and "not an MLflow tracking server" in errors[0], text[
-        -3000:
-    ]
+    assert len(errors) == 1 and url in errors[0], text[-3000:]
+    if imitates != "with-probe-endpoints":
+        assert "not an MLflow tracking server" in errors[0], errors[0]
 
 
 @pytest.mark.slow

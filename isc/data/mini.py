@@ -472,6 +472,11 @@ def make_mini(
     spec = SIZES[size]
     out = Path(out).expanduser().resolve()
     paths = source_photo_paths(source)
+    if source not in (None, ""):
+        src = Path(source).expanduser().resolve()
+        if out == src or out in src.parents or src in out.parents:
+            # --overwrite would delete the photos being read (or nest the dataset inside its own source).
+            raise ConfigError("out", f"{out} is, holds or is inside --source {src}; choose another folder")
     partial = _prepare_out(out, overwrite)
     try:
         _build(partial, paths, spec, seed, size, source)

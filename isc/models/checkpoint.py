@@ -180,12 +180,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint file")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read checkpoint ({exc.strerror})") from exc
+    # torch.save writes a zip archive (PK\x03\x04); the legacy format starts with a pickle PROTO opcode.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(path, f"not a PyTorch checkpoint: neither a zip archive nor a pickle (first bytes "
+                                    f"{head.hex() or 'none: empty file'}); corrupt or another kind of file")
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- UnpicklingError, RuntimeError (truncated zip), EOFError...
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+        if "Unsupported global" in str(exc):
             raise CheckpointError(path, "refused: it holds pickled Python objects, not only tensors and "
                                         f"builtins (weights_only load failed: {text})") from exc
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(path, "refused: a pickle the weights-only loader cannot read (corrupt, or "
+                                        "written by something other than torch.save)") from exc
         raise CheckpointError(path, f"cannot read checkpoint ({type(exc).__name__}: {text})") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(path, "not an isc checkpoint (no 'state_dict' key)")

@@ -15,6 +15,7 @@ from typing import Any
 
 from isc.contract import parse_bool
 from isc.errors import ConfigError
+from isc.limits import check_input_size, check_workers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The recipe's stages, named like their packaged configs (stage1.yaml, ...), and the script of the seed's
@@ -324,6 +325,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.anchor in ("moderate", "plain"), "anchor", f"moderate or plain, got '{cfg.anchor}'")
     _check(cfg.amp in ("auto", "true", "false", "on", "off"), "amp", f"auto, true or false, got '{cfg.amp}'")
     _check(cfg.input_size > 0, "input_size", f"must be > 0, got {cfg.input_size}")
+    check_input_size(cfg.input_size)
     _check(cfg.sample_size > 0, "sample_size", f"must be > 0, got {cfg.sample_size}")
     _check(cfg.gem_p > 0, "gem_p", f"must be > 0, got {cfg.gem_p}")
     _check(cfg.gem_eval_p > 0, "gem_eval_p", f"must be > 0, got {cfg.gem_eval_p}")
@@ -345,6 +347,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.resume_state in RESUME_STATES, "resume_state",
            f"one of {', '.join(RESUME_STATES)}, got '{cfg.resume_state}'")
     _check(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
+    check_workers(cfg.workers)
     _check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
     _check(cfg.keep_checkpoints >= 0, "keep_checkpoints",
            f"must be >= 0 (newest checkpoints kept; 0 or 'all' = every checkpoint), got {cfg.keep_checkpoints}")

@@ -1,0 +1,52 @@
+"""Resource bounds checked before any run opens (the hostile round: ``--workers 99999`` started DataLoader
+workers until the OOM killer ended the main process, ~200 of them survived holding ~12 GB and the run
+stayed RUNNING; ``--input-size 99999999`` ended in a MemoryError traceback; ``--bootstrap 100000000``
+ran for ever). Each bound is far above what the recipe uses and gives a one-line ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from isc.errors import ConfigError
+
+WORKERS_PER_CPU = 4  # DataLoader decoding processes per usable CPU: beyond it they only contend for cores
+MIN_MAX_WORKERS = 16  # a floor, so the stage configs' workers: 8 still run on a 1-CPU machine
+MAX_INPUT_SIZE = 2048  # px; the recipe trains at 256-512 and extracts at 512 (a 2048^2 batch of 64 is ~3 GB)
+MAX_BOOTSTRAP = 100_000  # query-bootstrap replicates; the default 1,000 already gives a stable 95 % interval
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and Slurm restrict)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def max_workers() -> int:
+    return max(MIN_MAX_WORKERS, WORKERS_PER_CPU * usable_cpus())
+
+
+def check_workers(workers: int, param: str = "workers") -> int:
+    """``workers`` when 0 <= workers <= ``max_workers()``; a ConfigError naming the CPU count otherwise."""
+    limit = max_workers()
+    if workers < 0 or workers > limit:
+        raise ConfigError(param, f"{workers} is outside [0, {limit}] ({WORKERS_PER_CPU} x the {usable_cpus()} "
+                                 f"usable CPUs, at least {MIN_MAX_WORKERS}): more DataLoader processes only "
+                                 "exhaust memory")
+    return workers
+
+
+def check_input_size(size: int, param: str = "input_size") -> int:
+    if size > MAX_INPUT_SIZE:
+        raise ConfigError(param, f"{size} px > {MAX_INPUT_SIZE} px: one image alone would need "
+                                 f"{3 * 4 * size * size / 2**30:.3g} GiB as a float tensor")
+    return size
+
+
+def check_bootstrap(n: int, param: str = "bootstrap") -> int:
+    if n < 0 or n > MAX_BOOTSTRAP:
+        raise ConfigError(param, f"{n} replicates is outside [0, {MAX_BOOTSTRAP:,}] (1,000 gives a stable 95 % "
+                                 "interval)")
+    return n

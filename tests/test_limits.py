@@ -1,0 +1,42 @@
+"""Resource bounds (``isc.limits``): the refusal states the bound and the CPU count it comes from, and a
+value at the bound is accepted. The CLI cases (train/extract --workers 99999, --input-size 99999999,
+evaluate --bootstrap 100000000) are rows of ``tests/test_bad_params.py``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from isc.errors import ConfigError
+from isc.limits import (
+    MAX_BOOTSTRAP,
+    MAX_INPUT_SIZE,
+    WORKERS_PER_CPU,
+    check_bootstrap,
+    check_input_size,
+    check_workers,
+    usable_cpus,
+)
+
+
+def test_workers_bound_is_a_multiple_of_the_cpus_this_process_may_use():
+    cpus = len(os.sched_getaffinity(0))
+    assert usable_cpus() == cpus
+    top = max(16, WORKERS_PER_CPU * cpus)
+    assert check_workers(top) == top
+    with pytest.raises(ConfigError):
+        check_workers(top + 1)
+    with pytest.raises(ConfigError) as info:
+        check_workers(99999)
+    msg = str(info.value)
+    assert msg.startswith("workers: 99999 is outside") and f"the {cpus} usable CPUs" in msg, msg
+
+
+def test_input_size_and_bootstrap_bounds():
+    assert check_input_size(MAX_INPUT_SIZE) == MAX_INPUT_SIZE
+    with pytest.raises(ConfigError, match=r"input_size: 99999999 px > 2048 px"):
+        check_input_size(99_999_999)
+    assert check_bootstrap(MAX_BOOTSTRAP) == MAX_BOOTSTRAP
+    with pytest.raises(ConfigError, match=r"bootstrap: 100000000 replicates is outside \[0, 100,000\]"):
+        check_bootstrap(100_000_000)

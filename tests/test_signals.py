@@ -1,0 +1,131 @@
+"""Signals end a step cleanly: SIGTERM (what ``timeout``, Slurm and Kubernetes send) and SIGINT mark the
+open MLflow run KILLED and print one line (before: SIGTERM left the run RUNNING for ever, Ctrl-C printed a
+KeyboardInterrupt traceback); a SIGKILLed writer's temporary file is removed by the next writer.
+Real processes, real signals, a real SQLite store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from isc.fileutil import atomic_path
+from isc.io import write_descriptors, write_ground_truth
+from tests.conftest import PROJECT_ROOT
+
+
+def _statuses(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            return [r[0] for r in con.execute("select status from runs")]
+    except sqlite3.OperationalError:
+        return []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_marks_the_run_killed_with_one_line(tmp_path, sig):
+    rng = np.random.default_rng(0)
+    n = 400
+    x = rng.standard_normal((2 * n, 16)).astype("float32")
+    qids, rids = [f"Q{i:05d}" for i in range(n)], [f"R{i:06d}" for i in range(n)]
+    desc = write_descriptors(tmp_path / "d.h5", x[:n], qids, x[n:], rids)
+    gt = write_ground_truth(tmp_path / "gt.csv", [(q, rids[i] if i % 2 else None) for i, q in enumerate(qids)])
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    out = tmp_path / "eval"
+    # 100,000 bootstrap replicates: long enough to be interrupted inside the open run.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.evaluate", "--descriptors", str(desc), "--ground-truth", str(gt),
+         "--bootstrap", "100000", "--output-dir", str(out)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "RUNNING" not in _statuses(home / "mlflow.db"):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "interrupted by" in lines[0] and "KILLED" in lines[0], err[-3000:]
+    assert _statuses(home / "mlflow.db") == ["KILLED"]
+    assert not out.exists() or not list(out.glob(".*.partial"))
+
+
+def test_the_next_writer_removes_what_a_sigkilled_writer_left(tmp_path):
+    target = tmp_path / "descriptors.h5"
+    code = ("import sys, time; from isc.fileutil import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_bytes(b'half'); print(tmp.name, flush=True); time.sleep(600)\n")
+    procs = []
+    for _ in range(2):
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}))
+    names = [p.stdout.readline().strip() for p in procs]
+    procs[0].send_signal(signal.SIGKILL)  # nothing runs to clean up after SIGKILL
+    procs[0].wait(timeout=30)
+    try:
+        assert sorted(p.name for p in tmp_path.glob(".*.partial")) == sorted(names)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"complete")
+        left = sorted(p.name for p in tmp_path.glob(".*.partial"))
+        assert left == [names[1]]  # the dead writer's file is gone; the live writer's is untouched
+        assert target.read_bytes() == b"complete"
+    finally:
+        procs[1].kill()
+        procs[1].wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_sigterm_to_train_ends_its_dataloader_workers_and_marks_the_run_killed(tmp_path, mini_data):
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.train", "--config", str(PROJECT_ROOT / "isc" / "configs" / "smoke.yaml"),
+         "--data", str(mini_data.root), "--workers", "2", "--epochs", "50", "--output-dir", str(tmp_path / "out")],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while len(children) < 2:  # the two DataLoader workers are up: training is under way
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no DataLoader workers appeared"
+            time.sleep(0.5)
+            out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+            children = [int(p) for p in out.split()]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")][0].startswith("error: interrupted by SIGTERM")
+    time.sleep(2)
+    alive = []
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert alive == [], f"DataLoader workers still alive: {alive}"
+    assert _statuses(home / "mlflow.db") == ["KILLED"]
