@@ -63,6 +63,7 @@ def register(result, name: str) -> tuple[str, str]:
     from isc.contract import Step, Tag
     from isc.tracking import log_params, tracked_run
     from registry.model_logging import log_descriptor_model
+    from registry.writes import RegistryWriter
 
     with tracked_run(run_name=f"import-seed {result.source.name}", tags={Tag.STEP: Step.IMPORT_SEED}):
         cfg = result.model_config
@@ -73,8 +74,8 @@ def register(result, name: str) -> tuple[str, str]:
         info = log_descriptor_model(result.output, registered_model_name=name)
         run_id = mlflow.active_run().info.run_id
     version = str(info.registered_model_version)
-    MlflowClient().update_model_version(
-        name, version, description=f"Imported from the seed's checkpoint {result.source.name} (sha256 "
+    RegistryWriter(MlflowClient()).set_version_description(
+        name, version, f"Imported from the seed's checkpoint {result.source.name} (sha256 "
                                    f"{result.sha256[:16]}..., epoch {result.seed_epoch}) by isc import-seed; "
                                    f"not evaluated here, no alias set.")
     return run_id, version
