@@ -63,6 +63,20 @@ def mlflow_server(tmp_path: Path):
         server.stop()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_mlflow_server(request, tmp_path: Path):
+    """A real ``mlflow server`` on 127.0.0.1 over each SQL backend a team server may use (SQLite, PostgreSQL),
+    for the registry races whose form depends on the database."""
+    from tests.servers import start_mlflow_server
+
+    if request.param == "sqlite":
+        backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    else:
+        backend = request.getfixturevalue("postgres").new_database()
+    with start_mlflow_server(backend, tmp_path / "artifacts") as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory):
     """A throwaway PostgreSQL cluster (``tests.servers.PostgresHandle``: ``.url``, ``.new_database()``).

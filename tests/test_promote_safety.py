@@ -46,24 +46,11 @@ def _env(url: str, home) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry_server(request, tmp_path):
-    """A real ``mlflow server`` on 127.0.0.1 over each SQL backend the team server may use."""
-    from tests.servers import start_mlflow_server
-
-    if request.param == "sqlite":
-        backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    else:
-        backend = request.getfixturevalue("postgres").new_database()
-    with start_mlflow_server(backend, tmp_path / "artifacts") as server:
-        yield server
-
-
 PROMOTERS = 8
 
 
 @pytest.mark.slow
-def test_eight_concurrent_promotions_of_one_candidate_register_one_version(registry_server, checkpoint, tmp_path):
+def test_eight_concurrent_promotions_of_one_candidate_register_one_version(sql_mlflow_server, checkpoint, tmp_path):
     """8 ``isc promote`` processes at once, each with its own temp folder, so none sees another's file lock:
     8 machines promoting one candidate. Every one exits 0; the registry ends with one version, its tags,
     one @champion and a record per promotion that moved it."""
@@ -72,7 +59,7 @@ def test_eight_concurrent_promotions_of_one_candidate_register_one_version(regis
     from isc.contract import Tag
     from registry.writes import records
 
-    client = MlflowClient(tracking_uri=registry_server.url)
+    client = MlflowClient(tracking_uri=sql_mlflow_server.url)
     exp = client.create_experiment("race")
     eval_run = _eval_run(client, exp, checkpoint)
     cmd = [sys.executable, "-m", "entrypoints.promote", "--experiment", "race", "--model-name", "racer"]
@@ -80,7 +67,7 @@ def test_eight_concurrent_promotions_of_one_candidate_register_one_version(regis
     for i in range(PROMOTERS):
         host_tmp = tmp_path / f"host{i}"
         host_tmp.mkdir()
-        env = {**_env(registry_server.url, tmp_path / f"home{i}"), "TMPDIR": str(host_tmp)}
+        env = {**_env(sql_mlflow_server.url, tmp_path / f"home{i}"), "TMPDIR": str(host_tmp)}
         procs.append(subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, text=True, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT))
     outs = [p.communicate(timeout=900)[0] for p in procs]
@@ -101,7 +88,7 @@ def test_eight_concurrent_promotions_of_one_candidate_register_one_version(regis
     assert moved >= 1 and len(recs) == moved, (moved, recs)
     assert {(r["action"], r["champion"], r["previous"]) for r in recs} == {("promote", "1", None)}
     # A ninth promotion, afterwards, is a no-op.
-    again = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(registry_server.url, tmp_path), text=True,
+    again = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(sql_mlflow_server.url, tmp_path), text=True,
                            capture_output=True, timeout=600)  # fmt: skip
     assert again.returncode == 0 and "already @champion" in again.stdout, again.stdout + again.stderr
     assert len(client.search_model_versions("name = 'racer'")) == 1

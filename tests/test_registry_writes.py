@@ -19,7 +19,6 @@ from isc.contract import Evaluation, Tag
 from isc.errors import ConfigError
 from registry.promote import Rules, decide
 from registry.writes import RegistryWriter, is_conflict, records
-from tests.servers import start_mlflow_server
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITES = ("set_registered_model_alias", "delete_registered_model_alias", "set_model_version_tag",
@@ -114,16 +113,6 @@ def test_decide_refuses_to_compare_other_ground_truths_by_default():
 
 # ---- the writer against a real server, racing for real ---------------------------------------------------------
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def server(request, tmp_path):
-    if request.param == "sqlite":
-        backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    else:
-        backend = request.getfixturevalue("postgres").new_database()
-    with start_mlflow_server(backend, tmp_path / "artifacts") as handle:
-        yield handle
-
-
 def _race(n: int, work) -> list[BaseException]:
     """Run ``work(i)`` in ``n`` threads released together; return the errors they raised."""
     gate = threading.Barrier(n)
@@ -145,10 +134,10 @@ def _race(n: int, work) -> list[BaseException]:
 
 
 @pytest.mark.slow
-def test_eight_writers_of_the_same_rows_all_succeed_and_lose_no_record(server):
+def test_eight_writers_of_the_same_rows_all_succeed_and_lose_no_record(sql_mlflow_server):
     from mlflow import MlflowClient
 
-    setup = MlflowClient(tracking_uri=server.url)
+    setup = MlflowClient(tracking_uri=sql_mlflow_server.url)
     setup.create_registered_model("m")
     run = setup.create_run(setup.create_experiment("writes"))
     for _ in range(2):
@@ -156,7 +145,7 @@ def test_eight_writers_of_the_same_rows_all_succeed_and_lose_no_record(server):
     n = 8
 
     def work(i: int) -> None:
-        w = RegistryWriter(MlflowClient(tracking_uri=server.url))
+        w = RegistryWriter(MlflowClient(tracking_uri=sql_mlflow_server.url))
         w.set_alias("m", "champion", "1")  # same value from everyone
         w.set_alias("m", "previous", str(1 + i % 2))  # two values fight: last writer wins
         w.set_version_tag("m", "1", Tag.PROMOTED_OVER, "")
