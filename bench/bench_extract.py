@@ -50,6 +50,40 @@ def make_images(folder: Path, n: int, side: int = 256, seed: int = 0) -> None:
         img.save(folder / f"R{i:06d}.jpg", quality=90)
 
 
+# scikit-image's bundled photographs (no download): colour and grayscale, faces, animals, objects, texture.
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "motorcycle_left.png",
+          "retina.jpg", "rocket.jpg", "ihc.png", "camera.png", "moon.png", "coins.png", "brick.png")  # fmt: skip
+
+
+def make_photos(folder: Path, n: int, long_side: int = 1000, seed: int = 0, prefix: str = "R") -> None:
+    """``n`` JPEGs cut from real photos: a random crop (60-100 % of each side), a random flip, rescaled
+    so the long side is ``long_side`` x U(0.8, 1.2), saved at quality 80-95 -- sizes and JPEG settings of
+    web photos, where decoding and resizing cost what they cost on DISC21 (smooth synthetic images
+    decode faster)."""
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.find_spec("skimage")
+    src = Path(next(iter(spec.submodule_search_locations))) / "data" if spec else Path("/nonexistent")
+    imgs = [Image.open(src / p).convert("RGB") for p in PHOTOS if (src / p).is_file()]
+    if not imgs:
+        raise RuntimeError(f"no scikit-image photos found in {src}")
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = imgs[i % len(imgs)]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = img.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        scale = long_side * rng.uniform(0.8, 1.2) / max(crop.size)
+        crop = crop.resize((max(1, round(crop.size[0] * scale)), max(1, round(crop.size[1] * scale))), Image.BICUBIC)
+        crop.save(folder / f"{prefix}{i:06d}.jpg", quality=int(rng.integers(80, 96)))
+
+
 def build_model(args: argparse.Namespace):
     import torch
 
