@@ -116,7 +116,9 @@ def test_torch_and_faiss_backends_return_the_same_neighbours(metric):
     assert np.array_equal(i1[:300, 0], np.arange(300))  # the planted neighbours are found
     a = global_topk(q, None, 500, metric, index=faiss_idx, progress=False)
     b = global_topk(q, None, 500, metric, index=torch_idx, progress=False)
-    assert np.array_equal(a.q_idx, b.q_idx) and np.array_equal(a.r_idx, b.r_idx)
+    # the same 500 pairs; the order may differ between pairs whose scores differ by float rounding only
+    assert set(zip(a.q_idx.tolist(), a.r_idx.tolist(), strict=True)) == set(zip(b.q_idx.tolist(), b.r_idx.tolist(), strict=True))
+    np.testing.assert_allclose(a.score, b.score, atol=1e-4)
     # k beyond the reference count: every reference, the rest padded
     s3, i3 = torch_idx.search(q[:2], 3005)
     assert np.array_equal(np.sort(i3[:, :3000], axis=1), np.tile(np.arange(3000), (2, 1))) and (i3[:, 3000:] == -1).all()
