@@ -1,23 +1,27 @@
-"""Extraction benchmark: pipeline throughput vs. the bare forward pass, and memory vs. image count.
+"""Extraction benchmark: where the time goes, pipeline throughput vs. the bare forward pass, memory.
 
-Two numbers, each measured in one run of this script:
+Measured in one run of this script, on real photos (:func:`make_photos`: crops of scikit-image's bundled
+photographs, ~1000 px long side, JPEG quality 80-95; ``--synthetic`` for the old smooth 256 px images):
 
-1. **throughput ratio** = images/s of :func:`isc.extract.extract_descriptors` (JPEG decode in DataLoader
-   workers, resize + normalise, host->device copy, forward under inference_mode (AMP on CUDA), L2
-   normalisation, streamed h5 append, worker start-up) divided by images/s of the bare forward pass of
-   the same network at the same batch size on tensors decoded beforehand. Goal >= 0.9: the pipeline
-   should keep the model busy. On a CPU-only machine the decoding workers compete with the forward
-   pass for the same cores, so the ratio there is a lower bound of what a GPU box gets.
-2. **memory flatness** = peak RSS of an extraction of 4N images / peak RSS of N images, each in a fresh
+1. **stage shares**: per image, in the main process one stage at a time, the cost of each stage the
+   pipeline runs -- decode (CPU: Pillow, JPEG draft mode as extraction does; CUDA: nvJPEG batched on the
+   GPU), resize + normalise, host->device copy, forward (AMP on CUDA), h5 write -- and each one's share
+   of their sum. The full-size CPU decode is printed next to it: what draft mode saves.
+2. **throughput ratio** = images/s of :func:`isc.extract.extract_descriptors` (decode in DataLoader
+   workers or on the GPU, resize, copy, forward, L2 normalisation, streamed h5 append, worker start-up)
+   divided by images/s of the bare forward pass of the same network and batch size on tensors decoded
+   beforehand. Goal >= 0.9 (GPU), >= 0.85 (2 CPU cores, where the decoders compete with the forward
+   for the same cores). Also the same pipeline with draft decoding off (``isc.extract.DRAFT_GAP = 0``,
+   the decoder before issue 21), so the gain is measured in the same run.
+3. **memory flatness** = peak RSS of an extraction of 4N images / peak RSS of N images, each in a fresh
    subprocess (RSS of the main process sampled with psutil every 20 ms, plus its DataLoader workers).
    Goal ~1.0: descriptors are appended to h5 batch by batch, nothing grows with N.
 
-Synthetic JPEGs (smooth random colour fields, 256x256) are written to a temporary DISC21-shaped folder.
-Random-init weights (no download). Default run: ~1-2 minutes on 2 CPU cores.
+Random-init weights (no download). Default run: a few minutes on 2 CPU cores.
 
-    .venv/bin/python bench/bench_extract.py                      # defaults
-    .venv/bin/python bench/bench_extract.py --backbone tf_efficientnetv2_m.in21k_ft_in1k \\
-        --input-size 512 --batch-size 64 --n-images 2048 --mem-images 2000   # GPU box, recipe model
+    .venv/bin/python bench/bench_extract.py                      # defaults (CPU figures of the docs)
+    python bench/bench_extract.py --backbone tf_efficientnetv2_m.in21k_ft_in1k --input-size 512 \
+        --batch-size 128 --workers 12 --n-images 2048 --skip-memory   # GPU box (bench/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,6 +89,19 @@ def make_photos(folder: Path, n: int, long_side: int = 1000, seed: int = 0, pref
         crop.save(folder / f"{prefix}{i:06d}.jpg", quality=int(rng.integers(80, 96)))
 
 
+def make_dataset(folder: Path, n: int, synthetic: bool = False, distinct: int = 256) -> None:
+    """``n`` images in ``folder``: at most ``distinct`` different photos, then byte copies of them (a
+    copy costs the same to decode; making 2048 distinct photos would take minutes of CPU)."""
+    import shutil
+
+    if synthetic:
+        make_images(folder, n)
+        return
+    make_photos(folder, min(n, distinct))
+    for i in range(distinct, n):
+        shutil.copyfile(folder / f"R{i % distinct:06d}.jpg", folder / f"R{i:06d}.jpg")
+
+
 def build_model(args: argparse.Namespace):
     import torch
 
@@ -93,16 +111,23 @@ def build_model(args: argparse.Namespace):
     return create_model(args.backbone, pretrained=False, input_size=args.input_size).eval()
 
 
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bare_forward_rate(model, data, args, device) -> float:
     """Images/s of model(x) alone on pre-decoded, pre-normalised tensors already on ``device``."""
     import torch
 
-    from isc.data.images import load_image
     from isc.extract import eval_transform_for
 
     transform = eval_transform_for(model, args.input_size)
     paths = [p for _, p in data.images("reference")][: args.n_images]
-    x = torch.stack([transform(load_image(p)) for p in paths]).to(device)
+    load = transform.loader()
+    x = torch.stack([transform(load(p)) for p in paths]).to(device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     batches = list(torch.split(x, args.batch_size))
@@ -111,49 +136,143 @@ def bare_forward_rate(model, data, args, device) -> float:
         torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"),
     ):
         model(batches[0])  # warm-up (cudnn autotune, allocator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         for b in batches:
             out = model(b)
         out.float().cpu()  # the pipeline also brings descriptors back to the host
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         return len(paths) / (time.perf_counter() - t0)
 
 
-def throughput(args: argparse.Namespace) -> dict[str, float]:
+def stage_costs(model, data, args, device) -> dict[str, float]:
+    """Seconds per image of each pipeline stage, run one after the other in this process (see the module
+    docstring), on ``--stage-images`` images. ``decode_full``: the CPU decode without draft mode."""
+    # long: one stage after the other on the same images, each timed around exactly the code extraction runs
+    import h5py
     import torch
 
+    from isc.data.images import load_image
+    from isc.extract import (
+        _H5Appender,
+        decode_jpegs_on,
+        describe_tensors,
+        eval_transform_for,
+        jpeg_decode_device,
+    )
+
+    transform = eval_transform_for(model, args.input_size)
+    paths = [p for _, p in data.images("reference")][: args.stage_images]
+    n = len(paths)
+    cost: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for p in paths:
+        load_image(p)
+    cost["decode_full"] = (time.perf_counter() - t0) / n
+    on_device = jpeg_decode_device(device, transform)
+    if on_device is None:
+        load = transform.loader()
+        t0 = time.perf_counter()
+        images = [load(p) for p in paths]
+        cost["decode"] = (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        x = torch.stack([transform(img) for img in images])
+        cost["resize"] = (time.perf_counter() - t0) / n
+        if device.type == "cuda":
+            x = x.pin_memory()
+        t0 = time.perf_counter()
+        batches = [b.to(device, non_blocking=True) for b in torch.split(x, args.batch_size)]
+        _sync(device)
+        cost["host_to_device"] = (time.perf_counter() - t0) / n if device.type == "cuda" else 0.0
+    else:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        raw = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+        t0 = time.perf_counter()
+        on = [r.pin_memory().to(device, non_blocking=True) for r in raw]  # what the loader hands over
+        _sync(device)
+        cost["host_to_device"] = (time.perf_counter() - t0) / n
+        chunks = [raw[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
+        decode_jpeg(chunks[0], mode=ImageReadMode.RGB, device=device)  # warm-up (nvJPEG handles)
+        _sync(device)
+        t0 = time.perf_counter()
+        for c in chunks:
+            decode_jpeg(c, mode=ImageReadMode.RGB, device=device)
+        _sync(device)
+        cost["decode"] = (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        batches = [torch.stack(decode_jpegs_on(device, c, transform)) for c in chunks]
+        _sync(device)
+        cost["resize"] = max(0.0, (time.perf_counter() - t0) / n - cost["decode"])
+        del on
+    describe_tensors(model, batches[0])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    rows = [describe_tensors(model, b) for b in batches]
+    cost["forward"] = (time.perf_counter() - t0) / n
+    with tempfile.TemporaryDirectory() as tmp, h5py.File(Path(tmp) / "w.h5", "w") as f:
+        writer = _H5Appender(f, "reference", rows[0].shape[1], 7)
+        t0 = time.perf_counter()
+        for r in rows:
+            writer.append(r, [f"R{i:06d}" for i in range(writer.n, writer.n + len(r))])
+        f.flush()
+        cost["write"] = (time.perf_counter() - t0) / n
+    return cost
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import isc.extract
     from isc.data.disc21 import DISC21
     from isc.extract import extract_descriptors, resolve_device
 
     device = resolve_device(args.device or None)
     with tempfile.TemporaryDirectory() as tmp:
-        make_images(Path(tmp) / "data" / "reference_images", args.n_images)
+        make_dataset(Path(tmp) / "data" / "reference_images", args.n_images, args.synthetic)
         data = DISC21(Path(tmp) / "data")
         model = build_model(args).to(device)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
+        costs = stage_costs(model, data, args, device)
         bare_before = bare_forward_rate(model, data, args, device)
-        # Warm-up run of the pipeline itself on one batch (first-call costs), then the measured run.
-        def run(out: str, limit: int | None = None) -> dict:
-            return extract_descriptors(model, data, "r", Path(tmp) / out, batch_size=args.batch_size,
-                                       workers=args.workers, device=device, limit=limit)
+
+        # Warm-up run of the pipeline itself on one batch (first-call costs), then the measured runs.
+        def run(out: str, limit: int | None = None) -> float:
+            t0 = time.perf_counter()
+            res = extract_descriptors(model, data, "r", Path(tmp) / out, batch_size=args.batch_size,
+                                      workers=args.workers, device=device, limit=limit)  # fmt: skip
+            return res["counts"]["reference"] / (time.perf_counter() - t0)
 
         run("warm", limit=args.batch_size)
-        t0 = time.perf_counter()
-        res = run("out")
-        wall = time.perf_counter() - t0
+        rate = run("out")
+        no_draft = None
+        if not args.skip_no_draft:
+            gap, isc.extract.DRAFT_GAP = isc.extract.DRAFT_GAP, 0.0  # workers fork: they see it too
+            try:
+                no_draft = run("out_no_draft")
+            finally:
+                isc.extract.DRAFT_GAP = gap
         # Bare pass again after: on a shared machine the load drifts, so compare with the mean of both.
         bare_after = bare_forward_rate(model, data, args, device)
     return {
         "bare_before": bare_before,
         "bare_after": bare_after,
         "bare_images_per_s": (bare_before + bare_after) / 2,
-        "extract_images_per_s": res["counts"]["reference"] / wall,
+        "extract_images_per_s": rate,
+        "no_draft_images_per_s": no_draft,
+        "costs": costs,
         "device": str(device),
     }
+
+
+def print_stages(costs: dict[str, float], device: str) -> None:
+    stages = ["decode", "resize", "host_to_device", "forward", "write"]
+    total = sum(costs[s] for s in stages)
+    parts = ", ".join(f"{s} {costs[s] * 1e3:.2f} ms ({costs[s] / total:.0%})" for s in stages)
+    print(f"[{device}] stages per image (one at a time, main process): {parts}; sum {total * 1e3:.2f} ms")
+    print(f"[{device}] CPU decode at full size {costs['decode_full'] * 1e3:.2f} ms/image "
+          f"(the decode stage above: {costs['decode'] * 1e3:.2f} ms/image)")  # fmt: skip
 
 
 def child_peak_rss(args: argparse.Namespace) -> None:
@@ -165,7 +284,7 @@ def child_peak_rss(args: argparse.Namespace) -> None:
 
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:
-        make_images(Path(tmp) / "data" / "reference_images", args.n)
+        make_dataset(Path(tmp) / "data" / "reference_images", args.n, args.synthetic)
         data = DISC21(Path(tmp) / "data")
         model = build_model(args)
         baseline = proc.memory_info().rss
@@ -230,7 +349,7 @@ def memory(args: argparse.Namespace) -> list[dict[str, float]]:
             str(args.workers),
             "--device",
             args.device,
-        ]
+        ] + (["--synthetic"] if args.synthetic else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
@@ -246,6 +365,9 @@ def main() -> None:
     p.add_argument("--mem-images", type=int, default=64, help="N for the memory runs (N and 4N)")
     p.add_argument("--device", default="", help="cuda/cpu; empty = CUDA when available")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-no-draft", action="store_true", help="skip the pipeline run without draft decoding")
+    p.add_argument("--stage-images", type=int, default=64, help="images for the per-stage costs")
+    p.add_argument("--synthetic", action="store_true", help="smooth synthetic 256 px JPEGs, not photos")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -257,15 +379,20 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, backbone {args.backbone}, "
-        f"{args.input_size}px, batch {args.batch_size}, {args.workers} workers"
+        f"{args.input_size}px, batch {args.batch_size}, {args.workers} workers, "
+        f"{'synthetic 256 px JPEGs' if args.synthetic else 'photos ~1000 px'}"
     )
     t = throughput(args)
+    print_stages(t["costs"], t["device"])
     ratio = t["extract_images_per_s"] / t["bare_images_per_s"]
     print(
         f"[{t['device']}] bare forward: {t['bare_images_per_s']:.1f} images/s (before {t['bare_before']:.1f}, "
         f"after {t['bare_after']:.1f}); "
         f"extract pipeline: {t['extract_images_per_s']:.1f} images/s; ratio {ratio:.3f} (goal >= 0.9)"
     )
+    if t["no_draft_images_per_s"]:
+        print(f"[{t['device']}] same pipeline without draft decoding: {t['no_draft_images_per_s']:.1f} images/s; "
+              f"ratio {t['no_draft_images_per_s'] / t['bare_images_per_s']:.3f}")  # fmt: skip
     if args.skip_memory:
         return
     rows = memory(args)
