@@ -189,9 +189,9 @@ def stage_costs(model, data, args, device) -> dict[str, float]:
 
         raw = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
         t0 = time.perf_counter()
-        on = [r.pin_memory().to(device, non_blocking=True) for r in raw]  # what the loader hands over
+        on = [r.pin_memory().to(device, non_blocking=True) for r in raw]  # the JPEG bytes nvJPEG copies over
         _sync(device)
-        cost["host_to_device"] = (time.perf_counter() - t0) / n
+        cost["host_to_device"] = (time.perf_counter() - t0) / n  # (inside decode_jpeg in the pipeline)
         chunks = [raw[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
         decode_jpeg(chunks[0], mode=ImageReadMode.RGB, device=device)  # warm-up (nvJPEG handles)
         _sync(device)

@@ -289,6 +289,7 @@ def decode_jpegs_on(device: torch.device, datas: Sequence[torch.Tensor],
                     transform: EvalTransform) -> list[torch.Tensor | None]:  # fmt: skip
     """Decode JPEG bytes on ``device`` (nvJPEG on CUDA, batched), resize and normalise like ``transform``.
 
+    ``datas``: the files' bytes as uint8 CPU tensors (torchvision's GPU decoder takes them from the host).
     Returns one [3, s, s] float tensor on ``device`` per input, or ``None`` where the decoder refused the
     file (the caller hands those to the CPU decoder). The resize is the antialiased bilinear filter that
     torchvision models on Pillow's, in Pillow's two rounded passes, so the tensors match the CPU path's
@@ -401,8 +402,7 @@ def _finish_on_device(pending: _Pending, transform: EvalTransform, device: torch
     very pixels) it would have had without device decoding: same messages, same skip rules.
     """
     jpegs = [(i, t.data) for i, t in pending.rows if isinstance(t, _Jpeg)]
-    decoded = decode_jpegs_on(device, [d.to(device, non_blocking=True) if device.type == "cuda" else d
-                                       for _, d in jpegs], transform)  # fmt: skip
+    decoded = decode_jpegs_on(device, [d for _, d in jpegs], transform)  # bytes stay on the host: nvJPEG reads them there
     rows = {i: t.to(device, non_blocking=True) for i, t in pending.rows if not isinstance(t, _Jpeg)}
     errors: list[tuple[int, str]] = []
     for (i, _), x in zip(jpegs, decoded, strict=True):
