@@ -71,7 +71,10 @@ def _assert_within_tolerance(got: np.ndarray, want: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("size", [256, pytest.param(512, marks=pytest.mark.slow)])
-def test_draft_decoding_keeps_descriptors_within_tolerance_of_a_full_decode(photos, size):
+def test_draft_decoding_keeps_descriptors_within_tolerance_of_a_full_decode(photos, size, tmp_path):
+    if size > 256:  # photos large enough to draft at this size: ~8 x the input side
+        make_photos(tmp_path, 8, long_side=8 * size, seed=3)
+        photos = sorted(tmp_path.glob("*.jpg"))
     model = _lite0(size)
     full = _full_decode(model, photos, size)
     drafted, bad = _stream(model, photos, size, decode_on=None)
