@@ -130,3 +130,19 @@ def test_backend_choice_without_a_gpu_is_faiss_cpu_and_is_checked():
     assert set(BACKENDS) == {"faiss-gpu", "torch-cuda", "faiss-cpu", "torch-cpu"}
     with pytest.raises(ConfigError, match="backend"):
         FlatIndex(np.eye(4, dtype=np.float32), backend="annoy")
+
+
+def test_match_records_the_knn_engine_it_searched_with(tracking, tmp_path):
+    """`isc match` inside a run logs `knn_backend` (postprocess: tests/test_postprocess.py)."""
+    import mlflow
+
+    from entrypoints import match
+    from isc.io import write_descriptors
+
+    q, ref = _fixed_set("ip")
+    desc = write_descriptors(tmp_path / "d.h5", q[:20], [f"Q{i:02d}" for i in range(20)], ref[:50],
+                             [f"R{i:02d}" for i in range(50)])  # fmt: skip
+    with mlflow.start_run() as run:
+        assert match.main(["--descriptors", str(desc), "--output", str(tmp_path / "m.csv"), "--max-results", "30"]) == 0
+    params = mlflow.get_run(run.info.run_id).data.params
+    assert params["knn_backend"] == "faiss-cpu" and params["max_results"] == "30"
