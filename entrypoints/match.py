@@ -22,7 +22,7 @@ from isc.errors import ConfigError
 from isc.evaluation import descriptor_path
 from isc.fileutil import check_outputs
 from isc.io import MAX_MATCHES, read_descriptors, write_matches_csv
-from isc.knn import DEFAULT_BATCH_SIZE
+from isc.knn import DEFAULT_BATCH_SIZE, knn_backend
 from isc.matching import match_descriptors
 
 
@@ -40,7 +40,8 @@ def build_parser() -> Parser:
 
 
 def _log(args, n_matches: int) -> None:
-    tracking.log_params({"descriptors": args.descriptors, "max_results": args.max_results})
+    tracking.log_params({"descriptors": args.descriptors, "max_results": args.max_results,
+                         "knn_backend": knn_backend()})  # fmt: skip
     tracking.log_params({"metric": args.metric}, prefix="match.")
     tracking.log_metrics({"n_matches": n_matches})
 

@@ -33,6 +33,7 @@ from isc.io import (
     write_descriptors,
     write_train_descriptors,
 )
+from isc.knn import knn_backend
 from isc.postprocess import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BETA,
@@ -138,6 +139,7 @@ def main(argv: list[str]) -> int:
                 "dba_k": cfg.dba_k,
                 "dba_alpha": cfg.dba_alpha,
                 "batch_size": args.batch_size,
+                "knn_backend": knn_backend(),  # the engine of the DBA / NES neighbour searches
             }
         )
         t0 = time.perf_counter()

@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import pandas as pd
 
+    from isc.knn import knn_backend
     from isc.tracking import configure, log_artifact, log_params, tracked_run
     from registry.image_search import search_images
 
@@ -50,7 +51,8 @@ def main(argv: list[str]) -> int:
         with tracked_run(run_name="search", tags={Tag.STEP: Step.SEARCH}):
             result = search_images(args.model, args.references, args.queries, args.index, args.topk, args.output,
                                    args.overwrite, args.trust_model_code)
-            log_params({"resolved_model": result.model["resolved_uri"], "index_reused": result.index_reused})
+            log_params({"resolved_model": result.model["resolved_uri"], "index_reused": result.index_reused,
+                        "knn_backend": knn_backend()})
             if args.output:
                 log_artifact(args.output, "search")
     else:

@@ -29,7 +29,8 @@ def preprocessed(model, paths: list[Path]):
     from isc.extract import eval_transform_for
 
     transform = eval_transform_for(model, int(model.model_config["input_size"]))
-    return torch.stack([transform(load_image(p)) for p in paths])
+    load = transform.loader(load_image)  # the path branch's decode: JPEG draft mode included (issue 21)
+    return torch.stack([transform(load(p)) for p in paths])
 
 
 def run_exported(fmt: str, path: Path, x) -> np.ndarray:

@@ -11,7 +11,7 @@ import sys
 
 from tests.servers import PROJECT_ROOT
 
-SECTIONS = ["train", "extract", "faiss", "ddp", "amp_extract"]
+SECTIONS = ["train", "extract", "faiss", "ddp", "amp_extract", "decode", "knn"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -35,7 +35,9 @@ def test_gpu_check_cpu_mode_runs_every_section_and_prints_its_figures():
     assert re.search(r"CHECK faiss: GPU/CPU speed-up \d+x per query .* ids 100/100", text)
     assert "gloo world size 1" in text
     assert re.search(r"CHECK amp_extract: .* min cosine 0\.9\d+", text)
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("gpu_check: 5/5 OK")
+    assert re.search(r"CHECK decode: JPEG decode \+ resize on cpu .* self-match 1\.00", text)
+    assert re.search(r"CHECK knn: chooser picks faiss-cpu; .*faiss-cpu \d+ ms ids 2000/2000, torch-cpu \d+ ms ids 2000/2000", text)
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("gpu_check: 7/7 OK")
 
 
 def test_a_failing_section_prints_fail_and_exits_non_zero():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isc.errors import ConfigError
-from isc.knn import FlatIndex, global_topk, knn
+from isc.knn import BACKENDS, FlatIndex, global_topk, knn, knn_backend
 
 
 def all_pairs_ranked(q: np.ndarray, r: np.ndarray, metric: str):
@@ -88,3 +88,61 @@ def test_search_rejects_bad_parameters():
         FlatIndex(np.eye(4, dtype=np.float32), metric="cosine")
     with pytest.raises(ConfigError, match="k_total"):
         global_topk(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32), 0)
+
+
+def _fixed_set(metric: str):
+    """Queries near distinct references (no ties at any rank that matters) plus pure-noise queries."""
+    rng = np.random.default_rng(21)
+    ref = rng.standard_normal((3000, 64)).astype(np.float32)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    q = np.concatenate([ref[:300] + 0.04 * rng.standard_normal((300, 64)), rng.standard_normal((100, 64))])
+    q = q.astype(np.float32)
+    if metric == "ip":
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q, ref
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_torch_and_faiss_backends_return_the_same_neighbours(metric):
+    """The paths knn_backend() chooses between: on this CPU machine faiss-cpu vs the torch path on the CPU
+    (torch-cuda is the same code on the GPU; faiss-gpu is checked by bench/gpu_check.sh)."""
+    q, ref = _fixed_set(metric)
+    faiss_idx, torch_idx = FlatIndex(ref, metric, backend="faiss-cpu"), FlatIndex(ref, metric, backend="torch-cpu")
+    assert (faiss_idx.backend, torch_idx.backend) == ("faiss-cpu", "torch-cpu")
+    s1, i1 = faiss_idx.search(q, 10, batch_size=128)
+    s2, i2 = torch_idx.search(q, 10, batch_size=128)
+    assert np.array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-4)
+    assert np.array_equal(i1[:300, 0], np.arange(300))  # the planted neighbours are found
+    a = global_topk(q, None, 500, metric, index=faiss_idx, progress=False)
+    b = global_topk(q, None, 500, metric, index=torch_idx, progress=False)
+    # the same 500 pairs; the order may differ between pairs whose scores differ by float rounding only
+    assert set(zip(a.q_idx.tolist(), a.r_idx.tolist(), strict=True)) == set(zip(b.q_idx.tolist(), b.r_idx.tolist(), strict=True))
+    np.testing.assert_allclose(a.score, b.score, atol=1e-4)
+    # k beyond the reference count: every reference, the rest padded
+    s3, i3 = torch_idx.search(q[:2], 3005)
+    assert np.array_equal(np.sort(i3[:, :3000], axis=1), np.tile(np.arange(3000), (2, 1))) and (i3[:, 3000:] == -1).all()
+
+
+def test_backend_choice_without_a_gpu_is_faiss_cpu_and_is_checked():
+    assert knn_backend() == "faiss-cpu" and knn_backend(use_gpu=False) == "faiss-cpu"
+    assert FlatIndex(np.eye(4, dtype=np.float32)).backend == "faiss-cpu"
+    assert set(BACKENDS) == {"faiss-gpu", "torch-cuda", "faiss-cpu", "torch-cpu"}
+    with pytest.raises(ConfigError, match="backend"):
+        FlatIndex(np.eye(4, dtype=np.float32), backend="annoy")
+
+
+def test_match_records_the_knn_engine_it_searched_with(tracking, tmp_path):
+    """`isc match` inside a run logs `knn_backend` (postprocess: tests/test_postprocess.py)."""
+    import mlflow
+
+    from entrypoints import match
+    from isc.io import write_descriptors
+
+    q, ref = _fixed_set("ip")
+    desc = write_descriptors(tmp_path / "d.h5", q[:20], [f"Q{i:02d}" for i in range(20)], ref[:50],
+                             [f"R{i:02d}" for i in range(50)])  # fmt: skip
+    with mlflow.start_run() as run:
+        assert match.main(["--descriptors", str(desc), "--output", str(tmp_path / "m.csv"), "--max-results", "30"]) == 0
+    params = mlflow.get_run(run.info.run_id).data.params
+    assert params["knn_backend"] == "faiss-cpu" and params["max_results"] == "30"

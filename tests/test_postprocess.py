@@ -204,6 +204,7 @@ def test_cli_writes_subtracted_descriptors_and_bank_and_logs_them(tmp_path, trac
     assert run.info.status == "FINISHED"
     assert run.data.tags["isc.step"] == "postprocess"
     assert run.data.params["beta"] == "0.5" and run.data.params["dba_k"] == "5"
+    assert run.data.params["knn_backend"] == "faiss-cpu"  # no GPU here (issue 21: one chooser, recorded)
     assert run.data.metrics["n_query"] == 9 and run.data.metrics["n_train"] == 120
     assert 0.0 < run.data.metrics["nes_query_cos_to_raw"] < 1.0
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "descriptors")}

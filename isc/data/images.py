@@ -49,36 +49,48 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully into an upright RGB ``PIL.Image`` or raise ``BadImageError``."""
+def load_image(path: str | Path, draft: int | None = None) -> Image.Image:
+    """Decode ``path`` into an upright RGB ``PIL.Image`` or raise ``BadImageError``.
+
+    ``draft``: the side the caller resizes to next. A JPEG larger than twice that is decoded at 1/2, 1/4
+    or 1/8 scale in the DCT domain (Pillow's draft mode), never below ``draft`` on either side: the
+    decode costs a fraction of a full one, and the caller's resize to ``draft`` sees nearly the same
+    pixels (docs/descriptors.md states the tolerance). ``None`` = full size (every other format is
+    always decoded at full size).
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise BadImageError(path, "empty file (0 bytes)")
     except FileNotFoundError as exc:
         raise BadImageError(path, "no such file") from exc
-    return _decode(path, path)
+    return _decode(path, path, draft)
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+def decode_image(data: bytes, name: str = "<bytes>", draft: int | None = None) -> Image.Image:
     """Decode the bytes of an image *file* (JPEG, PNG, ...) exactly as :func:`load_image` decodes the file.
 
     Why: the REST endpoint receives encoded images, not paths; going through the same decoder keeps a
-    served descriptor identical to the one of the file on disk. ``name`` labels errors.
+    served descriptor identical to the one of the file on disk. ``name`` labels errors; ``draft`` as
+    in :func:`load_image`.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BadImageError(name, f"expected the bytes of an image file, got {type(data).__name__}")
     if len(data) == 0:
         raise BadImageError(name, "empty (0 bytes)")
-    return _decode(io.BytesIO(bytes(data)), name)
+    return _decode(io.BytesIO(bytes(data)), name, draft)
 
 
-def _decode(source: Path | io.BytesIO, label: str | Path) -> Image.Image:
+def _decode(source: Path | io.BytesIO, label: str | Path, draft: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 img.seek(0)  # animated GIF/WebP/APNG: the first frame
+                if draft and img.format == "JPEG":
+                    # Both sides stay >= draft (Pillow picks the largest 1/2^k scale that allows it), so
+                    # the EXIF rotation below and the square resize after it never upsample.
+                    img.draft(None, (int(draft), int(draft)))
                 img.load()  # force the full decode now: truncation shows up here, not later
                 img = ImageOps.exif_transpose(img) or img
                 rgb = to_rgb(img)
