@@ -116,6 +116,9 @@ CASES = [
     ("make_mini", "make-mini --out {out}/mm --source {missing}", "source", "{out}/mm"),
     ("make_mini", "make-mini --out {out}/mm --size huge", "size", "{out}/mm"),
     ("main", "--data {mini} --n-trials -1", "n_trials", None),
+    ("import_seed", "{missing}.pth.tar --output {out}/seed.pth.tar", "{missing}", "{out}/seed.pth.tar"),
+    ("import_seed", "{missing}.pth.tar --input-size -3", "input_size", None),
+    ("import_seed", "{missing}.pth.tar --overwrite maybe", "overwrite", None),
     ("main", "--data {mini} --profile bogus", "profile", None),
     ("main", "--data {mini} --force maybe", "force", None),
 ]
