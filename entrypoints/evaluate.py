@@ -15,7 +15,7 @@ import sys
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, optional_str, positive_int, str2bool
 from isc.contract import Step, Tag
-from isc.evaluation import DEFAULT_BOOTSTRAP, prepare_inputs, run_evaluation
+from isc.evaluation import DEFAULT_BOOTSTRAP, extraction_settings, prepare_inputs, run_evaluation
 from isc.knn import DEFAULT_BATCH_SIZE
 from isc.metrics import PROTOCOLS
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=args.output_dir,
                 gt_path=inputs.gt_path,
                 bootstrap=args.bootstrap,
+                settings=extraction_settings(args.descriptors, args.before),
             )
             given = {
                 "descriptors": args.descriptors,

@@ -47,8 +47,14 @@ class Stage:
 
 @dataclass(frozen=True)
 class Profile:
+    """A chain of stages, the tune config, and the grid of extraction settings every candidate is scored
+    under on val (:mod:`isc.settings`; sizes in px, 0 = the training size): the registered version serves
+    with the best. A grid of one setting skips the step."""
+
     stages: tuple[Stage, ...]
     tune_config: str
+    settings_sizes: str = "0,160,224"
+    settings_tta: str = "false,true"
 
 
 def _recipe(prefix: str, tune_config: str) -> Profile:
@@ -73,7 +79,7 @@ PROFILES: dict[str, Profile] = {
     # seconds-long pipeline check for tests and CI (tiny from-scratch network, two stages)
     "smoke": Profile((Stage("stage1", "isc/configs/smoke.yaml"),
                       Stage("stage2", "isc/configs/smoke_stage2.yaml", "init", "stage1")),
-                     "isc/configs/tune_smoke.yaml"),
+                     "isc/configs/tune_smoke.yaml", settings_sizes="0", settings_tta="false,true"),
 }
 
 
@@ -274,7 +280,8 @@ def run_main(
         params["overrides"] = json.dumps(fixed, sort_keys=True) if fixed else ""
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
-        rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt))
+        rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt,
+                                    (PROFILES[profile].settings_sizes, PROFILES[profile].settings_tta)))
 
     notes: list[str] = []
     if n_trials > 0:
@@ -350,8 +357,9 @@ def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Pa
     for key, value in provenance.items():
         pipe.client.set_tag(model_run, key, value)
     label = f"{stage.name} tuned (trial {best[Tag.TUNE_TRIAL]}{', retrained' if cfg.candidate == 'retrain' else ''})"
+    grid = (PROFILES[profile].settings_sizes, PROFILES[profile].settings_tta)
     row = _evaluate_stage(pipe, replace(stage, name=f"{stage.name}_tuned"), model_run, data_dir, out_root, test_gt,
-                          select_gt, label=label)
+                          select_gt, grid, label=label)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
     source = "retrained with them for the stage's full epochs" if cfg.candidate == "retrain" else "its own model"
     own = " (the stage's own values)" if own_values else ""
@@ -369,13 +377,16 @@ def _promotion_line(run: Any) -> str:
 
 
 def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, out_root: Path,
-                    test_gt: Path, select_gt: Path, label: str | None = None) -> dict[str, Any]:
-    """extract -> postprocess -> evaluate (test; and val, which chooses the champion) of one stage."""
+                    test_gt: Path, select_gt: Path, grid: tuple[str, str], label: str | None = None) -> dict[str, Any]:
+    """settings (the val grid) -> extract -> postprocess -> evaluate (test; and val, which chooses the
+    champion) of one stage; ``grid`` = (sizes, TTA values) of the profile."""
+    settings = _choose_settings(pipe, stage, train_run, data_dir, select_gt, grid) if select_gt != test_gt else None
     ext = pipe.run(
         f"extract_{stage.name}", "extract",
-        # The folder is this step's own (one per training run): a re-run may replace its files.
-        {"model": train_run, "data": str(data_dir), "sets": "qrt", "output_dir": str(out_root / "extract" / train_run),
-         "overwrite": "true"},
+        # The folder is this step's own (one per training run and setting): a re-run may replace its files.
+        {"model": train_run, "data": str(data_dir), "sets": "qrt", "overwrite": "true",
+         "output_dir": str(out_root / "extract" / (train_run + (f"_{settings.key()}" if settings else ""))),
+         "input_size": settings.input_size if settings else 0, "tta": str(bool(settings and settings.tta)).lower()},
     )
     raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
     post = pipe.run(
@@ -389,6 +400,7 @@ def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path
     row = {
         "step": label or f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",
         "starts from": _start_label(stage),
+        "settings (val)": settings.label if settings else "training size",
         "uAP before NES": ev.metrics.get("before_average_precision"),
         "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
         "uAP": ev.metrics.get("average_precision"),
@@ -399,6 +411,21 @@ def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path
         sel = pipe.run(f"evaluate_val_{stage.name}", "evaluate", {**nes, "ground_truth": str(select_gt)})
         row["val uAP (selects)"] = sel.metrics.get("average_precision")
     return row
+
+
+def _choose_settings(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, select_gt: Path,
+                     grid: tuple[str, str]) -> Any:
+    """The extraction settings of ``train_run`` chosen on val from the profile's grid (the ``settings`` step),
+    or the training size without TTA when the grid has one setting."""
+    from isc.settings import ExtractionSettings
+
+    sizes, ttas = grid
+    if len(sizes.split(",")) * len(ttas.split(",")) <= 1:
+        return None
+    sel = pipe.run(f"settings_{stage.name}", "settings", {"model": train_run, "data": str(data_dir),
+                                                           "ground_truth": str(select_gt), "sizes": sizes, "tta": ttas})
+    params = pipe.client.get_run(sel.run_id).data.params
+    return ExtractionSettings(int(params["chosen_input_size"]), params["chosen_tta"] == "true")
 
 
 def _start_label(stage: Stage) -> str:
