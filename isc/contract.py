@@ -8,7 +8,8 @@ from here (``tests/test_contract.py`` fails when an ``"isc.<tag>"`` literal appe
 One run reference, from training to search::
 
     train run R          checkpoints/checkpoint_0005.pth.tar, model/final.pth.tar   (ARTIFACT_*)
-      -> extract E       model_ref=R; descriptors/descriptors.h5 (+ train_descriptors.h5)
+      -> settings S      model=R; val grid of size x TTA -> isc.input_size / isc.tta (isc/settings.py)
+      -> extract E       model_ref=R at S's setting; descriptors/descriptors.h5 (+ train_descriptors.h5)
       -> postprocess P   descriptors/descriptors_nes.h5, descriptors/nes_bank.h5
       -> evaluate V      Evaluation.to_tags(): isc.step=evaluate, isc.model_ref=R, isc.nes_bank, GT
       -> promote         Evaluation.from_run(V) -> registered version (PYFUNC_* layout), @champion

@@ -452,7 +452,9 @@ def _champion(model_name: str) -> dict[str, str] | None:
         return None
     return {"version": mv.version, "uri": f"models:/{model_name}@{CHAMPION}",
             "source_run": mv.tags.get(Tag.SOURCE_EVAL_RUN, mv.run_id or ""),
-            "gt_path": mv.tags.get(Tag.GT_PATH, ""), "gt_fingerprint": mv.tags.get(Tag.GT_FINGERPRINT, "")}
+            "gt_path": mv.tags.get(Tag.GT_PATH, ""), "gt_fingerprint": mv.tags.get(Tag.GT_FINGERPRINT, ""),
+            "serves": (f"{mv.tags[Tag.INPUT_SIZE]} px{' + TTA' if mv.tags.get(Tag.TTA) == 'true' else ''}"
+                       if mv.tags.get(Tag.INPUT_SIZE) else "its training size")}
 
 
 def _champion_line(champion: dict[str, str] | None, model_name: str, select_gt: Path, test_gt: Path) -> str:
@@ -470,7 +472,8 @@ def _champion_line(champion: dict[str, str] | None, model_name: str, select_gt: 
                 f"isc promote --ground-truth {select_gt} --force")
     note = ("its stage's test row above is held out" if select_gt != test_gt
             else "the same GT as the rows above: no val split, so they are not held out from the choice")
-    return f"{head} (chosen on {select_gt.name} by evaluation run {champion['source_run']}; {note})"
+    return (f"{head} (chosen on {select_gt.name} by evaluation run {champion['source_run']}; {note}), "
+            f"serves with {champion.get('serves', 'its training size')}")
 
 
 def _report(summary: Any, timing: Any, champion_line: str) -> None:
