@@ -83,8 +83,15 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def check_arguments(profile: str, n_trials: int, overrides: str = "") -> None:
+def check_arguments(profile: str, n_trials: int, overrides: str = "", settings_sizes: str = "",
+                    settings_tta: str = "") -> None:
     """The main job's arguments, checked once, before its run opens (``entrypoints/main.py`` calls it)."""
+    from isc.settings import parse_sizes, parse_tta
+
+    if settings_sizes:
+        parse_sizes(settings_sizes, 128)
+    if settings_tta:
+        parse_tta(settings_tta)
     if profile not in PROFILES:
         raise ConfigError("profile", f"unknown profile '{profile}' (choose from {sorted(PROFILES)})")
     if n_trials < 0:
@@ -218,8 +225,11 @@ def run_main(
     force: bool = False,
     model_name: str = "isc-descriptor",
     overrides: str = "",
+    settings_grid: tuple[str, str] | None = None,
 ) -> Any:
     """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame.
+
+    ``settings_grid``: (sizes, TTA values) of the val grid of extraction settings; None = the profile's.
 
     The arguments are those :func:`check_arguments` accepted (before the run was opened).
     """
@@ -267,6 +277,7 @@ def run_main(
                  "uAP 95% CI": _interval(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
 
     stage_runs: dict[str, str] = {}
+    grid = settings_grid or (PROFILES[profile].settings_sizes, PROFILES[profile].settings_tta)
     extra = dict(parse_overrides(overrides)) if overrides else {}
     handoffs = handoff_epochs(PROFILES[profile].stages)
     for stage in PROFILES[profile].stages:
@@ -280,12 +291,12 @@ def run_main(
         params["overrides"] = json.dumps(fixed, sort_keys=True) if fixed else ""
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
-        rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt,
-                                    (PROFILES[profile].settings_sizes, PROFILES[profile].settings_tta)))
+        rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt, grid))
 
     notes: list[str] = []
     if n_trials > 0:
-        row, note = _tune(pipe, profile, stage_runs, data_dir, out_root, test_gt, select_gt, n_trials, extra, force)
+        row, note = _tune(pipe, profile, stage_runs, data_dir, out_root, test_gt, select_gt, n_trials, extra, force,
+                          grid)
         rows += [row] if row else []
         notes.append(note)
 
@@ -313,7 +324,8 @@ def run_main(
 
 
 def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Path, out_root: Path, test_gt: Path,
-          select_gt: Path, n_trials: int, extra: dict[str, Any], force: bool) -> tuple[dict[str, Any] | None, str]:
+          select_gt: Path, n_trials: int, extra: dict[str, Any], force: bool,
+          grid: tuple[str, str]) -> tuple[dict[str, Any] | None, str]:
     """Tune the profile's tuned stage from its hand-off checkpoint; evaluate the tuned model like a stage.
 
     Returns the summary row (None when no trial completed) and a line about the study. The tuned model is
@@ -357,7 +369,6 @@ def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Pa
     for key, value in provenance.items():
         pipe.client.set_tag(model_run, key, value)
     label = f"{stage.name} tuned (trial {best[Tag.TUNE_TRIAL]}{', retrained' if cfg.candidate == 'retrain' else ''})"
-    grid = (PROFILES[profile].settings_sizes, PROFILES[profile].settings_tta)
     row = _evaluate_stage(pipe, replace(stage, name=f"{stage.name}_tuned"), model_run, data_dir, out_root, test_gt,
                           select_gt, grid, label=label)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))

@@ -122,3 +122,12 @@ def test_champion_pulled_without_flags_extracts_with_its_registered_settings_and
     pyfunc = mlflow.pyfunc.load_model("models:/isc-descriptor@champion")
     served = pyfunc.predict([str(p) for p in queries[:6]], params={"postprocess": False})
     np.testing.assert_allclose(served, describe_images(model, queries[:6], input_size=48, tta=True), atol=1e-5)
+
+
+def test_main_job_refuses_a_bad_settings_grid_before_any_run():
+    from isc.driver import check_arguments
+
+    with pytest.raises(ConfigError, match="sizes"):
+        check_arguments("demo", 0, "", settings_sizes="0,big")
+    with pytest.raises(ConfigError, match="tta"):
+        check_arguments("demo", 0, "", settings_tta="sometimes")
