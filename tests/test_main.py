@@ -166,7 +166,9 @@ TINY_FULL = {"backbone": "test_efficientnet", "pretrained": False, "input_size":
 def test_full_profile_chain_hands_on_the_seeds_checkpoints_and_its_tuned_stage4_becomes_a_candidate(tracking, mini_data):
     from isc.tracking import get_or_create_experiment
 
-    params = {"data": str(mini_data.root), "profile": "full", "n_trials": 2, "overrides": json.dumps(TINY_FULL)}
+    # one extraction setting (no val grid): the grid is covered by the smoke test above, and this test is the chain
+    params = {"data": str(mini_data.root), "profile": "full", "n_trials": 2, "overrides": json.dumps(TINY_FULL),
+              "settings_sizes": "0", "settings_tta": "false"}
     exp = get_or_create_experiment("main-full")
     run = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp, env_manager="local",
                      synchronous=True)
