@@ -2,8 +2,10 @@
 DISC21-layout folder.
 
 Runs the whole main job (train stages -> extract -> NES -> evaluate -> promote) into a throwaway MLflow
-store, then scores the "pretrained, no fine-tuning" model (stage 0), pHash and PDQ on the same ground truth,
-and prints one table (µAP and recall@P90 under the official ISC21 protocol) in a single run. Each µAP comes with its 95 % query-
+store, then pulls the champion from the registry exactly as a user does (``models:/isc-descriptor@champion``
+with the extraction settings registered on the version: input size and TTA chosen on val, nothing passed by
+hand), extracts it on the data, applies NES, and scores it next to the "pretrained, no fine-tuning" model
+(stage 0) under the same settings, pHash and PDQ on the same ground truth, and prints one table (µAP and recall@P90 under the official ISC21 protocol) in a single run. Each µAP comes with its 95 % query-
 bootstrap interval, and each baseline row with the paired bootstrap of "champion minus baseline" (the same
 resampled queries for both): its interval and the share of replicates the champion wins. With a few dozen
 test queries, that is what tells a real lead from luck.
@@ -15,7 +17,7 @@ test queries, that is what tells a real lead from luck.
     # other photos: the champion (and its stage 0) of the main job above, on a folder it never saw a pixel of
     python bench/quality.py --data data/mini --store . --experiment-name isc --transfer /data/other_photos
 
-``--transfer DIR`` extracts the champion and the stage-0 model on DIR (queries, references, training
+``--transfer DIR`` does the same (the champion as pulled, stage 0 at its settings) on DIR (queries, references, training
 images), applies negative embedding subtraction with DIR's own training images as the negatives (as on
 DISC21), and scores DIR's ``ground_truth.csv`` (every query: none of DIR was seen in training).
 """
@@ -56,42 +58,6 @@ def baseline_row(method: str, data, gt) -> dict:
     return {**_score(method, desc, gt), "wall_s": time.perf_counter() - t0}
 
 
-def champion_row(store: Path, model_name: str, gt, wall: float) -> dict:
-    """Re-score the descriptors the champion was promoted on (its evaluation run's NES output)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from isc.contract import CHAMPION, Tag
-    from isc.evaluation import load_descriptors
-    from isc.metrics import ground_truth_fingerprint
-
-    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    client = MlflowClient()
-    mv = client.get_model_version_by_alias(model_name, CHAMPION)
-    ev = client.get_run(mv.tags[Tag.SOURCE_EVAL_RUN])
-    desc = load_descriptors(ev.data.params["descriptors"])
-    row = _score(f"champion (models:/{model_name}@champion v{mv.version})", desc, gt)
-    if ev.data.tags.get(Tag.GT_FINGERPRINT) == ground_truth_fingerprint(gt):  # promoted on this very GT
-        assert abs(row["uAP"] - float(mv.tags[Tag.AVERAGE_PRECISION])) < 1e-9, "champion re-score differs"
-    return {**row, "wall_s": wall}
-
-
-def stage0_row(store: Path, experiment: str, gt) -> dict | None:
-    """Re-score the NES descriptors of the newest main job's stage 0 (pretrained, no fine-tuning)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from isc.contract import Tag
-    from isc.evaluation import load_descriptors
-
-    ev = _main_tags(store, experiment).get(f"{Tag.STEP_RUN_PREFIX}evaluate_stage0")
-    if ev is None:
-        return None
-    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    desc = load_descriptors(MlflowClient().get_run(ev).data.params["descriptors"])
-    return {**_score("stage 0 (pretrained, no fine-tuning)", desc, gt), "wall_s": float("nan")}
-
-
 def _main_tags(store: Path, experiment: str) -> dict[str, str]:
     import mlflow
     from mlflow import MlflowClient
@@ -104,32 +70,38 @@ def _main_tags(store: Path, experiment: str) -> dict[str, str]:
     return dict(runs[0].data.tags) if runs else {}
 
 
-def transfer_rows(store: Path, experiment: str, folder, model_name: str = "isc-descriptor") -> list[dict]:
-    """Champion and stage-0 model of the store's main job, extracted and post-processed on ``folder``."""
+def pulled_rows(store: Path, experiment: str, folder, model_name: str = "isc-descriptor") -> list[dict]:
+    """The champion as a user pulls it (``models:/<name>@champion`` with the extraction settings registered on the
+    version, nothing passed by hand: what ``isc extract --model models:/...`` does) and the store's stage-0
+    model (pretrained, no fine-tuning) under the same settings, extracted on ``folder`` with negative embedding
+    subtraction against ``folder``'s own training images (as on DISC21). Rows: name, descriptors, wall time."""
     import mlflow
 
+    from isc.contract import CHAMPION, Tag
     from isc.extract import extract_descriptors
     from isc.io import Descriptors, read_descriptors, read_train_descriptors
     from isc.models import load_model
     from isc.postprocess import postprocess_descriptors
+    from isc.settings import resolve, served_settings
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    from isc.contract import CHAMPION, Tag
-
-    refs = {"champion": f"models:/{model_name}@{CHAMPION}"}
+    champion = load_model(f"models:/{model_name}@{CHAMPION}")
+    settings, source = resolve(champion, served_settings(champion.checkpoint_path), None, None)
+    models = {f"champion as pulled (models:/{model_name}@{CHAMPION}, {settings.label}: {source})": champion}
     stage0 = _main_tags(store, experiment).get(f"{Tag.STEP_RUN_PREFIX}train_stage0")
     if stage0:
-        refs["stage 0 (pretrained, no fine-tuning)"] = stage0
+        models[f"stage 0, pretrained, no fine-tuning ({settings.label}, the champion's)"] = load_model(stage0)
     rows = []
-    for name, ref in refs.items():
+    for name, model in models.items():
         t0 = time.perf_counter()
-        out = Path(tempfile.mkdtemp(prefix="isc-transfer-"))
-        extract_descriptors(load_model(ref), folder, "qrt", out, batch_size=32, workers=2)
+        out = Path(tempfile.mkdtemp(prefix="isc-pulled-"))
+        extract_descriptors(model, folder, "qrt", out, input_size=settings.input_size, tta=settings.tta,
+                            batch_size=32, workers=2)
         raw = read_descriptors(out / "descriptors.h5")
         train, _ = read_train_descriptors(out / "train_descriptors.h5")
         nes = postprocess_descriptors(raw.query, raw.reference, train)
         desc = Descriptors(nes.query, raw.query_ids, nes.reference, raw.reference_ids)
-        rows.append({"name": f"{name} ({ref})", "desc": desc, "wall_s": time.perf_counter() - t0})
+        rows.append({"name": name, "desc": desc, "wall_s": time.perf_counter() - t0})
     return rows
 
 
@@ -189,20 +161,14 @@ def main() -> int:
     wall = time.perf_counter() - t0
     from isc.io import read_ground_truth
 
-    gt_obj = read_ground_truth(gt)
-    rows = [champion_row(store, "isc-descriptor", gt_obj, wall)]
-    start = stage0_row(store, args.experiment_name, gt_obj)
-    rows += [start] if start else []
-    rows += [baseline_row(m, data, gt_obj) for m in ("phash", "pdq")]
-    _print(rows, gt_obj, gt)
-    if args.transfer:
-        other = DISC21(args.transfer)
-        other_gt_path = other.ground_truth()
-        other_gt = read_ground_truth(other_gt_path)
-        rows = [{**_score(r["name"], r["desc"], other_gt), "wall_s": r["wall_s"]}
-                for r in transfer_rows(store, args.experiment_name, other)]
-        rows += [baseline_row(m, other, other_gt) for m in ("phash", "pdq")]
-        _print(rows, other_gt, other_gt_path)
+    print(f"main job: {wall:.0f} s")
+    scored = [(data, gt)] + ([(DISC21(args.transfer), DISC21(args.transfer).ground_truth())] if args.transfer else [])
+    for folder, gt_path in scored:
+        gt_obj = read_ground_truth(gt_path)
+        rows = [{**_score(r["name"], r["desc"], gt_obj), "wall_s": r["wall_s"]}
+                for r in pulled_rows(store, args.experiment_name, folder)]
+        rows += [baseline_row(m, folder, gt_obj) for m in ("phash", "pdq")]
+        _print(rows, gt_obj, gt_path)
     return 0
 
 

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("entrypoints.evaluate", "score a descriptor h5 with the official ISC21 protocol"),
     "train": ("entrypoints.train", "train a descriptor model (one recipe stage)"),
     "extract": ("entrypoints.extract", "extract query/reference/training descriptors"),
+    "settings": ("entrypoints.settings", "choose a model's extraction settings (size, TTA) on the val split"),
     "postprocess": ("entrypoints.postprocess", "negative embedding subtraction"),
     "match": ("entrypoints.match", "matching-track CSV from descriptors"),
     "tune": ("entrypoints.tune", "Optuna study over margins, memory size, lr"),

@@ -15,7 +15,13 @@ import sys
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, optional_str, positive_int, str2bool
 from isc.contract import Step, Tag
-from isc.evaluation import DEFAULT_BOOTSTRAP, check_output_dir, prepare_inputs, run_evaluation
+from isc.evaluation import (
+    DEFAULT_BOOTSTRAP,
+    check_output_dir,
+    extraction_settings,
+    prepare_inputs,
+    run_evaluation,
+)
 from isc.knn import DEFAULT_BATCH_SIZE
 from isc.limits import MAX_BOOTSTRAP, check_bootstrap
 from isc.metrics import PROTOCOLS
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=args.output_dir,
                 gt_path=inputs.gt_path,
                 bootstrap=args.bootstrap,
+                settings=extraction_settings(args.descriptors, args.before),
             )
             given = {
                 "descriptors": args.descriptors,

@@ -15,7 +15,7 @@ import torch
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, positive_int, str2bool
-from isc.contract import Step, Tag
+from isc.contract import Step, Tag, parse_bool
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
 from isc.extract import (
@@ -45,7 +45,8 @@ def build_parser() -> Parser:
     p.add_argument("--model", required=True, help="checkpoint path, run id, runs:/ or models:/ URI")
     p.add_argument("--data", default="data/mini", help="DISC21-shaped root folder")
     p.add_argument("--sets", default="qrt", help="any of q (queries), r (references), t (training)")
-    p.add_argument("--input-size", type=nonnegative_int, default=0, help="square side in px; 0 = the model's")
+    p.add_argument("--input-size", type=nonnegative_int, default=0,
+                   help="square side in px; 0 = a registered version's setting, else the training size")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader decoding processes")
     p.add_argument("--output-dir", default="outputs/extract")
@@ -57,11 +58,11 @@ def build_parser() -> Parser:
     )
     p.add_argument(
         "--tta",
-        type=str2bool,
+        type=optional_bool,
         nargs="?",
         const=True,
-        default=False,
-        help="test-time augmentation: flip + rescales, summed",
+        default=None,
+        help="test-time augmentation: flip + rescales, summed; empty = a registered version's setting, else off",
     )
     p.add_argument("--limit", type=nonnegative_int, default=0, help="first N images of each set (0 = all)")
     p.add_argument("--device", default="", help="cuda, cuda:1, cpu; empty = CUDA when available")
@@ -80,6 +81,18 @@ def build_parser() -> Parser:
         help="under torchrun: images per shard (the unit of work and of resuming)",
     )
     return p
+
+
+def optional_bool(text: str) -> bool | None:
+    """``""``/``auto`` -> None (the registered setting), else a boolean."""
+    if str(text).strip().lower() in ("", "auto"):
+        return None
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        import argparse
+
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _setup_ranks(device_arg: str) -> tuple[ddp.DistInfo, torch.device]:
@@ -120,9 +133,12 @@ def main(argv: list[str]) -> int:
 
 def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.DistInfo, device) -> int:
     from isc.models import load_model
+    from isc.settings import resolve, served_settings
 
     model = load_model(args.model, device=device)
-    input_size = resolve_input_size(model, args.input_size)
+    # A registered version serves with the settings chosen on val (its pyfunc's model_config); flags override.
+    settings, source = resolve(model, served_settings(model.checkpoint_path), args.input_size or None, args.tta)
+    input_size = resolve_input_size(model, settings.input_size)
     common = dict(
         sets="".join(letters),
         out_dir=output_dir,
@@ -131,7 +147,7 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
         workers=args.workers,
         skip_bad_images=args.skip_bad_images,
         limit=args.limit or None,
-        tta=args.tta,
+        tta=settings.tta,
         model_ref=str(args.model),
         overwrite=args.overwrite,
     )
@@ -152,13 +168,14 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
                 "workers": args.workers,
                 "output_dir": str(output_dir),
                 "skip_bad_images": str(args.skip_bad_images).lower(),
-                "tta": str(args.tta).lower(),
+                "tta": "" if args.tta is None else str(args.tta).lower(),
                 "limit": args.limit,
                 "overwrite": str(args.overwrite).lower(),
             }
         )
         tracking.log_params(
-            {"resolved_input_size": input_size, "device": str(device), "world_size": info.world_size}
+            {"resolved_input_size": input_size, "resolved_tta": str(settings.tta).lower(), "settings_source": source,
+             "device": str(device), "world_size": info.world_size}
         )
         from isc.lineage import log_disc21_inputs, upstream_params
 
@@ -189,7 +206,8 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
     counts = ", ".join(f"{n} {name}" for name, n in out["counts"].items())
     ranks = f" on {info.world_size} ranks" if info.distributed else ""
     print(
-        f"extracted {counts} descriptors ({out['images_per_second']:.1f} images/s{ranks}) into {output_dir}"
+        f"extracted {counts} descriptors ({out['images_per_second']:.1f} images/s{ranks}) at {settings.label} "
+        f"({source}) into {output_dir}"
     )
     if out["bad_images"]:
         print(

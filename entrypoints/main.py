@@ -17,6 +17,12 @@ def build_parser() -> Parser:
                    help="YAML mapping fixed on top of every training stage (e.g. '{input_size: 32}')")
     p.add_argument("--n-trials", type=nonnegative_int, default=3, help="Optuna trials (0 skips tuning)")
     p.add_argument("--force", type=str2bool, default=False, help="re-run every step instead of reusing finished runs")
+    p.add_argument("--settings-sizes", type=optional_str, default=None,
+                   help="input sides (px, comma-separated, 0 = training size) of every candidate's val grid of "
+                        "extraction settings; default: the profile's (demo and full: 0 = one setting, no grid; "
+                         "e.g. 0,160,224 turns the grid on)")
+    p.add_argument("--settings-tta", type=optional_str, default=None,
+                   help="TTA values of that grid (default: the profile's; demo and full: false; e.g. false,true)")
     p.add_argument("--model-name", default="isc-descriptor", help="registered model name")
     p.add_argument("--experiment-name", type=optional_str, default=None)
     p.add_argument("--nproc-per-node", type=positive_int, default=1,
@@ -34,14 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     from isc.tracking import tracked_run
 
     args = build_parser().parse_args(argv)
-    check_arguments(args.profile, args.n_trials, args.overrides or "")  # before any run opens
+    check_arguments(args.profile, args.n_trials, args.overrides or "", args.settings_sizes or "",
+                    args.settings_tta or "")  # before any run opens
     check_processes(args.profile, args.nproc_per_node, args.overrides or "")
     # A name that says what ran and when (under `mlflow run` the launcher's run has a random one).
     name = f"main-{args.profile}-{time.strftime('%Y%m%d-%H%M')}"
     with tracked_run(experiment=args.experiment_name, run_name=name, tags={Tag.STEP: Step.MAIN}):
         mlflow.set_tag("mlflow.runName", name)
+        from isc.driver import PROFILES
+
+        grid = None
+        if args.settings_sizes or args.settings_tta:
+            base = PROFILES[args.profile]
+            grid = (args.settings_sizes or base.settings_sizes, args.settings_tta or base.settings_tta)
         run_main(args.data, args.source, args.profile, args.n_trials, args.force, args.model_name,
-                 overrides=args.overrides or "", nproc_per_node=args.nproc_per_node)
+                 overrides=args.overrides or "", nproc_per_node=args.nproc_per_node, settings_grid=grid)
     return 0
 
 

@@ -8,7 +8,8 @@ from here (``tests/test_contract.py`` fails when an ``"isc.<tag>"`` literal appe
 One run reference, from training to search::
 
     train run R          checkpoints/checkpoint_0005.pth.tar, model/final.pth.tar   (ARTIFACT_*)
-      -> extract E       model_ref=R; descriptors/descriptors.h5 (+ train_descriptors.h5)
+      -> settings S      model=R; val grid of size x TTA -> isc.input_size / isc.tta (isc/settings.py)
+      -> extract E       model_ref=R at S's setting; descriptors/descriptors.h5 (+ train_descriptors.h5)
       -> postprocess P   descriptors/descriptors_nes.h5, descriptors/nes_bank.h5
       -> evaluate V      Evaluation.to_tags(): isc.step=evaluate, isc.model_ref=R, isc.nes_bank, GT
       -> promote         Evaluation.from_run(V) -> registered version (PYFUNC_* layout), @champion
@@ -99,6 +100,7 @@ class Step:
     TUNE = "tune"
     TUNE_TRIAL = "tune_trial"
     PROMOTE = "promote"
+    SETTINGS = "settings"  # the val grid of extraction settings of one model (isc.settings)
     PACKAGE = "package"
     EXPORT = "export"
     MATCH = "match"
@@ -263,6 +265,9 @@ class Evaluation:
     nes_params: dict[str, Any] = field(default_factory=dict)
     run_id: str = ""
     git_commit: str | None = None
+    # the extraction settings the scored descriptors were made with (isc.settings): what the version serves with
+    input_size: int | None = None
+    tta: bool | None = None
 
     def to_tags(self) -> dict[str, str]:
         """The evaluation run's tags (metrics are logged as metrics, not here)."""
@@ -274,6 +279,9 @@ class Evaluation:
             tags[Tag.NES_BANK] = str(self.nes_bank)
         if self.nes_params:
             tags[Tag.NES_PARAMS] = json.dumps(self.nes_params, sort_keys=True)
+        if self.input_size:
+            tags[Tag.INPUT_SIZE] = str(int(self.input_size))
+            tags[Tag.TTA] = str(bool(self.tta)).lower()
         return tags
 
     @classmethod
@@ -289,6 +297,7 @@ class Evaluation:
                             tags[Tag.NES_PARAMS])
         ap = metrics.get("average_precision")
         recall = metrics.get("recall_p90")
+        size = tags.get(Tag.INPUT_SIZE, "")
         return cls(
             average_precision=float(ap) if ap is not None else None,
             recall_p90=float(recall) if recall is not None else None,
@@ -300,6 +309,8 @@ class Evaluation:
             nes_params=nes_params,
             run_id=run.info.run_id,
             git_commit=tags.get("mlflow.source.git.commit") or None,
+            input_size=int(size) if size.isdigit() else None,
+            tta=parse_bool(tags[Tag.TTA]) if size.isdigit() and tags.get(Tag.TTA) else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -47,8 +47,20 @@ class Stage:
 
 @dataclass(frozen=True)
 class Profile:
+    """A chain of stages, the tune config, and the grid of extraction settings every candidate is scored
+    under on val (:mod:`isc.settings`; sizes in px, 0 = the training size): the registered version serves
+    with the best. A grid of one setting skips the step.
+
+    The demo and full profiles default to one setting (the training size, no TTA: the seed's final
+    extraction) because the grid is not yet affordable there: on 2 CPU cores the demo's 7 candidates x
+    {128, 160, 224} x TTA off/on project to ~35 min against ~10 (bench/bench_settings.py), and at DISC21
+    scale each setting re-extracts the val references. Opt in with ``-P settings_sizes=0,160,224
+    -P settings_tta=false,true``; the smoke profile runs a grid in CI."""
+
     stages: tuple[Stage, ...]
     tune_config: str
+    settings_sizes: str = "0"
+    settings_tta: str = "false"
 
 
 def _recipe(prefix: str, tune_config: str) -> Profile:
@@ -73,12 +85,19 @@ PROFILES: dict[str, Profile] = {
     # seconds-long pipeline check for tests and CI (tiny from-scratch network, two stages)
     "smoke": Profile((Stage("stage1", "isc/configs/smoke.yaml"),
                       Stage("stage2", "isc/configs/smoke_stage2.yaml", "init", "stage1")),
-                     "isc/configs/tune_smoke.yaml"),
+                     "isc/configs/tune_smoke.yaml", settings_sizes="0", settings_tta="false,true"),
 }
 
 
-def check_arguments(profile: str, n_trials: int, overrides: str = "") -> None:
+def check_arguments(profile: str, n_trials: int, overrides: str = "", settings_sizes: str = "",
+                    settings_tta: str = "") -> None:
     """The main job's arguments, checked once, before its run opens (``entrypoints/main.py`` calls it)."""
+    from isc.settings import parse_sizes, parse_tta
+
+    if settings_sizes:
+        parse_sizes(settings_sizes, 128)
+    if settings_tta:
+        parse_tta(settings_tta)
     if profile not in PROFILES:
         raise ConfigError("profile", f"unknown profile '{profile}' (choose from {sorted(PROFILES)})")
     if n_trials < 0:
@@ -239,8 +258,11 @@ def run_main(
     model_name: str = "isc-descriptor",
     overrides: str = "",
     nproc_per_node: int = 1,
+    settings_grid: tuple[str, str] | None = None,
 ) -> Any:
     """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame.
+
+    ``settings_grid``: (sizes, TTA values) of the val grid of extraction settings; None = the profile's.
 
     The arguments are those :func:`check_arguments` accepted (before the run was opened).
     ``nproc_per_node``: processes of every training stage and extraction (torchrun through isc.launch).
@@ -292,6 +314,7 @@ def run_main(
                  "uAP 95% CI": _interval(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
 
     stage_runs: dict[str, str] = {}
+    grid = settings_grid or (PROFILES[profile].settings_sizes, PROFILES[profile].settings_tta)
     handoffs = handoff_epochs(PROFILES[profile].stages)
     for stage in PROFILES[profile].stages:
         start = start_reference(stage, stage_runs)
@@ -304,11 +327,12 @@ def run_main(
         params["overrides"] = json.dumps(fixed, sort_keys=True) if fixed else ""
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
-        rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt))
+        rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt, grid))
 
     notes: list[str] = []
     if n_trials > 0:
-        row, note = _tune(pipe, profile, stage_runs, data_dir, out_root, test_gt, select_gt, n_trials, extra, force)
+        row, note = _tune(pipe, profile, stage_runs, data_dir, out_root, test_gt, select_gt, n_trials, extra, force,
+                          grid)
         rows += [row] if row else []
         notes.append(note)
 
@@ -336,7 +360,8 @@ def run_main(
 
 
 def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Path, out_root: Path, test_gt: Path,
-          select_gt: Path, n_trials: int, extra: dict[str, Any], force: bool) -> tuple[dict[str, Any] | None, str]:
+          select_gt: Path, n_trials: int, extra: dict[str, Any], force: bool,
+          grid: tuple[str, str]) -> tuple[dict[str, Any] | None, str]:
     """Tune the profile's tuned stage from its hand-off checkpoint; evaluate the tuned model like a stage.
 
     Returns the summary row (None when no trial completed) and a line about the study. The tuned model is
@@ -381,7 +406,7 @@ def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Pa
         pipe.client.set_tag(model_run, key, value)
     label = f"{stage.name} tuned (trial {best[Tag.TUNE_TRIAL]}{', retrained' if cfg.candidate == 'retrain' else ''})"
     row = _evaluate_stage(pipe, replace(stage, name=f"{stage.name}_tuned"), model_run, data_dir, out_root, test_gt,
-                          select_gt, label=label)
+                          select_gt, grid, label=label)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
     source = "retrained with them for the stage's full epochs" if cfg.candidate == "retrain" else "its own model"
     own = " (the stage's own values)" if own_values else ""
@@ -399,13 +424,16 @@ def _promotion_line(run: Any) -> str:
 
 
 def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, out_root: Path,
-                    test_gt: Path, select_gt: Path, label: str | None = None) -> dict[str, Any]:
-    """extract -> postprocess -> evaluate (test; and val, which chooses the champion) of one stage."""
+                    test_gt: Path, select_gt: Path, grid: tuple[str, str], label: str | None = None) -> dict[str, Any]:
+    """settings (the val grid) -> extract -> postprocess -> evaluate (test; and val, which chooses the
+    champion) of one stage; ``grid`` = (sizes, TTA values) of the profile."""
+    settings = _choose_settings(pipe, stage, train_run, data_dir, select_gt, grid) if select_gt != test_gt else None
     ext = pipe.run(
         f"extract_{stage.name}", "extract",
-        # The folder is this step's own (one per training run): a re-run may replace its files.
-        {"model": train_run, "data": str(data_dir), "sets": "qrt", "output_dir": str(out_root / "extract" / train_run),
-         "overwrite": "true"},
+        # The folder is this step's own (one per training run and setting): a re-run may replace its files.
+        {"model": train_run, "data": str(data_dir), "sets": "qrt", "overwrite": "true",
+         "output_dir": str(out_root / "extract" / (train_run + (f"_{settings.key()}" if settings else ""))),
+         "input_size": settings.input_size if settings else 0, "tta": str(bool(settings and settings.tta)).lower()},
     )
     raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
     post = pipe.run(
@@ -419,6 +447,7 @@ def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path
     row = {
         "step": label or f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",
         "starts from": _start_label(stage),
+        "settings (val)": settings.label if settings else "training size",
         "uAP before NES": ev.metrics.get("before_average_precision"),
         "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
         "uAP": ev.metrics.get("average_precision"),
@@ -429,6 +458,21 @@ def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path
         sel = pipe.run(f"evaluate_val_{stage.name}", "evaluate", {**nes, "ground_truth": str(select_gt)})
         row["val uAP (selects)"] = sel.metrics.get("average_precision")
     return row
+
+
+def _choose_settings(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, select_gt: Path,
+                     grid: tuple[str, str]) -> Any:
+    """The extraction settings of ``train_run`` chosen on val from the profile's grid (the ``settings`` step),
+    or the training size without TTA when the grid has one setting."""
+    from isc.settings import ExtractionSettings
+
+    sizes, ttas = grid
+    if len(sizes.split(",")) * len(ttas.split(",")) <= 1:
+        return None
+    sel = pipe.run(f"settings_{stage.name}", "settings", {"model": train_run, "data": str(data_dir),
+                                                           "ground_truth": str(select_gt), "sizes": sizes, "tta": ttas})
+    params = pipe.client.get_run(sel.run_id).data.params
+    return ExtractionSettings(int(params["chosen_input_size"]), params["chosen_tta"] == "true")
 
 
 def _start_label(stage: Stage) -> str:
@@ -455,7 +499,9 @@ def _champion(model_name: str) -> dict[str, str] | None:
         return None
     return {"version": mv.version, "uri": f"models:/{model_name}@{CHAMPION}",
             "source_run": mv.tags.get(Tag.SOURCE_EVAL_RUN, mv.run_id or ""),
-            "gt_path": mv.tags.get(Tag.GT_PATH, ""), "gt_fingerprint": mv.tags.get(Tag.GT_FINGERPRINT, "")}
+            "gt_path": mv.tags.get(Tag.GT_PATH, ""), "gt_fingerprint": mv.tags.get(Tag.GT_FINGERPRINT, ""),
+            "serves": (f"{mv.tags[Tag.INPUT_SIZE]} px{' + TTA' if mv.tags.get(Tag.TTA) == 'true' else ''}"
+                       if mv.tags.get(Tag.INPUT_SIZE) else "its training size")}
 
 
 def _champion_line(champion: dict[str, str] | None, model_name: str, select_gt: Path, test_gt: Path) -> str:
@@ -473,7 +519,8 @@ def _champion_line(champion: dict[str, str] | None, model_name: str, select_gt: 
                 f"isc promote --ground-truth {select_gt} --force")
     note = ("its stage's test row above is held out" if select_gt != test_gt
             else "the same GT as the rows above: no val split, so they are not held out from the choice")
-    return f"{head} (chosen on {select_gt.name} by evaluation run {champion['source_run']}; {note})"
+    return (f"{head} (chosen on {select_gt.name} by evaluation run {champion['source_run']}; {note}), "
+            f"serves with {champion.get('serves', 'its training size')}")
 
 
 def _report(summary: Any, timing: Any, champion_line: str) -> None:

@@ -175,6 +175,7 @@ def run_evaluation(
     output_dir: str | Path | None = None,
     gt_path: str | None = None,
     bootstrap: int = DEFAULT_BOOTSTRAP,
+    settings: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``descriptors`` and log everything into the active MLflow run (if any).
 
@@ -182,7 +183,8 @@ def run_evaluation(
     ``before`` (the same metrics for ``before``) when given. ``gt_path`` names the GT in the tags when
     ``ground_truth`` is an in-memory :class:`GroundTruth`. ``bootstrap`` > 0 adds the 95 % query-bootstrap
     interval of µAP (``average_precision_ci_low/high``; with ``before``, also ``gain_ci_low/high`` and
-    ``p_gain``, the paired share of replicates where the descriptors beat ``before``).
+    ``p_gain``, the paired share of replicates where the descriptors beat ``before``). ``settings``: the
+    :class:`~isc.settings.ExtractionSettings` of the descriptors (default: read from the files' attributes).
     """
     import mlflow
 
@@ -207,13 +209,36 @@ def run_evaluation(
             folder.mkdir(parents=True, exist_ok=True)
         files = _write_artifacts(folder, out, result, before_result, data)
         if mlflow.active_run() is not None:
+            settings = settings or extraction_settings(descriptors, before)
             record = Evaluation(average_precision=out.get("average_precision"), gt_fingerprint=out["gt_fingerprint"],
                                 gt_path=gt_path or inputs.gt_path, protocol=protocol, model_ref=str(model_ref or ""),
                                 nes_bank=str(nes_bank) if nes_bank else None,
-                                nes_params=lineage.nes_params_of(str(nes_bank)) if nes_bank else {})
+                                nes_params=lineage.nes_params_of(str(nes_bank)) if nes_bank else {},
+                                input_size=settings.input_size if settings else None,
+                                tta=settings.tta if settings else None)
             params = _params(protocol, metric, max_results, knn, descriptors=descriptors, before=before)
+            if settings:  # what the scored model was extracted with: what a version registered from it serves with
+                tracking.log_params({"input_size": settings.input_size, "tta": str(settings.tta).lower()},
+                                    prefix="extract.")
             _log_to_run(out, files, record, params)
     return out
+
+
+def extraction_settings(*sources: Any) -> Any:
+    """The extraction settings recorded in the first descriptor file of ``sources`` that has them (the raw
+    ``before`` file: NES output files do not carry them); None for in-memory descriptors or older files."""
+    from isc.settings import settings_of_file
+
+    for ref in reversed(sources):  # before first
+        if ref is None or isinstance(ref, Descriptors):
+            continue
+        try:
+            found = settings_of_file(descriptor_path(ref))
+        except DescriptorFileError:
+            continue
+        if found:
+            return found
+    return None
 
 
 def _params(protocol: str, metric: str, max_results: int, knn: int, **sources: Any) -> dict[str, Any]:

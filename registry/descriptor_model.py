@@ -12,7 +12,8 @@ Artifacts of a logged version (see :mod:`registry.model_logging`):
 * ``bank`` (optional) -> ``artifacts/nes_bank.h5``: the DBA-smoothed training descriptors
   (datasets ``train`` [nt, 256] float32, ``train_ids``) used by negative embedding subtraction.
 
-``model_config`` (MLflow's per-model config dict): ``nes_k``, ``nes_beta``, ``nes_num_iter`` (the
+``model_config`` (MLflow's per-model config dict): ``input_size`` and ``tta`` (the extraction settings the
+version was evaluated with, chosen on val: :mod:`isc.settings`), ``nes_k``, ``nes_beta``, ``nes_num_iter`` (the
 post-processing constants the version was evaluated with), ``batch_size`` for image inputs.
 
 predict(model_input, params={"postprocess": bool}) accepts a batch as
@@ -23,7 +24,7 @@ predict(model_input, params={"postprocess": bool}) accepts a batch as
   They are decoded in memory and resized/normalised by the same code as the files of ``path``, so the
   bytes of a file and the file get the same descriptor;
 * a float32 array/tensor [N, 3, H, W], already resized and normalised with the checkpoint's
-  ``model_config['mean'/'std']``;
+  ``model_config['mean'/'std']``: the network alone, one pass (no TTA: the caller chose the pixels);
 
 and returns float32 descriptors [N, 256], L2-normalised. When the version carries a bank and
 ``postprocess`` is true (the default), the rows are the negatively-subtracted descriptors, i.e. the ones
@@ -56,6 +57,7 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
         self.model = load_model(context.artifacts["checkpoint"], self.device)
         config = dict(context.model_config or {})
         self.input_size = int(config.get("input_size") or self.model.model_config.get("input_size", 256))
+        self.tta = bool(config.get("tta", False))  # images are described as the version was evaluated
         self.batch_size = int(config.get("batch_size", 64))
         self.nes = {
             "k": int(config.get("nes_k", NES_K)),
@@ -77,7 +79,7 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
         from isc.extract import describe_images
 
         return np.asarray(
-            describe_images(self.model, paths, input_size=self.input_size, batch_size=self.batch_size),
+            describe_images(self.model, paths, input_size=self.input_size, batch_size=self.batch_size, tta=self.tta),
             dtype=np.float32,
         )
 
@@ -99,7 +101,8 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
             else:
                 raise TypeError(f"image[{i}]: expected a base64 string or bytes, got {type(cell).__name__}")
         return np.asarray(
-            describe_encoded_images(self.model, blobs, input_size=self.input_size, batch_size=self.batch_size),
+            describe_encoded_images(self.model, blobs, input_size=self.input_size, batch_size=self.batch_size,
+                                    tta=self.tta),
             dtype=np.float32,
         )
 

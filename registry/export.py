@@ -240,6 +240,14 @@ def _sidecar(fmt: str, output: Path, model: Any, ident: dict[str, str], config: 
                      "isc.postprocess.negative_embedding_subtraction(x, bank, k, beta, num_iter)")
             if bank else "this version has no bank: its descriptors are the network's output as they are",
         },
+        # the registered version's extraction settings (chosen on val, isc.settings): the side above is its
+        # input size; with TTA the pyfunc sums 6 passes, which a fixed-side traced network cannot run alone
+        "registered_settings": {
+            "input_size": size, "tta": bool(config.get("tta", False)),
+            "note": ("the version describes images with TTA: the image resized to round(sqrt(2) x size), passes at "
+                     "size/sqrt(2), size and sqrt(2) x size, each also flipped, summed and L2-normalised; this "
+                     "file is the one pass at size") if config.get("tta") else "one pass at the input size",
+        },
         "check": {"max_abs_diff_vs_eager": diff, "tolerance": CHECK_TOLERANCE, "batch": [3, 3, size, size]},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"torch": torch.__version__},

@@ -108,6 +108,7 @@ def log_descriptor_model(
     batch_size: int = 64,
     include_code: bool = True,
     input_example: bool = True,
+    settings: Any = None,
 ) -> Any:
     """Log the pyfunc for ``checkpoint`` (+ optional NES ``bank``); returns MLflow's ``ModelInfo``.
 
@@ -116,6 +117,8 @@ def log_descriptor_model(
     nes_params: ``{"k", "beta", "num_iter"}`` the version was evaluated with (seed defaults otherwise).
     registered_model_name: also register the logged model as a new version of that name.
     input_example: store :func:`serving_input_example` (MLflow then test-serves it once while logging).
+    settings: the :class:`isc.settings.ExtractionSettings` it was evaluated with (chosen on val); None = the
+    checkpoint's training size, no TTA. The pyfunc, ``isc extract``, ``isc search`` and the exports use them.
     Logs into the active run when there is one (MLflow 3 stores the files under the run's LoggedModel).
     """
     import mlflow
@@ -129,7 +132,8 @@ def log_descriptor_model(
         raise ConfigError("checkpoint", f"{checkpoint} has no model_config; cannot package it")
     nes = dict(nes_params or {})
     config: dict[str, Any] = {
-        "input_size": int(model_config.get("input_size", 256)),
+        "input_size": int(settings.input_size if settings else model_config.get("input_size", 256)),
+        "tta": bool(settings.tta) if settings else False,
         "batch_size": int(batch_size),
         "nes_k": int(nes.get("k", NES_K)),
         "nes_beta": float(nes.get("beta", NES_BETA)),

@@ -334,6 +334,9 @@ def version_description(client: Any, candidate: Candidate, train_run: Any | None
                        for gt, ap, run_id in _scores(client, candidate))
     nes = "after NES" if candidate.nes_bank else "raw descriptors"
     lines.append(f"µAP ({nes}): {scores or f'{chosen} {candidate.average_precision:.4f}'}")
+    settings = candidate_settings(candidate)
+    lines.append(f"serves with: {settings.label} (the extraction settings of the evaluation that chose it)"
+                 if settings else "serves with: its training size, no TTA (the evaluation recorded no settings)")
     tags = train_run.data.tags if train_run is not None else {}
     if Tag.TUNE_STUDY in tags:
         how = ("retrained with these values for the stage's full epochs" if tags.get(Tag.TUNE_CANDIDATE) == "retrain"
@@ -342,6 +345,16 @@ def version_description(client: Any, candidate: Candidate, train_run: Any | None
                      f"{tags.get(Tag.TUNE_STAGE, '?')}, values {tags.get(Tag.TUNE_PARAMS, '{}')}; {how}")
     lines.append(f"evaluation run {candidate.run_id} ({candidate.protocol} protocol on {candidate.gt_path})")
     return "\n".join(lines)
+
+
+def candidate_settings(candidate: Candidate) -> Any:
+    """The extraction settings the candidate was scored with (its evaluation run's ``isc.input_size`` /
+    ``isc.tta``); None for runs that predate them (the version then serves at the training size)."""
+    from isc.settings import ExtractionSettings
+
+    if not candidate.input_size:
+        return None
+    return ExtractionSettings(int(candidate.input_size), bool(candidate.tta))
 
 
 def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAME) -> Any:
@@ -368,7 +381,10 @@ def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAM
     with tracked_run(experiment=experiment, run_name=f"promote-{candidate.run_id[:8]}",
                      tags={Tag.STEP: Step.PROMOTE}) as run:
         log_params({"model_name": model_name, "source_eval_run": candidate.run_id, "model_ref": candidate.model_ref})
-        info = log_descriptor_model(checkpoint, bank=bank, nes_params=candidate.nes_params)
+        settings = candidate_settings(candidate)
+        if settings is not None:
+            log_params({"input_size": settings.input_size, "tta": str(settings.tta).lower()}, prefix="serves.")
+        info = log_descriptor_model(checkpoint, bank=bank, nes_params=candidate.nes_params, settings=settings)
         tags = {
             Tag.AVERAGE_PRECISION: f"{candidate.average_precision:.6f}",
             Tag.GT_FINGERPRINT: candidate.gt_fingerprint,
@@ -379,6 +395,8 @@ def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAM
         }
         if candidate.recall_p90 is not None:
             tags[Tag.RECALL_P90] = f"{candidate.recall_p90:.6f}"
+        if settings is not None:  # what the version serves with (also its pyfunc's model_config)
+            tags[Tag.INPUT_SIZE], tags[Tag.TTA] = str(settings.input_size), str(settings.tta).lower()
         if candidate.nes_bank:
             tags[Tag.NES_BANK] = candidate.nes_bank
             tags[Tag.NES_PARAMS] = json.dumps(candidate.nes_params, sort_keys=True)

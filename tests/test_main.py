@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import PROJECT_ROOT
 
 STEPS = [
-    "baseline_phash", "train_stage1", "extract_stage1", "postprocess_stage1", "evaluate_stage1", "evaluate_val_stage1",
-    "train_stage2", "extract_stage2", "postprocess_stage2", "evaluate_stage2", "evaluate_val_stage2", "tune",
-    "train_stage2_tuned", "extract_stage2_tuned", "postprocess_stage2_tuned", "evaluate_stage2_tuned",
-    "evaluate_val_stage2_tuned", "promote", "search",
+    "baseline_phash", "train_stage1", "settings_stage1", "extract_stage1", "postprocess_stage1", "evaluate_stage1",
+    "evaluate_val_stage1", "train_stage2", "settings_stage2", "extract_stage2", "postprocess_stage2", "evaluate_stage2",
+    "evaluate_val_stage2", "tune", "train_stage2_tuned", "settings_stage2_tuned", "extract_stage2_tuned",
+    "postprocess_stage2_tuned", "evaluate_stage2_tuned", "evaluate_val_stage2_tuned", "promote", "search",
 ]
 
 
@@ -53,9 +54,30 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
     val_ap = {r.info.run_id: r.data.metrics["average_precision"] for r in val_runs}
     assert champion.tags["isc.source_eval_run"] in val_ap
     assert val_ap[champion.tags["isc.source_eval_run"]] == max(val_ap.values())
+    # every candidate was extracted with the setting its val grid chose (smoke: training size, TTA off/on), and
+    # the champion serves with its own: the version's tags and its pyfunc's model_config
+    for s in ("stage1", "stage2", "stage2_tuned"):
+        chosen = client.get_run(step_runs[f"settings_{s}"]).data.params
+        grid = client.get_run(step_runs[f"settings_{s}"]).data.metrics
+        best = max((k for k in grid if k.startswith("val_uAP_")), key=lambda k: (grid[k], not k.endswith("_tta")))
+        assert best == f"val_uAP_{chosen['chosen_input_size']}{'_tta' if chosen['chosen_tta'] == 'true' else ''}"
+        extract = client.get_run(step_runs[f"extract_{s}"]).data.params
+        assert (extract["resolved_input_size"], extract["resolved_tta"]) == (chosen["chosen_input_size"],
+                                                                             chosen["chosen_tta"])
+        ev = client.get_run(step_runs[f"evaluate_val_{s}"])
+        assert (ev.data.tags["isc.input_size"], ev.data.tags["isc.tta"]) == (chosen["chosen_input_size"],
+                                                                             chosen["chosen_tta"])
+        if champion.tags["isc.source_eval_run"] == ev.info.run_id:
+            assert (champion.tags["isc.input_size"], champion.tags["isc.tta"]) == (chosen["chosen_input_size"],
+                                                                                   chosen["chosen_tta"])
+            config = mlflow.models.get_model_info(f"models:/isc-descriptor/{champion.version}").flavors[
+                "python_function"]["config"]
+            assert (config["input_size"], config["tta"]) == (int(chosen["chosen_input_size"]),
+                                                             chosen["chosen_tta"] == "true")
     assert client.get_run(step_runs["evaluate_stage1"]).data.tags["isc.gt_path"].endswith("ground_truth_test.csv")
     summary = mlflow.artifacts.load_text(f"runs:/{first.run_id}/summary/summary.txt")
-    assert "champion: models:/isc-descriptor@champion" in summary
+    assert "champion: models:/isc-descriptor@champion" in summary and ", serves with " in summary
+    assert "settings (val)" in summary
     assert "chosen on ground_truth_val.csv" in summary and "held out" in summary
     assert "baseline (pHash)" in summary
     # the tuned stage (smoke: stage 2, from stage 1's final model) is retrained with the best trial's values
@@ -72,8 +94,18 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
     overrides = normalize_param(tuned.data.params["overrides"])  # `mlflow run` logs it shell-quoted
     assert json.loads(overrides) == json.loads(best.data.tags["isc.tune.params"])
     # smoke stage 2 is one 2-step epoch, as a smoke trial: retraining with the trial's values gives its model back
+    # (the same descriptors; its val µAP equals the trial's objective when the val grid kept the trial's setting,
+    # the training size without TTA)
+    from isc.extract import describe_images
+    from isc.models import load_model
+
+    images = [p for _, p in mini_data.images("reference")[:4]]
+    np.testing.assert_allclose(describe_images(load_model(step_runs["train_stage2_tuned"]), images),
+                               describe_images(load_model(best.info.run_id), images), atol=1e-5)
     tuned_val = client.get_run(step_runs["evaluate_val_stage2_tuned"]).data.metrics["average_precision"]
-    assert tuned_val == pytest.approx(best.data.metrics["objective"], abs=1e-6)
+    tuned_setting = client.get_run(step_runs["settings_stage2_tuned"]).data.params
+    if (tuned_setting["chosen_input_size"], tuned_setting["chosen_tta"]) == ("48", "false"):
+        assert tuned_val == pytest.approx(best.data.metrics["objective"], abs=1e-6)
     assert f"stage2 tuned (trial {best.data.tags['isc.tune.trial']}, retrained)" in summary
     assert "tune: study isc-tune-" in summary and "2 complete, 0 pruned, 0 failed" in summary
     assert "promotion: promoted: isc-descriptor v1" in summary  # the decision, as the promote step made it

@@ -1,0 +1,230 @@
+"""Extraction settings (input size, test-time augmentation) as part of the evaluated model.
+
+Why: the same weights give very different µAP at different extraction settings (on photos of several hundred
+pixels a model trained at 128 px scored 0.61 at 128 px and 0.72 at 224 px + TTA), so the size a model was
+trained at is not the size it should serve at. Each candidate's settings are chosen on the val split from a
+small grid (:func:`score_grid`, :func:`choose`), recorded on its evaluation run (``isc.input_size``,
+``isc.tta`` tags, ``extract.*`` params) and on the registered version (the pyfunc's ``model_config`` and the
+version's tags), and every consumer of a registered model -- ``isc extract --model models:/...``, the pyfunc
+(``mlflow models serve``), ``isc search``, the exports -- uses them unless explicit flags say otherwise
+(:func:`resolve`).
+
+Cost: the grid loads each image once per size (at the TTA load size when TTA is in the grid) and computes
+the plain descriptor and the TTA one from the same loaded batch. The plain descriptor of the grid is the
+loaded batch resized to the size on the tensor (antialiased bilinear) rather than by PIL from the file, a
+difference of a few 1e-3 in the descriptors: the grid only chooses; the chosen setting is then extracted by
+the ordinary ``extract`` step and scored like every other row. The grid scores val queries against every
+reference before negative embedding subtraction (NES needs the training images at every setting, which
+would double the grid's cost).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from isc.contract import Tag, parse_bool
+from isc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = "0,160,224"  # 0 = the model's training size
+DEFAULT_TTA = "false,true"
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How a model turns an image into a descriptor: the square input side and whether TTA is on."""
+
+    input_size: int
+    tta: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.input_size} px" + (" + TTA" if self.tta else "")
+
+    @property
+    def cost(self) -> float:
+        """Relative compute per image (pixels x passes): ties in the grid go to the cheaper setting."""
+        passes = 2 * (0.5 + 1.0 + 2.0) if self.tta else 1.0  # TTA: 3 scales (area 1/2, 1, 2) x 2 flips
+        return self.input_size ** 2 * passes
+
+    def key(self) -> str:
+        """``224_tta`` / ``128``: a metric-name-safe name."""
+        return f"{self.input_size}{'_tta' if self.tta else ''}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_sizes(text: str | Sequence[int], train_size: int) -> list[int]:
+    """``"0,160,224"`` -> ``[128, 160, 224]`` for a model trained at 128 (0 = the training size); sorted, unique."""
+    items = [str(t).strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    sizes = set()
+    for item in items:
+        if not item:
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise ConfigError("sizes", f"'{item}' is not an integer side in px (0 = the training size)") from None
+        if value < 0 or (0 < value < 32) or value > 2048:
+            raise ConfigError("sizes", f"{value} px: a side must be 0 (the training size) or 32-2048 px")
+        sizes.add(value or int(train_size))
+    if not sizes:
+        raise ConfigError("sizes", f"no size in '{text}'")
+    return sorted(sizes)
+
+
+def parse_tta(text: str | Sequence[bool]) -> list[bool]:
+    """``"false,true"`` -> ``[False, True]``."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = set()
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        try:
+            out.add(parse_bool(item))
+        except ValueError as exc:
+            raise ConfigError("tta", str(exc)) from None
+    if not out:
+        raise ConfigError("tta", f"no value in '{text}'")
+    return sorted(out)
+
+
+def grid(sizes: Sequence[int], ttas: Sequence[bool]) -> list[ExtractionSettings]:
+    return [ExtractionSettings(s, t) for s in sizes for t in ttas]
+
+
+def choose(rows: Sequence[dict[str, Any]]) -> ExtractionSettings:
+    """The grid's row with the best ``average_precision``; a tie goes to the cheaper setting."""
+    if not rows:
+        raise ConfigError("grid", "no setting was scored")
+    best = max(rows, key=lambda r: (round(float(r["average_precision"]), 6), -r["settings"].cost))
+    return best["settings"]
+
+
+def _plain_from_loaded(model: Any, batch: Any, size: int) -> np.ndarray:
+    import torch.nn.functional as F
+
+    from isc.extract import describe_tensors
+
+    if batch.shape[-1] != size:
+        batch = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return describe_tensors(model, batch)
+
+
+def _describe_grid_size(model: Any, paths: Sequence[Path], size: int, ttas: Sequence[bool], batch_size: int,
+                        workers: int) -> dict[bool, np.ndarray]:
+    """Descriptors of ``paths`` at ``size`` for each TTA value, every image loaded once."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from isc.data.images import load_image
+    from isc.extract import describe_tensors, eval_transform_for, tta_load_size
+
+    load_size = tta_load_size(size) if True in ttas else size
+    transform = eval_transform_for(model, load_size)
+
+    class _Images(Dataset):
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int) -> Any:
+            return transform(load_image(paths[i]))
+
+    loader = DataLoader(_Images(), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=torch.stack)
+    out: dict[bool, list[np.ndarray]] = {t: [] for t in ttas}
+    for batch in loader:
+        for tta in ttas:
+            out[tta].append(describe_tensors(model, batch, tta=True) if tta else _plain_from_loaded(model, batch, size))
+    return {t: np.concatenate(v, axis=0) for t, v in out.items()}
+
+
+def score_grid(model: Any, data: Any, ground_truth: str | Path, sizes: Sequence[int], ttas: Sequence[bool],
+               batch_size: int = 32, workers: int = 0) -> list[dict[str, Any]]:
+    """Val µAP (official protocol, before NES) of every setting of ``sizes`` x ``ttas``; one row per setting
+    with ``settings``, ``average_precision``, ``recall_p90`` and ``seconds`` (the size's extraction time, split
+    evenly over its TTA values). Queries are the GT's; references are all of ``data``'s."""
+    from isc.io import Descriptors, read_ground_truth
+    from isc.metrics import evaluate
+
+    gt = read_ground_truth(ground_truth)
+    queries = dict(data.images("query"))
+    missing = [q for q in gt.queries if q not in queries]
+    if missing:
+        raise ConfigError("ground_truth", f"{len(missing)} of its queries have no image in {data.query_dir} "
+                                          f"(first: {missing[0]})")
+    q_ids = sorted(gt.queries)
+    references = data.images("reference")
+    r_ids = [i for i, _ in references]
+    paths = [queries[q] for q in q_ids] + [p for _, p in references]
+    rows = []
+    for size in sizes:
+        t0 = time.perf_counter()
+        desc = _describe_grid_size(model, paths, size, ttas, batch_size, workers)
+        seconds = (time.perf_counter() - t0) / len(ttas)
+        for tta in ttas:
+            x = desc[tta]
+            result = evaluate(Descriptors(x[: len(q_ids)], q_ids, x[len(q_ids):], r_ids), gt)
+            rows.append({"settings": ExtractionSettings(size, tta), "average_precision": result.metrics.average_precision,
+                         "recall_p90": result.metrics.recall_p90, "seconds": seconds})
+            log.info("settings %s: val µAP %.4f", rows[-1]["settings"].label, result.metrics.average_precision)
+    return rows
+
+
+# ------------------------------------------------------------------ reading settings back
+
+
+def settings_of_file(path: str | Path) -> ExtractionSettings | None:
+    """The settings a descriptor h5 was extracted with (its ``isc.input_size`` / ``isc.tta`` attributes)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            size, tta = f.attrs.get(Tag.INPUT_SIZE), f.attrs.get(Tag.TTA)
+    except OSError:
+        return None
+    if size is None:
+        return None
+    return ExtractionSettings(int(size), bool(int(tta or 0)))
+
+
+def served_settings(checkpoint: str | Path) -> ExtractionSettings | None:
+    """The settings a registered / logged pyfunc serves with: its ``model_config`` (``input_size``, ``tta``),
+    read from the ``MLmodel`` beside ``artifacts/<checkpoint>``; None for a bare checkpoint."""
+    checkpoint = Path(checkpoint)
+    mlmodel = checkpoint.parent.parent / "MLmodel"
+    if checkpoint.parent.name != "artifacts" or not mlmodel.is_file():
+        return None
+    from mlflow.models import Model
+
+    config = dict(Model.load(str(mlmodel)).flavors.get("python_function", {}).get("config") or {})
+    if not config.get("input_size"):
+        return None
+    return ExtractionSettings(int(config["input_size"]), bool(config.get("tta", False)))
+
+
+def resolve(model: Any, registered: ExtractionSettings | None, input_size: int | None,
+            tta: bool | None) -> tuple[ExtractionSettings, str]:
+    """The settings to extract with and where they came from: explicit values win, then the registered
+    version's, then the model's training size without TTA."""
+    train_size = int(getattr(model, "model_config", {}).get("input_size") or 0)
+    base = registered or ExtractionSettings(train_size, False)
+    if not base.input_size and not input_size:
+        raise ConfigError("input_size", "the model records no input_size; pass one explicitly")
+    chosen = ExtractionSettings(int(input_size or base.input_size), base.tta if tta is None else bool(tta))
+    explicit = [n for n, v in (("input_size", input_size), ("tta", tta)) if v not in (None, 0)]
+    if tta is False:
+        explicit.append("tta")
+    source = "registered" if registered else "training size"
+    if explicit:
+        source = f"{source}, {'/'.join(sorted(set(explicit)))} given"
+    return chosen, source
