@@ -64,7 +64,7 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mod = importlib.import_module(module)
     install_log_redaction()  # after the import: MLflow adds its own handlers when imported
-    previous = _catch_sigterm()
+    previous = _catch_signals()
     try:
         return int(mod.main(argv) or 0)
     except KeyboardInterrupt as exc:
@@ -108,8 +108,8 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in (previous or {}).items():
+            signal.signal(signum, handler)
 
 
 class Terminated(KeyboardInterrupt):
@@ -117,17 +117,29 @@ class Terminated(KeyboardInterrupt):
     (``tracked_run`` marks the run KILLED; ``atomic_path`` removes its temporary file)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT as a subclass of KeyboardInterrupt. Why not the built-in one: when a plain KeyboardInterrupt
+    passes through C code that evaluates Python (torch, h5py), CPython flags it as unhandled and, at exit,
+    kills itself with SIGINT whatever status we return (exit -2 instead of 130, seen about one run in two);
+    the flag is set for the exact built-in type only."""
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def _catch_sigterm():
-    """Install the SIGTERM handler (main thread only); returns the previous handler, or None."""
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted()
+
+
+def _catch_signals() -> dict[int, object] | None:
+    """Install the SIGTERM and SIGINT handlers (main thread only); returns the previous ones, or None."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+            signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted)}
 
 
 if __name__ == "__main__":
