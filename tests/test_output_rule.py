@@ -8,15 +8,14 @@ SQLite store, the real CLI path (``run_entrypoint``, what ``isc <command>`` runs
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from entrypoints.cli import run_entrypoint
 from isc.io import read_ground_truth, write_descriptors, write_train_descriptors
+from tests.test_output_safety import _error_line, _run, _sha  # one way to run a command and read its error
 
 SENTINEL = b"earlier results: must survive\n"
 
@@ -37,26 +36,6 @@ def files(tmp_path, mini_data):
                                     [f"T{i:02d}" for i in range(64)])
     return {"desc": desc, "train": train, "gt": mini_data.ground_truth(), "data": mini_data.root,
             "refs": mini_data.reference_dir, "queries": mini_data.query_dir, "out": tmp_path / "out"}
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _run(entry: str, argv: list, capsys) -> tuple[int, str]:
-    try:
-        rc = run_entrypoint(f"entrypoints.{entry}", [str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err[-3000:]
-    return rc, err
-
-
-def _error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
 
 
 def _run_count(uri: str) -> int:
