@@ -163,6 +163,7 @@ def test_a_registered_version_says_which_stage_made_it_its_scores_and_how_it_was
         f"stage: train_stage4_tuned (demo_stage4.yaml, stage4, the seed's v107), training run {train_id}",
         f"starts from: init {start}",
         "µAP (raw descriptors): ground_truth_test.csv 0.4375, ground_truth_val.csv 0.3125 (chose this version)",
+        "serves with: its training size, no TTA (the evaluation recorded no settings)",
         f"tuned: study isc-tune-1-stage4-01234567, trial 2 of stage4, values {tune_tags['isc.tune.params']}; "
         "retrained with these values for the stage's full epochs",
         f"evaluation run {chosen} (official protocol on {val})",

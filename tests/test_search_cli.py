@@ -62,6 +62,10 @@ def test_champion_pulled_from_the_server_in_a_fresh_process_matches_a_copy_to_it
     assert float(rows[0]["score"]) > float(rows[1]["score"])
     assert index.is_file() and Path(f"{index}.ids.txt").read_text().split() == sorted(references)
 
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # the output exists now: refused without --overwrite (nothing silently replaced), reused index with it
+    refused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "already exists; pass --overwrite" in refused.stderr, refused.stderr[-3000:]
+    second = subprocess.run(cmd + ["--overwrite", "true"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "(reused index" in second.stdout
