@@ -109,6 +109,17 @@ def check_main_inputs(profile: str, data_dir: str | Path, overrides: dict[str, A
         tuned = _tuning_split(profile, ds.root, problems)
         if tuned is not None:
             scored["tuning split (Optuna objective)"] = tuned
+        # Optuna trials train as one process whatever nproc_per_node is: v107's 2G-2 negatives are then none
+        from isc.driver import tuned_stage
+
+        stage = tuned_stage(profile)
+        cfg = next((c for s, c in configs if s.name == stage.name), None)
+        if cfg is not None:
+            try:
+                tc.check_batch(cfg, 1)
+            except ISCError as exc:
+                problems.append(f"n_trials > 0: tune trials of {stage.name} train as one process: {exc} "
+                                f"(set num_negatives in overrides, or pass n_trials=0)")
     read = {role: ground_truth(path, role) for role, path in scored.items()}
     for stage, cfg in configs:
         label = f"{stage.name} ({stage.config})"

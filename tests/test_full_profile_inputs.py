@@ -200,3 +200,17 @@ def test_too_little_disk_for_the_checkpoints_is_named_before_training(readme_dat
     with pytest.raises(ConfigError, match=r"disk: .* GiB free; the profile's checkpoints need about"):
         check_main_inputs("full", readme_data, {**TINY_FULL, "memory_size": 10**12},
                           out_root=tmp_path / "outputs" / "train")
+
+
+def test_tuning_stage4_on_one_process_without_negatives_is_named_before_training(tmp_path, mini_data):
+    """Optuna trials train as one process whatever nproc_per_node is: v107's 2G-2 then gives no negatives,
+    which must be said before stage 0, not when the tune step starts after every stage trained."""
+    from isc.preflight import check_main_inputs
+
+    root = readme_layout(tmp_path / "disc21", mini_data, with_val=True)
+    tiny = {**TINY, "batch_size": 4, "memory_size": 256, "max_steps_per_epoch": 1}
+    with pytest.raises(ConfigError, match=r"n_trials > 0: tune trials of stage4 train as one process: "
+                                          r"batch_per_process: .* 0 negative\(s\) per item over 1 process"):
+        check_main_inputs("full", root, tiny, n_trials=2, world_size=2)
+    check_main_inputs("full", root, {**tiny, "num_negatives": 2}, n_trials=2, world_size=2)
+    check_main_inputs("full", root, tiny, n_trials=0, world_size=2)
