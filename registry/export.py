@@ -28,7 +28,6 @@ difference is recorded in the sidecar. For a registered version (``models:/name@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -44,7 +43,7 @@ import numpy as np
 
 from isc.contract import Tag
 from isc.errors import ConfigError, ISCError
-from isc.fileutil import atomic_path, check_outputs
+from isc.fileutil import atomic_path, check_outputs, sha256_of
 from registry.writes import RegistryWriter
 
 log = logging.getLogger(__name__)
@@ -195,14 +194,6 @@ def _onnx_opset(path: Path) -> int | None:
     return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sidecar(fmt: str, output: Path, model: Any, ident: dict[str, str], config: dict[str, Any],
              bank: Path | None, diff: float, model_file: Path) -> dict[str, Any]:
     import torch
@@ -214,7 +205,7 @@ def _sidecar(fmt: str, output: Path, model: Any, ident: dict[str, str], config: 
     out: dict[str, Any] = {
         "format": fmt,
         "file": output.name,
-        "sha256": _sha256(model_file),
+        "sha256": sha256_of(model_file),
         "model": {k: v for k, v in ident.items() if k in ("uri", "resolved_uri", "name", "version", "model_id")},
         "backbone": cfg.get("backbone"),
         "input": {

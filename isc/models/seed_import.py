@@ -29,7 +29,6 @@ published descriptors; ``gem_eval_p=`` (``--gem-eval-p``) sets another.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import pickle
 import pickletools
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 
 from isc.errors import ConfigError, ISCError
-from isc.fileutil import atomic_path
+from isc.fileutil import atomic_path, sha256_of
 from isc.models.checkpoint import strip_module_prefix
 from isc.models.iscnet import check_backbone, create_model
 
@@ -194,14 +193,6 @@ def _builtin(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _builtin(v) for k, v in value.items()}
     return str(value)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_exactly(source: Path, name: str, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
