@@ -170,7 +170,10 @@ def save_checkpoint(
     }
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        # Through a file object: torch.save names the archive's records after a path's stem, and the temporary
+        # name holds host and pid, so the same checkpoint would differ in size from one run to the next.
+        with open(tmp, "wb") as fh:
+            torch.save(ckpt, fh)
     return path
 
 
