@@ -10,14 +10,7 @@
 # a private folder, never into the system's site-packages. PYTHON picks the interpreter (default python3);
 # GPU_CHECK_SKIP_WHEELS=1 skips the install (an environment that already has them).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ -d .whl ] && [ -z "${GPU_CHECK_SKIP_WHEELS:-}" ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export HF_HUB_OFFLINE=1 TQDM_DISABLE=1  # no downloads; no progress bars mixed into the CHECK lines
+source "$(dirname "$0")/bench_env.sh"
 rc=0
 $PY bench/gpu_check.py "$@" || rc=$?
 if [[ " $* " != *" --cpu "* && "${BENCH_EXTRACT:-1}" != 0 ]]; then

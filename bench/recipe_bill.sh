@@ -7,12 +7,5 @@
 # installed into a private folder, as for bench/gpu_check.sh. PYTHON picks the interpreter (default
 # python3); GPU_CHECK_SKIP_WHEELS=1 skips the install.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ -d .whl ] && [ -z "${GPU_CHECK_SKIP_WHEELS:-}" ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export HF_HUB_OFFLINE=1 TQDM_DISABLE=1
+source "$(dirname "$0")/bench_env.sh"
 exec $PY bench/recipe_bill.py "$@"

@@ -1,0 +1,11 @@
+# Sourced by bench/gpu_check.sh and bench/recipe_bill.sh: the environment both run in on a GPU box.
+# Wheels the box lacks travel in .whl/ and are installed into a private folder (/tmp/site), never into the
+# system's site-packages; GPU_CHECK_SKIP_WHEELS=1 skips that. PYTHON picks the interpreter (default python3).
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+if [ -d .whl ] && [ -z "${GPU_CHECK_SKIP_WHEELS:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export HF_HUB_OFFLINE=1 TQDM_DISABLE=1  # no downloads; no progress bars mixed into the output
