@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("entrypoints.export", "a registered model as a standalone TorchScript/ONNX file"),
     "import-seed": ("entrypoints.import_seed", "the seed's own checkpoint as an isc model (optionally registered)"),
     "main": ("entrypoints.main", "the whole pipeline, data to promoted champion"),
+    "join": ("entrypoints.join", "run machine 0's main job's training and extraction here too (several machines)"),
 }
 
 

@@ -28,6 +28,12 @@ def build_parser() -> Parser:
     p.add_argument("--nproc-per-node", type=positive_int, default=1,
                    help="processes (GPUs) of every training stage and extraction, under torchrun when > 1; each "
                         "takes global batch / processes items per step")
+    p.add_argument("--nnodes", type=positive_int, default=1,
+                   help="machines of every training stage and extraction; machines 1.. run `isc join` (isc/nodes.py)")
+    p.add_argument("--rdzv-endpoint", type=optional_str, default=None,
+                   help="with --nnodes > 1: this machine's HOST:PORT as the others reach it (PORT and PORT + 1)")
+    p.add_argument("--join-timeout", type=positive_int, default=900,
+                   help="seconds the other machines have to join before stage 0 (with --nnodes > 1)")
     return p
 
 
@@ -42,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_arguments(args.profile, args.n_trials, args.overrides or "", args.settings_sizes or "",
                     args.settings_tta or "")  # before any run opens
-    check_processes(args.profile, args.nproc_per_node, args.overrides or "")
+    from isc.nodes import Layout
+
+    layout = Layout(args.nproc_per_node, args.nnodes, args.rdzv_endpoint or "")
+    layout.check()
+    check_processes(args.profile, layout.world_size, args.overrides or "")
     # A name that says what ran and when (under `mlflow run` the launcher's run has a random one).
     name = f"main-{args.profile}-{time.strftime('%Y%m%d-%H%M')}"
     with tracked_run(experiment=args.experiment_name, run_name=name, tags={Tag.STEP: Step.MAIN}):
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             base = PROFILES[args.profile]
             grid = (args.settings_sizes or base.settings_sizes, args.settings_tta or base.settings_tta)
         run_main(args.data, args.source, args.profile, args.n_trials, args.force, args.model_name,
-                 overrides=args.overrides or "", nproc_per_node=args.nproc_per_node, settings_grid=grid)
+                 overrides=args.overrides or "", layout=layout, settings_grid=grid, join_timeout_s=args.join_timeout)
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from isc.contract import CHAMPION, Tag
 from isc.errors import ConfigError
+from isc.nodes import Board, Layout
 from isc.tracking import git_commit, normalize_param
 from isc.train.config import parse_overrides
 
@@ -192,10 +193,12 @@ LAUNCHED_ENTRY_POINTS = ("train", "extract")
 class Pipeline:
     """Runs and reuses MLflow project steps inside the driver's (parent) run."""
 
-    def __init__(self, project_dir: Path, experiment_id: str, force: bool = False, nproc_per_node: int = 1):
+    def __init__(self, project_dir: Path, experiment_id: str, force: bool = False, layout: Layout | None = None):
         from mlflow import MlflowClient
 
-        self.nproc_per_node = nproc_per_node
+        self.layout = layout or Layout()
+        self.nproc_per_node = self.layout.nproc_per_node
+        self.board: Board | None = None  # the other machines' step board (isc/nodes.py), when nnodes > 1
         self.project_dir = project_dir
         self.experiment_id = experiment_id
         self.force = force
@@ -220,8 +223,10 @@ class Pipeline:
         import mlflow
 
         parameters = {k: v for k, v in parameters.items()}
-        if entry_point in LAUNCHED_ENTRY_POINTS:  # a part of the reuse key: runs differ in process count
+        launched = entry_point in LAUNCHED_ENTRY_POINTS
+        if launched:  # a part of the reuse key: runs differ in process count (and machines)
             parameters.setdefault("nproc_per_node", self.nproc_per_node)
+            parameters.update(self.layout.step_parameters())
         existing = None if self.force else self.find_finished(entry_point, parameters)
         if existing is not None:
             wall = ((existing.info.end_time or 0) - (existing.info.start_time or 0)) / 1000.0
@@ -231,6 +236,8 @@ class Pipeline:
         else:
             log.info("step %-22s running entry point '%s'", step, entry_point)
             t0 = time.perf_counter()
+            if launched and self.board is not None:  # the other machines start the same step as node 1..
+                self.board.announce(self.project_dir, entry_point, parameters)
             submitted = mlflow.run(
                 str(self.project_dir),
                 entry_point,
@@ -257,20 +264,19 @@ def run_main(
     force: bool = False,
     model_name: str = "isc-descriptor",
     overrides: str = "",
-    nproc_per_node: int = 1,
+    layout: Layout | None = None,
     settings_grid: tuple[str, str] | None = None,
+    join_timeout_s: float = 900.0,
 ) -> Any:
     """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame.
 
     ``settings_grid``: (sizes, TTA values) of the val grid of extraction settings; None = the profile's.
 
     The arguments are those :func:`check_arguments` accepted (before the run was opened).
-    ``nproc_per_node``: processes of every training stage and extraction (torchrun through isc.launch).
+    ``layout``: processes (and machines) of every training stage and extraction (torchrun through
+    isc.launch); with several machines the others run ``isc join`` and get ``join_timeout_s`` to do so.
     """
-    # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
-    # ids of the steps before it, which is what the reuse of finished runs keys on.
     import mlflow
-    import pandas as pd
 
     from isc.tracking import project_root
 
@@ -281,7 +287,8 @@ def run_main(
     active = mlflow.active_run()
     if active is None:
         raise RuntimeError("run_main must run inside an active MLflow run")
-    pipe = Pipeline(project_dir, active.info.experiment_id, force=force, nproc_per_node=nproc_per_node)
+    layout = layout or Layout()
+    pipe = Pipeline(project_dir, active.info.experiment_id, force=force, layout=layout)
     data_dir = Path(data).expanduser()
     if not data_dir.is_absolute():
         data_dir = (Path.cwd() / data_dir).resolve()
@@ -300,9 +307,34 @@ def run_main(
     # a ground truth stage 4 trains on.
     from isc.preflight import check_main_inputs
 
-    gts = check_main_inputs(profile, data_dir, extra, n_trials, world_size=nproc_per_node,
+    gts = check_main_inputs(profile, data_dir, extra, n_trials, world_size=layout.world_size,
                             out_root=out_root / "train")
     test_gt, select_gt = gts.test, gts.select
+    if layout.nnodes > 1:  # every machine joined and sees the data, the outputs and the store: before stage 0
+        pipe.board = Board(layout, join_timeout_s)
+        problems = pipe.board.gather(data_dir, out_root)
+        if problems:
+            pipe.board.stop(ok=False)
+            raise ConfigError("nnodes", f"{len(problems)} problem(s) with the other machines: " + "; ".join(problems))
+    try:
+        return _run_steps(pipe, profile, data_dir, ds, out_root, extra, n_trials, force, model_name, test_gt,
+                          select_gt, settings_grid)
+    except BaseException:
+        if pipe.board is not None:
+            pipe.board.stop(ok=False)
+        raise
+
+
+def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: Path, extra: dict[str, Any],
+               n_trials: int, force: bool, model_name: str, test_gt: Path, select_gt: Path,
+               settings_grid: tuple[str, str] | None) -> Any:
+    """Baseline, the profile's stages, tuning, promotion and search, in order; returns the summary."""
+    # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
+    # ids of the steps before it, which is what the reuse of finished runs keys on.
+    import mlflow
+    import pandas as pd
+
+    active = mlflow.active_run()
 
     rows: list[dict[str, Any]] = []
     base = pipe.run(
@@ -356,6 +388,8 @@ def run_main(
         [{"step": r.step, "run_id": r.run_id, "reused": r.reused, "wall_s": round(r.wall_s, 1)} for r in pipe.records]
     )
     _report(summary, timing, "\n".join([*notes, _champion_line(champion, model_name, select_gt, test_gt)]))
+    if pipe.board is not None:
+        pipe.board.stop(ok=True)
     return summary
 
 

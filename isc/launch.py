@@ -7,9 +7,12 @@ uses -- the same command on a laptop (1) and on a machine with 8 GPUs (8):
 * 1 process on 1 machine: ``python -m MODULE ARGS`` (the process is replaced: exactly the old command);
 * N processes on 1 machine: :mod:`isc.local_torchrun` (torchrun whose rendezvous store listens on
   127.0.0.1 only), ``--nproc-per-node N``;
-* several machines (``--nnodes M > 1``): plain ``torchrun`` with the c10d rendezvous at
-  ``--rdzv-endpoint HOST:PORT`` (it must be reachable from every machine: firewall it, see
-  docs/operations.md); every machine runs the same step command with the same ``--rdzv-id``.
+* several machines (``--nnodes M > 1``): plain ``torchrun`` with the *static* rendezvous at
+  ``--rdzv-endpoint HOST:PORT`` (machine 0's address; it must be reachable from every machine: firewall
+  it, see docs/operations.md); every machine runs the same step command with its own ``--node-rank``.
+  Static, not c10d: c10d numbers the machines by sorting their host names and pids, so global rank 0 --
+  the only process that talks to MLflow -- could land on a machine that has no run open. Node rank 0 is
+  the machine that runs ``mlflow run``; ``isc main`` drives the others through ``isc join`` (isc/nodes.py).
 
 Each process then takes ``global batch / world size`` items per step (``isc.train.loop``); NCCL on GPUs,
 gloo on CPU (``isc.train.distributed.setup``); only global rank 0 talks to MLflow.
@@ -23,7 +26,7 @@ import sys
 from isc.errors import ConfigError
 
 
-def torchrun_args(nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "") -> list[str] | None:
+def torchrun_args(nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str = "", node_rank: int = 0) -> list[str] | None:
     """torchrun's arguments for this layout, or None for a single process (no torchrun at all)."""
     if nproc_per_node < 1:
         raise ConfigError("nproc_per_node", f"must be >= 1, got {nproc_per_node}")
@@ -34,11 +37,20 @@ def torchrun_args(nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str = "",
             return None
         return ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
                 "--local-addr", "127.0.0.1", "--nproc-per-node", str(nproc_per_node)]
-    if not rdzv_endpoint or ":" not in rdzv_endpoint:
-        raise ConfigError("rdzv_endpoint", f"{nnodes} machines need a rendezvous HOST:PORT reachable from every "
-                                           f"machine, got '{rdzv_endpoint}'")
-    return ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-            "--rdzv-id", rdzv_id or "isc", "--nproc-per-node", str(nproc_per_node)]
+    split_endpoint(rdzv_endpoint, nnodes)
+    if not 0 <= node_rank < nnodes:
+        raise ConfigError("node_rank", f"must be in 0..{nnodes - 1} for {nnodes} machines, got {node_rank}")
+    return ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "static",
+            "--rdzv-endpoint", rdzv_endpoint, "--nproc-per-node", str(nproc_per_node)]
+
+
+def split_endpoint(rdzv_endpoint: str, nnodes: int) -> tuple[str, int]:
+    """``HOST:PORT`` of machine 0, checked: several machines need one, and the port is a real port."""
+    host, _, port = (rdzv_endpoint or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise ConfigError("rdzv_endpoint", f"{nnodes} machines need machine 0's HOST:PORT, reachable from every "
+                                           f"machine (the port and the next one are used), got '{rdzv_endpoint}'")
+    return host, int(port)
 
 
 def _parse(argv: list[str]) -> tuple[dict[str, str], str, list[str]]:
@@ -47,9 +59,9 @@ def _parse(argv: list[str]) -> tuple[dict[str, str], str, list[str]]:
     i = 0
     while i < len(argv) and argv[i] != "-m":
         key = argv[i].lstrip("-").replace("-", "_")
-        if key not in ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id") or i + 1 >= len(argv):
+        if key not in ("nproc_per_node", "nnodes", "rdzv_endpoint", "node_rank") or i + 1 >= len(argv):
             raise ConfigError("launch", f"unknown option or missing value: {argv[i]} (usage: python -m isc.launch "
-                                        "[--nproc-per-node N] [--nnodes M --rdzv-endpoint HOST:PORT] -m MODULE ...)")
+                                        "[--nproc-per-node N] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT] -m MODULE ...)")
         options[key] = argv[i + 1]
         i += 2
     if i + 1 >= len(argv):
@@ -57,9 +69,9 @@ def _parse(argv: list[str]) -> tuple[dict[str, str], str, list[str]]:
     return options, argv[i + 1], argv[i + 2:]
 
 
-def _int(options: dict[str, str], name: str) -> int:
+def _int(options: dict[str, str], name: str, default: int = 1) -> int:
     try:
-        return int(options.get(name) or 1)
+        return int(options.get(name) or default)
     except ValueError:
         raise ConfigError(name, f"expected a whole number, got '{options[name]}'") from None
 
@@ -69,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options, module, rest = _parse(argv)
         args = torchrun_args(_int(options, "nproc_per_node"), _int(options, "nnodes"),
-                             options.get("rdzv_endpoint", ""), options.get("rdzv_id", ""))
+                             options.get("rdzv_endpoint", ""), _int(options, "node_rank", 0))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,10 +32,14 @@ def test_torchrun_arguments_per_layout():
     assert torchrun_args(1) is None  # one process: no torchrun, the module itself
     assert torchrun_args(4) == ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
                                 "--local-addr", "127.0.0.1", "--nproc-per-node", "4"]
-    assert torchrun_args(8, 2, "node0:29400")[:6] == ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                                                      "node0:29400"]
-    with pytest.raises(ConfigError, match="rdzv_endpoint: 2 machines need a rendezvous HOST:PORT"):
-        torchrun_args(8, 2, "")
+    # several machines: the static rendezvous, so node rank 0 (the machine under `mlflow run`) holds rank 0
+    assert torchrun_args(8, 2, "node0:29400", 1) == ["--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "static",
+                                                     "--rdzv-endpoint", "node0:29400", "--nproc-per-node", "8"]
+    for endpoint in ("", "node0", "node0:port", ":29400", "node0:70000"):
+        with pytest.raises(ConfigError, match="rdzv_endpoint: 2 machines need machine 0's HOST:PORT"):
+            torchrun_args(8, 2, endpoint)
+    with pytest.raises(ConfigError, match=r"node_rank: must be in 0..1 for 2 machines, got 2"):
+        torchrun_args(8, 2, "node0:29400", 2)
     with pytest.raises(ConfigError, match="nproc_per_node: must be >= 1"):
         torchrun_args(0)
 
@@ -75,12 +79,13 @@ def test_two_machines_join_one_job(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{PROJECT_ROOT}"}
-    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m",
-              "two_node_worker", str(tmp_path)]
-    procs = [subprocess.Popen([sys.executable, "-m", "isc.launch", *common, f"node{n}"], cwd=PROJECT_ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in range(2)]
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    procs = [subprocess.Popen([sys.executable, "-m", "isc.launch", *common, "--node-rank", str(n), "-m",
+                               "two_node_worker", str(tmp_path), f"node{n}"], cwd=PROJECT_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (1, 0)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     results = sorted((tmp_path / f"rank{r}").read_text() for r in range(2))
     assert [r.split()[:2] for r in results] == [["2", "3"], ["2", "3"]]  # world 2, 1 + 2 summed across machines
-    assert {r.split()[2] for r in results} == {"node0", "node1"}
+    # node rank decides global rank, whichever machine arrived first (node 1 was started first)
+    assert [(tmp_path / f"rank{r}").read_text().split()[2] for r in range(2)] == ["node0", "node1"]

@@ -123,7 +123,31 @@ def _resolve_on_primary(info: ddp.DistInfo, param: str, ref: str | None) -> Path
     path, error = ddp.broadcast_object(info, result)
     if error:
         raise ConfigError(param, error if error.startswith(str(ref)) else f"{ref}: {error}")
-    return Path(path)
+    return _share_file(info, Path(path))
+
+
+def _share_file(info: ddp.DistInfo, path: Path) -> Path:
+    """``path`` on every rank: ranks on another machine that cannot see rank 0's file (a checkpoint it
+    downloaded into its own temp folder) get its bytes over the process group, into their own temp folder."""
+    if not info.distributed:
+        return path
+    missing = ddp.all_reduce_sum(info, {"missing": float(not path.is_file())})["missing"]
+    if not missing:
+        return path
+    payload = ddp.broadcast_object(info, path.read_bytes() if info.primary else None)
+    if path.is_file():
+        return path
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="isc-shared-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a copy for this process only
+    local = Path(folder) / path.name
+    local.write_bytes(payload)
+    log.info("rank %d: %s is not on this machine; received it from rank 0 (%d bytes) as %s",
+             info.rank, path, len(payload), local)
+    return local
 
 
 def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float],
