@@ -240,9 +240,22 @@ def join(rdzv_endpoint: str, node_rank: int, timeout_s: float = 900.0, step_env:
             store.set(f"done/{i}/{node_rank}", json.dumps({"rc": 0}))
             log.info("machine 0 ended the job (%s)", "finished" if step.get("ok") else "failed")
             return 0 if step.get("ok") else 1
-        rc = _run_step(step, job, node_rank, os.environ if step_env is None else step_env)
+        rc = _run_step(step, job, node_rank, os.environ if step_env is None else step_env,
+                       watch=lambda i=i: _ended_meanwhile(store, i, rdzv_endpoint))
         store.set(f"done/{i}/{node_rank}", json.dumps({"rc": rc}))
         i += 1
+
+
+def _ended_meanwhile(store, i: int, endpoint: str) -> bool:
+    """While step ``i`` runs here: did machine 0 end the job (its own part of the step failed)? Raises when
+    machine 0 is gone, so this machine's ranks are ended instead of waiting out a collective's timeout."""
+    try:
+        if not store.check([f"step/{i + 1}"]):
+            return False
+        return bool(json.loads(store.get(f"step/{i + 1}").decode()).get("stop"))
+    except (RuntimeError, OSError):
+        raise JoinError(f"machine 0's `isc main` at {endpoint} went away during a step; this machine's part was "
+                        "ended") from None
 
 
 def _next_step(store, i: int, endpoint: str) -> dict[str, Any]:
@@ -256,7 +269,8 @@ def _next_step(store, i: int, endpoint: str) -> dict[str, Any]:
         time.sleep(POLL_S)
 
 
-def _run_step(step: dict[str, Any], job: dict[str, Any], node_rank: int, base_env) -> int:
+def _run_step(step: dict[str, Any], job: dict[str, Any], node_rank: int, base_env, watch) -> int:
+    """Run one announced step as this machine's part; ``watch()`` is polled while it runs (True: end it)."""
     module, args = step.get("module"), step.get("args")
     if module not in JOINABLE_MODULES or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise JoinError(f"refusing a step that is not one of {', '.join(JOINABLE_MODULES)} with plain arguments: "
@@ -270,7 +284,15 @@ def _run_step(step: dict[str, Any], job: dict[str, Any], node_rank: int, base_en
     # from the project folder, as `mlflow run` does: the MLproject's relative paths (configs) are relative to it
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
     try:
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                if watch():
+                    log.info("node %d: machine 0 ended the job during %s; ending this machine's part", node_rank,
+                             module)
+                    _end_group(proc)
+                    return proc.returncode
     finally:
         if proc.poll() is None:
             _end_group(proc)

@@ -1,5 +1,7 @@
 """The README's full-recipe command at tiny scale: ``main`` with ``profile=full`` on exactly the README's
-DISC21 files, every training stage and extraction on 2 gloo ranks (``nproc_per_node=2``), tuning included.
+DISC21 files, every training stage and extraction on 2 gloo ranks over two "machines" (``nnodes=2``: machine 1
+runs ``isc join``; both are processes on this host, machine 1 in its own mount namespace where machine 0's
+temp folder is hidden, where the test may), against a real ``mlflow server``, tuning included.
 
 One run checks what the full profile promises: the seed's hand-off checkpoints, schedules and update rule
 (loss scaled by W / W_seed), v107 on the public ground truth's positives (1 pair + 2G-2 negatives per
@@ -11,6 +13,7 @@ overridden (TINY_FULL); everything else is the full profile's own configs.
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pytest
@@ -20,6 +23,7 @@ from isc.contract import Evaluation
 from tests.conftest import PROJECT_ROOT
 from tests.test_full_profile_inputs import readme_layout
 from tests.test_main import TINY_FULL
+from tests.test_nodes import can_unshare, free_port_pair, join_process
 
 STAGES = ["stage0", "stage1", "stage1b", "stage2", "stage3", "stage4"]
 LR_WORLD_SIZE = {"stage0": 4, "stage1": 4, "stage1b": 4, "stage2": 8, "stage3": 8, "stage4": 8}  # the configs'
@@ -27,17 +31,38 @@ LR_WORLD_SIZE = {"stage0": 4, "stage1": 4, "stage1b": 4, "stage2": 8, "stage3": 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_readme_full_profile_on_two_gloo_ranks_hands_on_the_seeds_checkpoints_and_promotes_on_val(
-    tracking, mini_data, tmp_path
+def test_readme_full_profile_on_two_machines_hands_on_the_seeds_checkpoints_and_promotes_on_val(
+    mlflow_server, mini_data, tmp_path, monkeypatch
 ):
     from isc.tracking import get_or_create_experiment
 
     data = readme_layout(tmp_path / "disc21", mini_data, with_val=True)
+    home, head_tmp = tmp_path / "isc_home", tmp_path / "machine0_tmp"  # shared outputs; machine 0's own temp
+    home.mkdir()
+    head_tmp.mkdir()
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("ISC_HOME", str(home))
+    mlflow.set_tracking_uri(mlflow_server.url)
+    endpoint = f"127.0.0.1:{free_port_pair()}"
+    hidden = can_unshare()
+    agent = join_process(endpoint, 1, {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+                         hide=head_tmp if hidden else None, timeout=600)
+    monkeypatch.setenv("TMPDIR", str(head_tmp))
     params = {"data": str(data), "profile": "full", "n_trials": 2, "overrides": json.dumps(TINY_FULL),
-              "nproc_per_node": 2}
+              "nnodes": 2, "rdzv_endpoint": endpoint}
     exp = get_or_create_experiment("main-full")
-    run = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp, env_manager="local",
-                     synchronous=True)
+    try:
+        run = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp, env_manager="local",
+                         synchronous=True)
+        agent_out = agent.communicate(timeout=120)[0]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0 and "machine 0 ended the job (finished)" in agent_out, agent_out[-3000:]
+    if hidden:  # a stage's starting checkpoint was in machine 0's temp folder: machine 1's rank got its bytes
+        assert "is not on this machine; received it from rank 0" in agent_out
     client = MlflowClient()
     parent = client.get_run(run.run_id)
     assert parent.info.status == "FINISHED"
@@ -45,10 +70,10 @@ def test_readme_full_profile_on_two_gloo_ranks_hands_on_the_seeds_checkpoints_an
     train = {s: client.get_run(tags[f"isc.step_run.train_{s}"]) for s in STAGES}
     ids = {s: r.info.run_id for s, r in train.items()}
 
-    # every training stage on 2 ranks with the seed's update rule; the ranks' memory banks stay identical
+    # every training stage on 2 ranks (one per machine) with the seed's update rule; the ranks' memory banks stay identical
     for stage, r in train.items():
         p = r.data.params
-        assert (p["nproc_per_node"], p["world_size"]) == ("2", "2"), stage
+        assert (p["nproc_per_node"], p["nnodes"], p["node_rank"], p["world_size"]) == ("1", "2", "0", "2"), stage
         assert float(p["loss_scale"]) == pytest.approx(2 / LR_WORLD_SIZE[stage]), stage
         assert int(p["lr_world_size"]) == LR_WORLD_SIZE[stage], stage
         assert all(m.value == 0.0 for m in client.get_metric_history(r.info.run_id, "xbm_rank_max_abs_diff")), stage
@@ -63,7 +88,7 @@ def test_readme_full_profile_on_two_gloo_ranks_hands_on_the_seeds_checkpoints_an
     # every extraction ran on the 2 ranks too (sharded, merged by rank 0)
     for stage in STAGES:
         ext = client.get_run(tags[f"isc.step_run.extract_{stage}"])
-        assert (ext.data.params["nproc_per_node"], ext.data.params["world_size"]) == ("2", "2"), stage
+        assert (ext.data.params["nnodes"], ext.data.params["world_size"]) == ("2", "2"), stage
 
     # the seed's hand-offs and schedules
     start = {s: (r.data.tags["isc.start_kind"], r.data.tags["isc.start_checkpoint"]) for s, r in train.items()}
