@@ -13,7 +13,7 @@ One run reference, from training to search::
       -> postprocess P   descriptors/descriptors_nes.h5, descriptors/nes_bank.h5
       -> evaluate V      Evaluation.to_tags(): isc.step=evaluate, isc.model_ref=R, isc.nes_bank, GT
       -> promote         Evaluation.from_run(V) -> registered version (PYFUNC_* layout), @champion
-      -> search          ModelRef.parse("models:/isc-descriptor@champion").pyfunc()
+      -> search          models:/isc-descriptor@champion (isc.search: the pyfunc, or its weights when trusted)
 """
 
 from __future__ import annotations
@@ -233,21 +233,6 @@ class ModelRef:
     @property
     def is_registry(self) -> bool:
         return self.kind in ("alias", "version")
-
-    def checkpoint(self, dst: str | Path | None = None, full_state: bool = False) -> Path:
-        """The local checkpoint file (downloaded when remote): :func:`isc.models.checkpoint.resolve_checkpoint`."""
-        from isc.models.checkpoint import resolve_checkpoint
-
-        return resolve_checkpoint(self.text, dst=dst, full_state=full_state)
-
-    def pyfunc(self) -> Any:
-        """The MLflow pyfunc (registered versions and logged models; the descriptor model's contract)."""
-        import mlflow
-
-        from isc.tracking import configure
-
-        configure(check=True)
-        return mlflow.pyfunc.load_model(self.text)
 
 
 # ------------------------------------------------------------------ the evaluation record

@@ -193,10 +193,10 @@ def _check_start_checkpoint(start_from: str | None) -> None:
     if not start_from:
         return
     from isc.contract import ModelRef
-    from isc.models.checkpoint import CheckpointError
+    from isc.models.checkpoint import CheckpointError, resolve_checkpoint
 
     try:
-        ModelRef.parse(start_from).checkpoint()
+        resolve_checkpoint(ModelRef.parse(start_from).text)  # parse first: it names a malformed reference
     except (ConfigError, CheckpointError, FileNotFoundError) as exc:
         raise ConfigError("start_from", f"{start_from}: {str(exc).split(': ', 1)[-1]}") from exc
 
