@@ -126,6 +126,11 @@ CASES = [
     ("import_seed", "{missing}.pth.tar --overwrite maybe", "overwrite", None),
     ("main", "--data {mini} --profile bogus", "profile", None),
     ("main", "--data {mini} --force maybe", "force", None),
+    ("main", "--data {mini} --nnodes 2 --rdzv-endpoint node0", "rdzv_endpoint", None),
+    ("main", "--data {mini} --nnodes 0", "nnodes", None),
+    ("join", "--rdzv-endpoint 127.0.0.1:1 --node-rank 0", "node_rank", None),
+    ("join", "--rdzv-endpoint nohost --node-rank 1", "rdzv_endpoint", None),
+    ("join", "--rdzv-endpoint 127.0.0.1:1 --node-rank 1 --timeout -1", "timeout", None),
 ]
 
 ENTRYPOINTS = sorted({c[0] for c in CASES})
