@@ -11,6 +11,7 @@ them, so an entry point can fail on a bad file before it opens a run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from isc.knn import DEFAULT_BATCH_SIZE
 from isc.limits import check_bootstrap
 from isc.metrics import (
     EvalResult,
+    Metrics,
     bootstrap_average_precision,
     check_ground_truth_ids,
     check_not_constant,
@@ -40,19 +42,10 @@ from isc.metrics import (
     ground_truth_fingerprint,
 )
 
-METRIC_KEYS = (
-    "average_precision",
-    "recall_p90",
-    "threshold_p90",
-    "recall_at_rank1",
-    "recall_at_rank10",
-    "n_queries",
-    "n_positives",
-    "n_predictions",
-    "n_true_positives",
-    "average_precision_ci_low",
-    "average_precision_ci_high",
-)
+# What an evaluation logs: every field of Metrics (a metric added there is logged with no second list to
+# keep), plus what evaluation itself adds (the query count, the bootstrap interval).
+METRIC_KEYS = (*(f.name for f in dataclasses.fields(Metrics)), "n_queries", "average_precision_ci_low",
+               "average_precision_ci_high")
 DEFAULT_BOOTSTRAP = 1000
 
 
