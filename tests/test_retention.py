@@ -94,10 +94,13 @@ def test_default_keeps_last_and_handoffs_all_keeps_every_epoch_and_the_kept_ones
     assert in_run(default.run_id) == ckpts(1, 3, 4) == on_disk(tmp_path / "default")
     every = train(tiny_cfg(mini_data, epochs=5, keep_checkpoints="all", output_dir=str(tmp_path / "all")))
     assert in_run(every.run_id) == ckpts(0, 1, 2, 3, 4) == on_disk(tmp_path / "all")
-    # the same training, so the same files: retention dropped exactly the two epochs nobody needs
+    # the same training, so the same files: retention dropped exactly the two epochs nobody needs. (Sizes
+    # agree up to the stored config -- output_dir, keep_* -- whose length moves the archive's 64-byte
+    # record alignment with the temp path's: so within 1 KiB, not to the byte.)
     sizes = {Path(a.path).name: a.file_size for a in MlflowClient().list_artifacts(every.run_id, "checkpoints")}
-    kept = sum(a.file_size for a in MlflowClient().list_artifacts(default.run_id, "checkpoints"))
-    assert kept == sum(sizes[n] for n in ckpts(1, 3, 4)) and kept < sum(sizes.values())
+    kept = {Path(a.path).name: a.file_size for a in MlflowClient().list_artifacts(default.run_id, "checkpoints")}
+    assert all(abs(kept[n] - sizes[n]) <= 1024 for n in ckpts(1, 3, 4))
+    assert sum(kept.values()) < 0.7 * sum(sizes.values())  # 3 of 5 epochs
 
     # a hand-off: the next stage starts from <run id>:1
     init = train(tiny_cfg(mini_data, epochs=1, init_from=f"{default.run_id}:1", seed=11))
