@@ -159,7 +159,7 @@ def check_train(sz: dict, device) -> tuple[str, bool]:
     import torch
 
     from isc.losses import XBMContrastiveLoss
-    from isc.train.loop import param_groups
+    from isc.train.parts import param_groups
 
     amp = device.type == "cuda"
     if device.type == "cuda":

@@ -6,7 +6,7 @@
 Why: only stage 1 was ever timed on a GPU. This runs every stage of the recipe for a few steps at its
 real input size and per-GPU batch -- the real EfficientNetV2-M (random init: timing only), AMP, SyncBatchNorm
 + DDP (the training loop's ``wrap_model`` in a one-process group), the project's own dataset, views
-and collate (``isc.train.loop.build_dataset``) in DataLoader workers reading synthetic DISC21-shaped JPEGs
+and collate (``isc.train.parts.build_dataset``) in DataLoader workers reading synthetic DISC21-shaped JPEGs
 -- and projects the wall time of the whole recipe on 1M training images for 1, 4 and 8 GPUs.
 
 Per stage and GPU count G the per-GPU batch is the seed's global batch / G (stage 4: 1 pair per GPU plus
@@ -165,7 +165,7 @@ def _build(stage: Stage, root: Path, pairs: Path, sz: dict, items: int, negative
     from isc.train import distributed as ddp
     from isc.train.config import load_config
     from isc.train.datasets import collate
-    from isc.train.loop import build_dataset, param_groups
+    from isc.train.parts import build_dataset, param_groups
 
     px = stage.px // sz["px_div"]
     cfg = load_config(ROOT / "isc" / "configs" / stage.config, data=str(root), input_size=px,

@@ -116,7 +116,7 @@ def test_v107_batch_is_one_pair_and_2g_minus_2_negatives_per_process_over_every_
     from isc.data.disc21 import DISC21
     from isc.train.config import validate_config
     from isc.train.datasets import EpochTaggedSampler, ResumableShuffleSampler, collate
-    from isc.train.loop import build_dataset
+    from isc.train.parts import build_dataset
 
     g = 2
     cfg = load_config("stage4", data=str(readme_data), **TINY)
@@ -165,7 +165,7 @@ def test_stage1b_resumes_with_an_empty_bank_as_the_seed_unless_told_exact(tracki
     resume_state: seed) starts with an empty bank; resume_state=exact restores the checkpoint's bank."""
     from isc.models import load_checkpoint
     from isc.train import distributed as ddp
-    from isc.train.loop import _restore, _setup
+    from isc.train.parts import restore, setup
 
     tiny = {**TINY, "data": str(mini_data.root), "batch_size": 4, "memory_size": 64, "max_steps_per_epoch": 2,
             "log_checkpoints": False}
@@ -177,8 +177,8 @@ def test_stage1b_resumes_with_an_empty_bank_as_the_seed_unless_told_exact(tracki
     overrides = {} if resume_state == "seed" else {"resume_state": "exact"}
     cfg = load_config("stage1b", **tiny, epochs=2, resume_from=str(ckpt), **overrides)
     assert cfg.resume_state == resume_state and cfg.seed == 90  # stage1b.yaml: the seed's 1b, seed 90
-    parts = _setup(cfg, ddp.DistInfo(), True, None)
-    _restore(cfg, parts, state, ckpt)
+    parts = setup(cfg, ddp.DistInfo(), True, None)
+    restore(cfg, parts, state, ckpt)
     assert parts.bank_restored is restored
     assert parts.criterion.memory_fill == (16 if restored else 0)  # 2 steps x 4 items x 2 views
     assert parts.start_epoch == 1 and parts.optimizer.state  # weights, optimizer and epoch always come back

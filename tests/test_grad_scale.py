@@ -42,11 +42,11 @@ def _project_step(cfg: TrainConfig, rank: int, world: int) -> tuple[dict[str, to
     """One step of the training loop's own parts (model, loss, optimizer, loss scale) on this rank's slice."""
     from isc.models.head import keep_frozen_in_eval
     from isc.train import distributed as ddp
-    from isc.train import loop
+    from isc.train import parts as loop_parts
 
     info = ddp.setup("cpu")
     assert info.world_size == world and info.rank == rank
-    parts = loop._setup(cfg, info, weights_given=True, init_path=None)
+    parts = loop_parts.setup(cfg, info, weights_given=True, init_path=None)
     parts.net.load_state_dict(_initial_state())
     parts.model.train()
     keep_frozen_in_eval(parts.net, cfg.freeze_blocks, all_bn=cfg.freeze_bn)
@@ -54,7 +54,7 @@ def _project_step(cfg: TrainConfig, rank: int, world: int) -> tuple[dict[str, to
     per_rank = len(images) // world
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     loss = parts.criterion(parts.model(images[local]), labels[local])
-    loop.optimizer_step(parts, loss)
+    loop_parts.optimizer_step(parts, loss)
     return {k: v.detach().clone() for k, v in parts.net.named_parameters() if v.requires_grad}, parts.loss_scale
 
 
@@ -82,7 +82,7 @@ def _seed_update() -> tuple[dict[str, torch.Tensor], ...]:
 
     from isc.models import create_model
     from isc.models.head import freeze_batch_norms, keep_frozen_in_eval
-    from isc.train.loop import param_groups
+    from isc.train.parts import param_groups
 
     net = create_model(CFG.backbone, pretrained=False, gem_p=CFG.gem_p, gem_eval_p=CFG.gem_eval_p, dim=CFG.dim,
                        input_size=CFG.input_size)

@@ -21,7 +21,7 @@ from isc.models import load_checkpoint
 from isc.models.checkpoint import resolve_checkpoint
 from isc.train import load_config, train
 from isc.train.config import CONFIG_DIR, SEED_SCRIPTS
-from isc.train.loop import lr_at
+from isc.train.parts import lr_at
 
 # stage config: input, epochs, lr, wd, global batch (the seed's per-GPU batch x GPUs; v107: 1 pair per process),
 # memory, margins, seed, schedule (v83/v86 keep the lr; v98/v107 decay it linearly every epoch), negatives per
@@ -181,9 +181,9 @@ def test_pca_head_starts_at_the_features_and_frozen_blocks_stay(tracking, mini_d
     assert 0.5 < run.data.metrics["head_init_variance_kept"] <= 1.0
     # the same init, checked directly: eval output = normalize(P (f - mean))
     from isc.data import augment
-    from isc.train.loop import _init_head_pca
+    from isc.train.parts import init_head_from_pca
 
-    _init_head_pca(cfg, start, torch.device("cpu"))
+    init_head_from_pca(cfg, start, torch.device("cpu"))
     # freeze_bn: the head's BatchNorm (and every backbone one) kept the PCA init's statistics and affine map
     for key in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
         assert torch.allclose(trained[key], start.state_dict()[key], atol=1e-5), key

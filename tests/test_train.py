@@ -131,7 +131,7 @@ def test_persistent_workers_see_every_new_epoch_and_match_the_main_process(mini_
     from torch.utils.data import DataLoader
 
     from isc.train.datasets import EpochTaggedSampler, ResumableShuffleSampler, collate
-    from isc.train.loop import build_dataset
+    from isc.train.parts import build_dataset
 
     cfg = tiny_cfg(mini_data)
     dataset, _ = build_dataset(cfg, [0.5] * 3, [0.25] * 3)

@@ -118,12 +118,12 @@ def test_sigkilled_training_resumes_from_its_run_id_in_the_same_run(tracking, mi
 
 def test_resume_logs_the_finished_epochs_metrics_a_crash_kept_from_the_run_once(tracking):
     """Killed between the epoch-end checkpoint and the metric upload: the resume logs them, once."""
-    from isc.train.loop import _log_missing_epoch_metrics
+    from isc.train.listeners import log_missing_epoch_metrics
 
     checkpoint = {"epoch": 1, "step": 0, "metrics": {"epoch_loss": 0.75, "epoch_time_s": 2.0}}
     with mlflow.start_run() as run:
-        _log_missing_epoch_metrics(run.info.run_id, checkpoint, start_epoch=1, start_step=0)
-        _log_missing_epoch_metrics(run.info.run_id, checkpoint, start_epoch=1, start_step=0)
-        _log_missing_epoch_metrics(run.info.run_id, {**checkpoint, "step": 2}, start_epoch=1, start_step=2)
+        log_missing_epoch_metrics(run.info.run_id, checkpoint, start_epoch=1, start_step=0)
+        log_missing_epoch_metrics(run.info.run_id, checkpoint, start_epoch=1, start_step=0)
+        log_missing_epoch_metrics(run.info.run_id, {**checkpoint, "step": 2}, start_epoch=1, start_step=2)
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch_loss")
     assert [(m.step, m.value) for m in history] == [(0, 0.75)]

@@ -15,7 +15,7 @@ batch against its bank, and every rank enqueues the identical global batch, so a
 bit-identical. Only the local slice of the gathered batch carries gradients, so the sum over ranks of
 the local-slice gradients is the full gradient grad(L) and DDP's average is grad(L) / W. The training
 loop scales the loss by :attr:`XBMContrastiveLoss.grad_scale` (W) over the stage's ``lr_world_size``
-(:func:`isc.train.loop.loss_scale`), so every step is the seed's ``lr * grad(L) / W_seed`` whatever W.
+(:func:`isc.train.parts.loss_scale`), so every step is the seed's ``lr * grad(L) / W_seed`` whatever W.
 The seed's pml 0.9.99 ``DistributedLossWrapper`` did not scale the loss at all (pml >= 1.0 multiplies
 it by the world size).
 """
