@@ -249,8 +249,6 @@ def global_topk(
 
     Returns a :class:`TopK` (iterable as ``q_idx, r_idx, score``), best first.
     """
-    # long: the re-search loop and the final selection share the candidate pool and the cut; the exactness
-    # argument of the docstring is about both together.
     query = _as_matrix("query", query)
     if k_total <= 0:
         raise ConfigError("k_total", f"must be > 0, got {k_total}")
@@ -291,7 +289,15 @@ def global_topk(
     if n_research:
         log.info("global_topk: %d re-searches with a larger k' (k'=%d initially)", n_research, k0)
 
-    # Assemble all candidates, then select the top K under (score desc, q asc, r asc).
+    q_sel, r_sel, s_sel = _select(scores, ids, extra, k0, k_total, cut)
+    return TopK(q_sel, r_sel, s_sel, k0, n_research)
+
+
+def _select(scores: np.ndarray, ids: np.ndarray, extra: dict[int, tuple[np.ndarray, np.ndarray]], k0: int,
+            k_total: int, cut: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top ``k_total`` of the candidate pool (the base rows, with re-searched queries' rows replaced by
+    ``extra``) under (score desc, query asc, reference asc): everything above ``cut``, then ties at it."""
+    nq = scores.shape[0]
     base = np.ones(nq, dtype=bool)
     base[list(extra)] = False
     q_parts = [np.repeat(np.flatnonzero(base), k0)]
@@ -312,4 +318,4 @@ def global_topk(
     sel = np.concatenate([np.flatnonzero(above), tied])
     q_sel, r_sel, s_sel = q_all[sel], r_all[sel], s_all[sel]
     order = np.lexsort((r_sel, q_sel, -s_sel.astype(np.float64)))
-    return TopK(q_sel[order], r_sel[order], s_sel[order], k0, n_research)
+    return q_sel[order], r_sel[order], s_sel[order]
