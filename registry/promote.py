@@ -10,11 +10,9 @@ The flow of :func:`promote`:
    experiment that were scored on one ground truth (tag ``isc.gt_fingerprint``; a ``--ground-truth``
    file selects it, otherwise the runs must agree), that name the model they scored (``isc.model_ref``),
    ranked by ``average_precision`` (µAP).
-2. The best run is registered once: a version tagged ``isc.source_eval_run=<run>`` already existing is
-   reused, so running promotion twice creates no duplicate version. Concurrent promoters are guarded
-   twice: a file lock serialises them on one machine, and after registering each looks again -- when
-   several versions of one evaluation exist, the lowest wins and the others delete their own
-   (``tags`` are stored with the version in one transaction, so every racer sees every version).
+2. The best run is registered once (:func:`registry.register.register_once`): a version tagged
+   ``isc.source_eval_run=<run>`` already existing is reused, so running promotion twice creates no
+   duplicate version; concurrent registrations are guarded there.
 3. :func:`decide` (pure) says whether ``@champion`` moves to it: only if its µAP beats the champion's by
    more than ``min_improvement`` (and both were scored on the same ground truth); the old champion becomes
    ``@previous``. :func:`apply` carries the decision out through :class:`registry.writes.RegistryWriter`,
@@ -28,26 +26,18 @@ The flow of :func:`promote`:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, PREVIOUS, Evaluation, Step, Tag
 from isc.errors import ConfigError, ISCError
-from registry.model_logging import log_descriptor_model
+from registry.register import register_once, registration_lock, registry_client, search_all_runs
 from registry.writes import RegistryWriter
 
 log = logging.getLogger(__name__)
-
-# One FINISHED evaluation run that can be registered: the run contract's record.
-Candidate = Evaluation
 
 
 @dataclass
@@ -62,7 +52,7 @@ class PromotionResult:
     champion: str | None
     previous: str | None
     message: str
-    candidate: Candidate | None = None
+    candidate: Evaluation | None = None
     registered_new_version: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,20 +81,11 @@ def validate_model_name(model_name: str | None) -> str:
     return model_name
 
 
-def _client():
-    from mlflow import MlflowClient
-
-    from isc.tracking import configure
-
-    configure(check=True)
-    return MlflowClient()
-
-
 def resolve_experiment(experiment: str | None) -> Any:
     """The experiment to search (:func:`isc.contract.experiment_choice`; never created here)."""
     from isc.tracking import experiment_id
 
-    client = _client()
+    client = registry_client()
     return client.get_experiment(experiment_id(experiment, create=False))
 
 
@@ -115,29 +96,15 @@ def _fingerprint_of(ground_truth: str | Path) -> str:
     return ground_truth_fingerprint(read_ground_truth(ground_truth))
 
 
-def _search_all_runs(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token,
-            order_by=["metrics.average_precision DESC"],
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def find_best_evaluation(experiment: str | None = None, ground_truth: str | Path | None = None) -> Candidate:
+def find_best_evaluation(experiment: str | None = None, ground_truth: str | Path | None = None) -> Evaluation:
     """The FINISHED evaluation run with the highest µAP on one ground truth (see module doc).
 
     Raises ``ConfigError('ground_truth', ...)`` listing the fingerprints when runs were scored on
     several ground truths and none was chosen, or when none matches the given file.
     """
-    client = _client()
+    client = registry_client()
     exp = resolve_experiment(experiment)
-    runs = _search_all_runs(
+    runs = search_all_runs(
         client, exp.experiment_id, f"attributes.status = 'FINISHED' and tags.`{Tag.STEP}` = '{Step.EVALUATE}'"
     )
     usable = [r for r in runs if "average_precision" in r.data.metrics and r.data.tags.get(Tag.MODEL_REF)]
@@ -180,23 +147,6 @@ def find_best_evaluation(experiment: str | None = None, ground_truth: str | Path
     return Evaluation.from_run(best)
 
 
-def _all_versions(client: Any, model_name: str) -> list[Any]:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException:
-        return []
-    out: list[Any] = []
-    token = None
-    while True:
-        page = client.search_model_versions(f"name = '{model_name}'", max_results=1000, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
-
-
 def _alias_version(client: Any, model_name: str, alias: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
@@ -210,206 +160,6 @@ def _record(writer: RegistryWriter, model_name: str, entry: dict[str, Any]) -> N
     """Append a promotion record as a registered-model tag ``isc.promotion.<time>-<id>`` (aliases keep no
     history; :meth:`RegistryWriter.append_record` says why the key is not a count)."""
     writer.append_record(model_name, Tag.PROMOTION_PREFIX, entry)
-
-
-def _versions_of(client: Any, model_name: str, eval_run_id: str) -> list[Any]:
-    """Versions of ``model_name`` registered from evaluation run ``eval_run_id``, lowest first."""
-    found = [v for v in _all_versions(client, model_name) if v.tags.get(Tag.SOURCE_EVAL_RUN) == eval_run_id]
-    return sorted(found, key=lambda v: int(v.version))
-
-
-# Locks this process holds (path -> depth): promote() holds the lock around register_once(), which takes it
-# too; flock on a second open file of the same path would wait for ourselves.
-_HELD_LOCKS: dict[Path, int] = {}
-
-
-@contextlib.contextmanager
-def _registration_lock(model_name: str) -> Iterator[None]:
-    """Serialise registrations and promotions of ``model_name`` on this store among the processes of this
-    machine (re-entrant within a process). Promoters on other machines are not seen by it: for them the
-    lowest-version rule of :func:`register_once` and the :class:`RegistryWriter` keep the registry right."""
-    import fcntl
-
-    from isc.tracking import default_tracking_uri
-
-    key = hashlib.sha256(f"{default_tracking_uri()}\0{model_name}".encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"isc-promote-{key}.lock"
-    if _HELD_LOCKS.get(path):
-        _HELD_LOCKS[path] += 1
-        try:
-            yield
-        finally:
-            _HELD_LOCKS[path] -= 1
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        _HELD_LOCKS[path] = 1
-        try:
-            yield
-        finally:
-            _HELD_LOCKS.pop(path, None)
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def register_once(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAME) -> tuple[Any, bool]:
-    """``(version, registered_now)``: the one version of ``model_name`` for ``candidate``'s evaluation run.
-
-    Reuses an existing version; otherwise registers under a machine-wide lock, then resolves a race with
-    promoters on other machines: the lowest version of this evaluation wins, a higher one of our own
-    making is deleted (its promote run is tagged ``isc.duplicate_of``).
-    """
-    client = _client()
-    existing = _versions_of(client, model_name, candidate.run_id)
-    if existing:
-        return existing[0], False
-    with _registration_lock(model_name):
-        existing = _versions_of(client, model_name, candidate.run_id)
-        if existing:
-            return existing[0], False
-        mine = register_candidate(candidate, model_name)
-    winner = _versions_of(client, model_name, candidate.run_id)[0]
-    if str(winner.version) == str(mine.version):
-        return mine, True
-    log.warning("evaluation run %s was registered concurrently as %s v%s; deleting our duplicate v%s",
-                candidate.run_id, model_name, winner.version, mine.version)
-    client.delete_model_version(model_name, str(mine.version))
-    if mine.run_id:
-        with contextlib.suppress(Exception):
-            client.set_tag(mine.run_id, Tag.DUPLICATE_OF, f"{model_name}/{winner.version}")
-    return winner, False
-
-
-# Tags of a training run that say it was tuned; promotion copies them onto the registered version.
-TUNE_TAGS = (Tag.TUNE_STUDY, Tag.TUNE_TRIAL, Tag.TUNE_PARAMS, Tag.TUNE_STUDY_RUN, Tag.TUNE_STAGE, Tag.TUNE_CANDIDATE)
-
-
-def _training_run(client: Any, model_ref: str) -> Any | None:
-    """The MLflow run that trained ``model_ref`` when the reference names one (run id, ``<id>:N``, runs:/)."""
-    from mlflow.exceptions import MlflowException
-
-    from isc.contract import ModelRef
-
-    try:
-        run_id = ModelRef.parse(model_ref).run_id
-        return client.get_run(run_id) if run_id else None
-    except (ConfigError, MlflowException):
-        return None
-
-
-def _scores(client: Any, candidate: Candidate) -> list[tuple[str, float, str]]:
-    """``(ground truth file, µAP, run id)`` of the newest FINISHED evaluation of the candidate's descriptors
-    (same model and NES bank) on each ground truth: the val score that chose it and the held-out test one."""
-    eval_run = client.get_run(candidate.run_id)
-    runs = _search_all_runs(client, eval_run.info.experiment_id,
-                            f"attributes.status = 'FINISHED' and tags.`{Tag.STEP}` = '{Step.EVALUATE}'")
-    newest: dict[str, Any] = {}
-    for r in runs:
-        tags = r.data.tags
-        if (tags.get(Tag.MODEL_REF) != candidate.model_ref or (tags.get(Tag.NES_BANK) or None) != candidate.nes_bank
-                or "average_precision" not in r.data.metrics):
-            continue
-        gt = tags.get(Tag.GT_PATH, "?")
-        if gt not in newest or r.info.start_time > newest[gt].info.start_time:
-            newest[gt] = r
-    return [(Path(gt).name, r.data.metrics["average_precision"], r.info.run_id) for gt, r in sorted(newest.items())]
-
-
-def version_description(client: Any, candidate: Candidate, train_run: Any | None) -> str:
-    """The registered version's description: which stage trained it, from what, its µAPs and, when tuned,
-    the study, trial and values (what a reader of the registry needs without opening the runs)."""
-    lines = []
-    if train_run is not None:
-        tags, params = train_run.data.tags, train_run.data.params
-        from isc.train.config import SEED_SCRIPTS
-
-        config, stage = params.get("config", "?"), tags.get(Tag.STAGE, "?")
-        seed = f", the seed's {SEED_SCRIPTS[stage]}" if SEED_SCRIPTS.get(stage) else ""
-        lines.append(f"stage: {train_run.info.run_name} ({Path(config).name}, {stage}{seed}), "
-                     f"training run {train_run.info.run_id}")
-        lines.append(f"starts from: {tags.get(Tag.START_KIND, '?')} {tags.get(Tag.START_CHECKPOINT, '')}".rstrip())
-    else:
-        lines.append(f"stage: not an MLflow training run (model {candidate.model_ref})")
-    chosen = Path(candidate.gt_path).name
-    scores = ", ".join(f"{gt} {ap:.4f}" + (" (chose this version)" if run_id == candidate.run_id else "")
-                       for gt, ap, run_id in _scores(client, candidate))
-    nes = "after NES" if candidate.nes_bank else "raw descriptors"
-    lines.append(f"µAP ({nes}): {scores or f'{chosen} {candidate.average_precision:.4f}'}")
-    settings = candidate_settings(candidate)
-    lines.append(f"serves with: {settings.label} (the extraction settings of the evaluation that chose it)"
-                 if settings else "serves with: its training size, no TTA (the evaluation recorded no settings)")
-    tags = train_run.data.tags if train_run is not None else {}
-    if Tag.TUNE_STUDY in tags:
-        how = ("retrained with these values for the stage's full epochs" if tags.get(Tag.TUNE_CANDIDATE) == "retrain"
-               else "the trial's own model")
-        lines.append(f"tuned: study {tags[Tag.TUNE_STUDY]}, trial {tags.get(Tag.TUNE_TRIAL, '?')} of "
-                     f"{tags.get(Tag.TUNE_STAGE, '?')}, values {tags.get(Tag.TUNE_PARAMS, '{}')}; {how}")
-    lines.append(f"evaluation run {candidate.run_id} ({candidate.protocol} protocol on {candidate.gt_path})")
-    return "\n".join(lines)
-
-
-def candidate_settings(candidate: Candidate) -> Any:
-    """The extraction settings the candidate was scored with (its evaluation run's ``isc.input_size`` /
-    ``isc.tta``); None for runs that predate them (the version then serves at the training size)."""
-    from isc.settings import ExtractionSettings
-
-    if not candidate.input_size:
-        return None
-    return ExtractionSettings(int(candidate.input_size), bool(candidate.tta))
-
-
-def register_candidate(candidate: Candidate, model_name: str = DEFAULT_MODEL_NAME) -> Any:
-    """Package the candidate's checkpoint (+ NES bank) as the pyfunc and register a new version.
-
-    Logs into a ``promote`` run (tag ``isc.step=promote``) of the candidate's experiment, or into the
-    run ``mlflow run`` started. Returns the ``ModelVersion`` with its provenance tags set.
-    """
-    import mlflow
-
-    from isc.models import resolve_checkpoint
-    from isc.tracking import git_commit, log_params, resolve_artifact, tracked_run
-
-    client = _client()
-    eval_run = client.get_run(candidate.run_id)
-    experiment = client.get_experiment(eval_run.info.experiment_id).name
-    checkpoint = resolve_checkpoint(candidate.model_ref)
-    bank = None
-    if candidate.nes_bank:
-        try:
-            bank = resolve_artifact(candidate.nes_bank)
-        except FileNotFoundError as exc:
-            raise ConfigError("nes_bank", f"evaluation run {candidate.run_id}: {exc}") from exc
-    with tracked_run(experiment=experiment, run_name=f"promote-{candidate.run_id[:8]}",
-                     tags={Tag.STEP: Step.PROMOTE}) as run:
-        log_params({"model_name": model_name, "source_eval_run": candidate.run_id, "model_ref": candidate.model_ref})
-        settings = candidate_settings(candidate)
-        if settings is not None:
-            log_params({"input_size": settings.input_size, "tta": str(settings.tta).lower()}, prefix="serves.")
-        info = log_descriptor_model(checkpoint, bank=bank, nes_params=candidate.nes_params, settings=settings)
-        tags = {
-            Tag.AVERAGE_PRECISION: f"{candidate.average_precision:.6f}",
-            Tag.GT_FINGERPRINT: candidate.gt_fingerprint,
-            Tag.GT_PATH: candidate.gt_path,
-            Tag.SOURCE_EVAL_RUN: candidate.run_id,
-            Tag.MODEL_REF: candidate.model_ref,
-            Tag.GIT_COMMIT: candidate.git_commit or git_commit() or "unknown",
-        }
-        if candidate.recall_p90 is not None:
-            tags[Tag.RECALL_P90] = f"{candidate.recall_p90:.6f}"
-        if settings is not None:  # what the version serves with (also its pyfunc's model_config)
-            tags[Tag.INPUT_SIZE], tags[Tag.TTA] = str(settings.input_size), str(settings.tta).lower()
-        if candidate.nes_bank:
-            tags[Tag.NES_BANK] = candidate.nes_bank
-            tags[Tag.NES_PARAMS] = json.dumps(candidate.nes_params, sort_keys=True)
-        train_run = _training_run(client, candidate.model_ref)
-        if train_run is not None:  # a tuned model: which study, trial and values made it
-            tags.update({k: train_run.data.tags[k] for k in TUNE_TAGS if k in train_run.data.tags})
-        version = mlflow.register_model(info.model_uri, model_name, tags=tags)
-        RegistryWriter(client).set_version_description(model_name, str(version.version),
-                                                       version_description(client, candidate, train_run))
-        if run is not None:
-            mlflow.set_tags({Tag.REGISTERED_MODEL: model_name, Tag.REGISTERED_VERSION: str(version.version)})
-    log.info("registered %s version %s from evaluation run %s", model_name, version.version, candidate.run_id)
-    return client.get_model_version(model_name, version.version)
 
 
 @dataclass(frozen=True)
@@ -433,7 +183,7 @@ class Decision:
     previous_after: str | None
 
 
-def decide(candidate: Candidate, version: Any, registered: bool, champion: Any | None, previous: Any | None,
+def decide(candidate: Evaluation, version: Any, registered: bool, champion: Any | None, previous: Any | None,
            rules: Rules, model_name: str = DEFAULT_MODEL_NAME) -> Decision:
     """The promotion decision, a pure function of what the registry holds (no reads, no writes).
 
@@ -475,7 +225,7 @@ def decide(candidate: Candidate, version: Any, registered: bool, champion: Any |
                     f"({old})", True, v, champ_v or prev_v)
 
 
-def apply(writer: RegistryWriter, model_name: str, candidate: Candidate, version: Any, champion: Any | None,
+def apply(writer: RegistryWriter, model_name: str, candidate: Evaluation, version: Any, champion: Any | None,
           decision: Decision, force: bool = False) -> None:
     """Carry out a ``promoted`` decision: aliases, the version's promotion tags, the history record.
     Every write goes through ``writer``, so a concurrent promoter doing the same cannot make it fail."""
@@ -520,8 +270,8 @@ def promote(
         raise ConfigError("min_improvement", f"must be >= 0, got {min_improvement}")
     validate_model_name(model_name)
     candidate = find_best_evaluation(experiment, ground_truth)
-    client = _client()
-    with _registration_lock(model_name):
+    client = registry_client()
+    with registration_lock(model_name):
         version, registered = register_once(candidate, model_name)
         champion = _alias_version(client, model_name, CHAMPION)
         previous = _alias_version(client, model_name, PREVIOUS)
@@ -536,9 +286,9 @@ def promote(
 def rollback(model_name: str = DEFAULT_MODEL_NAME) -> PromotionResult:
     """Move ``@champion`` back to ``@previous``; the demoted version is tagged ``isc.rolled_back=true``."""
     validate_model_name(model_name)
-    client = _client()
+    client = registry_client()
     writer = RegistryWriter(client)
-    with _registration_lock(model_name):
+    with registration_lock(model_name):
         champion = _alias_version(client, model_name, CHAMPION)
         previous = _alias_version(client, model_name, PREVIOUS)
         if previous is None:

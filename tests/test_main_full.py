@@ -155,7 +155,7 @@ def test_readme_full_profile_on_two_machines_hands_on_the_seeds_checkpoints_and_
     assert "starts from: " in champion.description
 
     # the tuned candidate registered by the promotion code path: its version says how it was made
-    from registry.promote import register_once
+    from registry.register import register_once
 
     val = client.get_run(tags["isc.step_run.evaluate_val_stage4_tuned"])
     test = client.get_run(tags["isc.step_run.evaluate_stage4_tuned"])

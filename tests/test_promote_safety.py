@@ -104,6 +104,7 @@ def test_duplicate_registered_by_another_machine_is_removed_and_the_lowest_kept(
 
     from isc.contract import Tag
     from registry import promote as pr
+    from registry import register as reg
 
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
@@ -114,7 +115,7 @@ def test_duplicate_registered_by_another_machine_is_removed_and_the_lowest_kept(
     eval_run = _eval_run(client, exp, checkpoint)
     candidate = pr.find_best_evaluation("dup")
 
-    real_register = pr.register_candidate
+    real_register = reg.register_candidate
 
     def racing_register(cand, name):
         # Another host registers the same evaluation while we package ours (after our locked re-check).
@@ -123,8 +124,8 @@ def test_duplicate_registered_by_another_machine_is_removed_and_the_lowest_kept(
         client.create_model_version(name, source, run_id=cand.run_id, tags={Tag.SOURCE_EVAL_RUN: cand.run_id})
         return real_register(cand, name)
 
-    monkeypatch.setattr(pr, "register_candidate", racing_register)
-    version, registered = pr.register_once(candidate, "dup-model")
+    monkeypatch.setattr(reg, "register_candidate", racing_register)
+    version, registered = reg.register_once(candidate, "dup-model")
     assert (str(version.version), registered) == ("1", False)
     left = client.search_model_versions("name = 'dup-model'")
     assert [v.version for v in left] == ["1"] and left[0].tags[Tag.SOURCE_EVAL_RUN] == eval_run
