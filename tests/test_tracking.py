@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from isc import tracking
+from isc import tracking, tracking_uri
 from isc.errors import TrackingUnavailableError
 from isc.io import write_descriptors, write_ground_truth
 from tests.servers import PROJECT_ROOT, free_port, listening_addresses, start_mlflow_server
@@ -46,7 +46,7 @@ def test_tracking_server_that_accepts_but_never_answers_times_out_naming_it():
         uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
         t0 = time.monotonic()
         with pytest.raises(TrackingUnavailableError) as err:
-            tracking.check_reachable(uri, timeout=1.0)
+            tracking_uri.check_reachable(uri, timeout=1.0)
         elapsed = time.monotonic() - t0
     assert elapsed < 4.0, elapsed
     assert uri in str(err.value)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from isc.io import write_descriptors, write_ground_truth
-from isc.tracking import check_store_uri
+from isc.tracking_uri import check_store_uri
 from tests.conftest import PROJECT_ROOT
 
 PW = "S3cretPw9"
