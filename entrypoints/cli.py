@@ -70,9 +70,13 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     except KeyboardInterrupt as exc:
         # SIGTERM (timeout, Slurm, Kubernetes) arrives as Terminated, Ctrl-C as KeyboardInterrupt: the
         # tracked run ends KILLED and atomic outputs drop their temporary files on the way out.
+        # A step of `isc main` (or a torchrun rank) stays quiet: its parent prints the one line.
+        from isc.proctree import under_reporting_parent
+
         name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
-        print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
-              "unfinished outputs were removed", file=sys.stderr)
+        if not under_reporting_parent():
+            print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
+                  "unfinished outputs were removed", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except ISCError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
@@ -124,11 +128,24 @@ class Interrupted(KeyboardInterrupt):
     the flag is set for the exact built-in type only."""
 
 
+def _once_under_parent() -> None:
+    """In a step of ``isc main``: ignore a repeat of the signal while the first one's cleanup runs (a
+    terminal's Ctrl-C reaches every process of the job and the driver forwards it again; a second interrupt
+    would cut the run's KILLED mark short). The driver SIGKILLs a step that does not end in its grace period."""
+    from isc.proctree import under_reporting_parent
+
+    if under_reporting_parent():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
+    _once_under_parent()
     raise Terminated()
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
+    _once_under_parent()
     raise Interrupted()
 
 

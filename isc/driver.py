@@ -266,21 +266,97 @@ def run_main(
 
     The arguments are those :func:`check_arguments` accepted (before the run was opened).
     ``nproc_per_node``: processes of every training stage and extraction (torchrun through isc.launch).
+
+    SIGTERM / SIGINT end the step processes as a whole (the step's process, torchrun, ranks, DataLoader
+    workers; SIGKILL after a grace period: :mod:`isc.proctree`), mark the step runs still open KILLED and
+    remove the temporary files the stopped processes left under ``<home>/outputs``; then the interrupt
+    goes on (the main run ends KILLED, one line, exit 143 / 130).
     """
+    import mlflow
+
+    from isc.proctree import children_end_with_us
+    from isc.tracking import project_root
+
+    active = mlflow.active_run()
+    if active is None:
+        raise RuntimeError("run_main must run inside an active MLflow run")
+    out_root = project_root() / "outputs"  # $ISC_HOME/outputs, next to the default store
+
+    def stopped(pids: list[int]) -> None:
+        _end_interrupted(active.info.run_id, out_root)
+
+    quiet = _QuietCancel()
+    logging.getLogger("mlflow.projects").addFilter(quiet)
+    try:
+        with children_end_with_us(stopped):
+            return _run_main(data, source, profile, n_trials, force, model_name, overrides, nproc_per_node,
+                             settings_grid, out_root)
+    except KeyboardInterrupt:
+        _end_interrupted(active.info.run_id, out_root)  # also when the signal came between two steps
+        raise
+    finally:
+        logging.getLogger("mlflow.projects").removeFilter(quiet)
+
+
+class _QuietCancel(logging.Filter):
+    """Drops MLflow's "Run ... interrupted, cancelling run" ERROR record: the driver has already ended the
+    step and the command prints the one line about the interruption."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "interrupted, cancelling run" not in str(record.msg)
+
+
+def _end_interrupted(main_run_id: str, out_root: Path) -> None:
+    """After a signal: every run under the main run (steps, tune trials) still RUNNING ends KILLED, and the
+    temporary files of writers that are gone are removed from the job's outputs."""
+    from mlflow import MlflowClient
+
+    from isc.fileutil import remove_dead_partials
+
+    client = MlflowClient()
+    experiment = client.get_run(main_run_id).info.experiment_id
+    parents, seen = [main_run_id], {main_run_id}
+    while parents:
+        parent = parents.pop()
+        for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+            if run.info.run_id in seen:
+                continue
+            seen.add(run.info.run_id)
+            parents.append(run.info.run_id)
+            # FAILED + "interrupted": a step that marked itself KILLED, which `mlflow.run`'s interrupt path
+            # then overwrote (MLflow 3.17 compares the status string with RunStatus ints: never "terminated")
+            interrupted = run.info.status == "FAILED" and run.data.tags.get(Tag.ERROR) == "interrupted"
+            if run.info.status == "RUNNING" or interrupted:
+                client.set_tag(run.info.run_id, Tag.ERROR, "interrupted")
+                client.set_terminated(run.info.run_id, "KILLED")
+    if out_root.is_dir():
+        removed = remove_dead_partials(out_root)
+        if removed:
+            log.info("removed %d temporary file(s) of stopped steps under %s", len(removed), out_root)
+
+
+def _run_main(
+    data: str,
+    source: str | None,
+    profile: str,
+    n_trials: int,
+    force: bool,
+    model_name: str,
+    overrides: str,
+    nproc_per_node: int,
+    settings_grid: tuple[str, str] | None,
+    out_root: Path,
+) -> Any:
+    """:func:`run_main`'s steps (``out_root``: where the steps write their files)."""
     # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
     # ids of the steps before it, which is what the reuse of finished runs keys on.
     import mlflow
     import pandas as pd
 
-    from isc.tracking import project_root
-
     project_dir = Path(__file__).resolve().parent.parent
-    out_root = project_root() / "outputs"  # $ISC_HOME/outputs, next to the default store
     # `mlflow.run(env_manager="local")` runs steps with the `python` first on PATH: make it ours.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     active = mlflow.active_run()
-    if active is None:
-        raise RuntimeError("run_main must run inside an active MLflow run")
     pipe = Pipeline(project_dir, active.info.experiment_id, force=force, nproc_per_node=nproc_per_node)
     data_dir = Path(data).expanduser()
     if not data_dir.is_absolute():

@@ -46,6 +46,7 @@ from isc.data.disc21 import DISC21
 from isc.data.images import decode_image, load_image, to_rgb
 from isc.errors import BadImageError, BadImagesError, ConfigError, ISCError
 from isc.fileutil import atomic_path
+from isc.proctree import loader_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +416,7 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.devic
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=loader_worker_init,  # SIGTERM ends the main process first (isc.proctree)
     )
 
 

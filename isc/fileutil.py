@@ -66,6 +66,22 @@ def remove_stale_partials(path: str | Path) -> list[Path]:
     return removed
 
 
+def remove_dead_partials(root: str | Path) -> list[Path]:
+    """:func:`remove_stale_partials` for every output under ``root`` (a folder tree): the temporary files of
+    writers on this host whose process is gone. The main job calls it after it stopped its steps, so what a
+    SIGKILLed step left is removed at once, not only when that output is next written."""
+    pattern = re.compile(rf"^\..+\.@{re.escape(socket.gethostname())}@(\d+)\..*\.partial$")
+    removed = []
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            m = pattern.match(name)
+            if m and not _alive(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    removed.append(Path(folder, name))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.

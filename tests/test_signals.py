@@ -129,3 +129,71 @@ def test_sigterm_to_train_ends_its_dataloader_workers_and_marks_the_run_killed(t
             pass
     assert alive == [], f"DataLoader workers still alive: {alive}"
     assert _statuses(home / "mlflow.db") == ["KILLED"]
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig,nproc", [(signal.SIGTERM, 2), (signal.SIGINT, 1)], ids=["SIGTERM-torchrun", "SIGINT"])
+def test_a_signal_to_main_ends_every_step_process_and_marks_the_runs_killed(tmp_path, mini_data, sig, nproc):
+    """``isc main`` started its training step (torchrun, 2 ranks, 2 DataLoader workers each; or one process
+    and its workers): the signal goes to the driver alone, as ``kill PID`` or Kubernetes sends it. Before:
+    the step's processes were left to MLflow's cancel (one SIGTERM to the first child, then an unbounded
+    wait), the step run ended FAILED, torchrun printed a traceback and every process its own line."""
+    import psutil
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.main", "--data", str(mini_data.root), "--profile", "smoke",
+         "--n-trials", "0", "--nproc-per-node", str(nproc),
+         "--overrides", "{epochs: 50, max_steps_per_epoch: 1000, workers: 2}"],
+        env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    wanted = 1 + 2 if nproc == 1 else 1 + 2 + 2 * 2  # the step's process (torchrun), ranks, their workers
+    tree: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"the training step never got under way: {tree}"
+            names = dict(_named_statuses(home / "mlflow.db"))
+            kids = _descendants(proc.pid)
+            if names.get("train_stage1") == "RUNNING" and len(kids) >= wanted:
+                tree = {p.pid: p for p in kids}
+                break
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted by SIG"), err[-3000:]
+    alive = [p for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"still alive after the driver exited: {[(p.pid, p.name()) for p in alive]}"
+    names = dict(_named_statuses(home / "mlflow.db"))
+    assert names["train_stage1"] == "KILLED" and names["baseline_phash"] == "FINISHED", names
+    assert [s for n, s in names.items() if n.startswith("main-")] == ["KILLED"], names
+    assert not [p for p in (home / "outputs").rglob("*.partial")]
+
+
+def _named_statuses(db: Path) -> list[tuple[str, str]]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            return list(con.execute("select name, status from runs"))
+    except sqlite3.OperationalError:
+        return []

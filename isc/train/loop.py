@@ -39,6 +39,7 @@ from isc.models.head import (
     keep_frozen_in_eval,
     pooled_features,
 )
+from isc.proctree import loader_worker_init
 from isc.train import distributed as ddp
 from isc.train.config import PAIRS_STAGE, TrainConfig, resolve_pairs_path, validate_config
 from isc.train.datasets import (
@@ -455,7 +456,8 @@ def _data(cfg: TrainConfig, info: ddp.DistInfo, net: torch.nn.Module) -> _Data:
                                         f"training items ({info.world_size} process(es), drop_last)")
     loader = DataLoader(dataset, batch_size=per_rank, sampler=EpochTaggedSampler(sampler), num_workers=cfg.workers,
                         collate_fn=collate, pin_memory=info.device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg.workers > 0)
+                        persistent_workers=cfg.workers > 0,
+                        worker_init_fn=loader_worker_init)  # SIGTERM: the rank ends first (isc.proctree)
     return _Data(dataset, facts, sampler, loader, per_rank, steps)
 
 
