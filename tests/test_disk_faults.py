@@ -118,3 +118,108 @@ def test_an_output_under_proc_is_one_line(tmp_path, inputs):
     assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
         "error: /proc/version: No such file or directory"
     ], proc.stderr[-3000:]
+
+
+# ---- extract (HDF5) and export (TorchScript / ONNX) on a full disk: before, a segfault (139) and an abort (134)
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    import torch
+
+    from isc.models import create_model, save_checkpoint
+
+    torch.manual_seed(1)  # ~0.45 MB of weights: an export of it does not fit the 256 KiB tmpfs
+    return save_checkpoint(tmp_path / "in" / "model.pth.tar",
+                           create_model("test_efficientnet", pretrained=False, input_size=32), epoch=0)
+
+
+def _isc(tmp_path, module: str, args: list[str], prefix: str = "") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=str(tmp_path / "home"), PYTHONPATH=str(PROJECT_ROOT))
+    cmd = [sys.executable, "-m", module, *args]
+    cmd = ["bash", "-c", f'{prefix} exec "$@"', "bash", *cmd] if prefix else cmd
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def _one_line(proc, path: Path, reason: str) -> str:
+    assert proc.returncode == 2, f"rc {proc.returncode}: {proc.stderr[-3000:]}"  # not 139 (segfault) / 134 (abort)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {reason}"), proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("fill_kib", [0, 200, 250])
+def test_extract_on_a_full_disk_is_one_line_and_the_earlier_output_survives(tmp_path, tiny_model, mini_data,
+                                                                             small_tmpfs, fill_kib):
+    """Before: HDF5 reported its failed writes as ignored exceptions and then crashed the process when the
+    file was closed (segfault, exit 139), leaving ``.descriptors.h5.*.partial`` and the run RUNNING."""
+    if fill_kib:
+        (small_tmpfs / "filler").write_bytes(b"\0" * (fill_kib << 10))
+    out = small_tmpfs / "ex"
+    out.mkdir()
+    (out / "descriptors.h5").write_bytes(SENTINEL)
+    proc = _isc(tmp_path, "entrypoints.extract", ["--model", str(tiny_model), "--data", str(mini_data.root),
+                                                  "--output-dir", str(out), "--workers", "0", "--overwrite"])
+    line = _one_line(proc, out / "descriptors.h5", "No space left on device (needs ~")
+    assert "MiB free)" in line
+    assert (out / "descriptors.h5").read_bytes() == SENTINEL
+    assert sorted(p.name for p in out.iterdir()) == ["descriptors.h5"]  # no partial, no train file
+    assert _statuses(tmp_path) == ["FAILED"]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_on_a_full_disk_is_one_line_and_the_earlier_file_survives(tmp_path, tiny_model, small_tmpfs, fmt):
+    """Before: torch's zip writer ignored the failed write and aborted the process from a destructor
+    (c10::Error "unexpected pos", exit 134), leaving a partial file; ONNX's error named no file."""
+    out = small_tmpfs / f"m.{fmt}"
+    out.write_bytes(SENTINEL)
+    proc = _isc(tmp_path, "entrypoints.export", ["--model", str(tiny_model), "--format", fmt, "--output", str(out),
+                                                 "--overwrite", "--log-run", "true"])
+    _one_line(proc, out, "No space left on device (needs ~")
+    assert out.read_bytes() == SENTINEL
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == [out.name]
+    assert _statuses(tmp_path) == ["FAILED"]
+
+
+def test_export_over_the_file_size_limit_is_one_line(tmp_path, tiny_model):
+    """The free-space check passes, the write itself fails (EFBIG): an OSError naming the file, not an abort."""
+    out = tmp_path / "out" / "m.pt"
+    out.parent.mkdir()
+    proc = _isc(tmp_path, "entrypoints.export", ["--model", str(tiny_model), "--format", "torchscript",
+                                                 "--output", str(out)], prefix="ulimit -f 256;")
+    _one_line(proc, out, "File too large")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_extract_over_the_file_size_limit_is_one_line(tmp_path, tiny_model, mini_data):
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}").search_experiments()  # ~1 MB store
+    out = tmp_path / "out"
+    proc = _isc(tmp_path, "entrypoints.extract", ["--model", str(tiny_model), "--data", str(mini_data.root),
+                                                  "--output-dir", str(out), "--workers", "0"],
+                prefix="ulimit -f 2048;")  # 2 MiB: the store fits, the ~2.6 MiB reservation not
+    _one_line(proc, out / "descriptors.h5", "File too large")
+    assert not out.exists() or list(out.iterdir()) == []
+    assert _statuses(tmp_path) == ["FAILED"]
+
+
+def test_reserved_space_is_kept_when_another_writer_fills_the_disk(small_tmpfs):
+    """What makes the h5 writes safe: the blocks are the output's before HDF5 writes, so a disk that fills up
+    meanwhile fails the other writer, not HDF5 (whose failed writes crash the process)."""
+    from isc.fileutil import release_reserved, reserve_space
+
+    out = small_tmpfs / "out.h5"
+    out.write_bytes(b"")
+    assert reserve_space(out, 160 << 10) is True
+    with pytest.raises(OSError) as exc:
+        (small_tmpfs / "other").write_bytes(b"\1" * (200 << 10))
+    assert exc.value.errno == 28
+    (small_tmpfs / "other").unlink()
+    (small_tmpfs / "hog").write_bytes(b"\1" * (90 << 10))  # the disk is now full, but for the reservation
+    with open(out, "r+b") as fh:
+        fh.write(b"\2" * (150 << 10))  # fits in the reserved blocks
+    assert out.stat().st_size == 150 << 10
+    release_reserved(out)
+    (small_tmpfs / "after").write_bytes(b"\3" * (8 << 10))  # the unused part was given back
