@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("entrypoints.tune", "Optuna study over margins, memory size, lr"),
     "promote": ("entrypoints.promote", "register the best evaluated model and move @champion"),
     "search": ("entrypoints.search", "find copies of query images with a registered model"),
+    "serve": ("entrypoints.serve", "serve a registered model over HTTP (no tracebacks in error answers)"),
     "export": ("entrypoints.export", "a registered model as a standalone TorchScript/ONNX file"),
     "import-seed": ("entrypoints.import_seed", "the seed's own checkpoint as an isc model (optionally registered)"),
     "main": ("entrypoints.main", "the whole pipeline, data to promoted champion"),
