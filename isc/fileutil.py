@@ -103,10 +103,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        named = _named_disk_error(exc, tmp_path)
+        if named is not None:
+            raise named from exc
         raise
+
+
+def _named_disk_error(exc: BaseException, tmp: Path) -> OSError | None:
+    """A full/read-only/failing disk error of writing ``tmp`` that names no file, as an OSError naming it
+    (``os_error_line`` shows the output's own name): a failed ``write``/``close`` carries no file name, and
+    faiss reports a short write as a RuntimeError. None for anything else (raised as it was)."""
+    disk = disk_error_in(exc)
+    if disk is not None:
+        return None if disk.filename else OSError(disk.errno, disk.strerror, str(tmp))
+    if isinstance(exc, Exception) and not isinstance(exc, OSError):
+        text = str(exc)
+        for code in sorted(_DISK_ERRNOS):
+            if f"({os.strerror(code)})" in text or text.endswith(os.strerror(code)):
+                return OSError(code, os.strerror(code), str(tmp))
+    return None
 
 
 def _mib(n: float) -> str:

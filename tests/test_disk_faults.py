@@ -223,3 +223,55 @@ def test_reserved_space_is_kept_when_another_writer_fills_the_disk(small_tmpfs):
     assert out.stat().st_size == 150 << 10
     release_reserved(out)
     (small_tmpfs / "after").write_bytes(b"\3" * (8 << 10))  # the unused part was given back
+
+
+# Every other writing command on a full disk names the file it was writing (before: "error: a file: No space
+# left on device" -- a failed write() names no file -- and `isc search` a faiss RuntimeError traceback).
+FULL_DISK_COMMANDS = {
+    "match": (250, lambda d, m, o: ["entrypoints.match", "--descriptors", str(d), "--output", str(o / "m.csv")],
+              "m.csv"),
+    "evaluate": (250, lambda d, m, o: ["entrypoints.evaluate", "--descriptors", str(d), "--ground-truth",
+                                       str(m.root / "ground_truth.csv"), "--output-dir", str(o / "ev"),
+                                       "--bootstrap", "10"], "ev/"),
+    "make-mini": (0, lambda d, m, o: ["entrypoints.make_mini", "make-mini", "--out", str(o / "mini"), "--size",
+                                      "tiny"], "mini.partial/"),
+    "train": (0, lambda d, m, o: ["entrypoints.train", "--config", str(PROJECT_ROOT / "isc/configs/smoke.yaml"),
+                                  "--data", str(m.root), "--output-dir", str(o / "train"), "--epochs", "1"],
+              "train/checkpoints/checkpoint_0000.pth.tar"),
+    "search": (200, None, "ref.index"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(FULL_DISK_COMMANDS))
+def test_every_writer_on_a_full_disk_names_its_file(tmp_path, tracking, tiny_model, mini_data, small_tmpfs, command):
+    import mlflow
+
+    fill_kib, args, named = FULL_DISK_COMMANDS[command]
+    if fill_kib:
+        (small_tmpfs / "filler").write_bytes(b"\0" * (fill_kib << 10))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=os.environ["ISC_HOME"], PYTHONPATH=str(PROJECT_ROOT))  # the `tracking` fixture's store
+    if command == "search":
+        from registry.model_logging import log_descriptor_model
+
+        info = log_descriptor_model(tiny_model, registered_model_name="isc-descriptor")
+        mlflow.MlflowClient().set_registered_model_alias("isc-descriptor", "champion", info.registered_model_version)
+        argv = ["entrypoints.search", "--references", str(mini_data.root / "reference_images"), "--queries",
+                str(mini_data.root / "query_images"), "--index", str(small_tmpfs / "ref.index"), "--output", ""]
+    else:
+        desc = tmp_path / "d.h5"
+        if command in ("match", "evaluate"):
+            rng = np.random.default_rng(0)
+            q = [i for i, _ in mini_data.images("query")]
+            r = [i for i, _ in mini_data.images("reference")]
+            x = rng.standard_normal((len(q) + len(r), 256)).astype("float32")
+            write_descriptors(desc, x[: len(q)], q, x[len(q):], r)
+        argv = args(desc, mini_data, small_tmpfs)
+    proc = subprocess.run([sys.executable, "-m", *argv], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {small_tmpfs}/{named}"), proc.stderr[-3000:]
+    assert "No space left on device" in lines[0]
+    assert not [p for p in small_tmpfs.rglob("*") if p.name.endswith(".partial")]
