@@ -66,6 +66,9 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     mod = importlib.import_module(module)
     install_log_redaction()  # after the import: MLflow adds its own handlers when imported
     previous = _catch_signals()
+    from isc.proctree import end_with_parent
+
+    end_with_parent()  # a step of `isc main` (or a torchrun rank) ends when its parent is killed
     try:
         return int(mod.main(argv) or 0)
     except KeyboardInterrupt as exc:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from isc.contract import CHAMPION, Tag
-from isc.errors import ConfigError
+from isc.errors import ConfigError, ISCError
 from isc.tracking import git_commit, normalize_param
 from isc.train.config import parse_overrides
 
@@ -216,6 +216,28 @@ class Pipeline:
                 return run
         return None
 
+    def step_failed(self, step: str, message: str) -> ISCError:
+        """The error of a step whose process failed: the step, its run and the reason its run recorded (the
+        ``isc.error`` tag), instead of MLflow's "Run (ID ...) failed", which the command line showed as a
+        tracking-store error. A step ended by a signal sent to it alone (its run says "interrupted") is
+        marked KILLED again: MLflow 3.17's ``mlflow.run`` overwrites a step's own KILLED with FAILED."""
+        import re
+
+        m = re.search(r"Run \(ID '([0-9a-f]+)'\)", message)
+        if not m:
+            return ISCError(f"step {step} failed ({message})")
+        run_id = m.group(1)
+        try:
+            run = self.client.get_run(run_id)
+            reason = run.data.tags.get(Tag.ERROR, "")
+            if reason == "interrupted":
+                self.client.set_terminated(run_id, "KILLED")
+                return ISCError(f"step {step} was interrupted by a signal to its process (run {run_id}, KILLED)")
+        except Exception:  # noqa: BLE001 -- the store is unreachable: report what is known
+            reason = ""
+        return ISCError(f"step {step} failed (run {run_id}){': ' + reason.splitlines()[0] if reason else ''}; "
+                        "its output above has the details")
+
     def run(self, step: str, entry_point: str, parameters: dict[str, Any]) -> StepRecord:
         import mlflow
 
@@ -231,15 +253,20 @@ class Pipeline:
         else:
             log.info("step %-22s running entry point '%s'", step, entry_point)
             t0 = time.perf_counter()
-            submitted = mlflow.run(
-                str(self.project_dir),
-                entry_point,
-                parameters=parameters,
-                experiment_id=self.experiment_id,
-                env_manager="local",
-                run_name=step,
-                synchronous=True,
-            )
+            from mlflow.exceptions import ExecutionException
+
+            try:
+                submitted = mlflow.run(
+                    str(self.project_dir),
+                    entry_point,
+                    parameters=parameters,
+                    experiment_id=self.experiment_id,
+                    env_manager="local",
+                    run_name=step,
+                    synchronous=True,
+                )
+            except ExecutionException as exc:
+                raise self.step_failed(step, str(exc)) from None
             wall = time.perf_counter() - t0
             run = self.client.get_run(submitted.run_id)
             rec = StepRecord(step, entry_point, submitted.run_id, False, wall, dict(run.data.metrics))

@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", module, *rest])
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from isc.proctree import PARENT_ENV, under_reporting_parent
+    from isc.proctree import PARENT_ENV, end_with_parent, under_reporting_parent
 
     quiet = under_reporting_parent()  # a step of `isc main`: the driver prints the line
+    end_with_parent()  # SIGTERM (torchrun stops its ranks) when the driver is killed
     os.environ[PARENT_ENV] = str(os.getpid())  # the ranks stay quiet: this process reports for them
     try:
         if args[:2] == ["--nnodes", "1"]:

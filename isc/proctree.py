@@ -47,6 +47,28 @@ def under_reporting_parent() -> bool:
     return bool(os.environ.get(PARENT_ENV))
 
 
+def end_with_parent() -> None:
+    """In a step process: get SIGTERM when the parent that reports for it (:data:`PARENT_ENV`) dies -- also
+    by SIGKILL or the OOM killer, which nothing in the parent can handle (before: the step trained on, an
+    orphan, to the end). Linux ``prctl(PR_SET_PDEATHSIG)``; a no-op elsewhere or outside ``isc main``."""
+    parent = os.environ.get(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+    if os.getppid() == int(parent):  # only a direct child: the death signal follows the direct parent
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    try:
+        os.kill(int(parent), 0)
+    except ProcessLookupError:  # the parent died before the prctl: nothing would signal us
+        os.kill(os.getpid(), signal.SIGTERM)
+    except PermissionError:
+        pass
+
+
 def loader_worker_init(worker_id: int) -> None:
     """``worker_init_fn`` of every DataLoader: a worker ignores SIGTERM.
 

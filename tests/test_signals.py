@@ -197,3 +197,54 @@ def _named_statuses(db: Path) -> list[tuple[str, str]]:
             return list(con.execute("select name, status from runs"))
     except sqlite3.OperationalError:
         return []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("target", ["step-SIGTERM", "driver-SIGKILL"])
+def test_a_signal_to_one_process_of_main_still_ends_the_step_killed(tmp_path, mini_data, target):
+    """SIGTERM to the step alone: before, the driver printed "MLflow tracking store ...: Run (ID ...) failed"
+    and the step run ended FAILED (MLflow's mlflow.run overwrote its KILLED); now one line names the step.
+    SIGKILL to the driver: before, the step trained on as an orphan to its end (FINISHED); now it gets
+    SIGTERM from the kernel (PR_SET_PDEATHSIG) and ends KILLED. The main run itself cannot be marked."""
+    import psutil
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.main", "--data", str(mini_data.root), "--profile", "smoke",
+         "--n-trials", "0", "--overrides", "{epochs: 50, max_steps_per_epoch: 1000, workers: 2}"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # cwd: not the checkout (the profiles' config paths once resolved against it only)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the training step never got under way"
+            kids = _descendants(proc.pid)
+            if dict(_named_statuses(home / "mlflow.db")).get("train_stage1") == "RUNNING" and len(kids) >= 3:
+                break
+            time.sleep(0.5)
+        tree = list(kids)
+        step = psutil.Process(proc.pid).children()[0]
+        (step if target == "step-SIGTERM" else proc).send_signal(
+            signal.SIGTERM if target == "step-SIGTERM" else signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        end = time.monotonic() + 60
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree) and time.monotonic() < end:
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    alive = [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], "step processes outlived the driver"
+    names = dict(_named_statuses(home / "mlflow.db"))
+    assert names["train_stage1"] == "KILLED", names
+    if target == "step-SIGTERM":
+        assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and lines[0].startswith("error: step train_stage1 was interrupted"), err[-3000:]
+        assert [s for n, s in names.items() if n.startswith("main-")] == ["FAILED"]
+    else:
+        assert proc.returncode == -signal.SIGKILL
