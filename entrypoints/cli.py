@@ -118,6 +118,8 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     finally:
         for signum, handler in (previous or {}).items():
             signal.signal(signum, handler)
+        if previous is not None:
+            sys.unraisablehook = sys.__unraisablehook__
 
 
 class Terminated(KeyboardInterrupt):
@@ -153,12 +155,30 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted()
 
 
+def _reraise_swallowed(unraisable: object) -> None:
+    """``sys.unraisablehook``: a signal that arrived while a finalizer ran (a weakref callback, ``__del__``:
+    seen in SQLAlchemy's garbage collection) raised its interrupt there, where Python only prints "Exception
+    ignored" -- and the command ran on to exit 0 with its run FINISHED. Send the signal again (re-armed:
+    under ``isc main`` the first one set repeats to be ignored), so it is raised in the code that runs next."""
+    exc = getattr(unraisable, "exc_value", None)
+    if isinstance(exc, Terminated | Interrupted):
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        signal.signal(signum, _raise_terminated if signum == signal.SIGTERM else _raise_interrupted)
+        import threading
+
+        # from another thread, a moment later: sent from here it would be raised inside this hook, ignored again
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
+    sys.__unraisablehook__(unraisable)  # type: ignore[arg-type]
+
+
 def _catch_signals() -> dict[int, object] | None:
     """Install the SIGTERM and SIGINT handlers (main thread only); returns the previous ones, or None."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None
+    sys.unraisablehook = _reraise_swallowed
     return {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
             signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted)}
 
