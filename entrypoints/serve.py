@@ -8,7 +8,8 @@ Use it instead of ``mlflow models serve``, which answers every request it cannot
 Python traceback of the server (``stack_trace``); see registry/serving.py. The model is a pyfunc, and
 loading a pyfunc runs the Python code it was saved with: only this project's descriptor models are
 loaded unless ``--trust-model-code true`` (as for ``isc search``). Requests: ``dataframe_split`` with an
-``image`` column of base64 image bytes (or ``path`` on the server's disk), as in README "Serving".
+``image`` column of base64 image bytes, as in README "Serving"; paths of files on the server (a ``path``
+column) are refused: a network client must not make the server open its files.
 """
 
 from __future__ import annotations

@@ -81,8 +81,39 @@ class NoServerInternals:
         await self.app(scope, receive, filtered)
 
 
+class BytesOnly:
+    """The served model, taking images as bytes only: a request naming files on the server (a ``path``
+    column, a list of paths) is refused.
+
+    Why: the descriptor pyfunc also describes image *files* (``path``), which is right in a notebook and
+    wrong for a network client: it makes the server open any file it can read -- answering whether a path
+    exists, and the descriptors of private images on the server's disk. Everything else (``metadata``,
+    ...) is the model's own."""
+
+    def __init__(self, model: Any):
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        import numpy as np
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
+
+        names_files = ((isinstance(data, pd.DataFrame) and "path" in data.columns) or isinstance(data, pd.Series)
+                       or (isinstance(data, list | tuple) and any(isinstance(v, str) for v in data))
+                       or (isinstance(data, np.ndarray) and data.dtype.kind in "USO"))
+        if names_files:
+            raise MlflowException.invalid_parameter_value(
+                "isc serve takes images as bytes only: send each image's base64 in an 'image' column "
+                "(dataframe_split), not paths on the server")
+        return self._model.predict(data, params=params)
+
+
 def build_app(model: Any) -> Any:
-    """MLflow's scoring app for a loaded pyfunc, wrapped in :class:`NoServerInternals`."""
+    """MLflow's scoring app for a loaded pyfunc (bytes only: :class:`BytesOnly`), wrapped in
+    :class:`NoServerInternals`."""
     from mlflow.pyfunc import scoring_server
 
-    return NoServerInternals(scoring_server.init(model))
+    return NoServerInternals(scoring_server.init(BytesOnly(model)))

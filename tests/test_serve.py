@@ -226,7 +226,8 @@ def test_isc_serve_answers_like_mlflow_but_never_with_a_stack_trace(tracking, ch
 
     info = log_descriptor_model(checkpoint, registered_model_name=MODEL)
     mlflow.MlflowClient().set_registered_model_alias(MODEL, "champion", info.registered_model_version)
-    blobs = [p.read_bytes() for p in photo_files(tmp_path / "photos")]
+    photos = photo_files(tmp_path / "photos")
+    blobs = [p.read_bytes() for p in photos]
     expected = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(
         pd.DataFrame({"image": [b64(b) for b in blobs]}))
 
@@ -266,6 +267,10 @@ def test_isc_serve_answers_like_mlflow_but_never_with_a_stack_trace(tracking, ch
             "a server path": (json.dumps({"dataframe_split": {"columns": ["path"],
                                                               "data": [["/etc/isc-no-such/x.jpg"]]}}).encode(),
                               "application/json", 400),
+            "a server image file": (json.dumps({"dataframe_split": {"columns": ["path"],
+                                                                    "data": [[str(photos[0])]]}}).encode(),
+                                    "application/json", 400),
+            "a list of server paths": (json.dumps({"inputs": [str(photos[0])]}).encode(), "application/json", 400),
             "charset not UTF-8": (b"{}", "application/json; charset=latin-1", 415),
             "not UTF-8 JSON": (b'{"dataframe_split": "\xff"}', "application/json", 400),
         }
@@ -279,6 +284,10 @@ def test_isc_serve_answers_like_mlflow_but_never_with_a_stack_trace(tracking, ch
                 assert json.loads(raw).get("message"), (name, raw[:2000])
         assert b"image[0]" in answers["not an image"]  # the project's own message still names the row
         assert b"Failed to parse input as a Pandas DataFrame" in answers["malformed CSV"]  # MLflow's message kept
+        # files on the server are never opened for a client (before: an existence oracle, and the descriptors
+        # of any image the server can read); the refusal is the same for a real image and a missing path
+        assert b"bytes only" in answers["a server image file"] and b"bytes only" in answers["a server path"]
+        assert b"bytes only" in answers["a list of server paths"]
         assert post_raw(inv, json.dumps(body).encode(), "application/json")[0] == 200  # still serving
     finally:
         _stop_group(proc)
