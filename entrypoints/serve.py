@@ -36,16 +36,28 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not 0 < args.port < 65536:
         raise ConfigError("port", f"must be 1-65535, got {args.port}")
+    import socket
+
     import uvicorn
 
     from registry.image_search import load_descriptor_model
     from registry.serving import build_app
 
+    try:  # a port in use is one line naming it, before the model is loaded (uvicorn: its own log line, exit 3)
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as exc:
+        raise ConfigError("port", f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
     model, ident = load_descriptor_model(args.model, args.trust_model_code)
-    app = build_app(model)
+    server = uvicorn.Server(uvicorn.Config(build_app(model), host=args.host, port=args.port, log_level="warning",
+                                           access_log=False))
     print(f"serving {ident['resolved_uri']} on http://{args.host}:{args.port} (POST /invocations, GET /ping)",
           flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    try:
+        server.run()  # SIGTERM / Ctrl-C: uvicorn finishes the open requests, then raises the signal again
+    except KeyboardInterrupt:
+        pass
+    print("isc serve: stopped", flush=True)  # a stop is the normal end of a server: exit 0
     return 0
 
 

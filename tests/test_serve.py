@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -289,8 +290,25 @@ def test_isc_serve_answers_like_mlflow_but_never_with_a_stack_trace(tracking, ch
         assert b"bytes only" in answers["a server image file"] and b"bytes only" in answers["a server path"]
         assert b"bytes only" in answers["a list of server paths"]
         assert post_raw(inv, json.dumps(body).encode(), "application/json")[0] == 200  # still serving
+        proc.send_signal(signal.SIGTERM)  # a server's normal end: exit 0 (before: killed by the signal, 143)
+        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        assert "isc serve: stopped" in log_path.read_text()
     finally:
-        _stop_group(proc)
+        if proc.poll() is None:
+            _stop_group(proc)
+
+
+def test_isc_serve_on_a_port_in_use_is_one_line_before_loading_anything(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "entrypoints.serve", "--port", str(port), "--model",
+                               str(tmp_path / "never-loaded")], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: port: cannot listen on 127.0.0.1:{port}"), proc.stderr
 
 
 def test_error_bodies_lose_tracebacks_and_paths_but_keep_the_message():
