@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("entrypoints.tune", "Optuna study over margins, memory size, lr"),
     "promote": ("entrypoints.promote", "register the best evaluated model and move @champion"),
     "search": ("entrypoints.search", "find copies of query images with a registered model"),
+    "serve": ("entrypoints.serve", "serve a registered model over HTTP (no tracebacks in error answers)"),
     "export": ("entrypoints.export", "a registered model as a standalone TorchScript/ONNX file"),
     "import-seed": ("entrypoints.import_seed", "the seed's own checkpoint as an isc model (optionally registered)"),
     "main": ("entrypoints.main", "the whole pipeline, data to promoted champion"),
@@ -66,14 +67,21 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     mod = importlib.import_module(module)
     install_log_redaction()  # after the import: MLflow adds its own handlers when imported
     previous = _catch_signals()
+    from isc.proctree import end_with_parent
+
+    end_with_parent()  # a step of `isc main` (or a torchrun rank) ends when its parent is killed
     try:
         return int(mod.main(argv) or 0)
     except KeyboardInterrupt as exc:
         # SIGTERM (timeout, Slurm, Kubernetes) arrives as Terminated, Ctrl-C as KeyboardInterrupt: the
         # tracked run ends KILLED and atomic outputs drop their temporary files on the way out.
+        # A step of `isc main` (or a torchrun rank) stays quiet: its parent prints the one line.
+        from isc.proctree import under_reporting_parent
+
         name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
-        print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
-              "unfinished outputs were removed", file=sys.stderr)
+        if not under_reporting_parent():
+            print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
+                  "unfinished outputs were removed", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except ISCError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
@@ -111,6 +119,8 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     finally:
         for signum, handler in (previous or {}).items():
             signal.signal(signum, handler)
+        if previous is not None:
+            sys.unraisablehook = sys.__unraisablehook__
 
 
 class Terminated(KeyboardInterrupt):
@@ -125,12 +135,42 @@ class Interrupted(KeyboardInterrupt):
     the flag is set for the exact built-in type only."""
 
 
+def _once_under_parent() -> None:
+    """In a step of ``isc main``: ignore a repeat of the signal while the first one's cleanup runs (a
+    terminal's Ctrl-C reaches every process of the job and the driver forwards it again; a second interrupt
+    would cut the run's KILLED mark short). The driver SIGKILLs a step that does not end in its grace period."""
+    from isc.proctree import under_reporting_parent
+
+    if under_reporting_parent():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
+    _once_under_parent()
     raise Terminated()
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
+    _once_under_parent()
     raise Interrupted()
+
+
+def _reraise_swallowed(unraisable: object) -> None:
+    """``sys.unraisablehook``: a signal that arrived while a finalizer ran (a weakref callback, ``__del__``:
+    seen in SQLAlchemy's garbage collection) raised its interrupt there, where Python only prints "Exception
+    ignored" -- and the command ran on to exit 0 with its run FINISHED. Send the signal again (re-armed:
+    under ``isc main`` the first one set repeats to be ignored), so it is raised in the code that runs next."""
+    exc = getattr(unraisable, "exc_value", None)
+    if isinstance(exc, Terminated | Interrupted):
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        signal.signal(signum, _raise_terminated if signum == signal.SIGTERM else _raise_interrupted)
+        import threading
+
+        # from another thread, a moment later: sent from here it would be raised inside this hook, ignored again
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
+    sys.__unraisablehook__(unraisable)  # type: ignore[arg-type]
 
 
 def _catch_signals() -> dict[int, object] | None:
@@ -139,6 +179,7 @@ def _catch_signals() -> dict[int, object] | None:
 
     if threading.current_thread() is not threading.main_thread():
         return None
+    sys.unraisablehook = _reraise_swallowed
     return {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
             signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted)}
 

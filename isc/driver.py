@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from isc.contract import CHAMPION, Tag
-from isc.errors import ConfigError
+from isc.errors import ConfigError, ISCError
 from isc.nodes import Board, Layout
 from isc.tracking import git_commit, normalize_param
 from isc.train.config import parse_overrides
@@ -219,6 +219,28 @@ class Pipeline:
                 return run
         return None
 
+    def step_failed(self, step: str, message: str) -> ISCError:
+        """The error of a step whose process failed: the step, its run and the reason its run recorded (the
+        ``isc.error`` tag), instead of MLflow's "Run (ID ...) failed", which the command line showed as a
+        tracking-store error. A step ended by a signal sent to it alone (its run says "interrupted") is
+        marked KILLED again: MLflow 3.17's ``mlflow.run`` overwrites a step's own KILLED with FAILED."""
+        import re
+
+        m = re.search(r"Run \(ID '([0-9a-f]+)'\)", message)
+        if not m:
+            return ISCError(f"step {step} failed ({message})")
+        run_id = m.group(1)
+        try:
+            run = self.client.get_run(run_id)
+            reason = run.data.tags.get(Tag.ERROR, "")
+            if reason == "interrupted":
+                self.client.set_terminated(run_id, "KILLED")
+                return ISCError(f"step {step} was interrupted by a signal to its process (run {run_id}, KILLED)")
+        except Exception:  # noqa: BLE001 -- the store is unreachable: report what is known
+            reason = ""
+        return ISCError(f"step {step} failed (run {run_id}){': ' + reason.splitlines()[0] if reason else ''}; "
+                        "its output above has the details")
+
     def run(self, step: str, entry_point: str, parameters: dict[str, Any]) -> StepRecord:
         import mlflow
 
@@ -236,17 +258,22 @@ class Pipeline:
         else:
             log.info("step %-22s running entry point '%s'", step, entry_point)
             t0 = time.perf_counter()
+            from mlflow.exceptions import ExecutionException
+
             if launched and self.board is not None:  # the other machines start the same step as node 1..
                 self.board.announce(self.project_dir, entry_point, parameters)
-            submitted = mlflow.run(
-                str(self.project_dir),
-                entry_point,
-                parameters=parameters,
-                experiment_id=self.experiment_id,
-                env_manager="local",
-                run_name=step,
-                synchronous=True,
-            )
+            try:
+                submitted = mlflow.run(
+                    str(self.project_dir),
+                    entry_point,
+                    parameters=parameters,
+                    experiment_id=self.experiment_id,
+                    env_manager="local",
+                    run_name=step,
+                    synchronous=True,
+                )
+            except ExecutionException as exc:
+                raise self.step_failed(step, str(exc)) from None
             wall = time.perf_counter() - t0
             run = self.client.get_run(submitted.run_id)
             rec = StepRecord(step, entry_point, submitted.run_id, False, wall, dict(run.data.metrics))
@@ -275,19 +302,97 @@ def run_main(
     The arguments are those :func:`check_arguments` accepted (before the run was opened).
     ``layout``: processes (and machines) of every training stage and extraction (torchrun through
     isc.launch); with several machines the others run ``isc join`` and get ``join_timeout_s`` to do so.
+
+    SIGTERM / SIGINT end the step processes as a whole (the step's process, torchrun, ranks, DataLoader
+    workers; SIGKILL after a grace period: :mod:`isc.proctree`), mark the step runs still open KILLED and
+    remove the temporary files the stopped processes left under ``<home>/outputs``; then the interrupt
+    goes on (the main run ends KILLED, one line, exit 143 / 130).
     """
     import mlflow
 
+    from isc.proctree import children_end_with_us
     from isc.tracking import project_root
 
-    project_dir = Path(__file__).resolve().parent.parent
-    out_root = project_root() / "outputs"  # $ISC_HOME/outputs, next to the default store
-    # `mlflow.run(env_manager="local")` runs steps with the `python` first on PATH: make it ours.
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     active = mlflow.active_run()
     if active is None:
         raise RuntimeError("run_main must run inside an active MLflow run")
-    layout = layout or Layout()
+    out_root = project_root() / "outputs"  # $ISC_HOME/outputs, next to the default store
+
+    def stopped(pids: list[int]) -> None:
+        _end_interrupted(active.info.run_id, out_root)
+
+    quiet = _QuietCancel()
+    logging.getLogger("mlflow.projects").addFilter(quiet)
+    try:
+        with children_end_with_us(stopped):
+            return _run_main(data, source, profile, n_trials, force, model_name, overrides, layout or Layout(),
+                             settings_grid, out_root, join_timeout_s)
+    except KeyboardInterrupt:
+        _end_interrupted(active.info.run_id, out_root)  # also when the signal came between two steps
+        raise
+    finally:
+        logging.getLogger("mlflow.projects").removeFilter(quiet)
+
+
+class _QuietCancel(logging.Filter):
+    """Drops MLflow's "Run ... interrupted, cancelling run" ERROR record: the driver has already ended the
+    step and the command prints the one line about the interruption."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "interrupted, cancelling run" not in str(record.msg)
+
+
+def _end_interrupted(main_run_id: str, out_root: Path) -> None:
+    """After a signal: every run under the main run (steps, tune trials) still RUNNING ends KILLED, and the
+    temporary files of writers that are gone are removed from the job's outputs."""
+    from mlflow import MlflowClient
+
+    from isc.fileutil import remove_dead_partials
+
+    client = MlflowClient()
+    experiment = client.get_run(main_run_id).info.experiment_id
+    parents, seen = [main_run_id], {main_run_id}
+    while parents:
+        parent = parents.pop()
+        for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+            if run.info.run_id in seen:
+                continue
+            seen.add(run.info.run_id)
+            parents.append(run.info.run_id)
+            # FAILED + "interrupted": a step that marked itself KILLED, which `mlflow.run`'s interrupt path
+            # then overwrote (MLflow 3.17 compares the status string with RunStatus ints: never "terminated")
+            interrupted = run.info.status == "FAILED" and run.data.tags.get(Tag.ERROR) == "interrupted"
+            if run.info.status == "RUNNING" or interrupted:
+                client.set_tag(run.info.run_id, Tag.ERROR, "interrupted")
+                client.set_terminated(run.info.run_id, "KILLED")
+    if out_root.is_dir():
+        removed = remove_dead_partials(out_root)
+        if removed:
+            log.info("removed %d temporary file(s) of stopped steps under %s", len(removed), out_root)
+
+
+def _run_main(
+    data: str,
+    source: str | None,
+    profile: str,
+    n_trials: int,
+    force: bool,
+    model_name: str,
+    overrides: str,
+    layout: Layout,
+    settings_grid: tuple[str, str] | None,
+    out_root: Path,
+    join_timeout_s: float,
+) -> Any:
+    """:func:`run_main`'s steps (``out_root``: where the steps write their files)."""
+    # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
+    # ids of the steps before it, which is what the reuse of finished runs keys on.
+    import mlflow
+
+    project_dir = Path(__file__).resolve().parent.parent
+    # `mlflow.run(env_manager="local")` runs steps with the `python` first on PATH: make it ours.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    active = mlflow.active_run()
     pipe = Pipeline(project_dir, active.info.experiment_id, force=force, layout=layout)
     data_dir = Path(data).expanduser()
     if not data_dir.is_absolute():

@@ -46,6 +46,7 @@ from isc.data.disc21 import DISC21
 from isc.data.images import decode_image, load_image, to_rgb
 from isc.errors import BadImageError, BadImagesError, ConfigError, ISCError
 from isc.fileutil import atomic_path
+from isc.proctree import loader_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +416,7 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.devic
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=loader_worker_init,  # SIGTERM ends the main process first (isc.proctree)
     )
 
 
@@ -639,16 +641,40 @@ def _prepare(model: torch.nn.Module, data: DISC21, sets: str, out_dir: str | Pat
     return _Prepared(letters, listings, size, transform, attrs, Path(out_dir))
 
 
-def _open_outputs(stack: contextlib.ExitStack, out_dir: Path, letters: Sequence[str],
-                  attrs: dict[str, Any]) -> dict[str, h5py.File]:  # fmt: skip
-    """``letter -> open h5`` (temp files renamed onto their final names when ``stack`` closes)."""
+def h5_bytes(rows: int, dim: int, id_len: int) -> int:
+    """Disk an :class:`_H5Appender` dataset pair of ``rows`` rows may take: whole chunks of float32 rows and
+    ids (chunks are allocated whole), B-tree and heap metadata, and slack. An over- rather than an
+    under-estimate: it is the space reserved before HDF5 writes (:func:`open_h5_output`)."""
+    chunks = max(1, math.ceil(rows / H5_CHUNK_ROWS))
+    data = chunks * H5_CHUNK_ROWS * (4 * dim + max(id_len, 1))
+    return int(data * 1.02) + chunks * 1024 + (256 << 10)
+
+
+def open_h5_output(stack: contextlib.ExitStack, path: Path, needed: int) -> h5py.File:
+    """An h5 file written to a temporary name (renamed onto ``path`` when ``stack`` closes) with ``needed``
+    bytes of disk reserved first (:func:`isc.fileutil.reserve_space`).
+
+    Why: HDF5 1.14 crashes the process (segfault, exit 139) when one of its writes fails on a full disk
+    and the file is then closed -- also at interpreter exit -- after reporting the failure only as an
+    ignored exception. With the space reserved, HDF5's writes cannot fail for lack of it; a disk too small
+    for the estimate is one ENOSPC line naming ``path`` before anything is written."""
+    tmp = stack.enter_context(atomic_path(path))
+    fileutil.reserve_space(tmp, needed, final=path)
+    stack.callback(fileutil.release_reserved, tmp)  # after the h5 file is closed (LIFO), before the rename
+    return stack.enter_context(h5py.File(tmp, "w"))
+
+
+def _open_outputs(stack: contextlib.ExitStack, out_dir: Path, letters: Sequence[str], attrs: dict[str, Any],
+                  needed: dict[str, int]) -> dict[str, h5py.File]:  # fmt: skip
+    """``letter -> open h5`` (temp files renamed onto their final names when ``stack`` closes); ``needed``:
+    letter -> :func:`h5_bytes` of its set, reserved per file."""
     files: dict[str, h5py.File] = {}
     by_letter: dict[str, h5py.File] = {}
     for c in letters:
         fname = TRAIN_FILE if c == "t" else DESCRIPTORS_FILE
         if fname not in files:
-            tmp = stack.enter_context(atomic_path(out_dir / fname))
-            files[fname] = stack.enter_context(h5py.File(tmp, "w"))
+            size = sum(n for k, n in needed.items() if k in letters and (k == "t") == (c == "t"))
+            files[fname] = open_h5_output(stack, out_dir / fname, size)
             files[fname].attrs.update(attrs)
         by_letter[c] = files[fname]
     return by_letter
@@ -718,11 +744,13 @@ def extract_descriptors(
     log.info("extracting %s (%d images, %d px, batch %d, %d workers) on %s", "".join(prep.letters),
              sum(len(v) for v in prep.listings.values()), prep.size, batch_size, workers, dev)  # fmt: skip
     t0 = time.perf_counter()
+    id_lens = {c: id_bytes_len([i for i, _ in prep.listings[c]]) for c in prep.letters}
+    needed = {c: h5_bytes(len(prep.listings[c]), dim, id_lens[c]) for c in prep.letters}
     with contextlib.ExitStack() as stack:
-        files = _open_outputs(stack, prep.out_dir, prep.letters, prep.attrs)
+        files = _open_outputs(stack, prep.out_dir, prep.letters, prep.attrs, needed)
         for c in prep.letters:
             items = prep.listings[c]
-            writer = _H5Appender(files[c], SET_NAMES[c], dim, id_bytes_len([i for i, _ in items]))
+            writer = _H5Appender(files[c], SET_NAMES[c], dim, id_lens[c])
             _stream_into(writer, model, items, prep.transform, batch_size, workers, tta, skip_bad_images, bad,
                          f"extract {SET_NAMES[c]}")
             result.counts[SET_NAMES[c]] = writer.n
@@ -810,7 +838,8 @@ def _extract_shard(model, shard: _Shard, items, transform, batch_size, workers, 
 
     bad: list[BadImageError] = []
     try:
-        with atomic_path(folder / f"{shard.stem}.h5") as tmp, h5py.File(tmp, "w") as f:
+        with contextlib.ExitStack() as stack:
+            f = open_h5_output(stack, folder / f"{shard.stem}.h5", h5_bytes(shard.stop - shard.start, dim, id_len))
             writer = _H5Appender(f, "x", dim, id_len)
             _stream_into(writer, model, items[shard.start : shard.stop], transform, batch_size, workers, tta,
                          skip_bad_images, bad, f"extract {shard.stem}")
@@ -931,8 +960,9 @@ def _merge_shards(out_dir: Path, folder: Path, letters: Sequence[str], shards: S
     """Rank 0: concatenate the shards in id order into the final files (atomic), then delete them."""
     counts: dict[str, int] = {}
     bad: list[tuple[str, str]] = []
+    needed = {c: h5_bytes(len(listings[c]), dim, id_lens[c]) for c in letters}
     with contextlib.ExitStack() as stack:
-        files = _open_outputs(stack, out_dir, letters, attrs)
+        files = _open_outputs(stack, out_dir, letters, attrs, needed)
         for c in letters:
             name = SET_NAMES[c]
             writer = _H5Appender(files[c], name, dim, id_lens[c])

@@ -66,6 +66,22 @@ def remove_stale_partials(path: str | Path) -> list[Path]:
     return removed
 
 
+def remove_dead_partials(root: str | Path) -> list[Path]:
+    """:func:`remove_stale_partials` for every output under ``root`` (a folder tree): the temporary files of
+    writers on this host whose process is gone. The main job calls it after it stopped its steps, so what a
+    SIGKILLed step left is removed at once, not only when that output is next written."""
+    pattern = re.compile(rf"^\..+\.@{re.escape(socket.gethostname())}@(\d+)\..*\.partial$")
+    removed = []
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            m = pattern.match(name)
+            if m and not _alive(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    removed.append(Path(folder, name))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
@@ -87,10 +103,137 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        named = _named_disk_error(exc, tmp_path)
+        if named is not None:
+            raise named from exc
         raise
+
+
+def _named_disk_error(exc: BaseException, tmp: Path) -> OSError | None:
+    """A full/read-only/failing disk error of writing ``tmp`` that names no file, as an OSError naming it
+    (``os_error_line`` shows the output's own name): a failed ``write``/``close`` carries no file name, and
+    faiss reports a short write as a RuntimeError. None for anything else (raised as it was)."""
+    disk = disk_error_in(exc)
+    if disk is not None:
+        return None if disk.filename else OSError(disk.errno, disk.strerror, str(tmp))
+    if isinstance(exc, Exception) and not isinstance(exc, OSError):
+        text = str(exc)
+        for code in sorted(_DISK_ERRNOS):
+            if f"({os.strerror(code)})" in text or text.endswith(os.strerror(code)):
+                return OSError(code, os.strerror(code), str(tmp))
+    return None
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def no_space(path: str | Path, needed: int, free: int) -> OSError:
+    """The ENOSPC error of an output that does not fit: names the file, the size it needs and the free space."""
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (needs ~{_mib(needed)}, {_mib(free)} free)", str(path))
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Bytes an unprivileged writer may still use in ``folder``'s filesystem."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """Refuse (ENOSPC, naming ``path``) an output of ``needed`` bytes that its filesystem cannot hold."""
+    free = free_bytes(Path(path).parent)
+    if needed > free:
+        raise no_space(path, needed, free)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with Python's file I/O, the free space checked first: a full or failing disk
+    is an OSError that names ``path`` (a failed ``write`` or ``close`` alone carries no file name)."""
+    check_free_space(path, len(data))
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # delayed allocation: ENOSPC may only show here
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    """``shutil.copyfile`` whose full-disk error names ``dst`` (checked against the free space first)."""
+    import shutil
+
+    check_free_space(dst, os.path.getsize(src))
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(dst)) from exc
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = libc.fallocate64 if hasattr(libc, "fallocate64") else libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fn(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def reserve_space(path: str | Path, needed: int, final: str | Path | None = None) -> bool:
+    """Reserve ``needed`` bytes of disk for a file being written (``fallocate`` with KEEP_SIZE: blocks
+    allocated, size unchanged), after checking the free space; the error names ``final`` (the output,
+    not its temporary name). Returns False where the filesystem cannot reserve (the free-space check
+    alone then guards).
+
+    Why: HDF5 crashes the process (segfault, exit 139) when a write of its own fails and the file is then
+    closed -- a Python-side exception cannot help once its cache holds unwritable data -- so an h5 output
+    gets its space before HDF5 writes a byte. Release the unused part with :func:`release_reserved`."""
+    import resource
+
+    name = final or path
+    free = free_bytes(Path(path).parent)
+    if needed > free:
+        raise no_space(name, needed, free)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # `ulimit -f`: a reservation does not trip it, a write does
+    if limit != resource.RLIM_INFINITY and needed > limit:
+        raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)} (needs ~{_mib(needed)}, the file size limit "
+                                   f"is {_mib(limit)})", str(name))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        _fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, needed)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space(name, needed, free_bytes(Path(path).parent)) from None
+        if exc.errno in _DISK_ERRNOS:
+            raise OSError(exc.errno, exc.strerror, str(name)) from None
+        return False  # EOPNOTSUPP (NFS, some FUSE), ENOSYS: nothing reserved
+    finally:
+        os.close(fd)
+    return True
+
+
+def release_reserved(path: str | Path) -> None:
+    """Give back the blocks :func:`reserve_space` reserved beyond the file's end (no-op when none are)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            size = os.fstat(fd).st_size
+            _fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, size, 1 << 62)
+        finally:
+            os.close(fd)
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -161,6 +304,8 @@ def os_error_line(exc: OSError) -> str:
         m = _PARTIAL_RE.match(path.name)
         name = str(path.with_name(m.group("name"))) if m else str(path)
     reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [type(exc).__name__])[0]
+    if exc.errno and isinstance(exc.strerror, str) and exc.strerror.startswith(f"{reason} ("):
+        reason = exc.strerror  # ours, with detail (no_space: needed and free sizes)
     extra = "; files that existed before are untouched" if exc.errno in _DISK_ERRNOS else ""
     return f"{name or 'a file'}: {reason}{extra}"
 

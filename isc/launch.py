@@ -21,6 +21,7 @@ gloo on CPU (``isc.train.distributed.setup``); only global rank 0 talks to MLflo
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from isc.errors import ConfigError
@@ -87,13 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args is None:
         os.execv(sys.executable, [sys.executable, "-m", module, *rest])
-    if args[:2] == ["--nnodes", "1"]:
-        from isc.local_torchrun import main as local_main
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
-        return local_main([*args, "-m", module, *rest])
-    from torch.distributed.run import main as torchrun_main
+    from isc.proctree import PARENT_ENV, end_with_parent, under_reporting_parent
 
-    torchrun_main([*args, "-m", module, *rest])
+    quiet = under_reporting_parent()  # a step of `isc main`: the driver prints the line
+    end_with_parent()  # SIGTERM (torchrun stops its ranks) when the driver is killed
+    os.environ[PARENT_ENV] = str(os.getpid())  # the ranks stay quiet: this process reports for them
+    try:
+        if args[:2] == ["--nnodes", "1"]:
+            from isc.local_torchrun import main as local_main
+
+            return local_main([*args, "-m", module, *rest])
+        from torch.distributed.run import main as torchrun_main
+
+        torchrun_main([*args, "-m", module, *rest])
+    except SignalException as exc:
+        # torchrun turns SIGTERM / SIGINT into this exception after it has stopped its ranks (SIGTERM, then
+        # SIGKILL after its own grace period); rank 0 has marked the run KILLED. One line, not a traceback.
+        if not quiet:
+            print(f"error: interrupted by {signal.Signals(exc.sigval).name}; the ranks were stopped and the "
+                  "MLflow run (if one was open) is marked KILLED", file=sys.stderr)
+        return 128 + int(exc.sigval)
     return 0
 
 

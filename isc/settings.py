@@ -128,6 +128,7 @@ def _describe_grid_size(model: Any, paths: Sequence[Path], size: int, ttas: Sequ
 
     from isc.data.images import load_image
     from isc.extract import describe_tensors, eval_transform_for, tta_load_size
+    from isc.proctree import loader_worker_init
 
     load_size = tta_load_size(size) if True in ttas else size
     transform = eval_transform_for(model, load_size)
@@ -140,7 +141,7 @@ def _describe_grid_size(model: Any, paths: Sequence[Path], size: int, ttas: Sequ
             return transform(load_image(paths[i]))
 
     loader = DataLoader(_Images(), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=torch.stack)
+                        collate_fn=torch.stack, worker_init_fn=loader_worker_init)
     out: dict[bool, list[np.ndarray]] = {t: [] for t in ttas}
     for batch in loader:
         for tta in ttas:

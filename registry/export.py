@@ -31,7 +31,6 @@ import contextlib
 import io
 import json
 import logging
-import shutil
 import tempfile
 import time
 import warnings
@@ -43,7 +42,7 @@ import numpy as np
 
 from isc.contract import Tag
 from isc.errors import ConfigError, ISCError
-from isc.fileutil import atomic_path, check_outputs, sha256_of
+from isc.fileutil import atomic_path, check_outputs, copy_file, sha256_of, write_bytes
 from registry.writes import RegistryWriter
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,11 @@ def _export_torchscript(model: Any, example: Any, path: Path) -> None:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         with torch.no_grad():
             traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(path))
+        # Saved into memory, written by Python: torch's own file writer does not see a failed write (full disk,
+        # quota) and aborts the process from a destructor (c10::Error "unexpected pos", exit 134).
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def _run_torchscript(path: Path, x: Any) -> np.ndarray:
@@ -174,10 +177,12 @@ def _export_onnx(model: Any, example: Any, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(
-            model, (example,), str(path), dynamo=True, input_names=["images"], output_names=["descriptors"],
+        program = torch.onnx.export(
+            model, (example,), None, dynamo=True, input_names=["images"], output_names=["descriptors"],
             dynamic_shapes={"x": {0: batch}}, external_data=False, verbose=False,
         )  # fmt: skip
+    # serialised in memory (weights inside), written by Python: a full disk is an OSError naming the file
+    write_bytes(path, program.model_proto.SerializeToString())
 
 
 def _run_onnx(path: Path, x: Any) -> np.ndarray:
@@ -300,9 +305,9 @@ def export_model(
                                        f"(> {CHECK_TOLERANCE}); nothing was written")
             info = _sidecar(fmt, output, model, ident, config, bank_out if bank else None, diff, tmp_model)
             tmp_sidecar = stack.enter_context(atomic_path(sidecar))
-            tmp_sidecar.write_text(json.dumps(info, indent=2) + "\n")
+            write_bytes(tmp_sidecar, (json.dumps(info, indent=2) + "\n").encode())
             if bank is not None:
-                shutil.copyfile(bank, stack.enter_context(atomic_path(bank_out)))
+                copy_file(bank, stack.enter_context(atomic_path(bank_out)))
         if bank is None and bank_out.exists():  # overwrite: no stale bank beside a model that has none
             bank_out.unlink()
     result = ExportResult(fmt, output, sidecar, bank_out if bank else None, ident, diff, time.perf_counter() - t0,

@@ -104,6 +104,10 @@ CASES = [
     ("export", "--model {missing}.pth.tar --format torchscript --output {out}/e.pt", "{missing}", "{out}/e.pt"),
     ("export", "--model {missing}.pth.tar --format torchscript --output {mini}", "output", None),
     ("export", "--format onnx --overwrite maybe", "overwrite", None),
+    ("serve", "--port 0", "port", None),
+    ("serve", "--port 70000", "port", None),
+    ("serve", "--model {missing}", "{missing}", None),
+    ("serve", "--trust-model-code maybe", "trust_model_code", None),
     ("baseline", "--data {missing} --output-dir {out}/b", "{missing}", "{out}/b"),
     ("baseline", "--data {mini} --method bogus", "method", None),
     (

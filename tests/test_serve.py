@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -193,3 +194,134 @@ def test_served_champion_answers_base64_images_with_the_extract_and_postprocess_
         _stop_group(proc)
     assert proc.poll() is not None
     print(f"models serve answered /ping after {started:.1f} s; max |served - extract+postprocess| = {worst:.2e}")
+
+
+# ------------------------------------------------------------------------------------------------ isc serve
+
+
+def post_raw(url: str, data: bytes, content_type: str, timeout: float = 120.0) -> tuple[int, str, bytes]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback http)
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
+
+
+def no_internals(body: bytes) -> None:
+    text = body.decode("utf-8", "replace")
+    assert "stack_trace" not in text and "Traceback" not in text and "File \"" not in text, text[:3000]
+    assert "site-packages" not in text and "/tmp" not in text and str(Path.home()) + "/" not in text, text[:3000]
+
+
+@pytest.mark.slow
+def test_isc_serve_answers_like_mlflow_but_never_with_a_stack_trace(tracking, checkpoint, tmp_path):
+    """``mlflow models serve`` answers a CSV or Parquet body it cannot parse with a ``stack_trace`` field:
+    the server's full traceback and paths (MLflow 3.17 has no switch for it; its JSON errors carry none).
+    ``isc serve`` runs MLflow's own scoring app, so a valid request is answered the same, and every error
+    answer is stripped of tracebacks and paths. A real server process on 127.0.0.1, real HTTP."""
+    import pandas as pd
+
+    from registry.model_logging import log_descriptor_model
+    from tests.servers import _stop_group, free_port, listening_addresses, wait_http_ok
+
+    info = log_descriptor_model(checkpoint, registered_model_name=MODEL)
+    mlflow.MlflowClient().set_registered_model_alias(MODEL, "champion", info.registered_model_version)
+    photos = photo_files(tmp_path / "photos")
+    blobs = [p.read_bytes() for p in photos]
+    expected = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(
+        pd.DataFrame({"image": [b64(b) for b in blobs]}))
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "entrypoints.serve", "--port", str(port)], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=Path(__file__).resolve().parent.parent)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(url + "/ping", proc, log_path, 240)
+        assert {a for a, _ in listening_addresses(proc.pid)} == {"127.0.0.1"}
+        inv = url + "/invocations"
+        body = {"dataframe_split": {"columns": ["image"], "data": [[b64(b)] for b in blobs]}}
+        status, ctype, raw = post_raw(inv, json.dumps(body).encode(), "application/json")
+        assert status == 200 and "json" in ctype, raw[:2000]
+        np.testing.assert_allclose(np.asarray(json.loads(raw)["predictions"], dtype=np.float32), expected,
+                                   atol=1e-6, rtol=0)
+
+        cases = {
+            "malformed JSON": (b"not json", "application/json", 400),
+            "truncated JSON": (b'{"dataframe_split": {"columns": ["image"], "data": [[', "application/json", 400),
+            "JSON but no frame": (b"[1, 2, 3]", "application/json", 400),
+            "unknown key": (b'{"foo": 1}', "application/json", 400),
+            "wrong shape": (json.dumps({"dataframe_split": {"columns": ["image", "x"], "data": [[1]]}}).encode(),
+                            "application/json", 400),
+            "not an image": (json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(b"hi")]]}}).encode(),
+                             "application/json", 400),
+            "wrong content type": (b"not json", "text/plain", 415),
+            "CSV that is binary": (b"\xff\xfe\x00garbage", "text/csv", 400),
+            # MLflow 3.17's own answers to these three carry `stack_trace` (parse_csv_input / parse_parquet_input)
+            "malformed CSV": (b'image\n1,2,3\n"x', "text/csv", 400),
+            "empty CSV": (b"", "text/csv", 400),
+            "not Parquet": (b"not parquet", "application/vnd.apache.parquet", 400),
+            "a server path": (json.dumps({"dataframe_split": {"columns": ["path"],
+                                                              "data": [["/etc/isc-no-such/x.jpg"]]}}).encode(),
+                              "application/json", 400),
+            "a server image file": (json.dumps({"dataframe_split": {"columns": ["path"],
+                                                                    "data": [[str(photos[0])]]}}).encode(),
+                                    "application/json", 400),
+            "a list of server paths": (json.dumps({"inputs": [str(photos[0])]}).encode(), "application/json", 400),
+            "charset not UTF-8": (b"{}", "application/json; charset=latin-1", 415),
+            "not UTF-8 JSON": (b'{"dataframe_split": "\xff"}', "application/json", 400),
+        }
+        answers = {}
+        for name, (data, content_type, want) in cases.items():
+            status, ctype, raw = post_raw(inv, data, content_type)
+            answers[name] = raw
+            assert status == want, (name, status, raw[:2000])
+            no_internals(raw)
+            if "json" in ctype:
+                assert json.loads(raw).get("message"), (name, raw[:2000])
+        assert b"image[0]" in answers["not an image"]  # the project's own message still names the row
+        assert b"Failed to parse input as a Pandas DataFrame" in answers["malformed CSV"]  # MLflow's message kept
+        # files on the server are never opened for a client (before: an existence oracle, and the descriptors
+        # of any image the server can read); the refusal is the same for a real image and a missing path
+        assert b"bytes only" in answers["a server image file"] and b"bytes only" in answers["a server path"]
+        assert b"bytes only" in answers["a list of server paths"]
+        assert post_raw(inv, json.dumps(body).encode(), "application/json")[0] == 200  # still serving
+        proc.send_signal(signal.SIGTERM)  # a server's normal end: exit 0 (before: killed by the signal, 143)
+        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        assert "isc serve: stopped" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            _stop_group(proc)
+
+
+def test_isc_serve_on_a_port_in_use_is_one_line_before_loading_anything(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "entrypoints.serve", "--port", str(port), "--model",
+                               str(tmp_path / "never-loaded")], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: port: cannot listen on 127.0.0.1:{port}"), proc.stderr
+
+
+def test_error_bodies_lose_tracebacks_and_paths_but_keep_the_message():
+    from registry.serving import clean_error_body, clean_message
+
+    body = json.dumps({"error_code": "BAD_REQUEST", "message": "Failed to parse input. Error: 'EOF in string'",
+                       "stack_trace": "Traceback (most recent call last):\n  File \"/srv/venv/lib/x.py\", line 1",
+                       "error_class": "INVALID_PARAMETER_VALUE"}).encode()
+    assert json.loads(clean_error_body(body, "application/json")) == {
+        "error_code": "BAD_REQUEST", "message": "Failed to parse input. Error: 'EOF in string'",
+        "error_class": "INVALID_PARAMETER_VALUE"}
+    text = b"bad request at /home/alice/models/m1/artifacts\nTraceback (most recent call last):\n  File \"/a/b.py\""
+    assert clean_error_body(text, "text/plain") == b"bad request at <path>"
+    assert clean_message("image[1]: not base64; see https://mlflow.org/docs/x and a/b.csv") == \
+        "image[1]: not base64; see https://mlflow.org/docs/x and a/b.csv"  # URLs and relative names stay
+    assert clean_message("x" * 5000).endswith(" ... (cut)") and len(clean_message("x" * 5000)) < 4100

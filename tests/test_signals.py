@@ -129,3 +129,148 @@ def test_sigterm_to_train_ends_its_dataloader_workers_and_marks_the_run_killed(t
             pass
     assert alive == [], f"DataLoader workers still alive: {alive}"
     assert _statuses(home / "mlflow.db") == ["KILLED"]
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig,nproc", [(signal.SIGTERM, 2), (signal.SIGINT, 1)], ids=["SIGTERM-torchrun", "SIGINT"])
+def test_a_signal_to_main_ends_every_step_process_and_marks_the_runs_killed(tmp_path, mini_data, sig, nproc):
+    """``isc main`` started its training step (torchrun, 2 ranks, 2 DataLoader workers each; or one process
+    and its workers): the signal goes to the driver alone, as ``kill PID`` or Kubernetes sends it. Before:
+    the step's processes were left to MLflow's cancel (one SIGTERM to the first child, then an unbounded
+    wait), the step run ended FAILED, torchrun printed a traceback and every process its own line."""
+    import psutil
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.main", "--data", str(mini_data.root), "--profile", "smoke",
+         "--n-trials", "0", "--nproc-per-node", str(nproc),
+         "--overrides", "{epochs: 50, max_steps_per_epoch: 1000, workers: 2}"],
+        env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    wanted = 1 + 2 if nproc == 1 else 1 + 2 + 2 * 2  # the step's process (torchrun), ranks, their workers
+    tree: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"the training step never got under way: {tree}"
+            names = dict(_named_statuses(home / "mlflow.db"))
+            kids = _descendants(proc.pid)
+            if names.get("train_stage1") == "RUNNING" and len(kids) >= wanted:
+                tree = {p.pid: p for p in kids}
+                break
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted by SIG"), err[-3000:]
+    alive = [p for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"still alive after the driver exited: {[(p.pid, p.name()) for p in alive]}"
+    names = dict(_named_statuses(home / "mlflow.db"))
+    assert names["train_stage1"] == "KILLED" and names["baseline_phash"] == "FINISHED", names
+    assert [s for n, s in names.items() if n.startswith("main-")] == ["KILLED"], names
+    assert not [p for p in (home / "outputs").rglob("*.partial")]
+
+
+def _named_statuses(db: Path) -> list[tuple[str, str]]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            return list(con.execute("select name, status from runs"))
+    except sqlite3.OperationalError:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("target", ["step-SIGTERM", "driver-SIGKILL"])
+def test_a_signal_to_one_process_of_main_still_ends_the_step_killed(tmp_path, mini_data, target):
+    """SIGTERM to the step alone: before, the driver printed "MLflow tracking store ...: Run (ID ...) failed"
+    and the step run ended FAILED (MLflow's mlflow.run overwrote its KILLED); now one line names the step.
+    SIGKILL to the driver: before, the step trained on as an orphan to its end (FINISHED); now it gets
+    SIGTERM from the kernel (PR_SET_PDEATHSIG) and ends KILLED. The main run itself cannot be marked."""
+    import psutil
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.main", "--data", str(mini_data.root), "--profile", "smoke",
+         "--n-trials", "0", "--overrides", "{epochs: 50, max_steps_per_epoch: 1000, workers: 2}"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # cwd: not the checkout (the profiles' config paths once resolved against it only)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the training step never got under way"
+            kids = _descendants(proc.pid)
+            if dict(_named_statuses(home / "mlflow.db")).get("train_stage1") == "RUNNING" and len(kids) >= 3:
+                break
+            time.sleep(0.5)
+        tree = list(kids)
+        step = psutil.Process(proc.pid).children()[0]
+        (step if target == "step-SIGTERM" else proc).send_signal(
+            signal.SIGTERM if target == "step-SIGTERM" else signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        end = time.monotonic() + 60
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree) and time.monotonic() < end:
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    alive = [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], "step processes outlived the driver"
+    names = dict(_named_statuses(home / "mlflow.db"))
+    assert names["train_stage1"] == "KILLED", names
+    if target == "step-SIGTERM":
+        assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and lines[0].startswith("error: step train_stage1 was interrupted"), err[-3000:]
+        assert [s for n, s in names.items() if n.startswith("main-")] == ["FAILED"]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_signal_that_lands_in_a_finalizer_still_interrupts(tmp_path):
+    """A SIGTERM handled while a weakref callback runs (SQLAlchemy's garbage collection, seen in CI-like load:
+    this file's evaluate test failed about one run in four) raised its interrupt inside the callback, where
+    Python prints "Exception ignored" and goes on: the command ran to its end, exit 0, run FINISHED."""
+    module = tmp_path / "finalizer_victim.py"
+    module.write_text(
+        "import os, signal, time, weakref\n"
+        "class Obj: pass\n"
+        "def callback(ref):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # handled while this finalizer runs\n"
+        "    time.sleep(0.01)\n"
+        "def main(argv):\n"
+        "    obj = Obj(); keep = weakref.ref(obj, callback); del obj\n"
+        "    for _ in range(300): time.sleep(0.01)\n"
+        "    print('ran to the end', flush=True)\n"
+        "    return 0\n")
+    code = "import sys; from entrypoints.cli import run_entrypoint; sys.exit(run_entrypoint('finalizer_victim', []))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": f"{PROJECT_ROOT}{os.pathsep}{tmp_path}"})
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.stdout, proc.stderr[-2000:])
+    assert "ran to the end" not in proc.stdout
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: interrupted by SIGTERM; its MLflow run (if one was open) is marked KILLED and unfinished outputs "
+        "were removed"]

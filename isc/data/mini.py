@@ -425,7 +425,12 @@ def edit_chain(
 # ------------------------------------------------------------------------------------------ splits
 # ------------------------------------------------------------------------------------------- build
 def _save_jpeg(img: Image.Image, path: Path) -> None:
-    img.convert("RGB").save(path, format="JPEG", quality=90)
+    try:
+        img.convert("RGB").save(path, format="JPEG", quality=90)
+    except OSError as exc:  # Pillow's failed write (full disk) names no file: name it
+        if exc.filename or not exc.errno:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:

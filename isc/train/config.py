@@ -305,6 +305,12 @@ def config_path(path_or_name: str | Path) -> Path:
     if "/" not in text and not text.endswith((".yaml", ".yml")) and packaged.is_file():
         return packaged
     path = Path(text).expanduser()
+    if not path.is_file() and not path.is_absolute():
+        # `isc/configs/<name>.yaml`, as the main job's profiles name their stages: the packaged file, also when
+        # `isc main` runs from another folder than the checkout (a file of that path in the cwd wins)
+        in_package = CONFIG_DIR.parent.parent / path
+        if in_package.is_file() and in_package.resolve().parent == CONFIG_DIR.resolve():
+            return in_package
     if not path.is_file():
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError("config", f"{text}: no such file, and not a packaged config ({', '.join(names)})")

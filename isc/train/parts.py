@@ -26,6 +26,7 @@ from isc.models.head import (
     init_head_pca,
     pooled_features,
 )
+from isc.proctree import loader_worker_init
 from isc.train import distributed as ddp
 from isc.train.config import PAIRS_STAGE, TrainConfig, resolve_pairs_path
 from isc.train.datasets import (
@@ -307,5 +308,6 @@ def load_data(cfg: TrainConfig, info: ddp.DistInfo, net: torch.nn.Module) -> Dat
                                         f"training items ({info.world_size} process(es), drop_last)")
     loader = DataLoader(dataset, batch_size=per_rank, sampler=EpochTaggedSampler(sampler), num_workers=cfg.workers,
                         collate_fn=collate, pin_memory=info.device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg.workers > 0)
+                        persistent_workers=cfg.workers > 0,
+                        worker_init_fn=loader_worker_init)  # SIGTERM: the rank ends first (isc.proctree)
     return Data(dataset, facts, sampler, loader, per_rank, steps)
