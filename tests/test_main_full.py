@@ -34,7 +34,7 @@ def test_readme_full_profile_on_two_gloo_ranks_hands_on_the_seeds_checkpoints_an
 
     data = readme_layout(tmp_path / "disc21", mini_data, with_val=True)
     params = {"data": str(data), "profile": "full", "n_trials": 2, "overrides": json.dumps(TINY_FULL),
-              "nproc_per_node": 2}
+              "nproc_per_node": 2, "settings_sizes": "0,48"}  # the profile's val grid, at the tiny net's sizes
     exp = get_or_create_experiment("main-full")
     run = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp, env_manager="local",
                      synchronous=True)
