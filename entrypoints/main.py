@@ -32,7 +32,7 @@ def build_parser() -> Parser:
                    help="TTA values of that grid (default: the profile's; demo and full: false,true)")
     p.add_argument("--settings-top", type=optional_nonnegative_int, default=None,
                    help="the grid is run for this many candidates, the best by val µAP at their training size "
-                        "(default: the profile's; demo and full: 2; 0 = every candidate)")
+                        "(default: the profile's; demo: 1, full: 2; 0 = every candidate)")
     p.add_argument("--settings-tta-sizes", type=optional_nonnegative_int, default=None,
                    help="TTA is tried at this many sizes, the best without it (default: the profile's, 1; "
                         "0 = every size)")

@@ -165,14 +165,15 @@ def test_main_job_refuses_a_bad_settings_grid_before_any_run():
 
 
 def test_demo_and_full_profiles_choose_settings_on_val_by_default():
-    """The grid is on by default where a user pulls a champion: 3 sizes, TTA at the best, the top 2 candidates;
-    a flag left empty keeps the profile's value, settings_sizes=0 + settings_tta=false turns it off."""
+    """The grid is on by default where a user pulls a champion: 3 sizes, TTA at the best, the top candidate
+    (demo, 2 CPU cores) or the top 2 (full); a flag left empty keeps the profile's value, settings_sizes=0 +
+    settings_tta=false turns it off."""
     from isc.driver import settings_plan
 
-    for profile in ("demo", "full"):
+    for profile, top in (("demo", 1), ("full", 2)):
         plan = settings_plan(profile)
-        assert (plan.sizes, plan.tta, plan.top, plan.tta_sizes) == ("0,160,224", "false,true", 2, 1)
+        assert (plan.sizes, plan.tta, plan.top, plan.tta_sizes) == ("0,160,224", "false,true", top, 1)
         assert plan.is_grid()
     assert settings_plan("demo", {"top": 0, "sizes": None, "tta": ""}).top == 0
-    assert settings_plan("demo", {"top": None}).top == 2
+    assert settings_plan("demo", {"top": None}).top == 1
     assert not settings_plan("demo", {"sizes": "0", "tta": "false"}).is_grid()
