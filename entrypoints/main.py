@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from isc.cliutil import Parser, nonnegative_int, optional_str, positive_int, str2bool
+from isc.cliutil import (
+    Parser,
+    nonnegative_int,
+    optional_nonnegative_int,
+    optional_str,
+    positive_int,
+    str2bool,
+)
 from isc.contract import Step, Tag
 
 
@@ -18,11 +25,17 @@ def build_parser() -> Parser:
     p.add_argument("--n-trials", type=nonnegative_int, default=3, help="Optuna trials (0 skips tuning)")
     p.add_argument("--force", type=str2bool, default=False, help="re-run every step instead of reusing finished runs")
     p.add_argument("--settings-sizes", type=optional_str, default=None,
-                   help="input sides (px, comma-separated, 0 = training size) of every candidate's val grid of "
-                        "extraction settings; default: the profile's (demo and full: 0 = one setting, no grid; "
-                         "e.g. 0,160,224 turns the grid on)")
+                   help="input sides (px, comma-separated, 0 = training size) of the val grid of extraction "
+                        "settings; default: the profile's (demo and full: 0,160,224; 0 alone with "
+                        "--settings-tta false turns the grid off)")
     p.add_argument("--settings-tta", type=optional_str, default=None,
-                   help="TTA values of that grid (default: the profile's; demo and full: false; e.g. false,true)")
+                   help="TTA values of that grid (default: the profile's; demo and full: false,true)")
+    p.add_argument("--settings-top", type=optional_nonnegative_int, default=None,
+                   help="the grid is run for this many candidates, the best by val µAP at their training size "
+                        "(default: the profile's; demo: 1, full: 2; 0 = every candidate)")
+    p.add_argument("--settings-tta-sizes", type=optional_nonnegative_int, default=None,
+                   help="TTA is tried at this many sizes, the best without it (default: the profile's, 1; "
+                        "0 = every size)")
     p.add_argument("--model-name", default="isc-descriptor", help="registered model name")
     p.add_argument("--experiment-name", type=optional_str, default=None)
     p.add_argument("--nproc-per-node", type=positive_int, default=1,
@@ -47,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     check_arguments(args.profile, args.n_trials, args.overrides or "", args.settings_sizes or "",
-                    args.settings_tta or "")  # before any run opens
+                    args.settings_tta or "", args.settings_top, args.settings_tta_sizes)  # before any run opens
     from isc.nodes import Layout
 
     layout = Layout(args.nproc_per_node, args.nnodes, args.rdzv_endpoint or "")
@@ -57,12 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     name = f"main-{args.profile}-{time.strftime('%Y%m%d-%H%M')}"
     with tracked_run(experiment=args.experiment_name, run_name=name, tags={Tag.STEP: Step.MAIN}):
         mlflow.set_tag("mlflow.runName", name)
-        from isc.driver import PROFILES
-
-        grid = None
-        if args.settings_sizes or args.settings_tta:
-            base = PROFILES[args.profile]
-            grid = (args.settings_sizes or base.settings_sizes, args.settings_tta or base.settings_tta)
+        grid = {"sizes": args.settings_sizes, "tta": args.settings_tta, "top": args.settings_top,
+                "tta_sizes": args.settings_tta_sizes}
         run_main(args.data, args.source, args.profile, args.n_trials, args.force, args.model_name,
                  overrides=args.overrides or "", layout=layout, settings_grid=grid, join_timeout_s=args.join_timeout)
     return 0

@@ -1,8 +1,9 @@
 """``isc settings`` / MLproject ``settings``: choose a model's extraction settings on the val split.
 
-Scores every setting of ``--sizes`` x ``--tta`` (input side in px, 0 = the training size; TTA off/on) by
-val µAP and records the best on the run: tags ``isc.input_size`` / ``isc.tta``, params
-``chosen_input_size`` / ``chosen_tta``, one metric per setting (``val_uAP_<size>[_tta]``) and the table
+Scores the grid ``--sizes`` x ``--tta`` (input side in px, 0 = the training size; TTA off/on) by val µAP,
+by successive halving (every size without TTA, then TTA at the ``--tta-sizes`` best of them), and records
+the best on the run: tags ``isc.input_size`` / ``isc.tta``, params ``chosen_input_size`` / ``chosen_tta``
+(and ``train_input_size``), one metric per scored setting (``val_uAP_<size>[_tta]``) and the table
 ``settings/grid.csv``. Prints the chosen setting as JSON on stdout. See :mod:`isc.settings`.
 """
 
@@ -17,7 +18,15 @@ from isc.cliutil import Parser, nonnegative_int, positive_int
 from isc.contract import Step, Tag
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
-from isc.settings import DEFAULT_SIZES, DEFAULT_TTA, choose, parse_sizes, parse_tta, score_grid
+from isc.settings import (
+    DEFAULT_SIZES,
+    DEFAULT_TTA,
+    DEFAULT_TTA_SIZES,
+    choose,
+    parse_sizes,
+    parse_tta,
+    score_grid,
+)
 
 
 def build_parser() -> Parser:
@@ -28,7 +37,8 @@ def build_parser() -> Parser:
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="input sides in px, comma-separated; 0 = training size")
     p.add_argument("--tta", default=DEFAULT_TTA, help="TTA values to try, comma-separated (false,true)")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader decoding processes")
+    p.add_argument("--tta-sizes", type=nonnegative_int, default=DEFAULT_TTA_SIZES,
+                   help="TTA is tried only at this many sizes, the best without TTA (0 = at every size)")
     return p
 
 
@@ -50,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         run_name="settings", tags={Tag.STEP: Step.SETTINGS, Tag.MODEL_REF: str(args.model)}
     ):
         tracking.log_params({"model": args.model, "data": str(data.root), "ground_truth": args.ground_truth,
-                             "sizes": args.sizes, "tta": args.tta, "grid": " ".join(
-                                 f"{s}{'+tta' if t else ''}" for s in sizes for t in ttas)})
-        rows = score_grid(model, data, args.ground_truth, sizes, ttas, args.batch_size, args.workers)
+                             "sizes": args.sizes, "tta": args.tta,
+                             "tta_sizes": args.tta_sizes, "train_input_size": model.model_config.get("input_size"),
+                             "grid": " ".join(
+                                 f"{s}{'+tta' if t else ''}" for s in sizes for t in ttas)})  # before halving
+        rows = score_grid(model, data, args.ground_truth, sizes, ttas, args.batch_size, args.tta_sizes)
         best = choose(rows)
         tracking.log_metrics({f"val_uAP_{r['settings'].key()}": r["average_precision"] for r in rows}
                              | {f"seconds_{r['settings'].key()}": r["seconds"] for r in rows})

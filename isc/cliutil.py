@@ -67,5 +67,10 @@ def _num(kind: type, cond, what: str):
 
 positive_int = _num(int, lambda v: v > 0, "> 0")
 nonnegative_int = _num(int, lambda v: v >= 0, ">= 0")
+
+
+def optional_nonnegative_int(text: str) -> int | None:
+    """``""`` / ``None`` -> None (MLproject passes an unset string parameter as ""), else as :data:`nonnegative_int`."""
+    return None if optional_str(text) is None else nonnegative_int(text)
 positive_float = _num(float, lambda v: v > 0, "> 0")
 nonnegative_float = _num(float, lambda v: v >= 0, ">= 0")

@@ -9,6 +9,7 @@ One run reference, from training to search::
 
     train run R          checkpoints/checkpoint_0005.pth.tar, model/final.pth.tar   (ARTIFACT_*)
       -> settings S      model=R; val grid of size x TTA -> isc.input_size / isc.tta (isc/settings.py)
+                         (main job: the top-k candidates by val µAP at their training size)
       -> extract E       model_ref=R at S's setting; descriptors/descriptors.h5 (+ train_descriptors.h5)
       -> postprocess P   descriptors/descriptors_nes.h5, descriptors/nes_bank.h5
       -> evaluate V      Evaluation.to_tags(): isc.step=evaluate, isc.model_ref=R, isc.nes_bank, GT

@@ -48,23 +48,26 @@ class Stage:
 
 @dataclass(frozen=True)
 class Profile:
-    """A chain of stages, the tune config, and the grid of extraction settings every candidate is scored
+    """A chain of stages, the tune config, and the grid of extraction settings the best candidates are scored
     under on val (:mod:`isc.settings`; sizes in px, 0 = the training size): the registered version serves
     with the best. A grid of one setting skips the step.
 
-    The demo and full profiles default to one setting (the training size, no TTA: the seed's final
-    extraction) because the grid is not yet affordable there: on 2 CPU cores the demo's 7 candidates x
-    {128, 160, 224} x TTA off/on project to ~35 min against ~10 (bench/bench_settings.py), and at DISC21
-    scale each setting re-extracts the val references. Opt in with ``-P settings_sizes=0,160,224
-    -P settings_tta=false,true``; the smoke profile runs a grid in CI."""
+    ``settings_top``: how many candidates (by val µAP at their training size) get the grid; 0 = every one.
+    ``settings_tta_sizes``: TTA is tried at that many sizes, the best without it (0 = every size).
+    Why top-k and halving: on 2 CPU cores the whole grid (3 sizes x TTA off/on) on every one of the demo's
+    7 candidates, each re-extracted at its choice, projected to ~35 min against the main job's ~10; the
+    grid's cost is mostly TTA (6 passes, ~7x a plain pass) and the re-extraction of the training images
+    NES needs at the chosen setting (docs/evaluation.md has the measured figures)."""
 
     stages: tuple[Stage, ...]
     tune_config: str
-    settings_sizes: str = "0"
-    settings_tta: str = "false"
+    settings_sizes: str = "0,160,224"
+    settings_tta: str = "false,true"
+    settings_top: int = 2
+    settings_tta_sizes: int = 1
 
 
-def _recipe(prefix: str, tune_config: str) -> Profile:
+def _recipe(prefix: str, tune_config: str, settings_top: int = 2) -> Profile:
     """The seed's chain: v83 5 epochs -> v83 resumed to 10 -> v86 from 1b's checkpoint_0005 -> v98 from
     v86's checkpoint_0005 -> v107 from v98's checkpoint_0001; plus stage 0, the untouched start (stage 1's
     config with no epoch), which stage 1 starts from."""
@@ -77,21 +80,24 @@ def _recipe(prefix: str, tune_config: str) -> Profile:
         Stage("stage2", f"{cfg}stage2.yaml", "init", "stage1b", 5),
         Stage("stage3", f"{cfg}stage3.yaml", "init", "stage2", 5),
         Stage("stage4", f"{cfg}stage4.yaml", "init", "stage3", 1),
-    ), tune_config)
+    ), tune_config, settings_top=settings_top)
 
 
 PROFILES: dict[str, Profile] = {
-    "demo": _recipe("demo_", "isc/configs/tune.yaml"),
+    # demo: the grid for the val-best candidate only: on 2 CPU cores a second one choosing 224 px + TTA (its
+    # grid, its re-extraction) was projected at ~3.5 min more, past the job's 15-min budget (bench_settings.py)
+    "demo": _recipe("demo_", "isc/configs/tune.yaml", settings_top=1),
     "full": _recipe("", "isc/configs/tune_full.yaml"),
     # seconds-long pipeline check for tests and CI (tiny from-scratch network, two stages)
     "smoke": Profile((Stage("stage1", "isc/configs/smoke.yaml"),
                       Stage("stage2", "isc/configs/smoke_stage2.yaml", "init", "stage1")),
-                     "isc/configs/tune_smoke.yaml", settings_sizes="0", settings_tta="false,true"),
+                     "isc/configs/tune_smoke.yaml", settings_sizes="0,64", settings_tta="false,true", settings_top=2),
 }
 
 
 def check_arguments(profile: str, n_trials: int, overrides: str = "", settings_sizes: str = "",
-                    settings_tta: str = "") -> None:
+                    settings_tta: str = "", settings_top: int | None = None,
+                    settings_tta_sizes: int | None = None) -> None:
     """The main job's arguments, checked once, before its run opens (``entrypoints/main.py`` calls it)."""
     from isc.settings import parse_sizes, parse_tta
 
@@ -99,6 +105,9 @@ def check_arguments(profile: str, n_trials: int, overrides: str = "", settings_s
         parse_sizes(settings_sizes, 128)
     if settings_tta:
         parse_tta(settings_tta)
+    for name, value in (("settings_top", settings_top), ("settings_tta_sizes", settings_tta_sizes)):
+        if value is not None and value < 0:
+            raise ConfigError(name, f"must be >= 0 (0 = all), got {value}")
     if profile not in PROFILES:
         raise ConfigError("profile", f"unknown profile '{profile}' (choose from {sorted(PROFILES)})")
     if n_trials < 0:
@@ -292,12 +301,13 @@ def run_main(
     model_name: str = "isc-descriptor",
     overrides: str = "",
     layout: Layout | None = None,
-    settings_grid: tuple[str, str] | None = None,
+    settings_grid: dict[str, Any] | None = None,
     join_timeout_s: float = 900.0,
 ) -> Any:
     """Run the whole pipeline inside the active MLflow run; returns the summary DataFrame.
 
-    ``settings_grid``: (sizes, TTA values) of the val grid of extraction settings; None = the profile's.
+    ``settings_grid``: the val grid of extraction settings, any of ``sizes``, ``tta``, ``top``, ``tta_sizes``
+    (:class:`Profile`'s ``settings_*``); what is not given is the profile's.
 
     The arguments are those :func:`check_arguments` accepted (before the run was opened).
     ``layout``: processes (and machines) of every training stage and extraction (torchrun through
@@ -380,7 +390,7 @@ def _run_main(
     model_name: str,
     overrides: str,
     layout: Layout,
-    settings_grid: tuple[str, str] | None,
+    settings_grid: dict[str, Any] | None,
     out_root: Path,
     join_timeout_s: float,
 ) -> Any:
@@ -432,7 +442,7 @@ def _run_main(
 
 def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: Path, extra: dict[str, Any],
                n_trials: int, force: bool, model_name: str, test_gt: Path, select_gt: Path,
-               settings_grid: tuple[str, str] | None) -> Any:
+               settings_grid: dict[str, Any] | None) -> Any:
     """Baseline, the profile's stages, tuning, promotion and search, in order; returns the summary."""
     # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
     # ids of the steps before it, which is what the reuse of finished runs keys on.
@@ -451,7 +461,8 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
                  "uAP 95% CI": _interval(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
 
     stage_runs: dict[str, str] = {}
-    grid = settings_grid or (PROFILES[profile].settings_sizes, PROFILES[profile].settings_tta)
+    candidates: list[Candidate] = []
+    grid = settings_plan(profile, settings_grid)
     handoffs = handoff_epochs(PROFILES[profile].stages)
     for stage in PROFILES[profile].stages:
         start = start_reference(stage, stage_runs)
@@ -464,14 +475,16 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
         params["overrides"] = json.dumps(fixed, sort_keys=True) if fixed else ""
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
-        rows.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt, grid))
+        candidates.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt))
 
     notes: list[str] = []
     if n_trials > 0:
-        row, note = _tune(pipe, profile, stage_runs, data_dir, out_root, test_gt, select_gt, n_trials, extra, force,
-                          grid)
-        rows += [row] if row else []
+        tuned, note = _tune(pipe, profile, stage_runs, data_dir, out_root, test_gt, select_gt, n_trials, extra, force)
+        candidates += [tuned] if tuned else []
         notes.append(note)
+    if select_gt != test_gt and grid.is_grid():
+        notes.append(_settings_phase(pipe, candidates, grid, data_dir, out_root, test_gt, select_gt))
+    rows += [c.row for c in candidates]
 
     exp_name = mlflow.get_experiment(active.info.experiment_id).name
     # on_other_gt=keep: a champion scored on another ground truth (older data, another split) cannot be
@@ -499,11 +512,10 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
 
 
 def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Path, out_root: Path, test_gt: Path,
-          select_gt: Path, n_trials: int, extra: dict[str, Any], force: bool,
-          grid: tuple[str, str]) -> tuple[dict[str, Any] | None, str]:
+          select_gt: Path, n_trials: int, extra: dict[str, Any], force: bool) -> tuple[Candidate | None, str]:
     """Tune the profile's tuned stage from its hand-off checkpoint; evaluate the tuned model like a stage.
 
-    Returns the summary row (None when no trial completed) and a line about the study. The tuned model is
+    Returns the candidate (None when no trial completed) and a line about the study. The tuned model is
     the best trial's values retrained for the stage's full epochs, or the trial's own model (the tune
     config's ``candidate``); it is tagged with the study, trial and values, which promotion copies.
     """
@@ -544,12 +556,12 @@ def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Pa
     for key, value in provenance.items():
         pipe.client.set_tag(model_run, key, value)
     label = f"{stage.name} tuned (trial {best[Tag.TUNE_TRIAL]}{', retrained' if cfg.candidate == 'retrain' else ''})"
-    row = _evaluate_stage(pipe, replace(stage, name=f"{stage.name}_tuned"), model_run, data_dir, out_root, test_gt,
-                          select_gt, grid, label=label)
+    cand = _evaluate_stage(pipe, replace(stage, name=f"{stage.name}_tuned"), model_run, data_dir, out_root, test_gt,
+                           select_gt, label=label)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
     source = "retrained with them for the stage's full epochs" if cfg.candidate == "retrain" else "its own model"
     own = " (the stage's own values)" if own_values else ""
-    return row, (f"tune: study {study}, {stage.name} from {start or 'pretrained'}: {counts}; best trial "
+    return cand, (f"tune: study {study}, {stage.name} from {start or 'pretrained'}: {counts}; best trial "
                  f"{best[Tag.TUNE_TRIAL]}{own} val µAP "
                  f"{m.get('best_value', float('nan')):.4f} (after NES, {cfg.epochs_per_trial}-epoch trial) with "
                  f"{shown}; tuned row = {source}")
@@ -562,56 +574,118 @@ def _promotion_line(run: Any) -> str:
     return f"promotion: {action}: {message}" if action else f"promotion: see run {run.info.run_id}"
 
 
+@dataclass
+class Candidate:
+    """One model the main job offers to promotion: its summary row and what the settings phase needs."""
+
+    name: str  # the stage's name (step names: extract_<name>, ...)
+    train_run: str
+    row: dict[str, Any]
+    val_uap: float | None  # after NES, at the training size: ranks the candidates for the grid
+    served: Any  # ExtractionSettings its scored descriptors were extracted with
+
+
+@dataclass(frozen=True)
+class SettingsPlan:
+    """The main job's val grid of extraction settings (see :class:`Profile`)."""
+
+    sizes: str
+    tta: str
+    top: int
+    tta_sizes: int
+
+    def is_grid(self) -> bool:
+        return len([x for x in self.sizes.split(",") if x.strip()]) * len(
+            [x for x in self.tta.split(",") if x.strip()]) > 1
+
+
+def settings_plan(profile: str, given: dict[str, Any] | None = None) -> SettingsPlan:
+    """The profile's grid with what ``given`` sets (``sizes``, ``tta``, ``top``, ``tta_sizes``; None = unset)."""
+    p = PROFILES[profile]
+    out = {"sizes": p.settings_sizes, "tta": p.settings_tta, "top": p.settings_top, "tta_sizes": p.settings_tta_sizes}
+    out.update({k: v for k, v in (given or {}).items() if v not in (None, "")})
+    return SettingsPlan(**out)
+
+
 def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, out_root: Path,
-                    test_gt: Path, select_gt: Path, grid: tuple[str, str], label: str | None = None) -> dict[str, Any]:
-    """settings (the val grid) -> extract -> postprocess -> evaluate (test; and val, which chooses the
-    champion) of one stage; ``grid`` = (sizes, TTA values) of the profile."""
-    settings = _choose_settings(pipe, stage, train_run, data_dir, select_gt, grid) if select_gt != test_gt else None
+                    test_gt: Path, select_gt: Path, label: str | None = None, settings: Any = None) -> Candidate:
+    """extract -> postprocess -> evaluate (test; and val, which chooses the champion) of one stage, at its
+    training size without TTA, or at ``settings`` (ExtractionSettings: the steps' names end in its key)."""
+    from isc.settings import ExtractionSettings
+
+    suffix = f"_{settings.key()}" if settings else ""
+    name = f"{stage.name}{suffix}"
     ext = pipe.run(
-        f"extract_{stage.name}", "extract",
+        f"extract_{name}", "extract",
         # The folder is this step's own (one per training run and setting): a re-run may replace its files.
         {"model": train_run, "data": str(data_dir), "sets": "qrt", "overwrite": "true",
-         "output_dir": str(out_root / "extract" / (train_run + (f"_{settings.key()}" if settings else ""))),
+         "output_dir": str(out_root / "extract" / (train_run + suffix)),
          "input_size": settings.input_size if settings else 0, "tta": str(bool(settings and settings.tta)).lower()},
     )
+    ext_params = pipe.client.get_run(ext.run_id).data.params
+    served = ExtractionSettings(int(ext_params["resolved_input_size"]), ext_params["resolved_tta"] == "true")
     raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
     post = pipe.run(
-        f"postprocess_{stage.name}", "postprocess",
+        f"postprocess_{name}", "postprocess",
         {"descriptors": raw, "train_descriptors": f"runs:/{ext.run_id}/descriptors/train_descriptors.h5",
          "output": str(out_root / "postprocess" / ext.run_id / "descriptors_nes.h5"), "overwrite": "true"},
     )  # the folder is this step's own (one per extraction run): a retry after a crash may replace it
     nes = {"descriptors": f"runs:/{post.run_id}/descriptors/descriptors_nes.h5", "before": raw,
            "model_ref": train_run, "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"}
-    ev = pipe.run(f"evaluate_{stage.name}", "evaluate", {**nes, "ground_truth": str(test_gt), "data": str(data_dir)})
+    ev = pipe.run(f"evaluate_{name}", "evaluate", {**nes, "ground_truth": str(test_gt), "data": str(data_dir)})
     row = {
         "step": label or f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",
         "starts from": _start_label(stage),
-        "settings (val)": settings.label if settings else "training size",
+        "settings": served.label,
         "uAP before NES": ev.metrics.get("before_average_precision"),
         "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
         "uAP": ev.metrics.get("average_precision"),
         "uAP 95% CI": _interval(ev.metrics),
         "recall@P90": ev.metrics.get("recall_p90"),
     }
+    val = None
     if select_gt != test_gt:
-        sel = pipe.run(f"evaluate_val_{stage.name}", "evaluate", {**nes, "ground_truth": str(select_gt)})
-        row["val uAP (selects)"] = sel.metrics.get("average_precision")
-    return row
+        sel = pipe.run(f"evaluate_val_{name}", "evaluate", {**nes, "ground_truth": str(select_gt)})
+        val = sel.metrics.get("average_precision")
+        row["val uAP (selects)"] = val
+    return Candidate(stage.name, train_run, row, val, served)
 
 
-def _choose_settings(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, select_gt: Path,
-                     grid: tuple[str, str]) -> Any:
-    """The extraction settings of ``train_run`` chosen on val from the profile's grid (the ``settings`` step),
-    or the training size without TTA when the grid has one setting."""
+def _settings_phase(pipe: Pipeline, candidates: list[Candidate], grid: SettingsPlan, data_dir: Path,
+                    out_root: Path, test_gt: Path, select_gt: Path) -> str:
+    """The val grid for the ``grid.top`` candidates with the best val µAP at their training size (0 = all):
+    a ``settings`` step each; a candidate whose val-best setting is not the one it was scored at is extracted,
+    post-processed and evaluated again at it, and its summary row shows those numbers (its training-size
+    evaluation stays in the experiment: promotion takes the best val µAP over every evaluation, so the
+    champion is the best (candidate, setting) seen on val and serves with that setting). Returns the
+    summary's line about it."""
     from isc.settings import ExtractionSettings
 
-    sizes, ttas = grid
-    if len(sizes.split(",")) * len(ttas.split(",")) <= 1:
-        return None
-    sel = pipe.run(f"settings_{stage.name}", "settings", {"model": train_run, "data": str(data_dir),
-                                                           "ground_truth": str(select_gt), "sizes": sizes, "tta": ttas})
-    params = pipe.client.get_run(sel.run_id).data.params
-    return ExtractionSettings(int(params["chosen_input_size"]), params["chosen_tta"] == "true")
+    ranked = sorted([c for c in candidates if c.val_uap is not None], key=lambda c: -c.val_uap)
+    chosen = ranked[: grid.top] if grid.top else ranked
+    for cand in candidates:
+        if cand not in chosen:
+            cand.row["settings"] += " (not in the grid's top)"
+    for cand in chosen:
+        sel = pipe.run(f"settings_{cand.name}", "settings", {
+            "model": cand.train_run, "data": str(data_dir), "ground_truth": str(select_gt), "sizes": grid.sizes,
+            "tta": grid.tta, "tta_sizes": grid.tta_sizes})
+        params = pipe.client.get_run(sel.run_id).data.params
+        best = ExtractionSettings(int(params["chosen_input_size"]), params["chosen_tta"] == "true")
+        if best == cand.served:
+            cand.row["settings"] += " (val grid's best)"
+            continue
+        stage = Stage(cand.name, "")
+        again = _evaluate_stage(pipe, stage, cand.train_run, data_dir, out_root, test_gt, select_gt, settings=best)
+        training = {"uAP at training size": cand.row["uAP"], "val uAP at training size": cand.val_uap}
+        cand.row.update({k: v for k, v in again.row.items() if k not in ("step", "starts from")})
+        cand.row["settings"] += " (val grid's best)"
+        cand.row.update(training)
+        cand.val_uap, cand.served = again.val_uap, best
+    names = ", ".join(c.name for c in chosen)
+    return (f"settings: val grid (sizes {grid.sizes}, TTA {grid.tta}; TTA tried at the best "
+            f"{grid.tta_sizes or 'every'} size(s)) for the top {grid.top or 'all'} candidate(s) by val µAP at "
+            f"their training size: {names}")
 
 
 def _start_label(stage: Stage) -> str:

@@ -9,13 +9,14 @@ version's tags), and every consumer of a registered model -- ``isc extract --mod
 (``mlflow models serve``), ``isc search``, the exports -- uses them unless explicit flags say otherwise
 (:func:`resolve`).
 
-Cost: the grid loads each image once per size (at the TTA load size when TTA is in the grid) and computes
-the plain descriptor and the TTA one from the same loaded batch. The plain descriptor of the grid is the
-loaded batch resized to the size on the tensor (antialiased bilinear) rather than by PIL from the file, a
-difference of a few 1e-3 in the descriptors: the grid only chooses; the chosen setting is then extracted by
-the ordinary ``extract`` step and scored like every other row. The grid scores val queries against every
-reference before negative embedding subtraction (NES needs the training images at every setting, which
-would double the grid's cost).
+Cost (successive halving, :func:`score_grid`): every val image is decoded once and kept in memory; every
+size is scored without TTA, then TTA only at the best size(s) of that round (``tta_sizes``). TTA is 6
+passes at up to 2x the pixels, so TTA at every size was most of the grid's cost. The main job
+(:mod:`isc.driver`) runs the grid only for the ``top`` candidates by val µAP at their training size. Each
+scored descriptor is the one ``isc extract`` makes at that setting (same transform and passes). The grid
+scores val queries against every reference before negative embedding subtraction (NES needs the training
+images at every setting); the chosen setting is then extracted by the ordinary ``extract`` step and scored
+after NES like every other row.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = "0,160,224"  # 0 = the model's training size
 DEFAULT_TTA = "false,true"
+DEFAULT_TTA_SIZES = 1  # TTA is tried at the best size without it only
 
 
 @dataclass(frozen=True)
@@ -110,50 +112,48 @@ def choose(rows: Sequence[dict[str, Any]]) -> ExtractionSettings:
     return best["settings"]
 
 
-def _plain_from_loaded(model: Any, batch: Any, size: int) -> np.ndarray:
-    import torch.nn.functional as F
+class _DecodedImages:
+    """The grid's images, each decoded once and kept in memory (8-bit PIL images; val is small), then
+    resized to every size the grid tries: the decode is shared by all sizes and TTA passes.
 
-    from isc.extract import describe_tensors
+    Decoded with JPEG draft for the largest side the grid loads (the draft keeps >= 2x that side, as
+    :class:`isc.extract.EvalTransform` does), so at each size the plain descriptors are those of
+    ``isc extract`` at that size whenever the image is not over twice the largest side (the mini data's
+    always), and within the draft tolerance of docs/descriptors.md otherwise."""
 
-    if batch.shape[-1] != size:
-        batch = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return describe_tensors(model, batch)
+    def __init__(self, paths: Sequence[Path], largest_side: int):
+        from isc.data.images import load_image
+        from isc.extract import DRAFT_GAP
 
+        draft = int(np.ceil(largest_side * DRAFT_GAP)) if DRAFT_GAP > 0 else None
+        t0 = time.perf_counter()
+        self.images = [load_image(p, draft=draft) for p in paths]
+        self.decode_seconds = time.perf_counter() - t0
 
-def _describe_grid_size(model: Any, paths: Sequence[Path], size: int, ttas: Sequence[bool], batch_size: int,
-                        workers: int) -> dict[bool, np.ndarray]:
-    """Descriptors of ``paths`` at ``size`` for each TTA value, every image loaded once."""
-    import torch
-    from torch.utils.data import DataLoader, Dataset
+    def describe(self, model: Any, size: int, tta: bool, batch_size: int) -> np.ndarray:
+        """Descriptors at ``size`` (with TTA: loaded at the TTA load size, 6 passes), as ``isc extract``."""
+        import torch
 
-    from isc.data.images import load_image
-    from isc.extract import describe_tensors, eval_transform_for, tta_load_size
-    from isc.proctree import loader_worker_init
+        from isc.extract import describe_tensors, eval_transform_for, tta_load_size
 
-    load_size = tta_load_size(size) if True in ttas else size
-    transform = eval_transform_for(model, load_size)
-
-    class _Images(Dataset):
-        def __len__(self) -> int:
-            return len(paths)
-
-        def __getitem__(self, i: int) -> Any:
-            return transform(load_image(paths[i]))
-
-    loader = DataLoader(_Images(), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=torch.stack, worker_init_fn=loader_worker_init)
-    out: dict[bool, list[np.ndarray]] = {t: [] for t in ttas}
-    for batch in loader:
-        for tta in ttas:
-            out[tta].append(describe_tensors(model, batch, tta=True) if tta else _plain_from_loaded(model, batch, size))
-    return {t: np.concatenate(v, axis=0) for t, v in out.items()}
+        transform = eval_transform_for(model, tta_load_size(size) if tta else size)
+        out = []
+        for start in range(0, len(self.images), batch_size):
+            batch = torch.stack([transform(img) for img in self.images[start:start + batch_size]])
+            out.append(describe_tensors(model, batch, tta=tta))
+        return np.concatenate(out, axis=0)
 
 
 def score_grid(model: Any, data: Any, ground_truth: str | Path, sizes: Sequence[int], ttas: Sequence[bool],
-               batch_size: int = 32, workers: int = 0) -> list[dict[str, Any]]:
-    """Val µAP (official protocol, before NES) of every setting of ``sizes`` x ``ttas``; one row per setting
-    with ``settings``, ``average_precision``, ``recall_p90`` and ``seconds`` (the size's extraction time, split
-    evenly over its TTA values). Queries are the GT's; references are all of ``data``'s."""
+               batch_size: int = 32, tta_sizes: int = 1) -> list[dict[str, Any]]:
+    """Val µAP (official protocol, before NES) of the grid ``sizes`` x ``ttas``, by successive halving: every
+    size without TTA first, then TTA only at the ``tta_sizes`` sizes that scored best without it (0 = at
+    every size; every size too when the grid has no plain setting to rank sizes by). One row per scored
+    setting with ``settings``, ``average_precision``, ``recall_p90`` and ``seconds``. Queries are the GT's;
+    references are all of ``data``'s.
+
+    Why halving: TTA is 6 passes at up to 2x the pixels (about 7x a plain pass), so TTA at every size was
+    most of the grid's cost, and a size that loses without TTA has not been seen to win with it."""
     from isc.io import Descriptors, read_ground_truth
     from isc.metrics import evaluate
 
@@ -163,21 +163,31 @@ def score_grid(model: Any, data: Any, ground_truth: str | Path, sizes: Sequence[
     if missing:
         raise ConfigError("ground_truth", f"{len(missing)} of its queries have no image in {data.query_dir} "
                                           f"(first: {missing[0]})")
+    if tta_sizes < 0:
+        raise ConfigError("tta_sizes", f"must be >= 0 (0 = TTA at every size), got {tta_sizes}")
     q_ids = sorted(gt.queries)
     references = data.images("reference")
     r_ids = [i for i, _ in references]
-    paths = [queries[q] for q in q_ids] + [p for _, p in references]
-    rows = []
-    for size in sizes:
+    from isc.extract import tta_load_size
+
+    images = _DecodedImages([queries[q] for q in q_ids] + [p for _, p in references],
+                            max(tta_load_size(s) if True in ttas else s for s in sizes))
+    log.info("settings grid: %d images decoded once in %.1f s", len(images.images), images.decode_seconds)
+
+    def score(setting: ExtractionSettings) -> dict[str, Any]:
         t0 = time.perf_counter()
-        desc = _describe_grid_size(model, paths, size, ttas, batch_size, workers)
-        seconds = (time.perf_counter() - t0) / len(ttas)
-        for tta in ttas:
-            x = desc[tta]
-            result = evaluate(Descriptors(x[: len(q_ids)], q_ids, x[len(q_ids):], r_ids), gt)
-            rows.append({"settings": ExtractionSettings(size, tta), "average_precision": result.metrics.average_precision,
-                         "recall_p90": result.metrics.recall_p90, "seconds": seconds})
-            log.info("settings %s: val µAP %.4f", rows[-1]["settings"].label, result.metrics.average_precision)
+        x = images.describe(model, setting.input_size, setting.tta, batch_size)
+        seconds = time.perf_counter() - t0
+        result = evaluate(Descriptors(x[: len(q_ids)], q_ids, x[len(q_ids):], r_ids), gt)
+        log.info("settings %s: val µAP %.4f (%.1f s)", setting.label, result.metrics.average_precision, seconds)
+        return {"settings": setting, "average_precision": result.metrics.average_precision,
+                "recall_p90": result.metrics.recall_p90, "seconds": seconds}
+
+    rows = [score(ExtractionSettings(s, False)) for s in sizes] if False in ttas else []
+    if True in ttas:
+        ranked = [r["settings"].input_size for r in sorted(rows, key=lambda r: -r["average_precision"])]
+        tried = ranked[:tta_sizes] if (rows and tta_sizes) else list(sizes)
+        rows += [score(ExtractionSettings(s, True)) for s in sorted(tried)]
     return rows
 
 

@@ -51,7 +51,7 @@ def test_readme_full_profile_on_two_machines_hands_on_the_seeds_checkpoints_and_
                          hide=head_tmp if hidden else None, timeout=600)
     monkeypatch.setenv("TMPDIR", str(head_tmp))
     params = {"data": str(data), "profile": "full", "n_trials": 2, "overrides": json.dumps(TINY_FULL),
-              "nnodes": 2, "rdzv_endpoint": endpoint}
+              "nnodes": 2, "rdzv_endpoint": endpoint, "settings_sizes": "0,48"}  # the val grid at the tiny net's sizes
     exp = get_or_create_experiment("main-full")
     try:
         run = mlflow.run(str(PROJECT_ROOT), "main", parameters=params, experiment_id=exp, env_manager="local",

@@ -48,7 +48,34 @@ def test_choice_is_the_best_val_uap_and_a_tie_goes_to_the_cheaper_setting():
     assert choose(rows[:2] + rows[3:]) == ExtractionSettings(224, True)
 
 
-def test_settings_step_logs_every_setting_and_chooses_the_val_best(tracking, mini_data, checkpoint, capsys):
+def test_grid_halves_tta_to_the_best_plain_size_and_scores_what_extract_would_make(mini_data, checkpoint):
+    """Successive halving: every size without TTA, TTA only at the best of them (tta_sizes=1) or at every size
+    (0); the grid's descriptors are those of `isc extract` at each setting (decoded once, resized per size)."""
+    from isc.extract import describe_images
+    from isc.models import load_model
+    from isc.settings import _DecodedImages, score_grid
+
+    model = load_model(checkpoint)
+    gt = mini_data.ground_truth("val")
+    rows = score_grid(model, mini_data, gt, [32, 40, 48], [False, True], batch_size=16, tta_sizes=1)
+    plain = {r["settings"].input_size: r["average_precision"] for r in rows if not r["settings"].tta}
+    assert sorted(plain) == [32, 40, 48]
+    tta = [r["settings"] for r in rows if r["settings"].tta]
+    assert tta == [ExtractionSettings(max(plain, key=plain.get), True)]  # TTA at the plain best only
+    every = score_grid(model, mini_data, gt, [32, 48], [False, True], batch_size=16, tta_sizes=0)
+    assert [r["settings"].key() for r in every] == ["32", "48", "32_tta", "48_tta"]
+    assert {r["settings"].key(): r["average_precision"] for r in every}["48"] == pytest.approx(plain[48], abs=1e-9)
+    with pytest.raises(ConfigError, match="tta_sizes"):
+        score_grid(model, mini_data, gt, [32], [False, True], tta_sizes=-1)
+
+    paths = [p for _, p in mini_data.images("reference")[:12]]
+    images = _DecodedImages(paths, largest_side=68)
+    for size, on in ((48, False), (40, True)):
+        np.testing.assert_allclose(images.describe(model, size, on, batch_size=5),
+                                   describe_images(model, paths, input_size=size, tta=on, batch_size=5), atol=1e-5)
+
+
+def test_settings_step_logs_the_scored_settings_and_chooses_the_val_best(tracking, mini_data, checkpoint, capsys):
     from entrypoints.settings import main
 
     assert main(["--model", str(checkpoint), "--data", str(mini_data.root), "--sizes", "0,48",
@@ -57,14 +84,16 @@ def test_settings_step_logs_every_setting_and_chooses_the_val_best(tracking, min
     run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
     grid = {k.removeprefix("val_uAP_"): v for k, v in metrics.items() if k.startswith("val_uAP_")}
-    assert set(grid) == {"32", "32_tta", "48", "48_tta"}  # 0 = the checkpoint's training size
+    best_plain = max(("32", "48"), key=lambda k: (grid[k], -int(k)))  # 0 = the checkpoint's training size
+    assert set(grid) == {"32", "48", f"{best_plain}_tta"}  # TTA only where plain scored best (--tta-sizes 1)
     best = max(grid, key=grid.get)
     assert f"{params['chosen_input_size']}{'_tta' if params['chosen_tta'] == 'true' else ''}" == best
     assert (tags["isc.step"], tags["isc.input_size"]) == ("settings", params["chosen_input_size"])
+    assert (params["train_input_size"], params["tta_sizes"]) == ("32", "1")
     assert out["chosen"]["input_size"] == int(params["chosen_input_size"])
     assert len({round(v, 6) for v in grid.values()}) > 1  # the settings do change val µAP
     table = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/settings/grid.csv")
-    assert table.splitlines()[0] == "input_size,tta,val_uAP,recall_p90,seconds" and len(table.splitlines()) == 5
+    assert table.splitlines()[0] == "input_size,tta,val_uAP,recall_p90,seconds" and len(table.splitlines()) == 4
 
 
 @pytest.mark.slow
@@ -131,3 +160,20 @@ def test_main_job_refuses_a_bad_settings_grid_before_any_run():
         check_arguments("demo", 0, "", settings_sizes="0,big")
     with pytest.raises(ConfigError, match="tta"):
         check_arguments("demo", 0, "", settings_tta="sometimes")
+    with pytest.raises(ConfigError, match="settings_top"):
+        check_arguments("demo", 0, "", settings_top=-1)
+
+
+def test_demo_and_full_profiles_choose_settings_on_val_by_default():
+    """The grid is on by default where a user pulls a champion: 3 sizes, TTA at the best, the top candidate
+    (demo, 2 CPU cores) or the top 2 (full); a flag left empty keeps the profile's value, settings_sizes=0 +
+    settings_tta=false turns it off."""
+    from isc.driver import settings_plan
+
+    for profile, top in (("demo", 1), ("full", 2)):
+        plan = settings_plan(profile)
+        assert (plan.sizes, plan.tta, plan.top, plan.tta_sizes) == ("0,160,224", "false,true", top, 1)
+        assert plan.is_grid()
+    assert settings_plan("demo", {"top": 0, "sizes": None, "tta": ""}).top == 0
+    assert settings_plan("demo", {"top": None}).top == 1
+    assert not settings_plan("demo", {"sizes": "0", "tta": "false"}).is_grid()
