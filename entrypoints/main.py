@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from isc.driver import check_arguments, check_processes, run_main
+    from isc.driver import run_main
+    from isc.recipe import check_arguments, check_processes
     from isc.tracking import tracked_run
 
     args = build_parser().parse_args(argv)

@@ -61,7 +61,7 @@ def check_main_inputs(profile: str, data_dir: str | Path, overrides: dict[str, A
     # long: one pass over the stages and files in the order the job meets them, collecting every problem
     # instead of stopping at the first; the pieces are short and only make sense in that order.
     from isc.data.disc21 import DISC21, list_images
-    from isc.driver import PROFILES, stage_overrides
+    from isc.recipe import PROFILES, stage_overrides
     from isc.train import config as tc
 
     data_dir = Path(data_dir)
@@ -110,7 +110,7 @@ def check_main_inputs(profile: str, data_dir: str | Path, overrides: dict[str, A
         if tuned is not None:
             scored["tuning split (Optuna objective)"] = tuned
         # Optuna trials train as one process whatever nproc_per_node is: v107's 2G-2 negatives are then none
-        from isc.driver import tuned_stage
+        from isc.recipe import tuned_stage
 
         stage = tuned_stage(profile)
         cfg = next((c for s, c in configs if s.name == stage.name), None)
@@ -168,7 +168,7 @@ def check_main_inputs(profile: str, data_dir: str | Path, overrides: dict[str, A
 
 def _tuning_split(profile: str, root: Path, problems: list[str]) -> Path | None:
     """The ground truth ``isc tune`` scores trials on (it refuses the test split); None when it cannot."""
-    from isc.driver import PROFILES
+    from isc.recipe import PROFILES
     from isc.tune import load_tune_config
     from isc.tune.objective import resolve_validation_gt
 

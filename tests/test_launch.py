@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from isc.driver import check_processes
 from isc.errors import ConfigError
 from isc.launch import torchrun_args
+from isc.recipe import check_processes
 from tests.conftest import PROJECT_ROOT
 from tests.test_main import TINY_FULL
 

@@ -15,10 +15,10 @@ from torchvision import transforms as T
 
 from isc.data import augly_ops as ops
 from isc.data.augment import STAGES, hard_ops
-from isc.driver import PROFILES, start_reference
 from isc.errors import ConfigError
 from isc.models import load_checkpoint
 from isc.models.checkpoint import resolve_checkpoint
+from isc.recipe import PROFILES, start_reference
 from isc.train import load_config, train
 from isc.train.config import CONFIG_DIR, SEED_SCRIPTS
 from isc.train.parts import lr_at

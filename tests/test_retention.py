@@ -17,10 +17,10 @@ import pytest
 from mlflow import MlflowClient
 
 from isc import tracking as isc_tracking
-from isc.driver import PROFILES, handoff_epochs, stage_overrides
 from isc.errors import ConfigError
 from isc.models import load_checkpoint
 from isc.models.checkpoint import checkpoint_name
+from isc.recipe import PROFILES, handoff_epochs, stage_overrides
 from isc.train import load_config, train
 from isc.train.config import validate_config
 from isc.train.retention import Retention

@@ -4,7 +4,7 @@ main job refused to start anywhere but in the checkout."""
 
 from __future__ import annotations
 
-from isc.driver import PROFILES, check_processes
+from isc.recipe import PROFILES, check_processes
 from isc.train.config import CONFIG_DIR, config_path, load_config
 
 

@@ -154,7 +154,7 @@ def test_champion_pulled_without_flags_extracts_with_its_registered_settings_and
 
 
 def test_main_job_refuses_a_bad_settings_grid_before_any_run():
-    from isc.driver import check_arguments
+    from isc.recipe import check_arguments
 
     with pytest.raises(ConfigError, match="sizes"):
         check_arguments("demo", 0, "", settings_sizes="0,big")
@@ -168,7 +168,7 @@ def test_demo_and_full_profiles_choose_settings_on_val_by_default():
     """The grid is on by default where a user pulls a champion: 3 sizes, TTA at the best, the top candidate
     (demo, 2 CPU cores) or the top 2 (full); a flag left empty keeps the profile's value, settings_sizes=0 +
     settings_tta=false turns it off."""
-    from isc.driver import settings_plan
+    from isc.recipe import settings_plan
 
     for profile, top in (("demo", 1), ("full", 2)):
         plan = settings_plan(profile)

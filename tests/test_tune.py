@@ -15,8 +15,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from isc.driver import tuned_stage
 from isc.errors import ConfigError
+from isc.recipe import tuned_stage
 from isc.redact import redact
 from isc.tune import (
     build_pruner,

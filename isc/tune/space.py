@@ -101,7 +101,7 @@ CANDIDATES = ("trial", "retrain")
 class TuneConfig:
     """Everything ``isc tune`` needs besides data, trial count, study name and storage.
 
-    A trial fine-tunes ``stage`` of the driver profile ``profile`` (:data:`isc.driver.PROFILES`) from
+    A trial fine-tunes ``stage`` of the driver profile ``profile`` (:data:`isc.recipe.PROFILES`) from
     ``start_from``, that stage's hand-off checkpoint, for ``epochs_per_trial`` epochs. Its training
     options, lowest precedence first: the stage's YAML < ``train_overrides`` (this file: short trials) <
     ``job_overrides`` (the main job's ``overrides``, fixed on every stage) < the sampled values.
@@ -131,8 +131,8 @@ class TuneConfig:
         return {name: spec.to_dict() for name, spec in self.search_space.items()}
 
     def tuned_stage(self) -> Any:
-        """The :class:`isc.driver.Stage` the trials fine-tune (validated by :func:`load_tune_config`)."""
-        from isc.driver import tuned_stage
+        """The :class:`isc.recipe.Stage` the trials fine-tune (validated by :func:`load_tune_config`)."""
+        from isc.recipe import tuned_stage
 
         return tuned_stage(self.profile, self.stage)
 
@@ -169,10 +169,10 @@ def check_start(cfg: TuneConfig) -> None:
                                             f"weights, not a hand-off checkpoint; got '{cfg.start_from}'")
         return
     if not cfg.start_from:
-        from isc.driver import _start_label
+        from isc.recipe import start_label
 
         ckpt = f":{stage.checkpoint}" if stage.checkpoint is not None else ""
-        raise ConfigError("start_from", f"{stage.name} of profile '{cfg.profile}' starts from {_start_label(stage)}"
+        raise ConfigError("start_from", f"{stage.name} of profile '{cfg.profile}' starts from {start_label(stage)}"
                                         f": pass --start-from <{stage.source} train run id>{ckpt}")
 
 
