@@ -139,7 +139,7 @@ def test_a_joined_machine_checks_the_job_refuses_other_commands_and_notices_a_lo
     assert agent.returncode == 2 and "error: rdzv_endpoint: no `isc main` is waiting for machines at 127.0.0.1:" in out
 
 
-def test_main_fails_before_any_training_run_when_a_machine_does_notjoin_process(tracking, mini_data):
+def test_main_fails_before_any_training_run_when_a_machine_does_not_join(tracking, mini_data):
     from isc.tracking import get_or_create_experiment
 
     port = free_port_pair()
