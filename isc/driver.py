@@ -60,7 +60,6 @@ class Pipeline:
         from mlflow import MlflowClient
 
         self.layout = layout or Layout()
-        self.nproc_per_node = self.layout.nproc_per_node
         self.board: Board | None = None  # the other machines' step board (isc/nodes.py), when nnodes > 1
         self.project_dir = project_dir
         self.experiment_id = experiment_id
@@ -110,7 +109,7 @@ class Pipeline:
         parameters = {k: v for k, v in parameters.items()}
         launched = entry_point in LAUNCHED_ENTRY_POINTS
         if launched:  # a part of the reuse key: runs differ in process count (and machines)
-            parameters.setdefault("nproc_per_node", self.nproc_per_node)
+            parameters.setdefault("nproc_per_node", self.layout.nproc_per_node)
             parameters.update(self.layout.step_parameters())
         existing = None if self.force else self.find_finished(entry_point, parameters)
         if existing is not None:

@@ -65,14 +65,13 @@ class Layout:
 
     @property
     def board_address(self) -> tuple[str, int]:
-        host, port = split_endpoint(self.rdzv_endpoint, self.nnodes)
-        return host, port + 1
+        return board_address(self.rdzv_endpoint, self.nnodes)
 
     def check(self) -> None:
         if self.nnodes < 1:
             raise ConfigError("nnodes", f"must be >= 1, got {self.nnodes}")
         if self.nnodes > 1:
-            self.board_address  # noqa: B018 -- raises naming rdzv_endpoint when it is not HOST:PORT
+            split_endpoint(self.rdzv_endpoint, self.nnodes)  # raises naming rdzv_endpoint when not HOST:PORT
 
     def step_parameters(self) -> dict[str, Any]:
         """What the driver adds to a launched step's MLproject parameters (nothing on one machine, so the
@@ -80,6 +79,12 @@ class Layout:
         if self.nnodes == 1:
             return {}
         return {"nnodes": self.nnodes, "rdzv_endpoint": self.rdzv_endpoint, "node_rank": 0}
+
+
+def board_address(rdzv_endpoint: str, nnodes: int) -> tuple[str, int]:
+    """Machine 0's step board: the rendezvous host, the rendezvous port + 1."""
+    host, port = split_endpoint(rdzv_endpoint, nnodes)
+    return host, port + 1
 
 
 def tracking_fingerprint() -> str:
@@ -160,13 +165,11 @@ class Board:
         probe.unlink(missing_ok=True)
         return problems
 
-    def announce(self, project_dir: Path, entry_point: str, parameters: dict[str, Any]) -> int:
-        """Tell every machine to start this launched step now; returns the step's number."""
+    def announce(self, project_dir: Path, entry_point: str, parameters: dict[str, Any]) -> None:
+        """Tell every machine to start this launched step now."""
         module, args = step_argv(project_dir, entry_point, parameters)
-        i = self.steps
+        self._set(f"step/{self.steps}", {"module": module, "args": args})
         self.steps += 1
-        self._set(f"step/{i}", {"module": module, "args": args})
-        return i
 
     def results(self, i: int, wait_s: float = 120.0) -> dict[int, int | None]:
         """The joined machines' exit statuses of step ``i`` (None: not reported within ``wait_s``)."""
@@ -188,7 +191,7 @@ class Board:
 def _client(endpoint: str, timeout_s: float):
     import torch.distributed as dist
 
-    host, port = Layout(nnodes=2, rdzv_endpoint=endpoint).board_address
+    host, port = board_address(endpoint, 2)
     try:
         return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, OSError) as exc:

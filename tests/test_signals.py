@@ -21,6 +21,17 @@ from isc.io import write_descriptors, write_ground_truth
 from tests.conftest import PROJECT_ROOT
 
 
+def _error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def _ended_by(proc: subprocess.Popen, sig: int, err: str) -> list[str]:
+    """The process exited as killed by ``sig`` would (128 + sig), with no traceback; its ``error:`` lines."""
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return _error_lines(err)
+
+
 def _statuses(db: Path) -> list[str]:
     if not db.exists():
         return []
@@ -61,9 +72,7 @@ def test_a_signal_marks_the_run_killed_with_one_line(tmp_path, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + sig, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    lines = _ended_by(proc, sig, err)
     assert len(lines) == 1 and "interrupted by" in lines[0] and "KILLED" in lines[0], err[-3000:]
     assert _statuses(home / "mlflow.db") == ["KILLED"]
     assert not out.exists() or not list(out.glob(".*.partial"))
@@ -117,8 +126,7 @@ def test_sigterm_to_train_ends_its_dataloader_workers_and_marks_the_run_killed(t
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
-    assert [ln for ln in err.splitlines() if ln.startswith("error:")][0].startswith("error: interrupted by SIGTERM")
+    assert _ended_by(proc, signal.SIGTERM, err)[0].startswith("error: interrupted by SIGTERM")
     time.sleep(2)
     alive = []
     for pid in children:
@@ -177,9 +185,7 @@ def test_a_signal_to_main_ends_every_step_process_and_marks_the_runs_killed(tmp_
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + sig, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    lines = _ended_by(proc, sig, err)
     assert len(lines) == 1 and lines[0].startswith("error: interrupted by SIG"), err[-3000:]
     alive = [p for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"still alive after the driver exited: {[(p.pid, p.name()) for p in alive]}"
@@ -243,7 +249,7 @@ def test_a_signal_to_one_process_of_main_still_ends_the_step_killed(tmp_path, mi
     assert names["train_stage1"] == "KILLED", names
     if target == "step-SIGTERM":
         assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
-        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        lines = _error_lines(err)
         assert len(lines) == 1 and lines[0].startswith("error: step train_stage1 was interrupted"), err[-3000:]
         assert [s for n, s in names.items() if n.startswith("main-")] == ["FAILED"]
     else:
