@@ -78,7 +78,7 @@ def pulled_rows(store: Path, experiment: str, folder, model_name: str = "isc-des
     import mlflow
 
     from isc.contract import CHAMPION, Tag
-    from isc.extract import extract_descriptors
+    from isc.extract.streamed import extract_descriptors
     from isc.io import Descriptors, read_descriptors, read_train_descriptors
     from isc.models import load_model
     from isc.postprocess import postprocess_descriptors

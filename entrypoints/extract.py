@@ -18,15 +18,9 @@ from isc.cliutil import Parser, nonnegative_int, positive_int, str2bool
 from isc.contract import Step, Tag, parse_bool
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
-from isc.extract import (
-    DEFAULT_SHARD_SIZE,
-    check_outputs,
-    extract_descriptors,
-    extract_descriptors_sharded,
-    parse_sets,
-    resolve_device,
-    resolve_input_size,
-)
+from isc.extract.describe import resolve_device, resolve_input_size
+from isc.extract.sharded import DEFAULT_SHARD_SIZE, extract_descriptors_sharded
+from isc.extract.streamed import check_outputs, extract_descriptors, parse_sets
 from isc.fileutil import atomic_path
 from isc.limits import check_input_size, check_workers
 from isc.train import distributed as ddp
