@@ -129,6 +129,17 @@ PYFUNC_ARTIFACT_NAME = "descriptor_model"
 PYFUNC_CHECKPOINT = "checkpoint.pth.tar"  # <model dir>/artifacts/checkpoint.pth.tar
 PYFUNC_BANK = "nes_bank.h5"  # <model dir>/artifacts/nes_bank.h5 (optional)
 
+
+def model_uri(name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION) -> str:
+    """``models:/<name>@<alias>``, the registry URI of the version an alias points at: the one place it is
+    spelled (:meth:`ModelRef.parse` reads it back as kind ``alias``)."""
+    return f"models:/{name}@{alias}"
+
+
+def model_version_uri(name: str, version: str | int) -> str:
+    """``models:/<name>/<version>``, one registered version (:meth:`ModelRef.parse`: kind ``version``)."""
+    return f"models:/{name}/{version}"
+
 # ------------------------------------------------------------------ negative embedding subtraction
 # The seed's constants (scripts/postprocess.py): NES k=10, beta=0.35, one iteration; DBA k=10, alpha=3.
 NES_K = 10

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from isc.candidates import Candidate, evaluate_stage, interval_text, settings_phase, tuned_candidate
-from isc.contract import CHAMPION, Tag
+from isc.contract import CHAMPION, Tag, model_uri
 from isc.errors import ConfigError
 from isc.nodes import Board, Layout
 from isc.pipeline import Pipeline
@@ -230,7 +230,7 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
     champion = _champion(model_name)
     search = pipe.run(
         "search", "search",
-        {"model": f"models:/{model_name}@champion", "references": str(ds.reference_dir),
+        {"model": model_uri(model_name, CHAMPION), "references": str(ds.reference_dir),
          "queries": str(ds.query_dir), "index": str(out_root / "search" / f"{model_name}.index"),
          "output": str(out_root / "search" / "matches.csv"), "overwrite": "true"},
     )
@@ -262,7 +262,7 @@ def _champion(model_name: str) -> dict[str, str] | None:
         mv = MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None
-    return {"version": mv.version, "uri": f"models:/{model_name}@{CHAMPION}",
+    return {"version": mv.version, "uri": model_uri(model_name, CHAMPION),
             "source_run": mv.tags.get(Tag.SOURCE_EVAL_RUN, mv.run_id or ""),
             "gt_path": mv.tags.get(Tag.GT_PATH, ""), "gt_fingerprint": mv.tags.get(Tag.GT_FINGERPRINT, ""),
             "serves": (f"{mv.tags[Tag.INPUT_SIZE]} px{' + TTA' if mv.tags.get(Tag.TTA) == 'true' else ''}"

@@ -15,6 +15,8 @@ from isc.contract import (
     Step,
     Tag,
     experiment_choice,
+    model_uri,
+    model_version_uri,
     parse_bool,
 )
 from isc.errors import ConfigError
@@ -81,6 +83,35 @@ def test_model_ref_parses_every_reference_form(text, kind, fields):
     for name, value in fields.items():
         assert getattr(ref, name) == value
     assert ref.is_registry == (kind in ("alias", "version"))
+
+
+def test_model_uris_are_built_by_the_contract_and_parse_back():
+    assert model_uri() == "models:/isc-descriptor@champion"
+    ref = ModelRef.parse(model_uri("other-model", "previous"))
+    assert (ref.kind, ref.name, ref.alias) == ("alias", "other-model", "previous")
+    ref = ModelRef.parse(model_version_uri("isc-descriptor", 3))
+    assert (ref.kind, ref.name, ref.version) == ("version", "isc-descriptor", "3")
+
+
+# A registry URI spelled in code: an f-string starting models:/, or a whole quoted models:/name@alias literal.
+MODEL_URI_LITERAL = re.compile(r"""\bf["']models:/|["']models:/[\w.-]+@[\w.-]+["']""")
+
+
+def test_no_model_uri_is_spelled_outside_the_contract_module():
+    """Every ``models:/NAME@ALIAS`` (and ``models:/NAME/N``) the code builds comes from model_uri() /
+    model_version_uri(), so the champion's URI has one spelling."""
+    offenders = []
+    for folder in ("isc", "entrypoints", "registry", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "isc" / "contract.py":
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if MODEL_URI_LITERAL.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "model URIs built outside isc/contract.py:\n" + "\n".join(offenders)
+    assert MODEL_URI_LITERAL.search('default="models:/isc-descriptor@champion",')
+    assert MODEL_URI_LITERAL.search('uri = f"models:/{name}@{alias}"')
+    assert not MODEL_URI_LITERAL.search('help="models:/name@alias or models:/name/version"')
 
 
 def test_model_ref_local_path_wins_and_bad_forms_name_the_parameter(tmp_path):
