@@ -131,8 +131,6 @@ def _run_main(
     join_timeout_s: float,
 ) -> Any:
     """:func:`run_main`'s steps (``out_root``: where the steps write their files)."""
-    # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
-    # ids of the steps before it, which is what the reuse of finished runs keys on.
     import mlflow
 
     project_dir = Path(__file__).resolve().parent.parent
@@ -180,8 +178,8 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
                n_trials: int, force: bool, model_name: str, test_gt: Path, select_gt: Path,
                settings_grid: dict[str, Any] | None) -> Any:
     """Baseline, the profile's stages, tuning, promotion and search, in order; returns the summary."""
-    # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
-    # ids of the steps before it, which is what the reuse of finished runs keys on.
+    # The steps in their order, read top to bottom; each step's parameters name the run ids of the steps
+    # before it, which is what the reuse of finished runs keys on.
     import mlflow
     import pandas as pd
 
