@@ -36,19 +36,18 @@ def _is_module(name: str) -> bool:
         return False
 
 
+def _code_lines() -> list[tuple[str, str]]:
+    """(``path:line``, text) of every line of code outside the contract module that could spell its names."""
+    paths = [p for folder in ("isc", "entrypoints", "registry", "bench") for p in sorted((ROOT / folder).rglob("*.py"))
+             if p != ROOT / "isc" / "contract.py"]
+    return [(f"{p.relative_to(ROOT)}:{n}", line) for p in paths for n, line in enumerate(p.read_text().splitlines(), 1)]
+
+
 def test_no_tag_literal_outside_the_contract_module():
     """A tag renamed in the contract must change every reader and writer: none spells it itself."""
     literal = re.compile(r"""["'](isc\.[a-z_][a-z0-9_.]*)["']""")
-    offenders = []
-    for folder in ("isc", "entrypoints", "registry", "bench"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            if path == ROOT / "isc" / "contract.py":
-                continue
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                for name in literal.findall(line):
-                    if _is_module(name):
-                        continue  # a module name (logger names, runpy targets), not a tag
-                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {name}")
+    offenders = [f"{where}: {name}" for where, line in _code_lines() for name in literal.findall(line)
+                 if not _is_module(name)]  # a module name (logger names, runpy targets) is not a tag
     assert not offenders, "tag literals outside isc/contract.py:\n" + "\n".join(offenders)
 
 
@@ -100,14 +99,7 @@ MODEL_URI_LITERAL = re.compile(r"""\bf["']models:/|["']models:/[\w.-]+@[\w.-]+["
 def test_no_model_uri_is_spelled_outside_the_contract_module():
     """Every ``models:/NAME@ALIAS`` (and ``models:/NAME/N``) the code builds comes from model_uri() /
     model_version_uri(), so the champion's URI has one spelling."""
-    offenders = []
-    for folder in ("isc", "entrypoints", "registry", "bench"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            if path == ROOT / "isc" / "contract.py":
-                continue
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                if MODEL_URI_LITERAL.search(line):
-                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    offenders = [f"{where}: {line.strip()}" for where, line in _code_lines() if MODEL_URI_LITERAL.search(line)]
     assert not offenders, "model URIs built outside isc/contract.py:\n" + "\n".join(offenders)
     assert MODEL_URI_LITERAL.search('default="models:/isc-descriptor@champion",')
     assert MODEL_URI_LITERAL.search('uri = f"models:/{name}@{alias}"')
