@@ -15,7 +15,7 @@ import torch
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, positive_int, str2bool
-from isc.contract import Step, Tag, parse_bool
+from isc.contract import ARTIFACT_DESCRIPTORS, Step, Tag, parse_bool
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
 from isc.extract.describe import resolve_device, resolve_input_size
@@ -27,7 +27,6 @@ from isc.train import distributed as ddp
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_DIR = "descriptors"
 BAD_IMAGES_FILE = "bad_images.txt"  # path<TAB>reason per skipped image
 # Under torchrun, ranks that finish their shards early wait for the slowest rank and then for rank 0's
 # merge (minutes at 2M images): NCCL's default 10-minute collective timeout would kill such a job.
@@ -212,12 +211,12 @@ def _log_outputs(out: dict, output_dir: Path) -> None:
     tracking.log_metrics(metrics)
     for key in ("descriptors", "train_descriptors"):
         if out[key]:
-            tracking.log_artifact(out[key], ARTIFACT_DIR)
+            tracking.log_artifact(out[key], ARTIFACT_DESCRIPTORS)
     listing = output_dir / BAD_IMAGES_FILE
     if out["bad_images"]:
         with atomic_path(listing) as tmp:
             tmp.write_text("".join(f"{p}\t{reason}\n" for p, reason in out["bad_images"]))
-        tracking.log_artifact(listing, ARTIFACT_DIR)
+        tracking.log_artifact(listing, ARTIFACT_DESCRIPTORS)
     else:
         listing.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
 

@@ -10,7 +10,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from isc.contract import Tag
+from isc.contract import (
+    ARTIFACT_DESCRIPTORS,
+    DESCRIPTORS_FILE,
+    NES_BANK_FILE,
+    NES_DESCRIPTORS_FILE,
+    TRAIN_DESCRIPTORS_FILE,
+    Tag,
+    run_artifact_uri,
+)
 from isc.pipeline import Pipeline
 from isc.recipe import PROFILES, SettingsPlan, Stage, start_label, start_reference, tuned_stage
 
@@ -43,14 +51,14 @@ def evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path,
     )
     ext_params = pipe.client.get_run(ext.run_id).data.params
     served = ExtractionSettings(int(ext_params["resolved_input_size"]), ext_params["resolved_tta"] == "true")
-    raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
+    raw = run_artifact_uri(ext.run_id, ARTIFACT_DESCRIPTORS, DESCRIPTORS_FILE)
     post = pipe.run(
         f"postprocess_{name}", "postprocess",
-        {"descriptors": raw, "train_descriptors": f"runs:/{ext.run_id}/descriptors/train_descriptors.h5",
+        {"descriptors": raw, "train_descriptors": run_artifact_uri(ext.run_id, ARTIFACT_DESCRIPTORS, TRAIN_DESCRIPTORS_FILE),
          "output": str(out_root / "postprocess" / ext.run_id / "descriptors_nes.h5"), "overwrite": "true"},
     )  # the folder is this step's own (one per extraction run): a retry after a crash may replace it
-    nes = {"descriptors": f"runs:/{post.run_id}/descriptors/descriptors_nes.h5", "before": raw,
-           "model_ref": train_run, "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"}
+    nes = {"descriptors": run_artifact_uri(post.run_id, ARTIFACT_DESCRIPTORS, NES_DESCRIPTORS_FILE), "before": raw,
+           "model_ref": train_run, "nes_bank": run_artifact_uri(post.run_id, ARTIFACT_DESCRIPTORS, NES_BANK_FILE)}
     ev = pipe.run(f"evaluate_{name}", "evaluate", {**nes, "ground_truth": str(test_gt), "data": str(data_dir)})
     row = {
         "step": label or f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",

@@ -121,6 +121,12 @@ NES_DESCRIPTORS_FILE = "descriptors_nes.h5"  # after negative embedding subtract
 NES_BANK_FILE = "nes_bank.h5"  # the DBA-smoothed bank NES subtracted with
 ARTIFACT_EVALUATION = "evaluation"
 
+
+def run_artifact_uri(run_id: str, *path: str) -> str:
+    """``runs:/<run id>/<path>``: how one step names a file another step's run logged (the driver hands
+    these on as parameters), e.g. ``run_artifact_uri(rid, ARTIFACT_DESCRIPTORS, DESCRIPTORS_FILE)``."""
+    return "/".join([f"runs:/{run_id}", *path])
+
 # ------------------------------------------------------------------ the registered pyfunc's layout
 DEFAULT_MODEL_NAME = "isc-descriptor"
 CHAMPION = "champion"

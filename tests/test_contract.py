@@ -10,6 +10,8 @@ import mlflow
 import pytest
 
 from isc.contract import (
+    ARTIFACT_DESCRIPTORS,
+    DESCRIPTORS_FILE,
     Evaluation,
     ModelRef,
     Step,
@@ -18,6 +20,7 @@ from isc.contract import (
     model_uri,
     model_version_uri,
     parse_bool,
+    run_artifact_uri,
 )
 from isc.errors import ConfigError
 
@@ -90,6 +93,9 @@ def test_model_uris_are_built_by_the_contract_and_parse_back():
     assert (ref.kind, ref.name, ref.alias) == ("alias", "other-model", "previous")
     ref = ModelRef.parse(model_version_uri("isc-descriptor", 3))
     assert (ref.kind, ref.name, ref.version) == ("version", "isc-descriptor", "3")
+    uri = run_artifact_uri(RUN, ARTIFACT_DESCRIPTORS, DESCRIPTORS_FILE)
+    assert uri == f"runs:/{RUN}/descriptors/descriptors.h5"
+    assert (ModelRef.parse(uri).run_id, ModelRef.parse(uri).path) == (RUN, "descriptors/descriptors.h5")
 
 
 # A registry URI spelled in code: an f-string starting models:/, or a whole quoted models:/name@alias literal.
