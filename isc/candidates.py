@@ -19,7 +19,7 @@ from isc.contract import (
     Tag,
     run_artifact_uri,
 )
-from isc.pipeline import Pipeline
+from isc.pipeline import MainJob
 from isc.recipe import PROFILES, SettingsPlan, Stage, start_label, start_reference, tuned_stage
 
 
@@ -34,12 +34,13 @@ class Candidate:
     served: Any  # ExtractionSettings its scored descriptors were extracted with
 
 
-def evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, out_root: Path,
-                    test_gt: Path, select_gt: Path, label: str | None = None, settings: Any = None) -> Candidate:
+def evaluate_stage(job: MainJob, stage: Stage, train_run: str, label: str | None = None,
+                   settings: Any = None) -> Candidate:
     """extract -> postprocess -> evaluate (test; and val, which chooses the champion) of one stage, at its
     training size without TTA, or at ``settings`` (ExtractionSettings: the steps' names end in its key)."""
     from isc.settings import ExtractionSettings
 
+    pipe, data_dir, out_root, test_gt, select_gt = job.pipe, job.data_dir, job.out_root, job.test_gt, job.select_gt
     suffix = f"_{settings.key()}" if settings else ""
     name = f"{stage.name}{suffix}"
     ext = pipe.run(
@@ -78,8 +79,7 @@ def evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path,
     return Candidate(stage.name, train_run, row, val, served)
 
 
-def settings_phase(pipe: Pipeline, candidates: list[Candidate], grid: SettingsPlan, data_dir: Path,
-                    out_root: Path, test_gt: Path, select_gt: Path) -> str:
+def settings_phase(job: MainJob, candidates: list[Candidate], grid: SettingsPlan) -> str:
     """The val grid for the ``grid.top`` candidates with the best val µAP at their training size (0 = all):
     a ``settings`` step each; a candidate whose val-best setting is not the one it was scored at is extracted,
     post-processed and evaluated again at it, and its summary row shows those numbers (its training-size
@@ -88,6 +88,7 @@ def settings_phase(pipe: Pipeline, candidates: list[Candidate], grid: SettingsPl
     summary's line about it."""
     from isc.settings import ExtractionSettings
 
+    pipe, data_dir, select_gt = job.pipe, job.data_dir, job.select_gt
     ranked = sorted([c for c in candidates if c.val_uap is not None], key=lambda c: -c.val_uap)
     chosen = ranked[: grid.top] if grid.top else ranked
     for cand in candidates:
@@ -103,7 +104,7 @@ def settings_phase(pipe: Pipeline, candidates: list[Candidate], grid: SettingsPl
             cand.row["settings"] += " (val grid's best)"
             continue
         stage = Stage(cand.name, "")
-        again = evaluate_stage(pipe, stage, cand.train_run, data_dir, out_root, test_gt, select_gt, settings=best)
+        again = evaluate_stage(job, stage, cand.train_run, settings=best)
         training = {"uAP at training size": cand.row["uAP"], "val uAP at training size": cand.val_uap}
         cand.row.update({k: v for k, v in again.row.items() if k not in ("step", "starts from")})
         cand.row["settings"] += " (val grid's best)"
@@ -115,8 +116,7 @@ def settings_phase(pipe: Pipeline, candidates: list[Candidate], grid: SettingsPl
             f"their training size: {names}")
 
 
-def tuned_candidate(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Path, out_root: Path, test_gt: Path,
-          select_gt: Path, n_trials: int, extra: dict[str, Any], force: bool) -> tuple[Candidate | None, str]:
+def tuned_candidate(job: MainJob, stage_runs: dict[str, str], n_trials: int) -> tuple[Candidate | None, str]:
     """Tune the profile's tuned stage from its hand-off checkpoint; evaluate the tuned model like a stage.
 
     Returns the candidate (None when no trial completed) and a line about the study. The tuned model is
@@ -127,6 +127,7 @@ def tuned_candidate(pipe: Pipeline, profile: str, stage_runs: dict[str, str], da
 
     from isc.tune import load_tune_config
 
+    pipe, profile, data_dir, extra, force = job.pipe, job.profile, job.data_dir, job.extra, job.force
     tune_config = PROFILES[profile].tune_config
     cfg = load_tune_config(Path(pipe.project_dir) / tune_config, profile=profile)
     stage = tuned_stage(profile, cfg.stage)
@@ -160,8 +161,7 @@ def tuned_candidate(pipe: Pipeline, profile: str, stage_runs: dict[str, str], da
     for key, value in provenance.items():
         pipe.client.set_tag(model_run, key, value)
     label = f"{stage.name} tuned (trial {best[Tag.TUNE_TRIAL]}{', retrained' if cfg.candidate == 'retrain' else ''})"
-    cand = evaluate_stage(pipe, replace(stage, name=f"{stage.name}_tuned"), model_run, data_dir, out_root, test_gt,
-                           select_gt, label=label)
+    cand = evaluate_stage(job, replace(stage, name=f"{stage.name}_tuned"), model_run, label=label)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
     source = "retrained with them for the stage's full epochs" if cfg.candidate == "retrain" else "its own model"
     own = " (the stage's own values)" if own_values else ""

@@ -21,7 +21,7 @@ from isc.candidates import Candidate, evaluate_stage, interval_text, settings_ph
 from isc.contract import CHAMPION, Tag, model_uri
 from isc.errors import ConfigError
 from isc.nodes import Board, Layout
-from isc.pipeline import Pipeline
+from isc.pipeline import MainJob, Pipeline
 from isc.recipe import PROFILES, handoff_epochs, settings_plan, stage_overrides, start_reference
 from isc.train.config import parse_overrides
 
@@ -158,25 +158,22 @@ def _run_main(
 
     gts = check_main_inputs(profile, data_dir, extra, n_trials, world_size=layout.world_size,
                             out_root=out_root / "train")
-    test_gt, select_gt = gts.test, gts.select
     if layout.nnodes > 1:  # every machine joined and sees the data, the outputs and the store: before stage 0
         pipe.board = Board(layout, join_timeout_s)
         problems = pipe.board.gather(data_dir, out_root)
         if problems:
             pipe.board.stop(ok=False)
             raise ConfigError("nnodes", f"{len(problems)} problem(s) with the other machines: " + "; ".join(problems))
+    job = MainJob(pipe, profile, data_dir, out_root, gts.test, gts.select, extra, force)
     try:
-        return _run_steps(pipe, profile, data_dir, ds, out_root, extra, n_trials, force, model_name, test_gt,
-                          select_gt, settings_grid)
+        return _run_steps(job, ds, n_trials, model_name, settings_grid)
     except BaseException:
         if pipe.board is not None:
             pipe.board.stop(ok=False)
         raise
 
 
-def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: Path, extra: dict[str, Any],
-               n_trials: int, force: bool, model_name: str, test_gt: Path, select_gt: Path,
-               settings_grid: dict[str, Any] | None) -> Any:
+def _run_steps(job: MainJob, ds: Any, n_trials: int, model_name: str, settings_grid: dict[str, Any] | None) -> Any:
     """Baseline, the profile's stages, tuning, promotion and search, in order; returns the summary."""
     # The steps in their order, read top to bottom; each step's parameters name the run ids of the steps
     # before it, which is what the reuse of finished runs keys on.
@@ -184,7 +181,8 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
     import pandas as pd
 
     active = mlflow.active_run()
-
+    pipe, profile, data_dir, out_root, extra = job.pipe, job.profile, job.data_dir, job.out_root, job.extra
+    test_gt, select_gt = job.test_gt, job.select_gt
     rows: list[dict[str, Any]] = []
     base = pipe.run(
         "baseline_phash", "baseline",
@@ -209,15 +207,15 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
         params["overrides"] = json.dumps(fixed, sort_keys=True) if fixed else ""
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
-        candidates.append(evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt))
+        candidates.append(evaluate_stage(job, stage, train.run_id))
 
     notes: list[str] = []
     if n_trials > 0:
-        tuned, note = tuned_candidate(pipe, profile, stage_runs, data_dir, out_root, test_gt, select_gt, n_trials, extra, force)
+        tuned, note = tuned_candidate(job, stage_runs, n_trials)
         candidates += [tuned] if tuned else []
         notes.append(note)
     if select_gt != test_gt and grid.is_grid():
-        notes.append(settings_phase(pipe, candidates, grid, data_dir, out_root, test_gt, select_gt))
+        notes.append(settings_phase(job, candidates, grid))
     rows += [c.row for c in candidates]
 
     exp_name = mlflow.get_experiment(active.info.experiment_id).name

@@ -122,3 +122,19 @@ class Pipeline:
         mlflow.log_metric(f"wall_s.{step}", rec.wall_s)
         mlflow.set_tag(f"{Tag.STEP_RUN_PREFIX}{step}", rec.run_id)
         return rec
+
+
+@dataclass
+class MainJob:
+    """What every step of one main job shares, handed to the driver's helpers as one object: the pipeline
+    that runs the steps, the profile, the data, where the steps write, the ground truths that score
+    (``test_gt``) and choose (``select_gt``), the job's training overrides and ``--force``."""
+
+    pipe: Pipeline
+    profile: str
+    data_dir: Path
+    out_root: Path
+    test_gt: Path
+    select_gt: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
