@@ -91,9 +91,11 @@ def test_evaluate_cli_logs_metrics_tags_and_artifacts(tracking, eval_inputs, cap
     assert m["average_precision"] == pytest.approx(out["average_precision"])
     assert m["before_average_precision"] == pytest.approx(out["before"]["average_precision"])
     assert m["n_predictions"] == 60
-    # every field of Metrics is printed, logged and logged for --before, each under its own name
-    scored = {f.name for f in fields(Metrics) if out[f.name] is not None}
-    assert len(scored) >= 8 and scored <= set(m) and {f"before_{k}" for k in scored} <= set(m)
+    # every field of Metrics is printed and, where it has a value, logged (as before_<name> for --before)
+    names = [f.name for f in fields(Metrics)]
+    assert len(names) >= 8 and set(names) <= set(out) and set(names) <= set(out["before"])
+    assert {k for k in names if out[k] is not None} <= set(m)
+    assert {f"before_{k}" for k in names if out["before"][k] is not None} <= set(m)
     assert m["average_precision_ci_low"] == 1.0 and m["p_gain"] == pytest.approx(out["p_gain"])
     assert m["before_average_precision_ci_high"] == pytest.approx(out["before"]["average_precision_ci_high"])
     assert tags["isc.step"] == "evaluate"
