@@ -7,11 +7,11 @@ photographs, ~1000 px long side, JPEG quality 80-95; ``--synthetic`` for the old
    pipeline runs -- decode (CPU: Pillow, JPEG draft mode as extraction does; CUDA: nvJPEG batched on the
    GPU), resize + normalise, host->device copy, forward (AMP on CUDA), h5 write -- and each one's share
    of their sum. The full-size CPU decode is printed next to it: what draft mode saves.
-2. **throughput ratio** = images/s of :func:`isc.extract.extract_descriptors` (decode in DataLoader
+2. **throughput ratio** = images/s of :func:`isc.extract.streamed.extract_descriptors` (decode in DataLoader
    workers or on the GPU, resize, copy, forward, L2 normalisation, streamed h5 append, worker start-up)
    divided by images/s of the bare forward pass of the same network and batch size on tensors decoded
    beforehand. Goal >= 0.9 (GPU), >= 0.85 (2 CPU cores, where the decoders compete with the forward
-   for the same cores). Also the same pipeline with draft decoding off (``isc.extract.DRAFT_GAP = 0``,
+   for the same cores). Also the same pipeline with draft decoding off (``isc.extract.decode.DRAFT_GAP = 0``,
    the decoder before issue 21), so the gain is measured in the same run.
 3. **memory flatness** = peak RSS of an extraction of 4N images / peak RSS of N images, each in a fresh
    subprocess (RSS of the main process sampled with psutil every 20 ms, plus its DataLoader workers).
@@ -125,7 +125,7 @@ def bare_forward_rate(model, data, args, device) -> float:
     """Images/s of model(x) alone on pre-decoded, pre-normalised tensors already on ``device``."""
     import torch
 
-    from isc.extract import eval_transform_for
+    from isc.extract.decode import eval_transform_for
 
     key = (id(model), str(device))
     if key not in _DECODED:  # decoded once: the bare passes around each pipeline run reuse the tensors
@@ -162,13 +162,9 @@ def stage_costs(model, data, args, device) -> dict[str, float]:
     import torch
 
     from isc.data.images import load_image
-    from isc.extract import (
-        _H5Appender,
-        decode_jpegs_on,
-        describe_tensors,
-        eval_transform_for,
-        jpeg_decode_device,
-    )
+    from isc.extract.decode import decode_jpegs_on, eval_transform_for, jpeg_decode_device
+    from isc.extract.describe import describe_tensors
+    from isc.extract.streamed import H5Appender
 
     transform = eval_transform_for(model, args.input_size)
     paths = [p for _, p in data.images("reference")][: args.stage_images]
@@ -229,7 +225,7 @@ def stage_costs(model, data, args, device) -> dict[str, float]:
     rows = [describe_tensors(model, b) for b in batches]
     cost["forward"] = (time.perf_counter() - t0) / n
     with tempfile.TemporaryDirectory() as tmp, h5py.File(Path(tmp) / "w.h5", "w") as f:
-        writer = _H5Appender(f, "reference", rows[0].shape[1], 7)
+        writer = H5Appender(f, "reference", rows[0].shape[1], 7)
         t0 = time.perf_counter()
         for r in rows:
             writer.append(r, [f"R{i:06d}" for i in range(writer.n, writer.n + len(r))])
@@ -241,9 +237,10 @@ def stage_costs(model, data, args, device) -> dict[str, float]:
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    import isc.extract
+    import isc.extract.decode
     from isc.data.disc21 import DISC21
-    from isc.extract import extract_descriptors, resolve_device
+    from isc.extract.describe import resolve_device
+    from isc.extract.streamed import extract_descriptors
 
     device = resolve_device(args.device or None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,11 +259,11 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             return res["counts"]["reference"] / (time.perf_counter() - t0)
 
         def run_no_draft() -> float:
-            gap, isc.extract.DRAFT_GAP = isc.extract.DRAFT_GAP, 0.0  # workers fork: they see it too
+            gap, isc.extract.decode.DRAFT_GAP = isc.extract.decode.DRAFT_GAP, 0.0  # workers fork: they see it too
             try:
                 return run("out_no_draft")
             finally:
-                isc.extract.DRAFT_GAP = gap
+                isc.extract.decode.DRAFT_GAP = gap
 
         run("warm", limit=args.batch_size)
         # On a shared machine the load drifts: bare, pipeline, [pipeline without draft,] bare, ... and each
@@ -306,7 +303,7 @@ def child_peak_rss(args: argparse.Namespace) -> None:
     import psutil
 
     from isc.data.disc21 import DISC21
-    from isc.extract import extract_descriptors
+    from isc.extract.streamed import extract_descriptors
 
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,7 +42,7 @@ def main() -> int:
     import torch
 
     from isc.data.disc21 import DISC21
-    from isc.extract import describe_images, tta_load_size
+    from isc.extract.describe import describe_images, tta_load_size
     from isc.io import read_ground_truth
     from isc.models import load_model
     from isc.settings import _DecodedImages, parse_sizes

@@ -8,7 +8,7 @@ Each section prints ``CHECK <name>: <figures> ... OK|FAIL``; the exit status is 
 * ``train``: AMP training steps of the stage-1 network (ISCNet on ``tf_efficientnetv2_m.in21k_ft_in1k``,
   random init, 256 px, 32 items x 2 crops = 64 images per step, the XBM contrastive loss, SGD, GradScaler:
   the training loop's step) -> images/s after warm-up.
-* ``extract``: :func:`isc.extract.extract_descriptors` on synthetic JPEGs (decode workers, resize,
+* ``extract``: :func:`isc.extract.streamed.extract_descriptors` on synthetic JPEGs (decode workers, resize,
   forward under AMP, h5 append) vs the bare forward of the same batches already on the GPU -> ratio.
 * ``faiss``: exact inner-product top-10 for 50k queries x 1M references x 256-d on the GPU (faiss GPU
   when the installed faiss has it, else ``torch`` matmul + topk) vs faiss on the CPU; the CPU side times
@@ -16,7 +16,7 @@ Each section prints ``CHECK <name>: <figures> ... OK|FAIL``; the exit status is 
   scores within 1e-4 where neighbours tie).
 * ``ddp``: the training loop's DDP path (:func:`isc.train.distributed.wrap_model`: SyncBatchNorm + DDP)
   over NCCL in a one-process group, two AMP steps; the SyncBatchNorm outputs equal plain BatchNorm's.
-* ``amp_extract``: :func:`isc.extract.describe_tensors` (float16 autocast, channels-last) vs the fp32
+* ``amp_extract``: :func:`isc.extract.describe.describe_tensors` (float16 autocast, channels-last) vs the fp32
   forward on real photos: min cosine >= 0.999 (CPU mode: bfloat16 autocast, >= 0.99).
 * ``decode``: the extraction stream with JPEGs decoded by nvJPEG and resized on the GPU vs every photo
   decoded at full size by Pillow, with EfficientNet-Lite0's ImageNet weights at 512 px: min cosine >=
@@ -205,7 +205,8 @@ def check_extract(sz: dict, device) -> tuple[str, bool]:
 
     from bench.bench_extract import make_images
     from isc.data.disc21 import DISC21
-    from isc.extract import _collate, _ImageList, eval_transform_for, extract_descriptors
+    from isc.extract.decode import ImageList, _collate, eval_transform_for
+    from isc.extract.streamed import extract_descriptors
 
     px, n = sz["extract_px"], sz["n_images"]
     model = make_model(sz, px, device).eval()
@@ -216,7 +217,7 @@ def check_extract(sz: dict, device) -> tuple[str, bool]:
         transform = eval_transform_for(model, px)
         # The same batches the pipeline forms, decoded beforehand (in workers: not part of the timing).
         paths = [p for _, p in data.images("reference")]
-        loader = DataLoader(_ImageList(paths, transform), batch_size=sz["batch"], num_workers=sz["workers"],
+        loader = DataLoader(ImageList(paths, transform), batch_size=sz["batch"], num_workers=sz["workers"],
                             collate_fn=_collate)  # fmt: skip
         fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         batches = [b.to(device).contiguous(memory_format=fmt) for _, b, _ in loader]
@@ -360,7 +361,7 @@ def _amp_vs_fp32(model, batches, device) -> tuple[str, float, float, float]:
     """(what, min cosine, max |diff|, self-match) of low-precision vs fp32 descriptors of ``batches[3]``."""
     import torch
 
-    from isc.extract import describe_tensors
+    from isc.extract.describe import describe_tensors
 
     test = batches[3].to(device)
     with torch.inference_mode():
@@ -416,7 +417,8 @@ def check_decode(sz: dict, device) -> tuple[str, bool]:
 
     from bench.bench_extract import make_photos
     from isc.data.images import load_image
-    from isc.extract import _describe_stream, describe_tensors, eval_transform_for
+    from isc.extract.decode import eval_transform_for
+    from isc.extract.describe import describe_stream, describe_tensors
     from isc.models import create_model
 
     torch.backends.cudnn.allow_tf32 = False
@@ -433,7 +435,7 @@ def check_decode(sz: dict, device) -> tuple[str, bool]:
         t = eval_transform_for(model, px)
         full = np.concatenate([describe_tensors(model, torch.stack([t(load_image(p)) for p in paths[i : i + 8]]))
                                for i in range(0, len(paths), 8)])  # fmt: skip
-        rows = [x for _, x, _ in _describe_stream(model, paths, t, 8, 0, False, "decode", decode_on=device)]
+        rows = [x for _, x, _ in describe_stream(model, paths, t, 8, 0, False, "decode", decode_on=device)]
     got = np.concatenate(rows)
     cos = float((got * full).sum(axis=1).min())
     self_match = float(np.mean(np.argmax(got @ full.T, axis=1) == np.arange(len(full))))

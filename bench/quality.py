@@ -77,17 +77,17 @@ def pulled_rows(store: Path, experiment: str, folder, model_name: str = "isc-des
     subtraction against ``folder``'s own training images (as on DISC21). Rows: name, descriptors, wall time."""
     import mlflow
 
-    from isc.contract import CHAMPION, Tag
-    from isc.extract import extract_descriptors
+    from isc.contract import CHAMPION, Tag, model_uri
+    from isc.extract.streamed import extract_descriptors
     from isc.io import Descriptors, read_descriptors, read_train_descriptors
     from isc.models import load_model
     from isc.postprocess import postprocess_descriptors
     from isc.settings import resolve, served_settings
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    champion = load_model(f"models:/{model_name}@{CHAMPION}")
+    champion = load_model(model_uri(model_name, CHAMPION))
     settings, source = resolve(champion, served_settings(champion.checkpoint_path), None, None)
-    models = {f"champion as pulled (models:/{model_name}@{CHAMPION}, {settings.label}: {source})": champion}
+    models = {f"champion as pulled ({model_uri(model_name, CHAMPION)}, {settings.label}: {source})": champion}
     stage0 = _main_tags(store, experiment).get(f"{Tag.STEP_RUN_PREFIX}train_stage0")
     if stage0:
         models[f"stage 0, pretrained, no fine-tuning ({settings.label}, the champion's)"] = load_model(stage0)

@@ -26,7 +26,7 @@ per-GPU step in parallel (the all-reduce and the embedding all-gather are not me
 that each GPU has as many CPU cores for its loader as the measuring box gave it (``--workers``). A
 per-GPU batch that does not fit in memory is reported as ``OOM`` and that GPU count gets no total.
 
-Extraction: ``isc.extract.extract_descriptors`` on synthetic JPEGs at 512 px, projected to 2M images
+Extraction: ``isc.extract.streamed.extract_descriptors`` on synthetic JPEGs at 512 px, projected to 2M images
 (DISC21's 1M references + 1M training images) divided over G GPUs. kNN: exact inner-product top-10 of
 50k queries x 1M references x 256-d, timed at full size (torch matmul + top-k on the GPU; the project's
 faiss ``isc.knn.knn`` on a query subsample, projected to 50k).
@@ -274,7 +274,7 @@ def measure_extraction(sz: dict, device, tmp: Path) -> dict:
 
     from bench.bench_extract import make_images
     from isc.data.disc21 import DISC21
-    from isc.extract import extract_descriptors
+    from isc.extract.streamed import extract_descriptors
     from isc.models import create_model
 
     root = tmp / "extract"

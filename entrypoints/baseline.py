@@ -18,7 +18,7 @@ import mlflow
 from isc import tracking
 from isc.baselines import METHODS, compute_descriptors
 from isc.cliutil import Parser, optional_str, str2bool
-from isc.contract import Step, Tag
+from isc.contract import ARTIFACT_DESCRIPTORS, Step, Tag
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError, DescriptorFileError
 from isc.evaluation import run_evaluation
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             mlflow.set_tags({Tag.STEP: Step.BASELINE, Tag.BASELINE: args.method})
             tracking.log_params({"method": args.method, "data": args.data, "output_dir": args.output_dir})
             tracking.log_params({"ground_truth": str(gt_path)}, prefix="resolved.")
-            tracking.log_artifact(h5, artifact_path="descriptors")
+            tracking.log_artifact(h5, artifact_path=ARTIFACT_DESCRIPTORS)
     out["method"] = args.method
     out["descriptors"] = str(h5)
     print(json.dumps(out, indent=2))

@@ -11,12 +11,12 @@ tags the version ``isc.export.<format>``. See :mod:`registry.export` and docs/tu
 from __future__ import annotations
 
 from isc.cliutil import Parser, optional_str, str2bool
-from isc.contract import Step, Tag
+from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, Step, Tag, model_uri
 
 
 def build_parser() -> Parser:
     p = Parser(prog="isc export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="models:/isc-descriptor@champion",
+    p.add_argument("--model", default=model_uri(DEFAULT_MODEL_NAME, CHAMPION),
                    help="models:/name@alias or models:/name/version (also a checkpoint path, run id, runs:/...)")
     p.add_argument("--format", required=True, help="torchscript or onnx")
     p.add_argument("--output", type=optional_str, default=None,

@@ -15,25 +15,18 @@ import torch
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, positive_int, str2bool
-from isc.contract import Step, Tag, parse_bool
+from isc.contract import ARTIFACT_DESCRIPTORS, Step, Tag, parse_bool
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
-from isc.extract import (
-    DEFAULT_SHARD_SIZE,
-    check_outputs,
-    extract_descriptors,
-    extract_descriptors_sharded,
-    parse_sets,
-    resolve_device,
-    resolve_input_size,
-)
+from isc.extract.describe import resolve_device, resolve_input_size
+from isc.extract.sharded import DEFAULT_SHARD_SIZE, extract_descriptors_sharded
+from isc.extract.streamed import check_outputs, extract_descriptors, parse_sets
 from isc.fileutil import atomic_path
 from isc.limits import check_input_size, check_workers
 from isc.train import distributed as ddp
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_DIR = "descriptors"
 BAD_IMAGES_FILE = "bad_images.txt"  # path<TAB>reason per skipped image
 # Under torchrun, ranks that finish their shards early wait for the slowest rank and then for rank 0's
 # merge (minutes at 2M images): NCCL's default 10-minute collective timeout would kill such a job.
@@ -158,51 +151,13 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
     with tracking.tracked_run(
         run_name="extract", tags={Tag.STEP: Step.EXTRACT, Tag.MODEL_REF: str(args.model)}
     ):
-        tracking.log_params(
-            {
-                "model": args.model,
-                "data": str(data.root),
-                "sets": "".join(letters),
-                "input_size": args.input_size,
-                "batch_size": args.batch_size,
-                "workers": args.workers,
-                "output_dir": str(output_dir),
-                "skip_bad_images": str(args.skip_bad_images).lower(),
-                "tta": "" if args.tta is None else str(args.tta).lower(),
-                "limit": args.limit,
-                "overwrite": str(args.overwrite).lower(),
-            }
-        )
-        tracking.log_params(
-            {"resolved_input_size": input_size, "resolved_tta": str(settings.tta).lower(), "settings_source": source,
-             "device": str(device), "world_size": info.world_size}
-        )
-        from isc.lineage import log_disc21_inputs, upstream_params
-
-        log_disc21_inputs(data.root, "".join(letters))
-        tracking.log_params(upstream_params(str(args.model)))
+        _log_params(args, letters, data, output_dir, info, device, input_size, settings, source)
         if info.distributed:
             tracking.log_params({"shard_size": args.shard_size})
             out = extract_descriptors_sharded(model, data, info, shard_size=args.shard_size, **common)
         else:
             out = extract_descriptors(model, data, device=device, **common)
-        metrics = {f"n_{name}": n for name, n in out["counts"].items()}
-        metrics |= {
-            "n_bad_images": len(out["bad_images"]),
-            "images_per_second": out["images_per_second"],
-            "extract_seconds": out["seconds"],
-        }
-        tracking.log_metrics(metrics)
-        for key in ("descriptors", "train_descriptors"):
-            if out[key]:
-                tracking.log_artifact(out[key], ARTIFACT_DIR)
-        listing = output_dir / BAD_IMAGES_FILE
-        if out["bad_images"]:
-            with atomic_path(listing) as tmp:
-                tmp.write_text("".join(f"{p}\t{reason}\n" for p, reason in out["bad_images"]))
-            tracking.log_artifact(listing, ARTIFACT_DIR)
-        else:
-            listing.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+        _log_outputs(out, output_dir)
     counts = ", ".join(f"{n} {name}" for name, n in out["counts"].items())
     ranks = f" on {info.world_size} ranks" if info.distributed else ""
     print(
@@ -215,6 +170,55 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
         )
     return 0
 
+
+def _log_params(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.DistInfo, device,
+                input_size: int, settings, source: str) -> None:  # fmt: skip
+    """The run's parameters: the flags as given, the settings they resolved to, the data and the model's
+    upstream runs (lineage)."""
+    from isc.lineage import log_disc21_inputs, upstream_params
+
+    tracking.log_params(
+        {
+            "model": args.model,
+            "data": str(data.root),
+            "sets": "".join(letters),
+            "input_size": args.input_size,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "output_dir": str(output_dir),
+            "skip_bad_images": str(args.skip_bad_images).lower(),
+            "tta": "" if args.tta is None else str(args.tta).lower(),
+            "limit": args.limit,
+            "overwrite": str(args.overwrite).lower(),
+        }
+    )
+    tracking.log_params(
+        {"resolved_input_size": input_size, "resolved_tta": str(settings.tta).lower(), "settings_source": source,
+         "device": str(device), "world_size": info.world_size}
+    )
+    log_disc21_inputs(data.root, "".join(letters))
+    tracking.log_params(upstream_params(str(args.model)))
+
+
+def _log_outputs(out: dict, output_dir: Path) -> None:
+    """Counts and speed as metrics, the descriptor files (and the list of skipped images) as artifacts."""
+    metrics = {f"n_{name}": n for name, n in out["counts"].items()}
+    metrics |= {
+        "n_bad_images": len(out["bad_images"]),
+        "images_per_second": out["images_per_second"],
+        "extract_seconds": out["seconds"],
+    }
+    tracking.log_metrics(metrics)
+    for key in ("descriptors", "train_descriptors"):
+        if out[key]:
+            tracking.log_artifact(out[key], ARTIFACT_DESCRIPTORS)
+    listing = output_dir / BAD_IMAGES_FILE
+    if out["bad_images"]:
+        with atomic_path(listing) as tmp:
+            tmp.write_text("".join(f"{p}\t{reason}\n" for p, reason in out["bad_images"]))
+        tracking.log_artifact(listing, ARTIFACT_DESCRIPTORS)
+    else:
+        listing.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
 
 if __name__ == "__main__":
     from entrypoints._run import cli

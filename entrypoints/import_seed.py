@@ -13,6 +13,7 @@ user compares and promotes explicitly (docs/descriptors.md, "Importing the seed'
 from __future__ import annotations
 
 from isc.cliutil import Parser, optional_str, positive_float, positive_int, str2bool
+from isc.contract import model_version_uri
 
 
 def _optional(kind):
@@ -97,7 +98,7 @@ def main(argv: list[str]) -> int:
              and result.args_gem_eval_p != cfg["gem_eval_p"] else ""))
     if args.register:
         run_id, version = register(result, args.register)
-        print(f"registered models:/{args.register}/{version} (run {run_id}); no alias moved -- compare it with "
+        print(f"registered {model_version_uri(args.register, version)} (run {run_id}); no alias moved -- compare it with "
               f"@champion, then promote it explicitly if wanted")
     return 0
 

@@ -23,7 +23,15 @@ import numpy as np
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_float, nonnegative_int, positive_int, str2bool
-from isc.contract import Step, Tag
+from isc.contract import (
+    ARTIFACT_DESCRIPTORS,
+    DESCRIPTORS_FILE,
+    NES_BANK_FILE,
+    NES_DESCRIPTORS_FILE,
+    TRAIN_DESCRIPTORS_FILE,
+    Step,
+    Tag,
+)
 from isc.errors import ConfigError, DescriptorFileError
 from isc.fileutil import check_outputs
 from isc.io import (
@@ -46,10 +54,6 @@ from isc.postprocess import (
 )
 
 log = logging.getLogger(__name__)
-
-BANK_NAME = "nes_bank.h5"
-ARTIFACT_DIR = "descriptors"
-OUTPUT_ARTIFACT = "descriptors_nes.h5"
 
 
 def build_parser() -> Parser:
@@ -86,8 +90,8 @@ def load_inputs(
     descriptors_ref: str, train_ref: str
 ) -> tuple[Path, Descriptors, Path, np.ndarray, list[str]]:
     """Resolve and validate both inputs; raise an error naming the file on any format problem."""
-    desc_path = _resolve(descriptors_ref, "descriptors", f"{ARTIFACT_DIR}/descriptors.h5")
-    train_path = _resolve(train_ref, "train_descriptors", f"{ARTIFACT_DIR}/train_descriptors.h5")
+    desc_path = _resolve(descriptors_ref, "descriptors", f"{ARTIFACT_DESCRIPTORS}/{DESCRIPTORS_FILE}")
+    train_path = _resolve(train_ref, "train_descriptors", f"{ARTIFACT_DESCRIPTORS}/{TRAIN_DESCRIPTORS_FILE}")
     desc = read_descriptors(desc_path)
     train, train_ids = read_train_descriptors(train_path)
     if train.shape[1] != desc.dim:
@@ -100,28 +104,28 @@ def load_inputs(
 def _log_as(path: Path, name: str) -> None:
     """Log ``path`` as ``descriptors/<name>`` whatever its local file name is."""
     if path.name == name:
-        tracking.log_artifact(path, ARTIFACT_DIR)
+        tracking.log_artifact(path, ARTIFACT_DESCRIPTORS)
         return
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / name
         shutil.copyfile(path, staged)
-        tracking.log_artifact(staged, ARTIFACT_DIR)
+        tracking.log_artifact(staged, ARTIFACT_DESCRIPTORS)
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = NESConfig(args.k, args.beta, args.num_iter, args.dba_k, args.dba_alpha).validate()
     output = Path(args.output).expanduser().resolve()
-    bank_path = output.parent / BANK_NAME
-    if output.name == BANK_NAME:
+    bank_path = output.parent / NES_BANK_FILE
+    if output.name == NES_BANK_FILE:
         raise ConfigError(
-            "output", f"'{BANK_NAME}' is reserved for the smoothed bank written next to the output"
+            "output", f"'{NES_BANK_FILE}' is reserved for the smoothed bank written next to the output"
         )
     if output.is_dir():
         raise ConfigError("output", f"{output} is a directory; give a file path ending in .h5")
     desc_path, desc, train_path, train, train_ids = load_inputs(args.descriptors, args.train_descriptors)
     check_outputs(
-        {"--output": output, f"{BANK_NAME} next to --output": bank_path},
+        {"--output": output, f"{NES_BANK_FILE} next to --output": bank_path},
         {"--descriptors": desc_path, "--train-descriptors": train_path},
         args.overwrite,
     )
@@ -160,8 +164,8 @@ def main(argv: list[str]) -> int:
                 "nes_reference_cos_to_raw": shift_r,
             }
         )
-        _log_as(output, OUTPUT_ARTIFACT)
-        _log_as(bank_path, BANK_NAME)
+        _log_as(output, NES_DESCRIPTORS_FILE)
+        _log_as(bank_path, NES_BANK_FILE)
     print(
         f"wrote {output} ({len(desc.query_ids)} queries, {len(desc.reference_ids)} references) and {bank_path}"
     )

@@ -12,12 +12,12 @@ needs ``--trust-model-code true``.
 from __future__ import annotations
 
 from isc.cliutil import Parser, optional_str, positive_int, str2bool
-from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, Step, Tag
+from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, Step, Tag, model_uri
 
 
 def build_parser() -> Parser:
     p = Parser(prog="isc search", description="\n\n".join(__doc__.split("\n\n")[:2]))
-    p.add_argument("--model", default=f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}",
+    p.add_argument("--model", default=model_uri(DEFAULT_MODEL_NAME, CHAMPION),
                    help="model URI: models:/name@alias, models:/name/version, models:/m-<id>, runs:/...")
     p.add_argument("--references", nargs="+", required=True, help="reference image folder(s) and/or files")
     p.add_argument("--queries", nargs="+", required=True, help="query image folder(s) and/or files")

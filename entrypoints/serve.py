@@ -15,13 +15,13 @@ column) are refused: a network client must not make the server open its files.
 from __future__ import annotations
 
 from isc.cliutil import Parser, str2bool
-from isc.contract import CHAMPION, DEFAULT_MODEL_NAME
+from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, model_uri
 from isc.errors import ConfigError
 
 
 def build_parser() -> Parser:
     p = Parser(prog="isc serve", description="\n\n".join(__doc__.split("\n\n")[:2]))
-    p.add_argument("--model", default=f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}",
+    p.add_argument("--model", default=model_uri(DEFAULT_MODEL_NAME, CHAMPION),
                    help="model URI: models:/name@alias, models:/name/version, runs:/..., a local pyfunc folder")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback only; put a TLS proxy in front to serve others)")

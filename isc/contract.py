@@ -121,6 +121,12 @@ NES_DESCRIPTORS_FILE = "descriptors_nes.h5"  # after negative embedding subtract
 NES_BANK_FILE = "nes_bank.h5"  # the DBA-smoothed bank NES subtracted with
 ARTIFACT_EVALUATION = "evaluation"
 
+
+def run_artifact_uri(run_id: str, *path: str) -> str:
+    """``runs:/<run id>/<path>``: how one step names a file another step's run logged (the driver hands
+    these on as parameters), e.g. ``run_artifact_uri(rid, ARTIFACT_DESCRIPTORS, DESCRIPTORS_FILE)``."""
+    return "/".join([f"runs:/{run_id}", *path])
+
 # ------------------------------------------------------------------ the registered pyfunc's layout
 DEFAULT_MODEL_NAME = "isc-descriptor"
 CHAMPION = "champion"
@@ -128,6 +134,17 @@ PREVIOUS = "previous"
 PYFUNC_ARTIFACT_NAME = "descriptor_model"
 PYFUNC_CHECKPOINT = "checkpoint.pth.tar"  # <model dir>/artifacts/checkpoint.pth.tar
 PYFUNC_BANK = "nes_bank.h5"  # <model dir>/artifacts/nes_bank.h5 (optional)
+
+
+def model_uri(name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION) -> str:
+    """``models:/<name>@<alias>``, the registry URI of the version an alias points at: the one place it is
+    spelled (:meth:`ModelRef.parse` reads it back as kind ``alias``)."""
+    return f"models:/{name}@{alias}"
+
+
+def model_version_uri(name: str, version: str | int) -> str:
+    """``models:/<name>/<version>``, one registered version (:meth:`ModelRef.parse`: kind ``version``)."""
+    return f"models:/{name}/{version}"
 
 # ------------------------------------------------------------------ negative embedding subtraction
 # The seed's constants (scripts/postprocess.py): NES k=10, beta=0.35, one iteration; DBA k=10, alpha=3.

@@ -14,135 +14,18 @@ import json
 import logging
 import os
 import sys
-import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from isc.contract import CHAMPION, Tag
-from isc.errors import ConfigError, ISCError
+from isc.candidates import Candidate, evaluate_stage, interval_text, settings_phase, tuned_candidate
+from isc.contract import CHAMPION, Tag, model_uri
+from isc.errors import ConfigError
 from isc.nodes import Board, Layout
-from isc.recipe import (
-    PROFILES,
-    SettingsPlan,
-    Stage,
-    handoff_epochs,
-    settings_plan,
-    stage_overrides,
-    start_label,
-    start_reference,
-    tuned_stage,
-)
-from isc.tracking import git_commit, normalize_param
+from isc.pipeline import MainJob, Pipeline
+from isc.recipe import PROFILES, handoff_epochs, settings_plan, stage_overrides, start_reference
 from isc.train.config import parse_overrides
 
 log = logging.getLogger("isc.driver")
-
-
-@dataclass
-class StepRecord:
-    step: str
-    entry_point: str
-    run_id: str
-    reused: bool
-    wall_s: float
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-# Entry points started through isc.launch: each is given the job's process count (nproc_per_node).
-LAUNCHED_ENTRY_POINTS = ("train", "extract")
-
-
-class Pipeline:
-    """Runs and reuses MLflow project steps inside the driver's (parent) run."""
-
-    def __init__(self, project_dir: Path, experiment_id: str, force: bool = False, layout: Layout | None = None):
-        from mlflow import MlflowClient
-
-        self.layout = layout or Layout()
-        self.board: Board | None = None  # the other machines' step board (isc/nodes.py), when nnodes > 1
-        self.project_dir = project_dir
-        self.experiment_id = experiment_id
-        self.force = force
-        self.client = MlflowClient()
-        self.commit = git_commit(project_dir)
-        self.records: list[StepRecord] = []
-
-    def find_finished(self, entry_point: str, parameters: dict[str, Any]) -> Any | None:
-        """The newest FINISHED run of ``entry_point`` with exactly these parameters and code version."""
-        filt = f"tags.`mlflow.project.entryPoint` = '{entry_point}' and attributes.status = 'FINISHED'"
-        runs = self.client.search_runs([self.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"])
-        wanted = {k: normalize_param(str(v)) for k, v in parameters.items()}
-        for run in runs:
-            if self.commit and run.data.tags.get("mlflow.source.git.commit") not in (self.commit, None):
-                continue
-            params = run.data.params
-            if all(normalize_param(params.get(k)) == v for k, v in wanted.items()):
-                return run
-        return None
-
-    def step_failed(self, step: str, message: str) -> ISCError:
-        """The error of a step whose process failed: the step, its run and the reason its run recorded (the
-        ``isc.error`` tag), instead of MLflow's "Run (ID ...) failed", which the command line showed as a
-        tracking-store error. A step ended by a signal sent to it alone (its run says "interrupted") is
-        marked KILLED again: MLflow 3.17's ``mlflow.run`` overwrites a step's own KILLED with FAILED."""
-        import re
-
-        m = re.search(r"Run \(ID '([0-9a-f]+)'\)", message)
-        if not m:
-            return ISCError(f"step {step} failed ({message})")
-        run_id = m.group(1)
-        try:
-            run = self.client.get_run(run_id)
-            reason = run.data.tags.get(Tag.ERROR, "")
-            if reason == "interrupted":
-                self.client.set_terminated(run_id, "KILLED")
-                return ISCError(f"step {step} was interrupted by a signal to its process (run {run_id}, KILLED)")
-        except Exception:  # noqa: BLE001 -- the store is unreachable: report what is known
-            reason = ""
-        return ISCError(f"step {step} failed (run {run_id}){': ' + reason.splitlines()[0] if reason else ''}; "
-                        "its output above has the details")
-
-    def run(self, step: str, entry_point: str, parameters: dict[str, Any]) -> StepRecord:
-        import mlflow
-
-        parameters = {k: v for k, v in parameters.items()}
-        launched = entry_point in LAUNCHED_ENTRY_POINTS
-        if launched:  # a part of the reuse key: runs differ in process count (and machines)
-            parameters.setdefault("nproc_per_node", self.layout.nproc_per_node)
-            parameters.update(self.layout.step_parameters())
-        existing = None if self.force else self.find_finished(entry_point, parameters)
-        if existing is not None:
-            wall = ((existing.info.end_time or 0) - (existing.info.start_time or 0)) / 1000.0
-            log.info("step %-22s reusing finished run %s (same entry point, parameters, code)", step, existing.info.run_id)
-            rec = StepRecord(step, entry_point, existing.info.run_id, True, 0.0, dict(existing.data.metrics))
-            rec.metrics["original_wall_s"] = wall
-        else:
-            log.info("step %-22s running entry point '%s'", step, entry_point)
-            t0 = time.perf_counter()
-            from mlflow.exceptions import ExecutionException
-
-            if launched and self.board is not None:  # the other machines start the same step as node 1..
-                self.board.announce(self.project_dir, entry_point, parameters)
-            try:
-                submitted = mlflow.run(
-                    str(self.project_dir),
-                    entry_point,
-                    parameters=parameters,
-                    experiment_id=self.experiment_id,
-                    env_manager="local",
-                    run_name=step,
-                    synchronous=True,
-                )
-            except ExecutionException as exc:
-                raise self.step_failed(step, str(exc)) from None
-            wall = time.perf_counter() - t0
-            run = self.client.get_run(submitted.run_id)
-            rec = StepRecord(step, entry_point, submitted.run_id, False, wall, dict(run.data.metrics))
-        self.records.append(rec)
-        mlflow.log_metric(f"wall_s.{step}", rec.wall_s)
-        mlflow.set_tag(f"{Tag.STEP_RUN_PREFIX}{step}", rec.run_id)
-        return rec
 
 
 def run_main(
@@ -248,8 +131,6 @@ def _run_main(
     join_timeout_s: float,
 ) -> Any:
     """:func:`run_main`'s steps (``out_root``: where the steps write their files)."""
-    # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
-    # ids of the steps before it, which is what the reuse of finished runs keys on.
     import mlflow
 
     project_dir = Path(__file__).resolve().parent.parent
@@ -277,33 +158,31 @@ def _run_main(
 
     gts = check_main_inputs(profile, data_dir, extra, n_trials, world_size=layout.world_size,
                             out_root=out_root / "train")
-    test_gt, select_gt = gts.test, gts.select
     if layout.nnodes > 1:  # every machine joined and sees the data, the outputs and the store: before stage 0
         pipe.board = Board(layout, join_timeout_s)
         problems = pipe.board.gather(data_dir, out_root)
         if problems:
             pipe.board.stop(ok=False)
             raise ConfigError("nnodes", f"{len(problems)} problem(s) with the other machines: " + "; ".join(problems))
+    job = MainJob(pipe, profile, data_dir, out_root, gts.test, gts.select, extra, force)
     try:
-        return _run_steps(pipe, profile, data_dir, ds, out_root, extra, n_trials, force, model_name, test_gt,
-                          select_gt, settings_grid)
+        return _run_steps(job, ds, n_trials, model_name, settings_grid)
     except BaseException:
         if pipe.board is not None:
             pipe.board.stop(ok=False)
         raise
 
 
-def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: Path, extra: dict[str, Any],
-               n_trials: int, force: bool, model_name: str, test_gt: Path, select_gt: Path,
-               settings_grid: dict[str, Any] | None) -> Any:
+def _run_steps(job: MainJob, ds: Any, n_trials: int, model_name: str, settings_grid: dict[str, Any] | None) -> Any:
     """Baseline, the profile's stages, tuning, promotion and search, in order; returns the summary."""
-    # long: the pipeline's steps in their order, read top to bottom; each step's parameters name the run
-    # ids of the steps before it, which is what the reuse of finished runs keys on.
+    # The steps in their order, read top to bottom; each step's parameters name the run ids of the steps
+    # before it, which is what the reuse of finished runs keys on.
     import mlflow
     import pandas as pd
 
     active = mlflow.active_run()
-
+    pipe, profile, data_dir, out_root, extra = job.pipe, job.profile, job.data_dir, job.out_root, job.extra
+    test_gt, select_gt = job.test_gt, job.select_gt
     rows: list[dict[str, Any]] = []
     base = pipe.run(
         "baseline_phash", "baseline",
@@ -311,7 +190,7 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
          "overwrite": "true"},
     )
     rows.append({"step": "baseline (pHash)", "uAP": base.metrics.get("average_precision"),
-                 "uAP 95% CI": _interval(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
+                 "uAP 95% CI": interval_text(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
 
     stage_runs: dict[str, str] = {}
     candidates: list[Candidate] = []
@@ -328,15 +207,15 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
         params["overrides"] = json.dumps(fixed, sort_keys=True) if fixed else ""
         train = pipe.run(f"train_{stage.name}", "train", params)
         stage_runs[stage.name] = train.run_id
-        candidates.append(_evaluate_stage(pipe, stage, train.run_id, data_dir, out_root, test_gt, select_gt))
+        candidates.append(evaluate_stage(job, stage, train.run_id))
 
     notes: list[str] = []
     if n_trials > 0:
-        tuned, note = _tune(pipe, profile, stage_runs, data_dir, out_root, test_gt, select_gt, n_trials, extra, force)
+        tuned, note = tuned_candidate(job, stage_runs, n_trials)
         candidates += [tuned] if tuned else []
         notes.append(note)
     if select_gt != test_gt and grid.is_grid():
-        notes.append(_settings_phase(pipe, candidates, grid, data_dir, out_root, test_gt, select_gt))
+        notes.append(settings_phase(job, candidates, grid))
     rows += [c.row for c in candidates]
 
     exp_name = mlflow.get_experiment(active.info.experiment_id).name
@@ -347,7 +226,7 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
     champion = _champion(model_name)
     search = pipe.run(
         "search", "search",
-        {"model": f"models:/{model_name}@champion", "references": str(ds.reference_dir),
+        {"model": model_uri(model_name, CHAMPION), "references": str(ds.reference_dir),
          "queries": str(ds.query_dir), "index": str(out_root / "search" / f"{model_name}.index"),
          "output": str(out_root / "search" / "matches.csv"), "overwrite": "true"},
     )
@@ -364,165 +243,11 @@ def _run_steps(pipe: Pipeline, profile: str, data_dir: Path, ds: Any, out_root: 
     return summary
 
 
-def _tune(pipe: Pipeline, profile: str, stage_runs: dict[str, str], data_dir: Path, out_root: Path, test_gt: Path,
-          select_gt: Path, n_trials: int, extra: dict[str, Any], force: bool) -> tuple[Candidate | None, str]:
-    """Tune the profile's tuned stage from its hand-off checkpoint; evaluate the tuned model like a stage.
-
-    Returns the candidate (None when no trial completed) and a line about the study. The tuned model is
-    the best trial's values retrained for the stage's full epochs, or the trial's own model (the tune
-    config's ``candidate``); it is tagged with the study, trial and values, which promotion copies.
-    """
-    import mlflow
-
-    from isc.tune import load_tune_config
-
-    tune_config = PROFILES[profile].tune_config
-    cfg = load_tune_config(Path(pipe.project_dir) / tune_config, profile=profile)
-    stage = tuned_stage(profile, cfg.stage)
-    start = start_reference(stage, stage_runs)
-    active = mlflow.active_run()
-    # One study per (experiment, stage, starting model): a plain re-run reuses it, a new hand-off checkpoint
-    # is a new problem; --force starts a fresh study (n_trials is a study-wide target).
-    study = "-".join(["isc-tune", active.info.experiment_id, stage.name, *([start[:8]] if start else []),
-                      *([active.info.run_id[:8]] if force else [])])
-    tune = pipe.run("tune", "tune", {
-        "config": tune_config, "data": str(data_dir), "n_trials": n_trials, "study_name": study, "profile": profile,
-        "stage": stage.name, "start_from": start, "overrides": json.dumps(extra, sort_keys=True) if extra else ""})
-    m = tune.metrics
-    counts = (f"{int(m.get('n_complete', 0))} complete, {int(m.get('n_pruned', 0))} pruned, "
-              f"{int(m.get('n_failed', 0))} failed")
-    best_run = pipe.client.get_run(tune.run_id).data.tags.get("best_trial_run_id")
-    if not best_run:
-        return None, f"tune: study {study} ({counts}): no complete trial, so no tuned candidate"
-    best_trial = pipe.client.get_run(best_run)
-    best, own_values = best_trial.data.tags, best_trial.data.params.get("baseline_trial") == "True"
-    params = json.loads(best[Tag.TUNE_PARAMS])
-    provenance = {Tag.TUNE_STUDY: study, Tag.TUNE_TRIAL: best[Tag.TUNE_TRIAL], Tag.TUNE_PARAMS: best[Tag.TUNE_PARAMS],
-                  Tag.TUNE_STUDY_RUN: tune.run_id, Tag.TUNE_STAGE: stage.name, Tag.TUNE_CANDIDATE: cfg.candidate}
-    model_run = best_run
-    if cfg.candidate == "retrain":
-        start_kind = {"init_from": start if stage.start == "init" else "", "resume_from": ""}
-        train = pipe.run(f"train_{stage.name}_tuned", "train", {
-            "config": stage.config, "data": str(data_dir), **start_kind,
-            "overrides": json.dumps({**extra, **dict(stage.overrides), **params}, sort_keys=True)})
-        model_run = train.run_id
-    for key, value in provenance.items():
-        pipe.client.set_tag(model_run, key, value)
-    label = f"{stage.name} tuned (trial {best[Tag.TUNE_TRIAL]}{', retrained' if cfg.candidate == 'retrain' else ''})"
-    cand = _evaluate_stage(pipe, replace(stage, name=f"{stage.name}_tuned"), model_run, data_dir, out_root, test_gt,
-                           select_gt, label=label)
-    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
-    source = "retrained with them for the stage's full epochs" if cfg.candidate == "retrain" else "its own model"
-    own = " (the stage's own values)" if own_values else ""
-    return cand, (f"tune: study {study}, {stage.name} from {start or 'pretrained'}: {counts}; best trial "
-                 f"{best[Tag.TUNE_TRIAL]}{own} val µAP "
-                 f"{m.get('best_value', float('nan')):.4f} (after NES, {cfg.epochs_per_trial}-epoch trial) with "
-                 f"{shown}; tuned row = {source}")
-
-
 def _promotion_line(run: Any) -> str:
     """What the promote step decided (its run's tags), for the summary."""
     tags = run.data.tags
     action, message = tags.get(Tag.PROMOTION_ACTION), tags.get(Tag.PROMOTION_MESSAGE)
     return f"promotion: {action}: {message}" if action else f"promotion: see run {run.info.run_id}"
-
-
-@dataclass
-class Candidate:
-    """One model the main job offers to promotion: its summary row and what the settings phase needs."""
-
-    name: str  # the stage's name (step names: extract_<name>, ...)
-    train_run: str
-    row: dict[str, Any]
-    val_uap: float | None  # after NES, at the training size: ranks the candidates for the grid
-    served: Any  # ExtractionSettings its scored descriptors were extracted with
-
-
-def _evaluate_stage(pipe: Pipeline, stage: Stage, train_run: str, data_dir: Path, out_root: Path,
-                    test_gt: Path, select_gt: Path, label: str | None = None, settings: Any = None) -> Candidate:
-    """extract -> postprocess -> evaluate (test; and val, which chooses the champion) of one stage, at its
-    training size without TTA, or at ``settings`` (ExtractionSettings: the steps' names end in its key)."""
-    from isc.settings import ExtractionSettings
-
-    suffix = f"_{settings.key()}" if settings else ""
-    name = f"{stage.name}{suffix}"
-    ext = pipe.run(
-        f"extract_{name}", "extract",
-        # The folder is this step's own (one per training run and setting): a re-run may replace its files.
-        {"model": train_run, "data": str(data_dir), "sets": "qrt", "overwrite": "true",
-         "output_dir": str(out_root / "extract" / (train_run + suffix)),
-         "input_size": settings.input_size if settings else 0, "tta": str(bool(settings and settings.tta)).lower()},
-    )
-    ext_params = pipe.client.get_run(ext.run_id).data.params
-    served = ExtractionSettings(int(ext_params["resolved_input_size"]), ext_params["resolved_tta"] == "true")
-    raw = f"runs:/{ext.run_id}/descriptors/descriptors.h5"
-    post = pipe.run(
-        f"postprocess_{name}", "postprocess",
-        {"descriptors": raw, "train_descriptors": f"runs:/{ext.run_id}/descriptors/train_descriptors.h5",
-         "output": str(out_root / "postprocess" / ext.run_id / "descriptors_nes.h5"), "overwrite": "true"},
-    )  # the folder is this step's own (one per extraction run): a retry after a crash may replace it
-    nes = {"descriptors": f"runs:/{post.run_id}/descriptors/descriptors_nes.h5", "before": raw,
-           "model_ref": train_run, "nes_bank": f"runs:/{post.run_id}/descriptors/nes_bank.h5"}
-    ev = pipe.run(f"evaluate_{name}", "evaluate", {**nes, "ground_truth": str(test_gt), "data": str(data_dir)})
-    row = {
-        "step": label or f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",
-        "starts from": start_label(stage),
-        "settings": served.label,
-        "uAP before NES": ev.metrics.get("before_average_precision"),
-        "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
-        "uAP": ev.metrics.get("average_precision"),
-        "uAP 95% CI": _interval(ev.metrics),
-        "recall@P90": ev.metrics.get("recall_p90"),
-    }
-    val = None
-    if select_gt != test_gt:
-        sel = pipe.run(f"evaluate_val_{name}", "evaluate", {**nes, "ground_truth": str(select_gt)})
-        val = sel.metrics.get("average_precision")
-        row["val uAP (selects)"] = val
-    return Candidate(stage.name, train_run, row, val, served)
-
-
-def _settings_phase(pipe: Pipeline, candidates: list[Candidate], grid: SettingsPlan, data_dir: Path,
-                    out_root: Path, test_gt: Path, select_gt: Path) -> str:
-    """The val grid for the ``grid.top`` candidates with the best val µAP at their training size (0 = all):
-    a ``settings`` step each; a candidate whose val-best setting is not the one it was scored at is extracted,
-    post-processed and evaluated again at it, and its summary row shows those numbers (its training-size
-    evaluation stays in the experiment: promotion takes the best val µAP over every evaluation, so the
-    champion is the best (candidate, setting) seen on val and serves with that setting). Returns the
-    summary's line about it."""
-    from isc.settings import ExtractionSettings
-
-    ranked = sorted([c for c in candidates if c.val_uap is not None], key=lambda c: -c.val_uap)
-    chosen = ranked[: grid.top] if grid.top else ranked
-    for cand in candidates:
-        if cand not in chosen:
-            cand.row["settings"] += " (not in the grid's top)"
-    for cand in chosen:
-        sel = pipe.run(f"settings_{cand.name}", "settings", {
-            "model": cand.train_run, "data": str(data_dir), "ground_truth": str(select_gt), "sizes": grid.sizes,
-            "tta": grid.tta, "tta_sizes": grid.tta_sizes})
-        params = pipe.client.get_run(sel.run_id).data.params
-        best = ExtractionSettings(int(params["chosen_input_size"]), params["chosen_tta"] == "true")
-        if best == cand.served:
-            cand.row["settings"] += " (val grid's best)"
-            continue
-        stage = Stage(cand.name, "")
-        again = _evaluate_stage(pipe, stage, cand.train_run, data_dir, out_root, test_gt, select_gt, settings=best)
-        training = {"uAP at training size": cand.row["uAP"], "val uAP at training size": cand.val_uap}
-        cand.row.update({k: v for k, v in again.row.items() if k not in ("step", "starts from")})
-        cand.row["settings"] += " (val grid's best)"
-        cand.row.update(training)
-        cand.val_uap, cand.served = again.val_uap, best
-    names = ", ".join(c.name for c in chosen)
-    return (f"settings: val grid (sizes {grid.sizes}, TTA {grid.tta}; TTA tried at the best "
-            f"{grid.tta_sizes or 'every'} size(s)) for the top {grid.top or 'all'} candidate(s) by val µAP at "
-            f"their training size: {names}")
-
-
-def _interval(metrics: dict[str, float]) -> str | None:
-    """The evaluate step's query-bootstrap µAP interval as text (None when it logged none)."""
-    lo, hi = metrics.get("average_precision_ci_low"), metrics.get("average_precision_ci_high")
-    return None if lo is None or hi is None else f"{lo:.3f}-{hi:.3f}"
 
 
 def _champion(model_name: str) -> dict[str, str] | None:
@@ -533,7 +258,7 @@ def _champion(model_name: str) -> dict[str, str] | None:
         mv = MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None
-    return {"version": mv.version, "uri": f"models:/{model_name}@{CHAMPION}",
+    return {"version": mv.version, "uri": model_uri(model_name, CHAMPION),
             "source_run": mv.tags.get(Tag.SOURCE_EVAL_RUN, mv.run_id or ""),
             "gt_path": mv.tags.get(Tag.GT_PATH, ""), "gt_fingerprint": mv.tags.get(Tag.GT_FINGERPRINT, ""),
             "serves": (f"{mv.tags[Tag.INPUT_SIZE]} px{' + TTA' if mv.tags.get(Tag.TTA) == 'true' else ''}"

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -137,17 +137,11 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no arrays). ``threshold_p90`` is ``None`` when P90 is never reached."""
-        m = self.metrics
+        # Every field of Metrics, by its own name: a metric added there reaches metrics.json and (through
+        # isc.evaluation.METRIC_KEYS) the run's metrics with no list to extend here.
         return {
-            "average_precision": m.average_precision,
-            "recall_p90": m.recall_p90,
-            "threshold_p90": m.threshold_p90,
-            "recall_at_rank1": m.recall_at_rank1,
-            "recall_at_rank10": m.recall_at_rank10,
+            **{f.name: getattr(self.metrics, f.name) for f in fields(Metrics)},
             "n_queries": self.n_queries,
-            "n_positives": m.n_positives,
-            "n_predictions": m.n_predictions,
-            "n_true_positives": m.n_true_positives,
             "n_candidates": self.n_candidates,
             "protocol": self.protocol,
             "metric": self.metric,

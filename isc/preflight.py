@@ -56,114 +56,157 @@ def check_main_inputs(profile: str, data_dir: str | Path, overrides: dict[str, A
 
     ``world_size``: processes each training stage runs as (v107's negatives and batch depend on it).
     ``out_root``: where checkpoints are written (its file system's free space is checked). Returns the
-    ground truths the job scores and chooses on.
+    ground truths the job scores and chooses on. The checks run in the order the job meets the inputs,
+    each adding to one list of problems instead of stopping at the first.
     """
-    # long: one pass over the stages and files in the order the job meets them, collecting every problem
-    # instead of stopping at the first; the pieces are short and only make sense in that order.
-    from isc.data.disc21 import DISC21, list_images
-    from isc.recipe import PROFILES, stage_overrides
-    from isc.train import config as tc
+    from isc.data.disc21 import DISC21
 
     data_dir = Path(data_dir)
-    ds = DISC21(data_dir)
-    problems: list[str] = []
+    found = _Findings(DISC21(data_dir))
     gts = choose_ground_truths(data_dir)
-    if not ds.root.is_dir():
-        raise ConfigError("data", f"{ds.root} does not exist")
-    stages = PROFILES[profile].stages
-    configs = []
-    for stage in stages:
-        try:
-            cfg = tc.load_config(stage.config, data=str(ds.root), **stage_overrides(stage, dict(overrides or {}), {}))
-            tc.validate_config(cfg, world_size)
-        except ISCError as exc:
-            problems.append(f"{stage.name} ({stage.config}): {exc}")
-            continue
-        configs.append((stage, cfg))
+    if not found.ds.root.is_dir():
+        raise ConfigError("data", f"{found.ds.root} does not exist")
+    configs = _stage_configs(profile, overrides, world_size, found)
+    scored = _scored_ground_truths(gts, data_dir, found)
+    if n_trials > 0:
+        _check_tuning(profile, configs, scored, found)
+    read = {role: found.ground_truth(path, role) for role, path in scored.items()}
+    for stage, cfg in configs:
+        _check_stage_data(f"{stage.name} ({stage.config})", cfg, world_size, scored, read, found)
+    disk = _disk_problem([cfg for _, cfg in configs], out_root)
+    if disk:
+        found.problems.append(disk)
+    if found.problems:
+        problems = list(dict.fromkeys(found.problems))
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError("data", f"{len(problems)} problem(s) found before any training run "
+                                  f"(profile {profile}, {found.ds.root}):\n{listing}")
+    return gts
 
-    listings: dict[str, dict[str, Path]] = {}
 
-    def images(split: str) -> dict[str, Path]:
-        if split not in listings:
-            folder = ds.split_dir(split)
-            listings[split] = dict(list_images(folder)) if folder.is_dir() else {}
-        return listings[split]
+class _Findings:
+    """The job's data folder, its image listings (each read once) and the problems found so far, in order."""
 
-    def ground_truth(path: Path, role: str) -> Any:
+    def __init__(self, ds: Any):
+        self.ds = ds
+        self.problems: list[str] = []
+        self._listings: dict[str, dict[str, Path]] = {}
+
+    def images(self, split: str) -> dict[str, Path]:
+        from isc.data.disc21 import list_images
+
+        if split not in self._listings:
+            folder = self.ds.split_dir(split)
+            self._listings[split] = dict(list_images(folder)) if folder.is_dir() else {}
+        return self._listings[split]
+
+    def ground_truth(self, path: Path, role: str) -> Any:
+        """The ground truth at ``path``, or None with a problem naming its ``role``."""
         from isc.io import read_ground_truth
 
         try:
             return read_ground_truth(path)
         except ISCError as exc:
-            problems.append(f"{role}: {exc}")
+            self.problems.append(f"{role}: {exc}")
             return None
 
+
+def _stage_configs(profile: str, overrides: dict[str, Any] | None, world_size: int,
+                   found: _Findings) -> list[tuple[Any, Any]]:  # fmt: skip
+    """(stage, TrainConfig) of every stage whose config loads and validates with the job's overrides."""
+    from isc.recipe import PROFILES, stage_overrides
+    from isc.train import config as tc
+
+    configs = []
+    for stage in PROFILES[profile].stages:
+        try:
+            cfg = tc.load_config(stage.config, data=str(found.ds.root),
+                                 **stage_overrides(stage, dict(overrides or {}), {}))  # fmt: skip
+            tc.validate_config(cfg, world_size)
+        except ISCError as exc:
+            found.problems.append(f"{stage.name} ({stage.config}): {exc}")
+            continue
+        configs.append((stage, cfg))
+    return configs
+
+
+def _scored_ground_truths(gts: GroundTruths, data_dir: Path, found: _Findings) -> dict[str, Path]:
+    """role -> the ground truths the job scores on (none when the test one is missing: a problem)."""
     scored = {"test ground truth (the summary's numbers)": gts.test}
     if gts.select != gts.test:
         scored["selection ground truth (chooses the champion)"] = gts.select
     if not gts.test.exists():
-        problems.append(f"test ground truth: {data_dir} has no ground_truth_test.csv, ground_truth.csv or "
-                        f"public_ground_truth.csv (the summary's numbers and the champion's choice need one)")
+        found.problems.append(f"test ground truth: {data_dir} has no ground_truth_test.csv, ground_truth.csv or "
+                              f"public_ground_truth.csv (the summary's numbers and the champion's choice need one)")
         scored = {}
-    if n_trials > 0:
-        tuned = _tuning_split(profile, ds.root, problems)
-        if tuned is not None:
-            scored["tuning split (Optuna objective)"] = tuned
-        # Optuna trials train as one process whatever nproc_per_node is: v107's 2G-2 negatives are then none
-        from isc.recipe import tuned_stage
+    return scored
 
-        stage = tuned_stage(profile)
-        cfg = next((c for s, c in configs if s.name == stage.name), None)
-        if cfg is not None:
-            try:
-                tc.check_batch(cfg, 1)
-            except ISCError as exc:
-                problems.append(f"n_trials > 0: tune trials of {stage.name} train as one process: {exc} "
-                                f"(set num_negatives in overrides, or pass n_trials=0)")
-    read = {role: ground_truth(path, role) for role, path in scored.items()}
-    for stage, cfg in configs:
-        label = f"{stage.name} ({stage.config})"
-        negatives = cfg.negatives_at(world_size)
-        batch = cfg.global_batch(world_size)
-        if cfg.stage == tc.PAIRS_STAGE:
-            pairs_path = tc.resolve_pairs_path(cfg)
-            pairs_gt = ground_truth(pairs_path, f"{label} pairs")
-            if pairs_gt is None:
-                continue
-            queries, refs = images("query"), images("reference")
-            usable = [(q, r) for q, r in pairs_gt.positives if q in queries and r in refs]
-            if len(usable) < batch:
-                problems.append(f"{label}: {pairs_path} has {len(usable)} positive pair(s) with both images under "
-                                f"{ds.root}, fewer than one step's {batch} pair(s)")
-            trained = {q for q, _ in pairs_gt.positives}
-            for role, gt in read.items():
-                shared = trained & set(gt.queries) if gt is not None else set()
-                if shared:
-                    problems.append(
-                        f"{role} {scored[role]} shares {len(shared)} quer(ies) with {label}'s training pairs "
-                        f"{pairs_path} (e.g. {sorted(shared)[:3]}): scoring on training pairs is refused; give "
-                        f"a ground truth disjoint from them, or stage 4 another `pairs` file")
-            if negatives:
-                pool = len(set(refs) - {r for _, r in pairs_gt.positives})
-                if pool < negatives:
-                    problems.append(f"{label}: {pool} reference image(s) under {ds.reference_dir} are no positive "
-                                    f"of {pairs_path}, fewer than the {negatives} negatives per pair")
-        elif cfg.epochs > 0:  # stage 0 (epochs 0) reads no training image
-            n = min(len(images("train")), cfg.sample_size)
-            if 0 < n < batch:
-                problems.append(f"{label}: {n} training image(s) under {ds.training_dir}, fewer than one step's "
-                                f"global batch of {batch}")
-            if cfg.stage in tc.NEGATIVE_STAGES and negatives and 0 < len(images("reference")) < negatives:
-                problems.append(f"{label}: {len(images('reference'))} reference image(s) under {ds.reference_dir}, "
-                                f"fewer than the {negatives} negatives per item")
-    disk = _disk_problem([cfg for _, cfg in configs], out_root)
-    if disk:
-        problems.append(disk)
-    if problems:
-        listing = "\n".join(f"  - {p}" for p in dict.fromkeys(problems))
-        raise ConfigError("data", f"{len(dict.fromkeys(problems))} problem(s) found before any training run "
-                                  f"(profile {profile}, {ds.root}):\n{listing}")
-    return gts
+
+def _check_tuning(profile: str, configs: list[tuple[Any, Any]], scored: dict[str, Path], found: _Findings) -> None:
+    """The tuning split joins ``scored``; the tuned stage must train as one process (Optuna trials do)."""
+    from isc.recipe import tuned_stage
+    from isc.train import config as tc
+
+    tuned = _tuning_split(profile, found.ds.root, found.problems)
+    if tuned is not None:
+        scored["tuning split (Optuna objective)"] = tuned
+    # Optuna trials train as one process whatever nproc_per_node is: v107's 2G-2 negatives are then none
+    stage = tuned_stage(profile)
+    cfg = next((c for s, c in configs if s.name == stage.name), None)
+    if cfg is not None:
+        try:
+            tc.check_batch(cfg, 1)
+        except ISCError as exc:
+            found.problems.append(f"n_trials > 0: tune trials of {stage.name} train as one process: {exc} "
+                                  f"(set num_negatives in overrides, or pass n_trials=0)")
+
+
+def _check_stage_data(label: str, cfg: Any, world_size: int, scored: dict[str, Path], read: dict[str, Any],
+                      found: _Findings) -> None:  # fmt: skip
+    """The images (and, for stage 4, the pairs) one stage trains on: enough for a step and its negatives."""
+    from isc.train import config as tc
+
+    ds, negatives, batch = found.ds, cfg.negatives_at(world_size), cfg.global_batch(world_size)
+    if cfg.stage == tc.PAIRS_STAGE:
+        _check_pairs_stage(label, cfg, batch, negatives, scored, read, found)
+    elif cfg.epochs > 0:  # stage 0 (epochs 0) reads no training image
+        n = min(len(found.images("train")), cfg.sample_size)
+        if 0 < n < batch:
+            found.problems.append(f"{label}: {n} training image(s) under {ds.training_dir}, fewer than one step's "
+                                  f"global batch of {batch}")
+        if cfg.stage in tc.NEGATIVE_STAGES and negatives and 0 < len(found.images("reference")) < negatives:
+            found.problems.append(f"{label}: {len(found.images('reference'))} reference image(s) under "
+                                  f"{ds.reference_dir}, fewer than the {negatives} negatives per item")
+
+
+def _check_pairs_stage(label: str, cfg: Any, batch: int, negatives: int, scored: dict[str, Path],
+                       read: dict[str, Any], found: _Findings) -> None:  # fmt: skip
+    """Stage 4's pairs: enough usable pairs for a step, no query shared with a scored ground truth, enough
+    references outside the pairs for the negatives."""
+    from isc.train import config as tc
+
+    pairs_path = tc.resolve_pairs_path(cfg)
+    pairs_gt = found.ground_truth(pairs_path, f"{label} pairs")
+    if pairs_gt is None:
+        return
+    queries, refs = found.images("query"), found.images("reference")
+    usable = [(q, r) for q, r in pairs_gt.positives if q in queries and r in refs]
+    if len(usable) < batch:
+        found.problems.append(f"{label}: {pairs_path} has {len(usable)} positive pair(s) with both images under "
+                              f"{found.ds.root}, fewer than one step's {batch} pair(s)")
+    trained = {q for q, _ in pairs_gt.positives}
+    for role, gt in read.items():
+        shared = trained & set(gt.queries) if gt is not None else set()
+        if shared:
+            found.problems.append(
+                f"{role} {scored[role]} shares {len(shared)} quer(ies) with {label}'s training pairs "
+                f"{pairs_path} (e.g. {sorted(shared)[:3]}): scoring on training pairs is refused; give "
+                f"a ground truth disjoint from them, or stage 4 another `pairs` file")
+    if negatives:
+        pool = len(set(refs) - {r for _, r in pairs_gt.positives})
+        if pool < negatives:
+            found.problems.append(f"{label}: {pool} reference image(s) under {found.ds.reference_dir} are no "
+                                  f"positive of {pairs_path}, fewer than the {negatives} negatives per pair")
 
 
 def _tuning_split(profile: str, root: Path, problems: list[str]) -> Path | None:

@@ -117,13 +117,13 @@ class _DecodedImages:
     resized to every size the grid tries: the decode is shared by all sizes and TTA passes.
 
     Decoded with JPEG draft for the largest side the grid loads (the draft keeps >= 2x that side, as
-    :class:`isc.extract.EvalTransform` does), so at each size the plain descriptors are those of
+    :class:`isc.extract.decode.EvalTransform` does), so at each size the plain descriptors are those of
     ``isc extract`` at that size whenever the image is not over twice the largest side (the mini data's
     always), and within the draft tolerance of docs/descriptors.md otherwise."""
 
     def __init__(self, paths: Sequence[Path], largest_side: int):
         from isc.data.images import load_image
-        from isc.extract import DRAFT_GAP
+        from isc.extract.decode import DRAFT_GAP
 
         draft = int(np.ceil(largest_side * DRAFT_GAP)) if DRAFT_GAP > 0 else None
         t0 = time.perf_counter()
@@ -134,7 +134,8 @@ class _DecodedImages:
         """Descriptors at ``size`` (with TTA: loaded at the TTA load size, 6 passes), as ``isc extract``."""
         import torch
 
-        from isc.extract import describe_tensors, eval_transform_for, tta_load_size
+        from isc.extract.decode import eval_transform_for
+        from isc.extract.describe import describe_tensors, tta_load_size
 
         transform = eval_transform_for(model, tta_load_size(size) if tta else size)
         out = []
@@ -168,7 +169,7 @@ def score_grid(model: Any, data: Any, ground_truth: str | Path, sizes: Sequence[
     q_ids = sorted(gt.queries)
     references = data.images("reference")
     r_ids = [i for i, _ in references]
-    from isc.extract import tta_load_size
+    from isc.extract.describe import tta_load_size
 
     images = _DecodedImages([queries[q] for q in q_ids] + [p for _, p in references],
                             max(tta_load_size(s) if True in ttas else s for s in sizes))

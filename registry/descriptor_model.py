@@ -76,7 +76,7 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
 
     # -- input handling ---------------------------------------------------------------------------
     def _describe_paths(self, paths: list[str]) -> np.ndarray:
-        from isc.extract import describe_images
+        from isc.extract.describe import describe_images
 
         return np.asarray(
             describe_images(self.model, paths, input_size=self.input_size, batch_size=self.batch_size, tta=self.tta),
@@ -87,7 +87,7 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
         import base64
         import binascii
 
-        from isc.extract import describe_encoded_images
+        from isc.extract.describe import describe_encoded_images
 
         blobs = []
         for i, cell in enumerate(cells):
@@ -109,7 +109,7 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
     def _describe_tensor(self, batch: Any) -> np.ndarray:
         import torch
 
-        from isc.extract import describe_tensors
+        from isc.extract.describe import describe_tensors
 
         x = torch.as_tensor(batch)
         if x.dtype != torch.float32:

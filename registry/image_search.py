@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, ModelRef
+from isc.contract import ModelRef, model_version_uri
 from isc.errors import ConfigError
 from isc.fileutil import atomic_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}"
 INDEX_FORMAT = 1
 
 
@@ -89,7 +88,7 @@ def model_identity(model_uri: str) -> dict[str, str]:
         "name": mv.name,
         "version": str(mv.version),
         "model_id": str(getattr(mv, "model_id", "") or ""),
-        "resolved_uri": f"models:/{mv.name}/{mv.version}",
+        "resolved_uri": model_version_uri(mv.name, mv.version),
     }
 
 

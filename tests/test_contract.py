@@ -10,12 +10,17 @@ import mlflow
 import pytest
 
 from isc.contract import (
+    ARTIFACT_DESCRIPTORS,
+    DESCRIPTORS_FILE,
     Evaluation,
     ModelRef,
     Step,
     Tag,
     experiment_choice,
+    model_uri,
+    model_version_uri,
     parse_bool,
+    run_artifact_uri,
 )
 from isc.errors import ConfigError
 
@@ -34,19 +39,18 @@ def _is_module(name: str) -> bool:
         return False
 
 
+def _code_lines() -> list[tuple[str, str]]:
+    """(``path:line``, text) of every line of code outside the contract module that could spell its names."""
+    paths = [p for folder in ("isc", "entrypoints", "registry", "bench") for p in sorted((ROOT / folder).rglob("*.py"))
+             if p != ROOT / "isc" / "contract.py"]
+    return [(f"{p.relative_to(ROOT)}:{n}", line) for p in paths for n, line in enumerate(p.read_text().splitlines(), 1)]
+
+
 def test_no_tag_literal_outside_the_contract_module():
     """A tag renamed in the contract must change every reader and writer: none spells it itself."""
     literal = re.compile(r"""["'](isc\.[a-z_][a-z0-9_.]*)["']""")
-    offenders = []
-    for folder in ("isc", "entrypoints", "registry", "bench"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            if path == ROOT / "isc" / "contract.py":
-                continue
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                for name in literal.findall(line):
-                    if _is_module(name):
-                        continue  # a module name (logger names, runpy targets), not a tag
-                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {name}")
+    offenders = [f"{where}: {name}" for where, line in _code_lines() for name in literal.findall(line)
+                 if not _is_module(name)]  # a module name (logger names, runpy targets) is not a tag
     assert not offenders, "tag literals outside isc/contract.py:\n" + "\n".join(offenders)
 
 
@@ -81,6 +85,31 @@ def test_model_ref_parses_every_reference_form(text, kind, fields):
     for name, value in fields.items():
         assert getattr(ref, name) == value
     assert ref.is_registry == (kind in ("alias", "version"))
+
+
+def test_model_uris_are_built_by_the_contract_and_parse_back():
+    assert model_uri() == "models:/isc-descriptor@champion"
+    ref = ModelRef.parse(model_uri("other-model", "previous"))
+    assert (ref.kind, ref.name, ref.alias) == ("alias", "other-model", "previous")
+    ref = ModelRef.parse(model_version_uri("isc-descriptor", 3))
+    assert (ref.kind, ref.name, ref.version) == ("version", "isc-descriptor", "3")
+    uri = run_artifact_uri(RUN, ARTIFACT_DESCRIPTORS, DESCRIPTORS_FILE)
+    assert uri == f"runs:/{RUN}/descriptors/descriptors.h5"
+    assert (ModelRef.parse(uri).run_id, ModelRef.parse(uri).path) == (RUN, "descriptors/descriptors.h5")
+
+
+# A registry URI spelled in code: an f-string starting models:/, or a whole quoted models:/name@alias literal.
+MODEL_URI_LITERAL = re.compile(r"""\bf["']models:/|["']models:/[\w.-]+@[\w.-]+["']""")
+
+
+def test_no_model_uri_is_spelled_outside_the_contract_module():
+    """Every ``models:/NAME@ALIAS`` (and ``models:/NAME/N``) the code builds comes from model_uri() /
+    model_version_uri(), so the champion's URI has one spelling."""
+    offenders = [f"{where}: {line.strip()}" for where, line in _code_lines() if MODEL_URI_LITERAL.search(line)]
+    assert not offenders, "model URIs built outside isc/contract.py:\n" + "\n".join(offenders)
+    assert MODEL_URI_LITERAL.search('default="models:/isc-descriptor@champion",')
+    assert MODEL_URI_LITERAL.search('uri = f"models:/{name}@{alias}"')
+    assert not MODEL_URI_LITERAL.search('help="models:/name@alias or models:/name/version"')
 
 
 def test_model_ref_local_path_wins_and_bad_forms_name_the_parameter(tmp_path):

@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import fields
 
 import mlflow
 import numpy as np
@@ -16,7 +17,7 @@ from entrypoints import evaluate as evaluate_ep
 from entrypoints import match as match_ep
 from entrypoints.cli import run_entrypoint
 from isc.io import read_ground_truth, write_descriptors, write_ground_truth
-from isc.metrics import ground_truth_fingerprint
+from isc.metrics import Metrics, ground_truth_fingerprint
 from tests.conftest import PROJECT_ROOT
 
 NQ, NR = 6, 20
@@ -90,6 +91,11 @@ def test_evaluate_cli_logs_metrics_tags_and_artifacts(tracking, eval_inputs, cap
     assert m["average_precision"] == pytest.approx(out["average_precision"])
     assert m["before_average_precision"] == pytest.approx(out["before"]["average_precision"])
     assert m["n_predictions"] == 60
+    # every field of Metrics is printed and, where it has a value, logged (as before_<name> for --before)
+    names = [f.name for f in fields(Metrics)]
+    assert len(names) >= 8 and set(names) <= set(out) and set(names) <= set(out["before"])
+    assert {k for k in names if out[k] is not None} <= set(m)
+    assert {f"before_{k}" for k in names if out["before"][k] is not None} <= set(m)
     assert m["average_precision_ci_low"] == 1.0 and m["p_gain"] == pytest.approx(out["p_gain"])
     assert m["before_average_precision_ci_high"] == pytest.approx(out["before"]["average_precision_ci_high"])
     assert tags["isc.step"] == "evaluate"

@@ -26,7 +26,7 @@ def preprocessed(model, paths: list[Path]):
     import torch
 
     from isc.data.images import load_image
-    from isc.extract import eval_transform_for
+    from isc.extract.decode import eval_transform_for
 
     transform = eval_transform_for(model, int(model.model_config["input_size"]))
     load = transform.loader(load_image)  # the path branch's decode: JPEG draft mode included (issue 21)
@@ -71,7 +71,7 @@ def test_exported_file_reproduces_the_registered_model_on_real_photos(champion, 
     import pandas as pd
 
     from entrypoints.cli import main as isc
-    from isc.extract import describe_images
+    from isc.extract.describe import describe_images
     from isc.models import load_model
     from isc.postprocess import negative_embedding_subtraction
     from tests.test_serve import photo_files
@@ -168,7 +168,7 @@ def test_the_demo_backbone_exports_too(tmp_path, mini_data, fmt):
     """EfficientNet-Lite0 (the demo's backbone, TF "same" padding) with its packaged ImageNet weights."""
     import torch
 
-    from isc.extract import describe_images
+    from isc.extract.describe import describe_images
     from isc.models import create_model, load_model, save_checkpoint
     from registry.export import export_model
 

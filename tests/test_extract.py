@@ -15,14 +15,10 @@ from entrypoints import extract as extract_entry
 from isc.data.disc21 import DISC21
 from isc.data.images import load_image
 from isc.errors import BadImagesError, ConfigError
-from isc.extract import (
-    SHARD_DIR,
-    describe_images,
-    describe_tensors,
-    eval_transform_for,
-    extract_descriptors,
-    extract_descriptors_sharded,
-)
+from isc.extract.decode import eval_transform_for
+from isc.extract.describe import describe_images, describe_tensors
+from isc.extract.sharded import SHARD_DIR, extract_descriptors_sharded
+from isc.extract.streamed import extract_descriptors
 from isc.io import read_descriptors, read_train_descriptors
 from isc.models import create_model, save_checkpoint
 
@@ -109,7 +105,7 @@ def test_extraction_uses_eval_mode_and_restores_the_callers_mode(model):
 
 def test_tta_is_the_seeds_six_passes_three_scales_with_and_without_flip(model):
     """v107 --tta: images loaded at sqrt(2) x s; passes at s / sqrt(2), s and s x sqrt(2), each flipped too."""
-    from isc.extract import tta_load_size
+    from isc.extract.describe import tta_load_size
 
     assert tta_load_size(SIZE) == round(SIZE * 2**0.5)
     x = torch.rand(3, 3, tta_load_size(SIZE), tta_load_size(SIZE))

@@ -18,13 +18,8 @@ from PIL import Image
 
 from bench.bench_extract import make_photos
 from isc.data.images import load_image
-from isc.extract import (
-    _describe_stream,
-    decode_jpegs_on,
-    describe_tensors,
-    device_decodable_jpeg,
-    eval_transform_for,
-)
+from isc.extract.decode import decode_jpegs_on, device_decodable_jpeg, eval_transform_for
+from isc.extract.describe import describe_stream, describe_tensors
 from isc.models import create_model
 
 CPU = torch.device("cpu")
@@ -53,7 +48,7 @@ def _full_decode(model, paths, size) -> np.ndarray:
 def _stream(model, paths, size, decode_on, batch_size=4):
     rows, bad = [], []
     t = eval_transform_for(model, size)
-    for _, x, errors in _describe_stream(model, paths, t, batch_size, 0, False, "t", decode_on=decode_on):
+    for _, x, errors in describe_stream(model, paths, t, batch_size, 0, False, "t", decode_on=decode_on):
         bad += errors
         if x is not None:
             rows.append(x)

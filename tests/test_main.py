@@ -115,7 +115,7 @@ def test_main_runs_every_step_nested_then_reuses_them_all(tracking, mini_data, c
     assert json.loads(overrides) == json.loads(best.data.tags["isc.tune.params"])
     # smoke stage 2 is one 2-step epoch, as a smoke trial: retraining with the trial's values gives its model back
     # (the same descriptors; its val µAP at the training size equals the trial's objective)
-    from isc.extract import describe_images
+    from isc.extract.describe import describe_images
     from isc.models import load_model
 
     images = [p for _, p in mini_data.images("reference")[:4]]

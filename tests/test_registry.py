@@ -195,7 +195,7 @@ def test_pyfunc_describes_paths_and_tensors_and_subtracts_the_bank(tracking, min
     import pandas as pd
     import torch
 
-    from isc.extract import describe_images
+    from isc.extract.describe import describe_images
     from isc.models import load_model
     from isc.tracking import tracked_run
     from registry.model_logging import log_descriptor_model

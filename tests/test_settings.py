@@ -51,7 +51,7 @@ def test_choice_is_the_best_val_uap_and_a_tie_goes_to_the_cheaper_setting():
 def test_grid_halves_tta_to_the_best_plain_size_and_scores_what_extract_would_make(mini_data, checkpoint):
     """Successive halving: every size without TTA, TTA only at the best of them (tta_sizes=1) or at every size
     (0); the grid's descriptors are those of `isc extract` at each setting (decoded once, resized per size)."""
-    from isc.extract import describe_images
+    from isc.extract.describe import describe_images
     from isc.models import load_model
     from isc.settings import _DecodedImages, score_grid
 
@@ -104,7 +104,7 @@ def test_champion_pulled_without_flags_extracts_with_its_registered_settings_and
     the pyfunc describes images the same way."""
     from entrypoints import evaluate as evaluate_entry
     from entrypoints import extract as extract_entry
-    from isc.extract import describe_images
+    from isc.extract.describe import describe_images
     from isc.models import load_model
     from registry.promote import promote
 

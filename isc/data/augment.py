@@ -53,8 +53,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from isc.data import augly_ops as ops
+from isc.data.copy_edits import edit_chain
 from isc.data.images import load_image, to_rgb
-from isc.data.mini import edit_chain
 from isc.errors import ConfigError
 
 Op = Callable[[Image.Image], Image.Image]
@@ -274,7 +274,7 @@ def build_hard_transform(
 
 
 class EditChainView:
-    """A hard view made of the copy edits the mini dataset's queries are made of (``isc.data.mini.edit_chain``:
+    """A hard view made of the copy edits the mini dataset's queries are made of (``isc.data.copy_edits.edit_chain``:
     1-4 of crops, overlays, screenshot/meme framing, colour, blur, JPEG, rotations, flips, pads, ...), then
     the eval resize to (s, s) -- as a query is seen at extraction. ``views: edits`` in a training config.
 

@@ -7,7 +7,7 @@ tuned where they are used. After every epoch its model is scored by µAP (offici
 *validation* split (``ground_truth_val.csv`` queries vs all references) after negative embedding
 subtraction -- the number the main job gives every stage -- which also drives pruning. The test split is
 never used here: a ground truth that shares queries with ``ground_truth_test.csv`` is refused. The main
-job turns the best trial into a candidate model (:func:`isc.driver._tune`).
+job turns the best trial into a candidate model (:func:`isc.candidates.tuned_candidate`).
 
 MLflow layout (manual logging; optuna-integration's ``MLflowCallback`` is deprecated):
 

@@ -103,7 +103,7 @@ class ValidationSet:
 
     def score(self, model: Any) -> ValScore:
         """µAP of ``model`` (any ISCNet, train or eval mode; its mode is restored) before and after NES."""
-        from isc.extract import describe_images
+        from isc.extract.describe import describe_images
         from isc.io import Descriptors
         from isc.metrics import evaluate
         from isc.postprocess import postprocess_descriptors
