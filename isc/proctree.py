@@ -23,8 +23,10 @@ import multiprocessing
 import multiprocessing.util  # imported first, its exit hook runs after ours (atexit: last in, first out)
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 
 log = logging.getLogger("isc.proctree")
@@ -102,8 +104,24 @@ def loader_worker_init(worker_id: int) -> None:
     ... is killed by signal: Terminated" (a RuntimeError: run FAILED, a traceback per rank) before that
     process handles its own SIGTERM (run KILLED). Ignoring it, the worker is ended by its main process as
     the interrupt unwinds (or exits by itself once that process is gone; the driver SIGKILLs leftovers).
-    SIGINT needs nothing: PyTorch's worker loop already exits quietly on it."""
+    SIGINT needs nothing: PyTorch's worker loop already exits quietly on it.
+
+    It also keeps quiet about a main process that went away while fetching a batch's shared-memory file
+    descriptor from the worker: ``multiprocessing``'s resource sharer thread printed that lost connection
+    as a traceback through ``sys.excepthook`` (CI, a step interrupted mid-batch: a traceback beside the
+    step's one line)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = _quiet_about_a_lost_fetcher(sys.excepthook)
+
+
+def _quiet_about_a_lost_fetcher(hook):
+    def excepthook(exc_type, exc, tb) -> None:
+        if issubclass(exc_type, (ConnectionError, EOFError)) and any(
+                frame.filename.endswith("resource_sharer.py") for frame in traceback.extract_tb(tb)):
+            return
+        hook(exc_type, exc, tb)
+
+    return excepthook
 
 
 def _gone(proc) -> bool:
