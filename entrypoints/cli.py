@@ -67,6 +67,7 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     mod = importlib.import_module(module)
     install_log_redaction()  # after the import: MLflow adds its own handlers when imported
     previous = _catch_signals()
+    step_run = os.environ.get("MLFLOW_RUN_ID", "")  # `mlflow run`'s; MLflow unsets it when the run ends
     from isc.proctree import end_with_parent
 
     end_with_parent()  # a step of `isc main` (or a torchrun rank) ends when its parent is killed
@@ -76,12 +77,16 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
         # SIGTERM (timeout, Slurm, Kubernetes) arrives as Terminated, Ctrl-C as KeyboardInterrupt: the
         # tracked run ends KILLED and atomic outputs drop their temporary files on the way out.
         # A step of `isc main` (or a torchrun rank) stays quiet: its parent prints the one line.
-        from isc.proctree import under_reporting_parent
+        from isc.proctree import dead_parent, under_reporting_parent
 
         name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
         if not under_reporting_parent():
             print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
                   "unfinished outputs were removed", file=sys.stderr)
+        elif (driver := dead_parent()) is not None:  # nobody is left to report: this step says it
+            from isc.tracking import report_dead_driver
+
+            report_dead_driver(driver, step_run)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except ISCError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)

@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", module, *rest])
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from isc.proctree import PARENT_ENV, end_with_parent, under_reporting_parent
+    from isc.proctree import PARENT_ENV, dead_parent, end_with_parent, under_reporting_parent
 
     quiet = under_reporting_parent()  # a step of `isc main`: the driver prints the line
+    driver = os.environ.get(PARENT_ENV, "")
     end_with_parent()  # SIGTERM (torchrun stops its ranks) when the driver is killed
     os.environ[PARENT_ENV] = str(os.getpid())  # the ranks stay quiet: this process reports for them
     try:
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         if not quiet:
             print(f"error: interrupted by {signal.Signals(exc.sigval).name}; the ranks were stopped and the "
                   "MLflow run (if one was open) is marked KILLED", file=sys.stderr)
+        elif dead_parent(driver) is not None:  # the driver was SIGKILLed: nobody else reports or marks the job
+            from isc.tracking import report_dead_driver
+
+            report_dead_driver(driver, os.environ.get("MLFLOW_RUN_ID", ""))
         return 128 + int(exc.sigval)
     return 0
 

@@ -52,6 +52,13 @@ def under_reporting_parent() -> bool:
     return bool(os.environ.get(PARENT_ENV))
 
 
+def dead_parent(parent: str | None = None) -> str | None:
+    """The pid of the parent that reported for this step process (:data:`PARENT_ENV`, or ``parent``) when
+    that parent has died (we were re-parented), else None."""
+    parent = os.environ.get(PARENT_ENV, "") if parent is None else parent
+    return parent if parent.isdigit() and os.getppid() != int(parent) else None
+
+
 def end_with_parent() -> None:
     """In a step process: get SIGTERM when the parent that reports for it (:data:`PARENT_ENV`) dies -- also
     by SIGKILL or the OOM killer, which nothing in the parent can handle (before: the step trained on, an

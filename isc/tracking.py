@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -327,3 +328,38 @@ def resolve_artifact(ref: str | Path, default_subpath: str | None = None, dst: s
     except Exception as exc:  # noqa: BLE001 -- MlflowException, OSError...
         raise FileNotFoundError(f"{ref}: cannot download ({exc})") from exc
     return Path(out)
+
+
+def end_job_of_a_dead_driver(driver_pid: str, step_run: str) -> str | None:
+    """In a step of ``isc main`` whose driver was SIGKILLed or OOM-killed: mark the job's main run KILLED.
+
+    Why here: nothing runs in a SIGKILLed process, so its main run stayed RUNNING for ever in the MLflow UI;
+    the step outlives it for a moment (the kernel sends it SIGTERM: ``PR_SET_PDEATHSIG``). The step's own
+    run (``MLFLOW_RUN_ID`` as ``mlflow run`` set it: read at the start, MLflow unsets it when the run ends)
+    names the main run as its parent. Returns the main run's id when it was marked, None when there is
+    nothing to mark or the store can't be reached."""
+    if not looks_like_run_id(step_run):
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        parent = client.get_run(step_run).data.tags.get("mlflow.parentRunId", "")
+        if not parent or client.get_run(parent).info.status != "RUNNING":
+            return None
+        client.set_tag(parent, Tag.ERROR, f"the main job's process (pid {driver_pid}) died without a word "
+                                          "(SIGKILL or out of memory); its running step ended KILLED")
+        client.set_terminated(parent, "KILLED")
+        return parent
+    except Exception:  # a step on its way out: the store may be gone too; the step's own run is already ended
+        log.debug("could not mark the main run of a dead driver", exc_info=True)
+        return None
+
+
+def report_dead_driver(driver_pid: str, step_run: str) -> None:
+    """The main job's process died (SIGKILL, OOM) and its step got SIGTERM from the kernel: end the job's
+    main run too and say so in one line on stderr (before: the main run stayed RUNNING, nothing was said)."""
+    main_run = end_job_of_a_dead_driver(driver_pid, step_run)
+    marked = f"its main run {main_run} and the step's run are" if main_run else "the step's run is"
+    print(f"error: the main job's process (pid {driver_pid}) died (SIGKILL or out of memory); {marked} "
+          "marked KILLED", file=sys.stderr)

@@ -207,12 +207,15 @@ def _named_statuses(db: Path) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("target", ["step-SIGTERM", "driver-SIGKILL"])
-def test_a_signal_to_one_process_of_main_still_ends_the_step_killed(tmp_path, mini_data, target):
+@pytest.mark.parametrize("target,nproc", [("step-SIGTERM", 1), ("driver-SIGKILL", 1), ("driver-SIGKILL", 2)],
+                         ids=["step-SIGTERM", "driver-SIGKILL", "driver-SIGKILL-torchrun"])
+def test_a_signal_to_one_process_of_main_still_ends_the_step_killed(tmp_path, mini_data, target, nproc):
     """SIGTERM to the step alone: before, the driver printed "MLflow tracking store ...: Run (ID ...) failed"
     and the step run ended FAILED (MLflow's mlflow.run overwrote its KILLED); now one line names the step.
     SIGKILL to the driver: before, the step trained on as an orphan to its end (FINISHED); now it gets
-    SIGTERM from the kernel (PR_SET_PDEATHSIG) and ends KILLED. The main run itself cannot be marked."""
+    SIGTERM from the kernel (PR_SET_PDEATHSIG) and ends KILLED; the main run, left RUNNING for ever before
+    (nothing runs in a SIGKILLed process), is marked KILLED by that step, which prints the job's one line
+    (with 2 ranks: ``isc.launch``, torchrun's parent, does)."""
     import psutil
 
     home = tmp_path / "home"
@@ -220,16 +223,18 @@ def test_a_signal_to_one_process_of_main_still_ends_the_step_killed(tmp_path, mi
     env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "entrypoints.main", "--data", str(mini_data.root), "--profile", "smoke",
-         "--n-trials", "0", "--overrides", "{epochs: 50, max_steps_per_epoch: 1000, workers: 2}"],
+         "--n-trials", "0", "--nproc-per-node", str(nproc),
+         "--overrides", "{epochs: 50, max_steps_per_epoch: 1000, workers: 2}"],
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # cwd: not the checkout (the profiles' config paths once resolved against it only)
+    wanted = 1 + 2 if nproc == 1 else 1 + 2 + 2 * 2  # the step's process (isc.launch), ranks, their workers
     try:
         deadline = time.monotonic() + 300
         while True:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the training step never got under way"
             kids = _descendants(proc.pid)
-            if dict(_named_statuses(home / "mlflow.db")).get("train_stage1") == "RUNNING" and len(kids) >= 3:
+            if dict(_named_statuses(home / "mlflow.db")).get("train_stage1") == "RUNNING" and len(kids) >= wanted:
                 break
             time.sleep(0.5)
         tree = list(kids)
@@ -252,8 +257,12 @@ def test_a_signal_to_one_process_of_main_still_ends_the_step_killed(tmp_path, mi
         lines = _error_lines(err)
         assert len(lines) == 1 and lines[0].startswith("error: step train_stage1 was interrupted"), err[-3000:]
         assert [s for n, s in names.items() if n.startswith("main-")] == ["FAILED"]
-    else:
+    else:  # nothing runs in the SIGKILLed driver: its step, told by the kernel, ends the main run and says so
         assert proc.returncode == -signal.SIGKILL
+        lines = _error_lines(err)
+        assert len(lines) == 1 and lines[0].startswith(f"error: the main job's process (pid {proc.pid}) died"), err[-3000:]
+        assert "its main run" in lines[0] and "Traceback" not in err, err[-3000:]
+        assert [s for n, s in names.items() if n.startswith("main-")] == ["KILLED"], names
 
 
 def test_a_signal_that_lands_in_a_finalizer_still_interrupts(tmp_path):
