@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from isc.errors import ISCError
 
@@ -170,7 +171,6 @@ def _reraise_swallowed(unraisable: object) -> None:
     if isinstance(exc, Terminated | Interrupted):
         signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
         signal.signal(signum, _raise_terminated if signum == signal.SIGTERM else _raise_interrupted)
-        import threading
 
         # from another thread, a moment later: sent from here it would be raised inside this hook, ignored again
         threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
@@ -180,7 +180,6 @@ def _reraise_swallowed(unraisable: object) -> None:
 
 def _catch_signals() -> dict[int, object] | None:
     """Install the SIGTERM and SIGINT handlers (main thread only); returns the previous ones, or None."""
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None

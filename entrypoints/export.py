@@ -10,6 +10,8 @@ tags the version ``isc.export.<format>``. See :mod:`registry.export` and docs/tu
 
 from __future__ import annotations
 
+import os
+
 from isc.cliutil import Parser, optional_str, str2bool
 from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, Step, Tag, model_uri
 
@@ -31,8 +33,6 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str]) -> int:
-    import os
-
     args = build_parser().parse_args(argv)
     from isc.tracking import log_metrics, log_params, tracked_run
     from registry.export import check_format, check_output, default_output, export_model

@@ -8,6 +8,7 @@ batch, and logs them as ``descriptors/...`` artifacts of the run (tags ``isc.ste
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -83,7 +84,6 @@ def optional_bool(text: str) -> bool | None:
     try:
         return parse_bool(text)
     except ValueError as exc:
-        import argparse
 
         raise argparse.ArgumentTypeError(str(exc)) from None
 

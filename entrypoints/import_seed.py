@@ -12,6 +12,8 @@ user compares and promotes explicitly (docs/descriptors.md, "Importing the seed'
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from isc.cliutil import Parser, optional_str, positive_float, positive_int, str2bool
 from isc.contract import model_version_uri
 
@@ -48,8 +50,6 @@ def build_parser() -> Parser:
 
 
 def _default_output(checkpoint: str) -> str:
-    from pathlib import Path
-
     name = Path(checkpoint).name
     stem = name[: -len(".pth.tar")] if name.endswith(".pth.tar") else Path(name).stem
     return str(Path("outputs") / "seed" / f"{stem}.pth.tar")

@@ -12,6 +12,8 @@ the job ends (0 if it finished). No MLflow run is opened here: global rank 0 on 
 
 from __future__ import annotations
 
+import os
+
 from isc.cliutil import Parser, positive_float, positive_int
 
 
@@ -26,8 +28,6 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     args = build_parser().parse_args(argv)
     # torch's C++ layer prints a stack for a store whose server went away; the one-line error says it all.
     # Read when torch loads, so set here; the steps this machine starts get the environment as it was.
@@ -39,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _restored(before: str | None) -> dict[str, str]:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
     return env if before is None else {**env, "TORCH_CPP_LOG_LEVEL": before}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from isc.cliutil import (
     Parser,
     nonnegative_int,
@@ -51,8 +53,6 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import time
-
     import mlflow
 
     from isc.driver import run_main

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from isc.cliutil import Parser, nonnegative_float, optional_str, str2bool
 from registry.model_logging import DEFAULT_MODEL_NAME
@@ -39,7 +40,6 @@ def main(argv: list[str]) -> int:
     from registry.promote import promote, rollback
 
     if args.ground_truth:
-        from pathlib import Path
 
         from isc.errors import DescriptorFileError
         from isc.io import read_ground_truth

@@ -11,6 +11,8 @@ needs ``--trust-model-code true``.
 
 from __future__ import annotations
 
+import os
+
 from isc.cliutil import Parser, optional_str, positive_int, str2bool
 from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, Step, Tag, model_uri
 
@@ -37,8 +39,6 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str]) -> int:
-    import os
-
     args = build_parser().parse_args(argv)
     import pandas as pd
 

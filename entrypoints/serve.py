@@ -14,6 +14,8 @@ column) are refused: a network client must not make the server open its files.
 
 from __future__ import annotations
 
+import socket
+
 from isc.cliutil import Parser, str2bool
 from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, model_uri
 from isc.errors import ConfigError
@@ -36,7 +38,6 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not 0 < args.port < 65536:
         raise ConfigError("port", f"must be 1-65535, got {args.port}")
-    import socket
 
     import uvicorn
 

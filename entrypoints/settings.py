@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, positive_int
@@ -44,7 +45,6 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pathlib import Path
 
     from isc.models import load_model
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from isc.cliutil import Parser, optional_str
 from isc.train.config import (
@@ -57,8 +58,6 @@ def resolve_config(argv: list[str]) -> TrainConfig:
 
 
 def _config_of_checkpoint(ref: str) -> TrainConfig | None:
-    from pathlib import Path
-
     from isc.errors import ConfigError
     from isc.models import load_checkpoint, resolve_checkpoint
     from isc.train.distributed import world_size_from_env

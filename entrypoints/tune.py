@@ -10,6 +10,8 @@ hand-off checkpoint, scored by val µAP after negative embedding subtraction.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from isc.cliutil import Parser, optional_str, positive_int
 
 
@@ -39,7 +41,6 @@ def build_parser() -> Parser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from pathlib import Path
 
     from isc.tune import DEFAULT_TUNE_CONFIG, load_tune_config, run_study
 

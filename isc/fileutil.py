@@ -8,10 +8,13 @@ other users of a shared output folder.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -166,7 +169,6 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def copy_file(src: str | Path, dst: str | Path) -> None:
     """``shutil.copyfile`` whose full-disk error names ``dst`` (checked against the free space first)."""
-    import shutil
 
     check_free_space(dst, os.path.getsize(src))
     try:
@@ -181,9 +183,6 @@ _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-    import ctypes.util
-
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     fn = libc.fallocate64 if hasattr(libc, "fallocate64") else libc.fallocate
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -201,7 +200,8 @@ def reserve_space(path: str | Path, needed: int, final: str | Path | None = None
     Why: HDF5 crashes the process (segfault, exit 139) when a write of its own fails and the file is then
     closed -- a Python-side exception cannot help once its cache holds unwritable data -- so an h5 output
     gets its space before HDF5 writes a byte. Release the unused part with :func:`release_reserved`."""
-    import resource
+    import resource  # POSIX only: imported where used, so the module still imports elsewhere
+
 
     name = final or path
     free = free_bytes(Path(path).parent)

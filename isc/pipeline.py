@@ -5,6 +5,7 @@ reused instead (:class:`Pipeline`). The order of the steps is :mod:`isc.driver`'
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,6 @@ class Pipeline:
         ``isc.error`` tag), instead of MLflow's "Run (ID ...) failed", which the command line showed as a
         tracking-store error. A step ended by a signal sent to it alone (its run says "interrupted") is
         marked KILLED again: MLflow 3.17's ``mlflow.run`` overwrites a step's own KILLED with FAILED."""
-        import re
 
         m = re.search(r"Run \(ID '([0-9a-f]+)'\)", message)
         if not m:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.util  # imported first, its exit hook runs after ours (atexit: last in, first out)
@@ -68,7 +69,6 @@ def end_with_parent() -> None:
         return
     if os.getppid() == int(parent):  # only a direct child: the death signal follows the direct parent
         try:
-            import ctypes
 
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
         except (OSError, AttributeError):

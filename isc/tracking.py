@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 import os
+import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -134,7 +136,6 @@ def experiment_id(explicit: str | None = None, create: bool = True) -> str:
 
 def git_commit(root: str | Path | None = None) -> str | None:
     """HEAD of the checkout at ``root`` (default: this project's), or None outside git."""
-    import subprocess
 
     try:
         out = subprocess.run(["git", "-C", str(root or CODE_ROOT), "rev-parse", "HEAD"],
@@ -239,7 +240,6 @@ def normalize_param(text: str | None) -> str:
         return ""
     text = str(text)
     if text.startswith("'"):
-        import shlex
 
         with contextlib.suppress(ValueError):
             parts = shlex.split(text)

@@ -7,6 +7,7 @@ one ``ConfigError`` naming the URI with its password masked. :func:`isc.tracking
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import logging
 import os
@@ -147,8 +148,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
-
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):

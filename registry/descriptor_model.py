@@ -33,6 +33,8 @@ the version's µAP was measured with. Queries and references must be described t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 from typing import Any
@@ -84,9 +86,6 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
         )
 
     def _describe_encoded(self, cells: list[Any]) -> np.ndarray:
-        import base64
-        import binascii
-
         from isc.extract.describe import describe_encoded_images
 
         blobs = []

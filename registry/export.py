@@ -28,6 +28,7 @@ difference is recorded in the sidecar. For a registered version (``models:/name@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -84,7 +85,6 @@ def check_format(fmt: str) -> str:
     if value not in FORMATS:
         raise ConfigError("format", f"must be one of {', '.join(FORMATS)}; got '{fmt}'")
     if value == "onnx":
-        import importlib.util
 
         missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
         if missing:

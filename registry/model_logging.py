@@ -24,12 +24,15 @@ model once and predicts it as the server would -- a check that the version can b
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import logging
 import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +70,6 @@ def descriptor_signature(dim: int = 256) -> Any:
 
 def serving_input_example() -> Any:
     """A DataFrame with one tiny base64 PNG in column ``image``: the REST input form, cheap to predict."""
-    import base64
-    import io
 
     import numpy as np
     import pandas as pd
@@ -82,7 +83,6 @@ def serving_input_example() -> Any:
 
 def _pip_requirements() -> list[str]:
     """Pinned runtime requirements of the pyfunc (explicit: inferring them would load the model)."""
-    from importlib import metadata
 
     reqs = []
     for dist in ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "h5py", "pillow", "tqdm", "pyyaml"):

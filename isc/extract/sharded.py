@@ -5,6 +5,8 @@ merges them into the very files one process writes)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -47,7 +49,6 @@ DEFAULT_SHARD_SIZE = 8192  # images per shard file: ~250 shards for 2M images, m
 
 def weights_digest(model: torch.nn.Module) -> str:
     """Hash of the model's weights: finished shards are reused only for the very same network."""
-    import hashlib
 
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(model.state_dict().items()):
@@ -82,8 +83,6 @@ def _shard_fingerprint(shard: _Shard, ids: Sequence[str], common: dict[str, Any]
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -100,7 +99,6 @@ def _extract_shard(model, shard: _Shard, items, transform, batch_size, workers, 
 
     The marker is written last, so after a kill a shard is either done (marker + file) or redone.
     """
-    import json
 
     bad: list[BadImageError] = []
     try:

@@ -5,9 +5,12 @@ checkpoint), the data (``build_dataset``, ``load_data``), the lr schedule (``lr_
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,9 +110,6 @@ def share_file(info: ddp.DistInfo, path: Path) -> Path:
     payload = ddp.broadcast_object(info, path.read_bytes() if info.primary else None)
     if path.is_file():
         return path
-    import atexit
-    import shutil
-    import tempfile
 
     folder = tempfile.mkdtemp(prefix="isc-shared-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a copy for this process only
