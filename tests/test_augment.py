@@ -15,7 +15,7 @@ from torchvision import transforms as T
 
 from isc.data import augly_ops as ops
 from isc.data.augment import (
-    STAGES,
+    STAGE_VIEWS,
     RandomOverlayImageAndResizedCrop,
     build_eval_transform,
     build_hard_transform,
@@ -94,7 +94,7 @@ def test_hard_list_ops_run_on_odd_images(image_kind):
     img = to_rgb(ODD_IMAGES[image_kind]())
     random.seed(1)
     torch.manual_seed(1)
-    for op in hard_ops(STAGES["stage3"]):
+    for op in hard_ops(STAGE_VIEWS["stage3"]):
         force = getattr(op, "p", None)
         if force is not None:
             op.p = 1.0
@@ -156,7 +156,7 @@ def test_eval_and_moderate_views_normalise_with_mean_and_std():
         assert torch.allclose(x.std(dim=(1, 2)), torch.zeros(3), atol=1e-4)
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("stage", sorted(STAGE_VIEWS))
 def test_each_stage_gives_ncrops_views_of_the_right_shape(stage, mini_data):
     overlays = [str(p) for _, p in mini_data.images("train")[:8]]
     t = build_train_transform(stage, 48, 3, MEAN, STD, overlays)
@@ -176,7 +176,7 @@ def test_each_stage_gives_ncrops_views_of_the_right_shape(stage, mini_data):
 
 
 def test_smoke_views_are_stage1s_with_stronger_colour_views():
-    demo, v83 = STAGES["smoke"], STAGES["stage1"]
+    demo, v83 = STAGE_VIEWS["smoke"], STAGE_VIEWS["stage1"]
     assert dataclasses.replace(demo, jitter=v83.jitter, colour_p=1.0, gray_p=None) == v83
     ops_list = hard_ops(demo)
     assert isinstance(ops_list[0].transforms[0], T.ColorJitter) and ops_list[0].p == 0.8

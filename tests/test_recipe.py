@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from isc.data import augly_ops as ops
-from isc.data.augment import STAGES, hard_ops
+from isc.data.augment import STAGE_VIEWS, hard_ops
 from isc.errors import ConfigError
 from isc.models import load_checkpoint
 from isc.models.checkpoint import resolve_checkpoint
@@ -82,7 +82,7 @@ def test_old_stage_names_are_still_read():
 @pytest.mark.parametrize("stage", sorted(VIEWS))
 def test_hard_view_table_is_the_seeds(stage):
     jitter, rot_p, basic_p, edit_p, edge_p, overlay_p, opacity, size = VIEWS[stage]
-    views = STAGES[stage]
+    views = STAGE_VIEWS[stage]
     assert (views.rotation_p, views.overlay_p, views.opacity_lower, views.size_range) == (rot_p, overlay_p, opacity,
                                                                                           size)
     o = hard_ops(views)
@@ -99,7 +99,7 @@ def test_hard_view_table_is_the_seeds(stage):
     assert isinstance(o[9], ops.RandomOverlayText) and o[9].p == edit_p
     assert isinstance(o[10], ops.RandomEmojiOverlay) and o[10].p == edit_p
     assert isinstance(o[11], ops.OneOf) and o[11].p == edge_p
-    assert STAGES["stage4"] == STAGES["stage3"]
+    assert STAGE_VIEWS["stage4"] == STAGE_VIEWS["stage3"]
 
 
 def test_lr_schedules_constant_linear_and_warmup():

@@ -80,7 +80,7 @@ class StageViews:
         return self.basic_p if self.gray_p is None else self.gray_p
 
 
-STAGES: dict[str, StageViews] = {
+STAGE_VIEWS: dict[str, StageViews] = {
     "stage1": StageViews(jitter=0.7, rotation_p=0.25, edit_p=0.25, edge_p=0.25, overlay_p=0.05,  # v83
                          opacity_lower=0.6, size_range=(0.4, 0.6)),
     "stage2": StageViews(jitter=0.75, rotation_p=0.30, edit_p=0.30, edge_p=0.30, overlay_p=0.075,  # v86
@@ -88,11 +88,11 @@ STAGES: dict[str, StageViews] = {
     "stage3": StageViews(jitter=0.8, rotation_p=0.35, edit_p=0.35, edge_p=0.30, overlay_p=0.10,  # v98
                          opacity_lower=0.4, size_range=(0.2, 0.8)),
 }
-STAGES["stage4"] = STAGES["stage3"]  # v107: v98's views
+STAGE_VIEWS["stage4"] = STAGE_VIEWS["stage3"]  # v107: v98's views
 # The tiny from-scratch network of the smoke/test profiles: tiles of one photo share its colours, and a
 # random-init net keys on colour unless the views take it away; a pretrained backbone brings that
 # invariance, the scratch net buys it with stronger colour and grayscale views.
-STAGES["smoke"] = dataclasses.replace(STAGES["stage1"], jitter=1.0, colour_p=0.8, gray_p=0.4)
+STAGE_VIEWS["smoke"] = dataclasses.replace(STAGE_VIEWS["stage1"], jitter=1.0, colour_p=0.8, gray_p=0.4)
 
 HUE = 0.2
 JPEG_QUALITIES = (10, 20, 30, 50)
@@ -104,9 +104,9 @@ PLAIN_CROP_SCALE = (0.15, 1.0)
 
 def stage_views(stage: str) -> StageViews:
     """Parameters of ``stage`` (stage1-4, smoke) or a ``ConfigError`` naming ``stage``."""
-    if stage not in STAGES:
-        raise ConfigError("stage", f"unknown augmentation stage '{stage}' (choose from {', '.join(STAGES)})")
-    return STAGES[stage]
+    if stage not in STAGE_VIEWS:
+        raise ConfigError("stage", f"unknown augmentation stage '{stage}' (choose from {', '.join(STAGE_VIEWS)})")
+    return STAGE_VIEWS[stage]
 
 
 def _check_size(input_size: int) -> int:

@@ -147,20 +147,20 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo, run: Any, resume: dict | None, 
     if resume is not None:
         restore(cfg, parts, resume, resume_path)
     data = load_data(cfg, info, parts.net)
-    stage = _Stage(cfg, info, parts, data, run, resume_path, epoch_callback)
-    stage.begin(resume, init_path)
+    loop = _Loop(cfg, info, parts, data, run, resume_path, epoch_callback)
+    loop.begin(resume, init_path)
     for epoch in range(parts.start_epoch, cfg.epochs):
         first_step = parts.start_step if epoch == parts.start_epoch else 0
         if first_step >= data.steps_per_epoch:
             continue
-        metrics = stage.run_epoch(epoch, first_step)
-        if stage.end_epoch(epoch, metrics):  # the epoch callback asked to stop (e.g. a pruned trial)
-            return stage.result(epoch + 1, final=False)
-    return stage.finish()
+        metrics = loop.run_epoch(epoch, first_step)
+        if loop.end_epoch(epoch, metrics):  # the epoch callback asked to stop (e.g. a pruned trial)
+            return loop.result(epoch + 1, final=False)
+    return loop.finish()
 
 
-class _Stage:
-    """One stage's loop state: output folders, the listener, checkpoints written, the per-epoch summary."""
+class _Loop:
+    """The training loop's state (one run of one recipe stage): output folders, the listener, checkpoints written, the per-epoch summary."""
 
     def __init__(self, cfg: TrainConfig, info: ddp.DistInfo, parts: Parts, data: Data, run: Any,
                  resume_path: Path | None, epoch_callback: EpochCallback | None):
