@@ -9,3 +9,11 @@ if [ -d .whl ] && [ -z "${GPU_CHECK_SKIP_WHEELS:-}" ]; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export HF_HUB_OFFLINE=1 TQDM_DISABLE=1  # no downloads; no progress bars mixed into the output
+# AugLy (recipe_bill's views) imports python-magic, which needs libmagic; the GPU box has none. Debian's
+# libmagic1 + libmagic-mgc travel as .debs/ (`apt-get download libmagic1 libmagic-mgc` here) and are
+# unpacked under /tmp, never into /.
+if [ -d .debs ] && ls .debs/*.deb >/dev/null 2>&1; then
+    mkdir -p /tmp/debroot && for f in .debs/*.deb; do dpkg -x "$f" /tmp/debroot; done
+    export LD_LIBRARY_PATH=/tmp/debroot/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+    export MAGIC=/tmp/debroot/usr/lib/file/magic.mgc
+fi

@@ -128,6 +128,12 @@ def decode_jpegs_on(device: torch.device, datas: Sequence[torch.Tensor],
 
     if not datas:
         return []
+    if device.type == "cuda":
+        # nvJPEG's hardware engine (A100, H100, H200) does not wait for the caller's stream: it writes its
+        # output into blocks the caching allocator already handed back while queued kernels (the previous
+        # batch's forward) still read them -- NaN descriptors on an H200 (bench/gpu_check.py's decode
+        # check: min cosine nan, self-match 0.04). Drain the stream first (pytorch/vision#9606).
+        torch.cuda.current_stream(device).synchronize()
     try:
         images: list[torch.Tensor | None] = list(decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # one bad file fails the whole batch: decode one by one to find it
