@@ -21,8 +21,14 @@ import json, os, subprocess, sys, time
 from isc.proctree import stop_children
 trees = json.loads(sys.argv[1])
 procs = [subprocess.Popen(["bash", "-c", t]) for t in trees]
-time.sleep(1.0)  # the trees are up
 import psutil
+# The trees are up once each bash has started its first child (after its traps: every tree sets them
+# first). A fixed sleep lost under CI load: a signal that reached the child between fork and exec was
+# taken by Python's handler and lost, and bash then waited for ever (SIGKILLed: -9, not 130).
+end = time.monotonic() + 60
+while not all(psutil.Process(p.pid).children() for p in procs) and time.monotonic() < end:
+    time.sleep(0.05)
+time.sleep(0.2)
 before = sorted(p.pid for p in psutil.Process().children(recursive=True))
 t0 = time.monotonic()
 pids = stop_children(int(sys.argv[2]), float(sys.argv[3]))
