@@ -77,7 +77,7 @@ def pulled_rows(store: Path, experiment: str, folder, model_name: str = "isc-des
     subtraction against ``folder``'s own training images (as on DISC21). Rows: name, descriptors, wall time."""
     import mlflow
 
-    from isc.contract import CHAMPION, Tag, model_uri
+    from isc.contract import CHAMPION, DESCRIPTORS_FILE, TRAIN_DESCRIPTORS_FILE, Tag, model_uri
     from isc.extract.streamed import extract_descriptors
     from isc.io import Descriptors, read_descriptors, read_train_descriptors
     from isc.models import load_model
@@ -97,8 +97,8 @@ def pulled_rows(store: Path, experiment: str, folder, model_name: str = "isc-des
         out = Path(tempfile.mkdtemp(prefix="isc-pulled-"))
         extract_descriptors(model, folder, "qrt", out, input_size=settings.input_size, tta=settings.tta,
                             batch_size=32, workers=2)
-        raw = read_descriptors(out / "descriptors.h5")
-        train, _ = read_train_descriptors(out / "train_descriptors.h5")
+        raw = read_descriptors(out / DESCRIPTORS_FILE)
+        train, _ = read_train_descriptors(out / TRAIN_DESCRIPTORS_FILE)
         nes = postprocess_descriptors(raw.query, raw.reference, train)
         desc = Descriptors(nes.query, raw.query_ids, nes.reference, raw.reference_ids)
         rows.append({"name": name, "desc": desc, "wall_s": time.perf_counter() - t0})

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from isc.cliutil import Parser, optional_str, positive_float, positive_int, str2bool
-from isc.contract import model_version_uri
+from isc.contract import Step, Tag, model_version_uri
 
 
 def _optional(kind):
@@ -61,7 +61,6 @@ def register(result, name: str) -> tuple[str, str]:
     import mlflow
     from mlflow import MlflowClient
 
-    from isc.contract import Step, Tag
     from isc.tracking import log_params, tracked_run
     from registry.model_logging import log_descriptor_model
     from registry.writes import RegistryWriter

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from isc.cliutil import Parser, nonnegative_float, optional_str, str2bool
+from isc.contract import Tag
+from isc.errors import ConfigError, DescriptorFileError
 from registry.model_logging import DEFAULT_MODEL_NAME
 
 
@@ -36,12 +38,10 @@ def build_parser() -> Parser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     run_id = os.environ.get("MLFLOW_RUN_ID")  # read first: ending the registration's run unsets it
-    from isc.errors import ConfigError
     from registry.promote import promote, rollback
 
     if args.ground_truth:
 
-        from isc.errors import DescriptorFileError
         from isc.io import read_ground_truth
 
         if not Path(args.ground_truth).exists():
@@ -58,7 +58,6 @@ def main(argv: list[str]) -> int:
     if run_id:  # under `mlflow run` (the main job): the decision goes on this step's run; the summary prints it
         from mlflow import MlflowClient
 
-        from isc.contract import Tag
 
         client = MlflowClient()
         client.set_tag(run_id, Tag.PROMOTION_ACTION, result.action)

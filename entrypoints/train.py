@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from isc.cliutil import Parser, optional_str
+from isc.errors import ConfigError
 from isc.train.config import (
     FIELDS,
     TrainConfig,
@@ -58,7 +59,6 @@ def resolve_config(argv: list[str]) -> TrainConfig:
 
 
 def _config_of_checkpoint(ref: str) -> TrainConfig | None:
-    from isc.errors import ConfigError
     from isc.models import load_checkpoint, resolve_checkpoint
     from isc.train.distributed import world_size_from_env
 

@@ -56,7 +56,7 @@ def evaluate_stage(job: MainJob, stage: Stage, train_run: str, label: str | None
     post = pipe.run(
         f"postprocess_{name}", "postprocess",
         {"descriptors": raw, "train_descriptors": run_artifact_uri(ext.run_id, ARTIFACT_DESCRIPTORS, TRAIN_DESCRIPTORS_FILE),
-         "output": str(out_root / "postprocess" / ext.run_id / "descriptors_nes.h5"), "overwrite": "true"},
+         "output": str(out_root / "postprocess" / ext.run_id / NES_DESCRIPTORS_FILE), "overwrite": "true"},
     )  # the folder is this step's own (one per extraction run): a retry after a crash may replace it
     nes = {"descriptors": run_artifact_uri(post.run_id, ARTIFACT_DESCRIPTORS, NES_DESCRIPTORS_FILE), "before": raw,
            "model_ref": train_run, "nes_bank": run_artifact_uri(post.run_id, ARTIFACT_DESCRIPTORS, NES_BANK_FILE)}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from isc.contract import parse_bool
+
 
 def _underscore_aliases(names: tuple[str, ...]) -> list[str]:
     """``--memory-size`` -> ``--memory_size`` (only long options that contain a dash)."""
@@ -43,7 +45,6 @@ def optional_str(text: str) -> str | None:
 
 def str2bool(text: str | bool) -> bool:
     """argparse type for :func:`isc.contract.parse_bool` (the one set of accepted words)."""
-    from isc.contract import parse_bool
 
     try:
         return parse_bool(text)

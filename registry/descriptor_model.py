@@ -42,6 +42,9 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from isc.contract import NES_BETA, NES_K, NES_NUM_ITER
+from isc.errors import ISCError
+
 # Set to "true" by MLflow's scoring server (mlflow.environment_variables._MLFLOW_IS_IN_SERVING_ENVIRONMENT).
 _SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
@@ -52,7 +55,6 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         import torch
 
-        from isc.contract import NES_BETA, NES_K, NES_NUM_ITER
         from isc.models import load_model
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,7 +159,6 @@ class DescriptorModel(mlflow.pyfunc.PythonModel):
             from mlflow.protos.databricks_pb2 import BAD_REQUEST, INTERNAL_ERROR
 
             logging.getLogger(__name__).exception("predict failed")
-            from isc.errors import ISCError
 
             if isinstance(exc, ISCError | ValueError | TypeError | KeyError):
                 raise MlflowException(f"{type(exc).__name__}: {exc}", error_code=BAD_REQUEST) from None

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from isc.contract import Tag
+from isc.contract import PYFUNC_BANK, Tag
 from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path, check_outputs, copy_file, sha256_of, write_bytes
 from registry.writes import RegistryWriter
@@ -126,7 +126,7 @@ def _model_files(model_uri: str, dst: Path) -> tuple[dict[str, str], Path, Path 
 
     ident = model_identity(model_uri)
     ckpt = resolve_checkpoint(ident["resolved_uri"], dst=dst)
-    bank = ckpt.parent / "nes_bank.h5"
+    bank = ckpt.parent / PYFUNC_BANK  # beside the pyfunc's checkpoint.pth.tar
     config: dict[str, Any] = {}
     mlmodel = ckpt.parent.parent / "MLmodel"
     if ckpt.parent.name == "artifacts" and mlmodel.is_file():

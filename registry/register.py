@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from isc.contract import DEFAULT_MODEL_NAME, Evaluation, Step, Tag
+from isc.contract import DEFAULT_MODEL_NAME, Evaluation, ModelRef, Step, Tag
 from isc.errors import ConfigError
 from registry.model_logging import log_descriptor_model
 from registry.writes import RegistryWriter
@@ -145,7 +145,6 @@ def _training_run(client: Any, model_ref: str) -> Any | None:
     """The MLflow run that trained ``model_ref`` when the reference names one (run id, ``<id>:N``, runs:/)."""
     from mlflow.exceptions import MlflowException
 
-    from isc.contract import ModelRef
 
     try:
         run_id = ModelRef.parse(model_ref).run_id

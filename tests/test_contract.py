@@ -112,6 +112,29 @@ def test_no_model_uri_is_spelled_outside_the_contract_module():
     assert not MODEL_URI_LITERAL.search('help="models:/name@alias or models:/name/version"')
 
 
+def _artifact_file_names() -> set[str]:
+    """The artifact file names the contract defines (folder names such as "checkpoints" or "evaluation"
+    are ordinary words elsewhere, e.g. an MLflow dataset context, so only file names are held to it)."""
+    from isc import contract
+
+    return {v for k, v in vars(contract).items() if k.isupper() and isinstance(v, str)
+            and re.fullmatch(r"[\w/.-]+\.(h5|pth\.tar)", v)}
+
+
+ARTIFACT_FILE_LITERAL = re.compile(r"""["']([\w/.-]+\.(?:h5|pth\.tar))["']""")
+
+
+def test_no_artifact_file_name_is_spelled_outside_the_contract_module():
+    """A run's artifact files (descriptors.h5, descriptors_nes.h5, nes_bank.h5, model/final.pth.tar, the
+    pyfunc's checkpoint) are named once, in isc/contract.py: a rename there reaches every reader."""
+    names = _artifact_file_names()
+    assert {"descriptors.h5", "descriptors_nes.h5", "nes_bank.h5", "model/final.pth.tar"} <= names
+    offenders = [f"{where}: {line.strip()}" for where, line in _code_lines()
+                 for name in ARTIFACT_FILE_LITERAL.findall(line) if name in names]
+    assert not offenders, "artifact file names spelled outside isc/contract.py:\n" + "\n".join(offenders)
+    assert ARTIFACT_FILE_LITERAL.findall('out / "descriptors_nes.h5"') == ["descriptors_nes.h5"]
+
+
 def test_model_ref_local_path_wins_and_bad_forms_name_the_parameter(tmp_path):
     f = tmp_path / "final.pth.tar"
     f.write_bytes(b"x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from isc.errors import ConfigError
 from isc.losses.xbm_contrastive import NEGATIVE_LABEL_OFFSET, XBMContrastiveLoss, gather_in_rank_order
 
 # name -> builder(cfg); a new loss is one entry here plus its module (the loop only calls build_loss)
@@ -14,7 +15,6 @@ LOSSES = {
 
 def build_loss(cfg: Any) -> XBMContrastiveLoss:
     """The training loss named by ``cfg.loss`` (default: the recipe's contrastive loss + memory bank)."""
-    from isc.errors import ConfigError
 
     name = getattr(cfg, "loss", "xbm_contrastive")
     if name not in LOSSES:

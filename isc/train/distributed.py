@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from isc.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -47,7 +49,6 @@ def setup(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
         dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():  # else set_device dies with a driver traceback
-            from isc.errors import ConfigError
 
             raise ConfigError("device", f"{device} requested but no GPU is visible")
         torch.cuda.set_device(dev)

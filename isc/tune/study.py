@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isc.contract import Step, Tag, redact
+from isc.contract import ModelRef, Step, Tag, redact
 from isc.errors import ConfigError
 from isc.tune.objective import (
     BASELINE_ATTR,
@@ -192,7 +192,6 @@ def _check_start_checkpoint(start_from: str | None) -> None:
     """The hand-off checkpoint exists and is readable (before any study exists: every trial needs it)."""
     if not start_from:
         return
-    from isc.contract import ModelRef
     from isc.models.checkpoint import CheckpointError, resolve_checkpoint
 
     try:
