@@ -19,6 +19,7 @@ from isc.contract import (
     Tag,
     run_artifact_uri,
 )
+from isc.metrics import summary_columns
 from isc.pipeline import MainJob
 from isc.recipe import PROFILES, SettingsPlan, Stage, start_label, start_reference, tuned_stage
 
@@ -65,11 +66,8 @@ def evaluate_stage(job: MainJob, stage: Stage, train_run: str, label: str | None
         "step": label or f"{stage.name} ({Path(stage.config).stem}{', no fine-tuning' if dict(stage.overrides).get('epochs') == 0 else ''})",
         "starts from": start_label(stage),
         "settings": served.label,
-        "uAP before NES": ev.metrics.get("before_average_precision"),
-        "recall@P90 before NES": ev.metrics.get("before_recall_p90"),
-        "uAP": ev.metrics.get("average_precision"),
-        "uAP 95% CI": interval_text(ev.metrics),
-        "recall@P90": ev.metrics.get("recall_p90"),
+        **summary_columns(ev.metrics, before=True),
+        **summary_columns(ev.metrics, interval=interval_text(ev.metrics)),
     }
     val = None
     if select_gt != test_gt:

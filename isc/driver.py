@@ -20,6 +20,7 @@ from typing import Any
 from isc.candidates import Candidate, evaluate_stage, interval_text, settings_phase, tuned_candidate
 from isc.contract import CHAMPION, Tag, model_uri
 from isc.errors import ConfigError
+from isc.metrics import summary_columns
 from isc.nodes import Board, Layout
 from isc.pipeline import MainJob, Pipeline
 from isc.recipe import PROFILES, handoff_epochs, settings_plan, stage_overrides, start_reference
@@ -189,8 +190,7 @@ def _run_steps(job: MainJob, ds: Any, n_trials: int, model_name: str, settings_g
         {"data": str(data_dir), "method": "phash", "ground_truth": str(test_gt), "output_dir": str(out_root / "baseline"),
          "overwrite": "true"},
     )
-    rows.append({"step": "baseline (pHash)", "uAP": base.metrics.get("average_precision"),
-                 "uAP 95% CI": interval_text(base.metrics), "recall@P90": base.metrics.get("recall_p90")})
+    rows.append({"step": "baseline (pHash)", **summary_columns(base.metrics, interval=interval_text(base.metrics))})
 
     stage_runs: dict[str, str] = {}
     candidates: list[Candidate] = []

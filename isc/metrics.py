@@ -98,14 +98,30 @@ class PredictionsError(ISCError):
 class Metrics:
     """The scalar results of :func:`score_coded` (recalls and precisions are fractions in [0, 1])."""
 
-    average_precision: float
-    recall_p90: float
+    average_precision: float = field(metadata={"column": "uAP"})  # "column": shown in the main job's summary
+    recall_p90: float = field(metadata={"column": "recall@P90"})
     threshold_p90: float | None  # score at the P90 cut; None when precision never reaches 0.9
     recall_at_rank1: float
     recall_at_rank10: float
     n_positives: int  # GT positive pairs (the recall denominator)
     n_predictions: int  # predictions scored (after dropping non-GT queries)
     n_true_positives: int  # predictions that are GT pairs
+
+
+def summary_columns(metrics: dict[str, Any], before: bool = False, interval: str | None = None) -> dict[str, Any]:
+    """The summary table's columns for one evaluate run's logged metrics, from :class:`Metrics`' ``column``
+    metadata (a metric marked there appears in every row; nothing else to edit). ``before``: the
+    ``before_``-prefixed values (descriptors before NES), labelled so; ``interval``: the µAP's bootstrap
+    interval text, placed right after the µAP."""
+    columns: dict[str, Any] = {}
+    for f in fields(Metrics):
+        label = f.metadata.get("column")
+        if label is None:
+            continue
+        columns[f"{label} before NES" if before else label] = metrics.get(f"before_{f.name}" if before else f.name)
+        if f.name == "average_precision" and not before:
+            columns[f"{label} 95% CI"] = interval
+    return columns
 
 
 @dataclass

@@ -420,3 +420,20 @@ def test_bootstrap_rejects_bad_parameters():
         bootstrap_average_precision([ranked], gt, confidence=1.0)
     with pytest.raises(ConfigError, match="ground_truth"):
         bootstrap_average_precision([ranked], GroundTruth(["Q0"]))
+
+
+def test_summary_columns_come_from_the_metrics_fields_marked_for_it():
+    """The main job's summary rows take their metric columns from Metrics' ``column`` metadata, in field
+    order, the interval right after the µAP, and the ``before_`` values under "... before NES"."""
+    from dataclasses import fields
+
+    from isc.metrics import Metrics, summary_columns
+
+    logged = {"average_precision": 0.61, "recall_p90": 0.42, "before_average_precision": 0.55,
+              "before_recall_p90": 0.31, "recall_at_rank1": 0.7}
+    assert list({**summary_columns(logged, before=True), **summary_columns(logged, interval="0.50-0.70")}.items()) == [
+        ("uAP before NES", 0.55), ("recall@P90 before NES", 0.31), ("uAP", 0.61), ("uAP 95% CI", "0.50-0.70"),
+        ("recall@P90", 0.42)]
+    marked = [f.name for f in fields(Metrics) if "column" in f.metadata]
+    assert marked == ["average_precision", "recall_p90"]
+    assert summary_columns({}) == {"uAP": None, "uAP 95% CI": None, "recall@P90": None}  # a metric not logged
