@@ -12,6 +12,8 @@ from typing import Any
 
 from isc.contract import (
     ARTIFACT_DESCRIPTORS,
+    BASELINE_TRIAL_PARAM,
+    BEST_TRIAL_RUN_TAG,
     DESCRIPTORS_FILE,
     NES_BANK_FILE,
     NES_DESCRIPTORS_FILE,
@@ -141,11 +143,11 @@ def tuned_candidate(job: MainJob, stage_runs: dict[str, str], n_trials: int) -> 
     m = tune.metrics
     counts = (f"{int(m.get('n_complete', 0))} complete, {int(m.get('n_pruned', 0))} pruned, "
               f"{int(m.get('n_failed', 0))} failed")
-    best_run = pipe.client.get_run(tune.run_id).data.tags.get("best_trial_run_id")
+    best_run = pipe.client.get_run(tune.run_id).data.tags.get(BEST_TRIAL_RUN_TAG)
     if not best_run:
         return None, f"tune: study {study} ({counts}): no complete trial, so no tuned candidate"
     best_trial = pipe.client.get_run(best_run)
-    best, own_values = best_trial.data.tags, best_trial.data.params.get("baseline_trial") == "True"
+    best, own_values = best_trial.data.tags, best_trial.data.params.get(BASELINE_TRIAL_PARAM) == "True"
     params = json.loads(best[Tag.TUNE_PARAMS])
     provenance = {Tag.TUNE_STUDY: study, Tag.TUNE_TRIAL: best[Tag.TUNE_TRIAL], Tag.TUNE_PARAMS: best[Tag.TUNE_PARAMS],
                   Tag.TUNE_STUDY_RUN: tune.run_id, Tag.TUNE_STAGE: stage.name, Tag.TUNE_CANDIDATE: cfg.candidate}

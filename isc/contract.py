@@ -33,6 +33,12 @@ from isc.redact import redact  # noqa: F401 -- the one redaction function, re-ex
 log = logging.getLogger(__name__)
 
 
+BASELINE_TRIAL_PARAM = "baseline_trial"  # trial runs' param: True for the trial run at the recipe's values
+# on a study run: its best trial's run id, read by the main job (a tag older than the isc. prefix, kept so
+# studies already logged still hand on their best trial)
+BEST_TRIAL_RUN_TAG = "best_trial_run_id"
+
+
 class Tag:
     """Tag names on runs (and, for the promotion group, on registered model versions)."""
 

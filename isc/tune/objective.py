@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isc.contract import Step, Tag
+from isc.contract import BASELINE_TRIAL_PARAM, Step, Tag
 from isc.errors import BadImageError, BadImagesError, ConfigError, DescriptorFileError, ISCError
 from isc.tune.space import TuneConfig
 from isc.tune.storage import AdmissionGate
@@ -191,7 +191,7 @@ def _objective_factory(cfg: TuneConfig, data: str, study_name: str, val: Validat
             with _trial_run(study_name, trial) as run:
                 trial.set_user_attr("mlflow_run_id", run.info.run_id)
                 mlflow.set_tags({Tag.TUNE_PARAMS: json.dumps(params, sort_keys=True), Tag.TUNE_STAGE: stage.name})
-                log_params({**params, "baseline_trial": bool(trial.user_attrs.get(BASELINE_ATTR)),
+                log_params({**params, BASELINE_TRIAL_PARAM: bool(trial.user_attrs.get(BASELINE_ATTR)),
                             "epochs_per_trial": cfg.epochs_per_trial, "profile": cfg.profile,
                             "tuned_stage": stage.name, "config": stage.config, "start_from": cfg.start_from or "",
                             "validation_split": cfg.split, "validation_ground_truth": str(val.gt_path)})

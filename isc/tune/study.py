@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isc.contract import ModelRef, Step, Tag, redact
+from isc.contract import BASELINE_TRIAL_PARAM, BEST_TRIAL_RUN_TAG, ModelRef, Step, Tag, redact
 from isc.errors import ConfigError
 from isc.tune.objective import (
     BASELINE_ATTR,
@@ -85,7 +85,7 @@ def log_study_summary(study: Any, run_id: str) -> dict[str, Any]:
         metrics.update(best_value=float(best.value), best_trial=float(best.number))
         for name, value in best.params.items():
             client.set_tag(run_id, f"best_params.{name}", str(value))
-        client.set_tag(run_id, "best_trial_run_id", str(best.user_attrs.get("mlflow_run_id", "")))
+        client.set_tag(run_id, BEST_TRIAL_RUN_TAG, str(best.user_attrs.get("mlflow_run_id", "")))
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     with tempfile.TemporaryDirectory(prefix="isc-tune-") as tmp:
@@ -253,7 +253,7 @@ def run_study(
             "validation_split": cfg.split, "validation_ground_truth": str(gt_path),
             "objective": f"{OBJECTIVE_METRIC}: official protocol, after NES {val.nes}",
             "train_overrides": cfg.train_overrides, "job_overrides": cfg.job_overrides, "candidate": cfg.candidate,
-            "baseline_trial": baseline,
+            BASELINE_TRIAL_PARAM: baseline,
             "direction": "maximize",
         })
         objective = _objective_factory(cfg, data, study_name, val, gate, errors)
