@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from entrypoints.cli import run_entrypoint
+
 
 def cli(module: str) -> None:
-    from entrypoints.cli import run_entrypoint
-
     sys.exit(run_entrypoint(module, sys.argv[1:]))

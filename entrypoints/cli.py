@@ -16,6 +16,10 @@ import sys
 import threading
 
 from isc.errors import ISCError
+from isc.fileutil import disk_error_in, os_error_line
+from isc.proctree import dead_parent, end_with_parent, under_reporting_parent
+from isc.redact import install_log_redaction, redact
+from isc.tracking import report_dead_driver
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("entrypoints.make_mini", "build a DISC21-shaped mini dataset (isc data make-mini ...)"),
@@ -62,14 +66,12 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     Log records and the error line pass through :mod:`isc.redact`, so a password in a URI or a
     command line never reaches the terminal or a captured log.
     """
-    from isc.redact import install_log_redaction, redact
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mod = importlib.import_module(module)
     install_log_redaction()  # after the import: MLflow adds its own handlers when imported
     previous = _catch_signals()
     step_run = os.environ.get("MLFLOW_RUN_ID", "")  # `mlflow run`'s; MLflow unsets it when the run ends
-    from isc.proctree import end_with_parent
 
     end_with_parent()  # a step of `isc main` (or a torchrun rank) ends when its parent is killed
     try:
@@ -78,14 +80,12 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
         # SIGTERM (timeout, Slurm, Kubernetes) arrives as Terminated, Ctrl-C as KeyboardInterrupt: the
         # tracked run ends KILLED and atomic outputs drop their temporary files on the way out.
         # A step of `isc main` (or a torchrun rank) stays quiet: its parent prints the one line.
-        from isc.proctree import dead_parent, under_reporting_parent
 
         name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
         if not under_reporting_parent():
             print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
                   "unfinished outputs were removed", file=sys.stderr)
         elif (driver := dead_parent()) is not None:  # nobody is left to report: this step says it
-            from isc.tracking import report_dead_driver
 
             report_dead_driver(driver, step_run)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
@@ -95,7 +95,6 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
     except OSError as exc:
         # A full, read-only or failing disk (ENOSPC, EROFS, EIO), a quota or `ulimit -f`: atomic outputs
         # have dropped their temporary files and a tracked run has ended FAILED; say which file, in one line.
-        from isc.fileutil import os_error_line
 
         logging.getLogger(__name__).debug("OS error", exc_info=True)
         print(f"error: {redact(os_error_line(exc))}", file=sys.stderr)
@@ -105,7 +104,6 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
         # then answers 404, a store that fails mid-run): one line naming the tracking URI, not a traceback.
         # A database store that fails under MLflow's own code (SQLite "disk I/O error", "database or
         # disk is full" while migrating or logging) raises SQLAlchemy's errors unwrapped: same line.
-        from isc.fileutil import disk_error_in, os_error_line
 
         disk = disk_error_in(exc)
         if disk is not None:  # e.g. h5py's RuntimeError from closing a file whose write hit ENOSPC/EFBIG
@@ -145,7 +143,6 @@ def _once_under_parent() -> None:
     """In a step of ``isc main``: ignore a repeat of the signal while the first one's cleanup runs (a
     terminal's Ctrl-C reaches every process of the job and the driver forwards it again; a second interrupt
     would cut the run's KILLED mark short). The driver SIGKILLs a step that does not end in its grace period."""
-    from isc.proctree import under_reporting_parent
 
     if under_reporting_parent():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -14,6 +14,7 @@ import os
 
 from isc.cliutil import Parser, optional_str, str2bool
 from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, Step, Tag, model_uri
+from isc.tracking import log_metrics, log_params, tracked_run
 
 
 def build_parser() -> Parser:
@@ -34,7 +35,6 @@ def build_parser() -> Parser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from isc.tracking import log_metrics, log_params, tracked_run
     from registry.export import check_format, check_output, default_output, export_model
 
     fmt = check_format(args.format)  # parameters first, before any run is opened

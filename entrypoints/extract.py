@@ -24,6 +24,7 @@ from isc.extract.sharded import DEFAULT_SHARD_SIZE, extract_descriptors_sharded
 from isc.extract.streamed import check_outputs, extract_descriptors, parse_sets
 from isc.fileutil import atomic_path
 from isc.limits import check_input_size, check_workers
+from isc.lineage import log_disc21_inputs, upstream_params
 from isc.train import distributed as ddp
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,6 @@ def _log_params(args, letters: list[str], data: DISC21, output_dir: Path, info: 
                 input_size: int, settings, source: str) -> None:  # fmt: skip
     """The run's parameters: the flags as given, the settings they resolved to, the data and the model's
     upstream runs (lineage)."""
-    from isc.lineage import log_disc21_inputs, upstream_params
 
     tracking.log_params(
         {

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from isc.cliutil import Parser, optional_str, positive_float, positive_int, str2bool
 from isc.contract import Step, Tag, model_version_uri
+from isc.tracking import log_params, tracked_run
+from registry.model_logging import log_descriptor_model
+from registry.writes import RegistryWriter
 
 
 def _optional(kind):
@@ -61,9 +64,6 @@ def register(result, name: str) -> tuple[str, str]:
     import mlflow
     from mlflow import MlflowClient
 
-    from isc.tracking import log_params, tracked_run
-    from registry.model_logging import log_descriptor_model
-    from registry.writes import RegistryWriter
 
     with tracked_run(run_name=f"import-seed {result.source.name}", tags={Tag.STEP: Step.IMPORT_SEED}):
         cfg = result.model_config

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from isc.cliutil import Parser, positive_float, positive_int
+from isc.nodes import join
 
 
 def build_parser() -> Parser:
@@ -33,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     # Read when torch loads, so set here; the steps this machine starts get the environment as it was.
     before = os.environ.get("TORCH_CPP_LOG_LEVEL")
     os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
-    from isc.nodes import join
 
     return join(args.rdzv_endpoint, args.node_rank, args.timeout, step_env=_restored(before))
 

@@ -13,6 +13,8 @@ from isc.cliutil import (
     str2bool,
 )
 from isc.contract import Step, Tag
+from isc.nodes import Layout
+from isc.tracking import tracked_run
 
 
 def build_parser() -> Parser:
@@ -57,12 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from isc.driver import run_main
     from isc.recipe import check_arguments, check_processes
-    from isc.tracking import tracked_run
 
     args = build_parser().parse_args(argv)
     check_arguments(args.profile, args.n_trials, args.overrides or "", args.settings_sizes or "",
                     args.settings_tta or "", args.settings_top, args.settings_tta_sizes)  # before any run opens
-    from isc.nodes import Layout
 
     layout = Layout(args.nproc_per_node, args.nnodes, args.rdzv_endpoint or "")
     layout.check()

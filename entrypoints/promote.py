@@ -14,6 +14,7 @@ from isc.cliutil import Parser, nonnegative_float, optional_str, str2bool
 from isc.contract import Tag
 from isc.errors import ConfigError, DescriptorFileError
 from registry.model_logging import DEFAULT_MODEL_NAME
+from registry.promote import promote, rollback
 
 
 def build_parser() -> Parser:
@@ -38,7 +39,6 @@ def build_parser() -> Parser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     run_id = os.environ.get("MLFLOW_RUN_ID")  # read first: ending the registration's run unsets it
-    from registry.promote import promote, rollback
 
     if args.ground_truth:
 

@@ -15,6 +15,7 @@ import os
 
 from isc.cliutil import Parser, optional_str, positive_int, str2bool
 from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, Step, Tag, model_uri
+from isc.tracking import configure, log_artifact, log_params, tracked_run
 
 
 def build_parser() -> Parser:
@@ -43,7 +44,6 @@ def main(argv: list[str]) -> int:
     import pandas as pd
 
     from isc.knn import knn_backend
-    from isc.tracking import configure, log_artifact, log_params, tracked_run
     from registry.image_search import search_images
 
     configure(check=True)

@@ -19,6 +19,7 @@ import socket
 from isc.cliutil import Parser, str2bool
 from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, model_uri
 from isc.errors import ConfigError
+from registry.serving import build_app
 
 
 def build_parser() -> Parser:
@@ -42,7 +43,6 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from registry.image_search import load_descriptor_model
-    from registry.serving import build_app
 
     try:  # a port in use is one line naming it, before the model is loaded (uvicorn: its own log line, exit 3)
         with socket.create_server((args.host, args.port)):

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from isc.cliutil import Parser, optional_str, positive_int
+from isc.train.config import parse_overrides
+from isc.tune import DEFAULT_TUNE_CONFIG, load_tune_config, run_study
 
 
 def build_parser() -> Parser:
@@ -42,14 +44,12 @@ def build_parser() -> Parser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
 
-    from isc.tune import DEFAULT_TUNE_CONFIG, load_tune_config, run_study
 
     config = args.config
     if config in ("isc/configs/tune.yaml", "tune") and not Path(config).is_file():
         config = str(DEFAULT_TUNE_CONFIG)  # launched from another working directory
     job_overrides = None
     if args.overrides:
-        from isc.train.config import parse_overrides
 
         job_overrides = parse_overrides(args.overrides)
     cfg = load_tune_config(config, profile=args.profile, stage=args.stage, start_from=args.start_from,

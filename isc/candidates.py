@@ -24,6 +24,7 @@ from isc.contract import (
 from isc.metrics import summary_columns
 from isc.pipeline import MainJob
 from isc.recipe import PROFILES, SettingsPlan, Stage, start_label, start_reference, tuned_stage
+from isc.tune import load_tune_config
 
 
 @dataclass
@@ -125,7 +126,6 @@ def tuned_candidate(job: MainJob, stage_runs: dict[str, str], n_trials: int) -> 
     """
     import mlflow
 
-    from isc.tune import load_tune_config
 
     pipe, profile, data_dir, extra, force = job.pipe, job.profile, job.data_dir, job.extra, job.force
     tune_config = PROFILES[profile].tune_config

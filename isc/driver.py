@@ -20,11 +20,17 @@ from typing import Any
 from isc.candidates import Candidate, evaluate_stage, interval_text, settings_phase, tuned_candidate
 from isc.contract import CHAMPION, Tag, model_uri
 from isc.errors import ConfigError
+from isc.fileutil import remove_dead_partials
 from isc.metrics import summary_columns
 from isc.nodes import Board, Layout
 from isc.pipeline import MainJob, Pipeline
+from isc.preflight import check_main_inputs
+from isc.proctree import children_end_with_us
 from isc.recipe import PROFILES, handoff_epochs, settings_plan, stage_overrides, start_reference
+from isc.redact import redact
+from isc.tracking import default_tracking_uri, project_root
 from isc.train.config import parse_overrides
+from isc.tune import default_storage_url
 
 log = logging.getLogger("isc.driver")
 
@@ -57,8 +63,6 @@ def run_main(
     """
     import mlflow
 
-    from isc.proctree import children_end_with_us
-    from isc.tracking import project_root
 
     active = mlflow.active_run()
     if active is None:
@@ -94,7 +98,6 @@ def _end_interrupted(main_run_id: str, out_root: Path) -> None:
     temporary files of writers that are gone are removed from the job's outputs."""
     from mlflow import MlflowClient
 
-    from isc.fileutil import remove_dead_partials
 
     client = MlflowClient()
     experiment = client.get_run(main_run_id).info.experiment_id
@@ -155,7 +158,6 @@ def _run_main(
     # stay held out (choosing the best stage on test would bias the champion's test µAP upwards). Data
     # without a val split is chosen and reported on the same GT, and the summary says so. Neither is ever
     # a ground truth stage 4 trains on.
-    from isc.preflight import check_main_inputs
 
     gts = check_main_inputs(profile, data_dir, extra, n_trials, world_size=layout.world_size,
                             out_root=out_root / "train")
@@ -287,8 +289,6 @@ def _champion_line(champion: dict[str, str] | None, model_name: str, select_gt: 
 def _report(summary: Any, timing: Any, champion_line: str) -> None:
     import mlflow
 
-    from isc.tracking import default_tracking_uri
-    from isc.tune import default_storage_url
 
     pd_opts = {"index": False, "float_format": lambda x: f"{x:.4f}"}
     text = ["", "== quality (held-out test split) ==", summary.to_string(**pd_opts), "",
@@ -299,7 +299,6 @@ def _report(summary: Any, timing: Any, champion_line: str) -> None:
         if not uri.startswith("http") else f"MLflow UI:        {uri}",
         f"Optuna dashboard: optuna-dashboard {default_storage_url()} --host 127.0.0.1 --port 8080",
     ]
-    from isc.redact import redact
 
     report = redact("\n".join(text))  # the tracking URI (and anything else printed) may carry a password
     print(report, flush=True)

@@ -29,6 +29,7 @@ from isc.contract import (
     Evaluation,
 )
 from isc.errors import DescriptorFileError
+from isc.fileutil import atomic_path, check_outputs
 from isc.io import Descriptors, GroundTruth, read_descriptors, read_ground_truth
 from isc.knn import DEFAULT_BATCH_SIZE
 from isc.limits import check_bootstrap
@@ -291,7 +292,6 @@ def check_output_dir(output_dir: str | Path | None, inputs: dict[str, Any], over
     ``inputs`` values that are not local paths (run ids, URIs, loaded objects) are skipped."""
     if not output_dir:
         return
-    from isc.fileutil import check_outputs
 
     local = {k: v for k, v in inputs.items() if isinstance(v, str | Path) and "://" not in str(v)}
     check_outputs({n: Path(output_dir) / n for n in ARTIFACT_FILES}, local, overwrite, param=param)
@@ -305,7 +305,6 @@ def _write_artifacts(
     data: str | Path | None,
 ) -> list[Path]:
     """metrics.json, pr_curve.png and (with ``data``) gallery.png in ``folder``; returns their paths."""
-    from isc.fileutil import atomic_path
     from isc.plots import gallery_png, pr_curve_png
 
     files = []

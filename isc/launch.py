@@ -25,6 +25,9 @@ import signal
 import sys
 
 from isc.errors import ConfigError
+from isc.local_torchrun import main as local_main
+from isc.proctree import PARENT_ENV, dead_parent, end_with_parent, under_reporting_parent
+from isc.tracking import report_dead_driver
 
 
 def torchrun_args(nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str = "", node_rank: int = 0) -> list[str] | None:
@@ -90,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", module, *rest])
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from isc.proctree import PARENT_ENV, dead_parent, end_with_parent, under_reporting_parent
 
     quiet = under_reporting_parent()  # a step of `isc main`: the driver prints the line
     driver = os.environ.get(PARENT_ENV, "")
@@ -98,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[PARENT_ENV] = str(os.getpid())  # the ranks stay quiet: this process reports for them
     try:
         if args[:2] == ["--nnodes", "1"]:
-            from isc.local_torchrun import main as local_main
 
             return local_main([*args, "-m", module, *rest])
         from torch.distributed.run import main as torchrun_main
@@ -111,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: interrupted by {signal.Signals(exc.sigval).name}; the ranks were stopped and the "
                   "MLflow run (if one was open) is marked KILLED", file=sys.stderr)
         elif dead_parent(driver) is not None:  # the driver was SIGKILLed: nobody else reports or marks the job
-            from isc.tracking import report_dead_driver
 
             report_dead_driver(driver, os.environ.get("MLFLOW_RUN_ID", ""))
         return 128 + int(exc.sigval)

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from isc.errors import ConfigError, ISCError
+from isc.tune import load_tune_config
+from isc.tune.objective import resolve_validation_gt
 
 # what one checkpoint holds besides the weights: SGD momentum (one buffer per weight) -> 2 x the weights
 _STATE_COPIES = 2
@@ -212,8 +214,6 @@ def _check_pairs_stage(label: str, cfg: Any, batch: int, negatives: int, scored:
 def _tuning_split(profile: str, root: Path, problems: list[str]) -> Path | None:
     """The ground truth ``isc tune`` scores trials on (it refuses the test split); None when it cannot."""
     from isc.recipe import PROFILES
-    from isc.tune import load_tune_config
-    from isc.tune.objective import resolve_validation_gt
 
     project = Path(__file__).resolve().parent.parent
     try:

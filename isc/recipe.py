@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from isc.errors import ConfigError
-from isc.train.config import parse_overrides
+from isc.train.config import check_batch, load_config, parse_epochs, parse_overrides
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,6 @@ def check_processes(profile: str, nproc_per_node: int, overrides: str = "") -> N
     """Every training stage's batch works on ``nproc_per_node`` processes (the global batch splits evenly, each
     process sees images of two labels; v107 takes 1 pair + 2G-2 negatives per process), checked before the
     main job's run opens rather than when a late stage starts. One message names every stage that fails."""
-    from isc.train.config import check_batch, load_config
 
     if nproc_per_node < 1:
         raise ConfigError("nproc_per_node", f"must be >= 1, got {nproc_per_node}")
@@ -187,7 +186,6 @@ def handoff_epochs(stages: tuple[Stage, ...]) -> dict[str, list[int]]:
 def stage_overrides(stage: Stage, extra: dict[str, Any], handoffs: dict[str, list[int]]) -> dict[str, Any]:
     """The training overrides of one stage: the job's, the stage's own, and its hand-off epochs added to
     any ``keep_epochs`` given."""
-    from isc.train.config import parse_epochs
 
     out = {**extra, **dict(stage.overrides)}
     if handoffs.get(stage.name):

@@ -24,7 +24,8 @@ from typing import Any
 
 from isc.contract import DEFAULT_EXPERIMENT, Tag, experiment_choice, looks_like_run_id  # noqa: F401 (re-exported)
 from isc.errors import ConfigError
-from isc.redact import REDACTED, is_secret_key, redact, safe_value  # noqa: F401 (re-exported)
+from isc.lineage import set_experiment_kind
+from isc.redact import install_log_redaction, redact, safe_value
 from isc.tracking_uri import check_database, check_reachable, check_store_uri, is_http, split_credentials
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,6 @@ def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     """
     import mlflow
 
-    from isc.redact import install_log_redaction
 
     install_log_redaction()  # MLflow's handlers exist once it is imported; they print run URLs with the URI
     os.environ.setdefault("ISC_HOME", str(project_root()))  # one home for this process and its steps
@@ -181,7 +181,6 @@ def tracked_run(
     else:
         kwargs["experiment_id"] = experiment_id(experiment)
     run = mlflow.start_run(**kwargs)
-    from isc.lineage import set_experiment_kind
 
     set_experiment_kind(run.info.experiment_id)
     try:

@@ -29,7 +29,9 @@ import numpy as np
 
 from isc.contract import ModelRef, model_version_uri
 from isc.errors import ConfigError
-from isc.fileutil import atomic_path
+from isc.fileutil import atomic_path, check_outputs
+from isc.tracking import configure
+from registry.model_logging import ISC_PACKAGE_DIR, MODEL_CODE_PATH
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,6 @@ def model_identity(model_uri: str) -> dict[str, str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from isc.tracking import configure
 
     uri = model_uri.strip()
     if not uri.startswith("models:/"):
@@ -139,7 +140,6 @@ def _pyfunc_flavor(model_uri: str, local: Path | None) -> dict[str, Any]:
 
 def _foreign_code(folder: Path) -> list[str]:
     """Files of a local model folder that could run code and are not this checkout's own code."""
-    from registry.model_logging import ISC_PACKAGE_DIR, MODEL_CODE_PATH
 
     foreign = []
     for f in sorted(folder.rglob("*")):
@@ -244,7 +244,6 @@ def check_output_paths(index_path: Path, output: str | Path | None, images: list
     ground-truth CSV, another tool's index). An existing ``--output`` is replaced only with ``overwrite``;
     neither may be an input image or the other output.
     """
-    from isc.fileutil import check_outputs
 
     ids_path, meta_path = _side_paths(index_path)
     index_files = {"index": index_path, "index ids": ids_path, "index meta": meta_path}

@@ -48,6 +48,7 @@ from isc.contract import (
     Tag,
 )
 from isc.errors import ConfigError
+from isc.tracking import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,6 @@ def log_descriptor_model(
             warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
             if mlflow.active_run() is None:  # never fall back to MLflow's CWD-relative ./mlruns
-                from isc.tracking import tracked_run
 
                 stack.enter_context(tracked_run(run_name="log-descriptor-model", tags={Tag.STEP: Step.PACKAGE}))
             info = mlflow.pyfunc.log_model(

@@ -34,6 +34,7 @@ from typing import Any
 
 from isc.contract import CHAMPION, DEFAULT_MODEL_NAME, PREVIOUS, Evaluation, Step, Tag
 from isc.errors import ConfigError, ISCError
+from isc.tracking import experiment_id
 from registry.register import register_once, registration_lock, registry_client, search_all_runs
 from registry.writes import RegistryWriter
 
@@ -83,7 +84,6 @@ def validate_model_name(model_name: str | None) -> str:
 
 def resolve_experiment(experiment: str | None) -> Any:
     """The experiment to search (:func:`isc.contract.experiment_choice`; never created here)."""
-    from isc.tracking import experiment_id
 
     client = registry_client()
     return client.get_experiment(experiment_id(experiment, create=False))

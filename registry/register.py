@@ -22,6 +22,15 @@ from typing import Any
 
 from isc.contract import DEFAULT_MODEL_NAME, Evaluation, ModelRef, Step, Tag
 from isc.errors import ConfigError
+from isc.tracking import (
+    configure,
+    default_tracking_uri,
+    git_commit,
+    log_params,
+    resolve_artifact,
+    tracked_run,
+)
+from isc.train.config import SEED_SCRIPTS
 from registry.model_logging import log_descriptor_model
 from registry.writes import RegistryWriter
 
@@ -41,7 +50,6 @@ def registry_client():
     """A client of the configured tracking store (checked: a bad URI is one clear error)."""
     from mlflow import MlflowClient
 
-    from isc.tracking import configure
 
     configure(check=True)
     return MlflowClient()
@@ -92,7 +100,6 @@ def registration_lock(model_name: str) -> Iterator[None]:
     lowest-version rule of :func:`register_once` and the :class:`RegistryWriter` keep the registry right."""
     import fcntl
 
-    from isc.tracking import default_tracking_uri
 
     key = hashlib.sha256(f"{default_tracking_uri()}\0{model_name}".encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"isc-promote-{key}.lock"
@@ -177,7 +184,6 @@ def version_description(client: Any, candidate: Evaluation, train_run: Any | Non
     lines = []
     if train_run is not None:
         tags, params = train_run.data.tags, train_run.data.params
-        from isc.train.config import SEED_SCRIPTS
 
         config, stage = params.get("config", "?"), tags.get(Tag.STAGE, "?")
         seed = f", the seed's {SEED_SCRIPTS[stage]}" if SEED_SCRIPTS.get(stage) else ""
@@ -223,7 +229,6 @@ def register_candidate(candidate: Evaluation, model_name: str = DEFAULT_MODEL_NA
     import mlflow
 
     from isc.models import resolve_checkpoint
-    from isc.tracking import git_commit, log_params, resolve_artifact, tracked_run
 
     client = registry_client()
     eval_run = client.get_run(candidate.run_id)

@@ -31,6 +31,7 @@ import torch
 from isc.contract import ARTIFACT_CHECKPOINTS, ARTIFACT_FINAL_MODEL, PYFUNC_CHECKPOINT, ModelRef
 from isc.errors import ConfigError, ISCError
 from isc.fileutil import atomic_path
+from isc.tracking import configure, resolve_artifact
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,6 @@ def _run_checkpoint_uri(run_id: str, full_state: bool = False) -> str:
     """
     from mlflow import MlflowClient
 
-    from isc.tracking import configure
 
     configure(check=True)
     client = MlflowClient()
@@ -260,7 +260,6 @@ def resolve_checkpoint(ref: str | Path, dst: str | Path | None = None, full_stat
     ``models:/name@alias`` / ``models:/name/version`` (registered model folder holding
     ``artifacts/checkpoint.pth.tar``), or any MLflow artifact URI. Downloads when remote. ``full_state``:
     a bare run id means its latest full epoch checkpoint, not its weights-only final model (``resume_from``)."""
-    from isc.tracking import resolve_artifact
 
     parsed = ModelRef.parse(ref)
     text = parsed.text

@@ -17,6 +17,7 @@ from typing import Any
 
 from isc.contract import BASELINE_TRIAL_PARAM, Step, Tag
 from isc.errors import BadImageError, BadImagesError, ConfigError, DescriptorFileError, ISCError
+from isc.tracking import log_metrics, log_params
 from isc.tune.space import TuneConfig
 from isc.tune.storage import AdmissionGate
 
@@ -180,7 +181,6 @@ def _objective_factory(cfg: TuneConfig, data: str, study_name: str, val: Validat
     import mlflow
     import optuna
 
-    from isc.tracking import log_metrics, log_params
 
     stage = cfg.tuned_stage()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from isc.contract import parse_bool
 from isc.errors import ConfigError
+from isc.train.config import FIELDS, load_config, read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_TUNE_CONFIG = CONFIG_DIR / "tune.yaml"
@@ -59,7 +60,6 @@ class ParamSpec:
 
 def parse_param_spec(name: str, raw: Any) -> ParamSpec:
     """Validate one ``search_space`` entry; errors name ``search_space.<name>``."""
-    from isc.train.config import FIELDS
 
     where = f"search_space.{name}"
     if name not in FIELDS:
@@ -138,7 +138,6 @@ class TuneConfig:
 
     def trial_train_config(self, data: str, params: Mapping[str, Any]) -> Any:
         """The :class:`isc.train.config.TrainConfig` of one trial with sampled ``params`` (class doc)."""
-        from isc.train.config import load_config
 
         stage = self.tuned_stage()
         values = {**dict(stage.overrides), **self.train_overrides, **self.job_overrides, **params,
@@ -178,7 +177,6 @@ def check_start(cfg: TuneConfig) -> None:
 
 def load_tune_config(path: str | Path | None = None, **overrides: Any) -> TuneConfig:
     """Read a tune YAML (default ``isc/configs/tune.yaml``); keyword overrides win (``None`` = keep)."""
-    from isc.train.config import read_yaml
 
     path = Path(path) if path else DEFAULT_TUNE_CONFIG
     if not path.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():

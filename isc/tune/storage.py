@@ -16,6 +16,7 @@ from typing import Any
 
 from isc.contract import redact
 from isc.errors import ConfigError
+from isc.tracking import project_root
 from isc.tune.space import TuneConfig
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 
 def default_storage_url() -> str:
     """``sqlite:///<project>/optuna.db``, next to the default MLflow store."""
-    from isc.tracking import project_root
 
     return f"sqlite:///{project_root() / 'optuna.db'}"
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from isc.contract import BASELINE_TRIAL_PARAM, BEST_TRIAL_RUN_TAG, ModelRef, Step, Tag, redact
 from isc.errors import ConfigError
+from isc.tracking import configure, experiment_id, log_params, tracked_run
 from isc.tune.objective import (
     BASELINE_ATTR,
     OBJECTIVE_METRIC,
@@ -51,7 +52,6 @@ def _open_parent_run(study: Any, study_name: str, experiment: str | None) -> tup
     """The study run id (created and stored in the study on first use) and whether we created it."""
     import mlflow
 
-    from isc.tracking import experiment_id
 
     existing = study.user_attrs.get(PARENT_ATTR)
     if existing:
@@ -216,7 +216,6 @@ def run_study(
     """
     import mlflow
 
-    from isc.tracking import configure, log_params, tracked_run
 
     if n_trials < 1:
         raise ConfigError("n_trials", f"must be >= 1, got {n_trials}")
