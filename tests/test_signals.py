@@ -291,6 +291,12 @@ def test_a_signal_that_lands_in_a_finalizer_still_interrupts(tmp_path):
         "were removed"]
 
 
+def _run_script(script: Path) -> subprocess.CompletedProcess:
+    """Run a stand-alone reproduction script with the project importable; 60 s: a hang fails, not blocks."""
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+
+
 def test_a_process_whose_loader_outlives_its_code_still_exits(tmp_path):
     """DataLoader workers ignore SIGTERM (isc.proctree.loader_worker_init); at interpreter exit
     multiprocessing SIGTERMs its daemonic children and joins them. An iterator that lived until exit (a
@@ -310,8 +316,7 @@ def test_a_process_whose_loader_outlives_its_code_still_exits(tmp_path):
         "                            worker_init_fn=loader_worker_init))\n"
         "print(next(holder.it).sum().item(), flush=True)\n"
         "del holder\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    proc = _run_script(script)
     assert proc.returncode == 0 and proc.stdout.split() == ["18.0"], (proc.stdout, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
@@ -335,8 +340,7 @@ def test_a_fetcher_that_vanishes_mid_batch_is_no_traceback_in_a_worker(tmp_path,
         "s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0)); s.close()  # reset\n"
         "time.sleep(1.0)\n"
         "print('done', flush=True)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    proc = _run_script(script)
     assert proc.returncode == 0 and proc.stdout.split() == ["done"], proc.stderr[-2000:]
     assert ("Traceback" in proc.stderr) is not in_a_worker, proc.stderr[-2000:]
     assert ("resource_sharer.py" in proc.stderr) is not in_a_worker, proc.stderr[-2000:]
