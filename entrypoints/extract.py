@@ -9,6 +9,7 @@ batch, and logs them as ``descriptors/...`` artifacts of the run (tags ``isc.ste
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
 from isc.extract.describe import resolve_device, resolve_input_size
 from isc.extract.sharded import DEFAULT_SHARD_SIZE, extract_descriptors_sharded
-from isc.extract.streamed import check_outputs, extract_descriptors, parse_sets
+from isc.extract.streamed import ExtractRequest, check_outputs, extract_descriptors, parse_sets
 from isc.fileutil import atomic_path
 from isc.limits import check_input_size, check_workers
 from isc.lineage import log_disc21_inputs, upstream_params
@@ -133,7 +134,7 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
     # A registered version serves with the settings chosen on val (its pyfunc's model_config); flags override.
     settings, source = resolve(model, served_settings(model.checkpoint_path), args.input_size or None, args.tta)
     input_size = resolve_input_size(model, settings.input_size)
-    common = dict(
+    request = ExtractRequest(
         sets="".join(letters),
         out_dir=output_dir,
         input_size=input_size,
@@ -146,7 +147,7 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
         overwrite=args.overwrite,
     )
     if not info.primary:  # other ranks only extract their shards; rank 0 tracks, merges and reports
-        extract_descriptors_sharded(model, data, info, shard_size=args.shard_size, **common)
+        extract_descriptors_sharded(model, data, request, info, shard_size=args.shard_size)
         return 0
 
     with tracking.tracked_run(
@@ -155,9 +156,9 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
         _log_params(args, letters, data, output_dir, info, device, input_size, settings, source)
         if info.distributed:
             tracking.log_params({"shard_size": args.shard_size})
-            out = extract_descriptors_sharded(model, data, info, shard_size=args.shard_size, **common)
+            out = extract_descriptors_sharded(model, data, request, info, shard_size=args.shard_size)
         else:
-            out = extract_descriptors(model, data, device=device, **common)
+            out = extract_descriptors(model, data, device=device, **dataclasses.asdict(request))
         _log_outputs(out, output_dir)
     counts = ", ".join(f"{n} {name}" for name, n in out["counts"].items())
     ranks = f" on {info.world_size} ranks" if info.distributed else ""

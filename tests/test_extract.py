@@ -18,7 +18,7 @@ from isc.errors import BadImagesError, ConfigError
 from isc.extract.decode import eval_transform_for
 from isc.extract.describe import describe_images, describe_tensors
 from isc.extract.sharded import SHARD_DIR, extract_descriptors_sharded
-from isc.extract.streamed import extract_descriptors
+from isc.extract.streamed import ExtractRequest, extract_descriptors
 from isc.io import read_descriptors, read_train_descriptors
 from isc.models import create_model, save_checkpoint
 
@@ -341,9 +341,9 @@ def _assert_same_files(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("tta", [False, True])
 def test_sharded_extraction_in_one_process_writes_what_the_plain_one_writes(model, mini_data, tmp_path, tta):
     plain = extract_descriptors(model, mini_data, "qrt", tmp_path / "plain", batch_size=8, workers=0, tta=tta)
-    res = extract_descriptors_sharded(
-        model, mini_data, None, "qrt", tmp_path / "sharded", batch_size=8, workers=0, shard_size=12, tta=tta
-    )  # 12 -> 16 images per shard: shard boundaries fall on batch boundaries
+    request = ExtractRequest("qrt", tmp_path / "sharded", batch_size=8, workers=0, tta=tta)
+    # shard_size 12 -> 16 images per shard: shard boundaries fall on batch boundaries
+    res = extract_descriptors_sharded(model, mini_data, request, shard_size=12)
     _assert_same_files(tmp_path / "plain", tmp_path / "sharded")
     assert res["counts"] == plain["counts"] == {"query": 40, "reference": 64, "train": 64}
     assert not (tmp_path / "sharded" / SHARD_DIR).exists()  # merged shards are deleted
@@ -354,9 +354,9 @@ def test_a_rerun_after_a_failure_reuses_finished_shards_and_redoes_stale_ones(mo
     bad = data.reference_dir / "R999999.jpg"  # sorts last: only the last reference shard fails
     bad.write_bytes(b"")
     out = tmp_path / "out"
-    kw = {"batch_size": 4, "workers": 0, "shard_size": 4}
+    request = ExtractRequest("qr", out, batch_size=4, workers=0)
     with pytest.raises(BadImagesError, match="R999999"):
-        extract_descriptors_sharded(model, data, None, "qr", out, **kw)
+        extract_descriptors_sharded(model, data, request, shard_size=4)
     folder = out / SHARD_DIR
     done = sorted(p.name for p in folder.glob("*.done.json"))
     assert done == [f"query-{k:06d}.done.json" for k in range(3)] + [
@@ -370,7 +370,7 @@ def test_a_rerun_after_a_failure_reuses_finished_shards_and_redoes_stale_ones(mo
     stale.write_text(stale.read_text().replace('"batch_size": 4', '"batch_size": 99'))
     bad.unlink()
     (folder / ".query-000002.h5.abc123.partial").write_bytes(b"half a shard")  # what a kill leaves behind
-    res = extract_descriptors_sharded(model, data, None, "qr", out, **kw)
+    res = extract_descriptors_sharded(model, data, request, shard_size=4)
     assert not folder.exists()  # merged shards and stale temp files are gone
     plain = extract_descriptors(model, data, "qr", tmp_path / "plain", batch_size=4, workers=0)
     got, want = read_descriptors(res["descriptors"]), read_descriptors(plain["descriptors"])

@@ -23,6 +23,7 @@ from isc.extract.describe import model_device
 from isc.extract.streamed import (
     SET_NAMES,
     ExtractionResult,
+    ExtractRequest,
     H5Appender,
     finish_result,
     h5_bytes,
@@ -120,21 +121,12 @@ def _extract_shard(model, shard: _Shard, items, transform, batch_size, workers, 
 def extract_descriptors_sharded(
     model: torch.nn.Module,
     data: DISC21,
+    request: ExtractRequest,
     info: Any = None,
-    sets: str = "qrt",
-    out_dir: str | Path = "outputs/extract",
-    input_size: int | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
-    skip_bad_images: bool = False,
-    limit: int | None = None,
-    tta: bool = False,
-    model_ref: str = "",
-    overwrite: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> dict[str, Any]:
-    """:func:`isc.extract.streamed.extract_descriptors` split over the ranks of a ``torchrun`` job (``info``: a
-    :class:`isc.train.distributed.DistInfo`; ``None`` = one process), resumable per shard.
+    """:func:`isc.extract.streamed.extract_descriptors` of ``request`` split over the ranks of a ``torchrun``
+    job (``info``: a :class:`isc.train.distributed.DistInfo`; ``None`` = one process), resumable per shard.
 
     Every set is cut into shards of ``shard_size`` images (rounded up to a multiple of ``batch_size``, so
     each batch holds exactly the images a single process would put in it and the descriptors come out
@@ -151,7 +143,8 @@ def extract_descriptors_sharded(
     info = info or ddp.DistInfo(device=model_device(model))
     if int(shard_size) < 1:
         raise ConfigError("shard_size", f"must be >= 1, got {shard_size}")
-    prep = prepare(model, data, sets, out_dir, input_size, batch_size, workers, limit, tta, model_ref, overwrite)
+    prep = prepare(model, data, request)
+    batch_size, workers, tta, skip_bad_images = request.batch_size, request.workers, request.tta, request.skip_bad_images
     letters, listings, size, transform, out_dir = prep.letters, prep.listings, prep.size, prep.transform, prep.out_dir
     shard_size = -(-int(shard_size) // int(batch_size)) * int(batch_size)
     dev = model_device(model)

@@ -149,6 +149,25 @@ class ExtractionResult:
         }
 
 
+@dataclass(frozen=True)
+class ExtractRequest:
+    """What to extract and how: the options both extraction paths share, named once.
+
+    :func:`extract_descriptors` takes them as keywords; :func:`isc.extract.sharded.extract_descriptors_sharded`
+    takes the request itself (its callers build one and may hand the same one to either path)."""
+
+    sets: str = "qrt"  # letters of the DISC21 sets: q(uery), r(eference), t(rain)
+    out_dir: str | Path = "outputs/extract"
+    input_size: int | None = None  # None: the model's own (resolve_input_size)
+    batch_size: int = 64
+    workers: int = 2
+    skip_bad_images: bool = False
+    limit: int | None = None  # first N images (by id) of each set; None or 0 = all
+    tta: bool = False
+    model_ref: str = ""  # recorded in the files' attributes
+    overwrite: bool = False
+
+
 @dataclass
 class Prepared:
     """Everything both extraction paths check and compute before the first image is decoded."""
@@ -161,10 +180,11 @@ class Prepared:
     out_dir: Path
 
 
-def prepare(model: torch.nn.Module, data: DISC21, sets: str, out_dir: str | Path, input_size: int | None,
-             batch_size: int, workers: int, limit: int | None, tta: bool, model_ref: str,
-             overwrite: bool) -> Prepared:  # fmt: skip
-    """Validate the arguments and the data, refuse existing outputs, list the images; nothing written."""
+def prepare(model: torch.nn.Module, data: DISC21, req: ExtractRequest) -> Prepared:
+    """Validate the request and the data, refuse existing outputs, list the images; nothing written."""
+    sets, out_dir, input_size, batch_size, workers, limit, tta, model_ref, overwrite = (
+        req.sets, req.out_dir, req.input_size, req.batch_size, req.workers, req.limit, req.tta, req.model_ref,
+        req.overwrite)  # fmt: skip
     letters = parse_sets(sets)
     check_batching(batch_size, workers)
     if limit is not None and int(limit) < 0:
@@ -274,7 +294,9 @@ def extract_descriptors(
     N images (by id) of each set. Returns :meth:`ExtractionResult.to_dict`.
     """
     dev = resolve_device(device)
-    prep = prepare(model, data, sets, out_dir, input_size, batch_size, workers, limit, tta, model_ref, overwrite)
+    req = ExtractRequest(sets, out_dir, input_size, batch_size, workers, skip_bad_images, limit, tta, model_ref,
+                         overwrite)  # fmt: skip
+    prep = prepare(model, data, req)
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
