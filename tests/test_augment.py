@@ -130,6 +130,28 @@ def test_shuffle_pixels_permutes_about_factor_of_the_pixels():
     assert 0.1 < moved <= 0.2
 
 
+def test_emoji_overlay_places_its_corner_anywhere_as_the_seed_so_some_emoji_are_cut_by_the_border():
+    """The seed draws x, y ~ U(0, 1) (exp/v83.py's RandomEmojiOverlay); a corner kept inside 1 - size never
+    starts past 0.9 of the width (size >= 0.1)."""
+    random.seed(0)
+    blank = Image.new("RGB", (200, 200), (0, 0, 0))
+    op = ops.RandomEmojiOverlay(p=1.0)
+    lefts, cut = [], 0
+    for _ in range(120):
+        changed = np.argwhere(np.asarray(op(blank)).any(axis=2))
+        if len(changed) == 0:
+            continue
+        lefts.append(changed[:, 1].min() / 200)
+        cut += int(changed[:, 1].max() == 199 or changed[:, 0].max() == 199)
+    assert max(lefts) > 0.9 and cut >= 5, (max(lefts), cut)
+
+
+def test_text_overlay_draws_from_the_seeds_fonts_only():
+    fonts = [Path(f).name for f in ops.recipe_font_paths()]
+    assert len(fonts) >= 10 and len(ops.font_paths()) > len(fonts)  # AugLy 1.0.0 ships both excluded fonts
+    assert not [f for f in fonts if "TypeMyMusic" in f or "PainttheSky-Regular" in f]
+
+
 def test_our_random_ops_do_not_reseed_global_rngs():
     # AugLy's RandomEmojiOverlay calls random.seed(42) and its noise/shuffle np.random.seed(const).
     img = _photo(32, 32)

@@ -79,6 +79,15 @@ def font_paths() -> tuple[str, ...]:
     return tuple(out)
 
 
+# The seed's text overlay leaves out two of AugLy's fonts (exp/v83.py, RandomOverlayText's blacklist).
+RECIPE_EXCLUDED_FONTS = ("TypeMyMusic", "PainttheSky-Regular")
+
+
+def recipe_font_paths() -> tuple[str, ...]:
+    """The fonts the recipe's text overlay draws from: :func:`font_paths` without the seed's blacklist."""
+    return tuple(f for f in font_paths() if not any(bad in Path(f).name for bad in RECIPE_EXCLUDED_FONTS))
+
+
 @functools.lru_cache(maxsize=64)
 def font_glyphs(font_path: str) -> tuple[str, ...]:
     """Characters the font can draw (AugLy's per-font ``.pkl`` list of code points)."""
@@ -377,7 +386,7 @@ class RandomOverlayText:
     def __call__(self, img: Image.Image) -> Image.Image:
         if random.random() >= self.p:
             return img
-        font = random.choice(font_paths())
+        font = random.choice(recipe_font_paths())
         glyphs = font_glyphs(font)
         lines = [
             "".join(random.choice(glyphs) for _ in range(random.randint(*self.n_glyphs)))
@@ -397,7 +406,8 @@ class RandomOverlayText:
 
 
 class RandomEmojiOverlay:
-    """The recipe's emoji overlay: a random AugLy smiley, height U(size range) x image height, random position."""
+    """The recipe's emoji overlay: a random AugLy smiley, height U(size range) x image height, its top-left
+    corner at U(0, 1) of the width and height as the seed's (so it is sometimes cut by the border)."""
 
     def __init__(self, p: float = 1.0, emoji_size: tuple[float, float] = (0.1, 0.3), opacity: float = 1.0):
         self.p, self.emoji_size, self.opacity = float(p), emoji_size, float(opacity)
@@ -410,8 +420,8 @@ class RandomEmojiOverlay:
             img,
             random.choice(smiley_paths()),
             size=size,
-            x_pos=random.uniform(0.0, 1.0 - size),
-            y_pos=random.uniform(0.0, 1.0 - size),
+            x_pos=random.uniform(0.0, 1.0),
+            y_pos=random.uniform(0.0, 1.0),
             opacity=self.opacity,
         )
 

@@ -9,8 +9,9 @@ so the ``ncrops`` views of one image -- and the same image seen in earlier batch
 extra negatives carry labels offset by :data:`NEGATIVE_LABEL_OFFSET`.
 
 Under DDP (``torch.distributed`` initialised) the batch is all-gathered first, like pml's
-``DistributedLossWrapper``, but **in rank order** (pml puts the local rank first, so every rank would
-enqueue the same embeddings in a different order). Each rank therefore computes the loss of the global
+``DistributedLossWrapper`` (pml 0.9.99's ``all_gather``, the seed's, also concatenates in rank order, its
+own slice put back with its gradient; pml >= 1.0 puts the local rank first, so every rank would enqueue
+the same embeddings in a different order). Each rank therefore computes the loss of the global
 batch against its bank, and every rank enqueues the identical global batch, so all banks stay
 bit-identical. Only the local slice of the gathered batch carries gradients, so the sum over ranks of
 the local-slice gradients is the full gradient grad(L) and DDP's average is grad(L) / W. The training
