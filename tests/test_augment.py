@@ -148,7 +148,7 @@ def test_emoji_overlay_places_its_corner_anywhere_as_the_seed_so_some_emoji_are_
 
 def test_text_overlay_draws_from_the_seeds_fonts_only():
     fonts = [Path(f).name for f in ops.recipe_font_paths()]
-    assert len(fonts) >= 10 and len(ops.font_paths()) > len(fonts)  # AugLy 1.0.0 ships both excluded fonts
+    assert len(fonts) >= 10 and len(ops.font_paths()) > len(fonts)  # AugLy 1.0.0 ships TypeMyMusic (not PainttheSky)
     assert not [f for f in fonts if "TypeMyMusic" in f or "PainttheSky-Regular" in f]
 
 
