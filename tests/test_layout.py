@@ -93,3 +93,24 @@ def test_no_function_over_80_lines_and_no_module_over_500():
 def test_the_size_check_above_reads_every_layer():
     layers = {p.relative_to(ROOT).parts[0] for p in _sized_files()}
     assert layers == set(SIZED_LAYERS) and len(_sized_files()) > 60
+
+
+# The commands a user or the driver starts most often; `isc extract` needs torch for its work anyway.
+LIGHT_COMMANDS = ["cli", "main", "promote", "train", "tune", "evaluate", "search", "serve", "postprocess"]
+
+
+def test_light_commands_start_without_importing_torch():
+    """Eight ``isc promote`` processes at once (a real race test) paid 1.5 s each when registry.register's
+    import of isc.train.config pulled in the training loop; a command loads torch only when it runs work
+    that needs it."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys\n"
+            f"for name in {LIGHT_COMMANDS!r}:\n"
+            "    importlib.import_module('entrypoints.' + name)\n"
+            "print(sorted(m for m in ('torch', 'timm', 'pytorch_metric_learning') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]"], out.stdout
