@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,11 +281,29 @@ def check_outputs(
         if hit is not None:
             raise ConfigError(param, f"{out} ({out_name}) is both an input and an output (the input {hit}); "
                                      "writing it would destroy the input; choose another output path")
+        kind = _special_file_kind(out)
+        if kind:  # --overwrite would rename a regular file onto it: /dev/null replaced by descriptors
+            raise ConfigError(param, f"{out} ({out_name}) is a {kind}, not a regular file; outputs are written "
+                                     "as new files, so give a file path")
     existing = [f"{p} ({n})" for n, p in outs.items() if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         raise ConfigError(param, f"{', '.join(existing)} already exists; pass --overwrite true to replace it, "
                                  "or choose another output path")
     return list(outs.values())
+
+
+def _special_file_kind(path: Path) -> str:
+    """``"character device"``, ``"block device"``, ``"FIFO"`` or ``"socket"`` for such a path (through
+    symlinks); ``""`` for a regular file, a folder or nothing there."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return ""
+    for test, kind in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):  # fmt: skip
+        if test(mode):
+            return kind
+    return ""
 
 
 _PARTIAL_RE = re.compile(r"^\.(?P<name>.+?)\.(?:@[^@/]*@\d+\.)?[^./]+\.partial$")

@@ -160,3 +160,26 @@ def test_make_mini_out_inside_its_source_is_refused_even_with_overwrite(tmp_path
                                      "--overwrite", "true"], capsys)
         assert rc == 2 and "--source" in _error_line(err), err
     assert [p.name for p in src.iterdir()] == [photo.name]
+
+
+@pytest.mark.parametrize("special", ["fifo", "link-to-dev-null"])
+@pytest.mark.parametrize("command", ["match", "postprocess"])
+def test_an_output_that_is_a_device_or_fifo_is_refused_even_with_overwrite(command, special, files, tracking,
+                                                                            capsys):
+    """--overwrite renames a new regular file onto the output path: a device node there (a hostile round
+    replaced a character device with a CSV) or a FIFO would be destroyed, so such outputs are refused."""
+    argv, target = COMMANDS[command]
+    out = target(files)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if special == "fifo":
+        os.mkfifo(out)
+    else:
+        out.symlink_to("/dev/null")
+    rc, err = _run(command, [*argv(files), "--overwrite", "true"], capsys)
+    assert rc == 2
+    line = _error_line(err)
+    kind = "FIFO" if special == "fifo" else "character device"
+    named = {str(out), str(out.resolve())}  # postprocess names the link's target
+    assert any(n in line for n in named) and f"is a {kind}, not a regular file" in line, line
+    assert out.is_fifo() if special == "fifo" else (out.is_symlink() and Path("/dev/null").is_char_device())
+    assert _run_count(tracking) == 0
