@@ -17,7 +17,7 @@ import threading
 
 from isc.errors import ISCError
 from isc.fileutil import disk_error_in, os_error_line
-from isc.proctree import dead_parent, end_with_parent, under_reporting_parent
+from isc.proctree import STOP_SIGNALS, dead_parent, end_with_parent, under_reporting_parent
 from isc.redact import install_log_redaction, redact
 from isc.tracking import report_dead_driver
 
@@ -81,14 +81,15 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
         # tracked run ends KILLED and atomic outputs drop their temporary files on the way out.
         # A step of `isc main` (or a torchrun rank) stays quiet: its parent prints the one line.
 
-        name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        name = signal.Signals(signum).name if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
         if not under_reporting_parent():
             print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
                   "unfinished outputs were removed", file=sys.stderr)
         elif (driver := dead_parent()) is not None:  # nobody is left to report: this step says it
 
             report_dead_driver(driver, step_run)
-        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        return 128 + int(signum)
     except ISCError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
@@ -128,8 +129,13 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so the same cleanup runs
-    (``tracked_run`` marks the run KILLED; ``atomic_path`` removes its temporary file)."""
+    """SIGTERM (or SIGHUP, SIGQUIT: ``signum``), raised in the main thread like Ctrl-C's KeyboardInterrupt
+    so the same cleanup runs (``tracked_run`` marks the run KILLED; ``atomic_path`` removes its temporary
+    file)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = int(signum)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -145,13 +151,13 @@ def _once_under_parent() -> None:
     would cut the run's KILLED mark short). The driver SIGKILLs a step that does not end in its grace period."""
 
     if under_reporting_parent():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
     _once_under_parent()
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
@@ -166,8 +172,8 @@ def _reraise_swallowed(unraisable: object) -> None:
     under ``isc main`` the first one set repeats to be ignored), so it is raised in the code that runs next."""
     exc = getattr(unraisable, "exc_value", None)
     if isinstance(exc, Terminated | Interrupted):
-        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
-        signal.signal(signum, _raise_terminated if signum == signal.SIGTERM else _raise_interrupted)
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        signal.signal(signum, _raise_terminated if isinstance(exc, Terminated) else _raise_interrupted)
 
         # from another thread, a moment later: sent from here it would be raised inside this hook, ignored again
         threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
@@ -176,13 +182,14 @@ def _reraise_swallowed(unraisable: object) -> None:
 
 
 def _catch_signals() -> dict[int, object] | None:
-    """Install the SIGTERM and SIGINT handlers (main thread only); returns the previous ones, or None."""
+    """Install the handlers of :data:`isc.proctree.STOP_SIGNALS` (main thread only); returns the previous
+    ones, or None."""
 
     if threading.current_thread() is not threading.main_thread():
         return None
     sys.unraisablehook = _reraise_swallowed
-    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
-            signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted)}
+    return {signum: signal.signal(signum, _raise_interrupted if signum == signal.SIGINT else _raise_terminated)
+            for signum in STOP_SIGNALS}
 
 
 if __name__ == "__main__":

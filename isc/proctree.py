@@ -32,6 +32,10 @@ from collections.abc import Callable, Iterator
 
 log = logging.getLogger("isc.proctree")
 
+# The signals that end a command as an interruption (run KILLED, partial files removed, one line): SIGTERM
+# (timeout, Slurm, Kubernetes), SIGINT (Ctrl-C), SIGHUP (the terminal or ssh session went away) and SIGQUIT
+# (Ctrl-\\). Unhandled, the last two killed the process and left its MLflow run RUNNING for ever.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 PARENT_ENV = "ISC_PARENT_PID"  # set for step processes: a parent process reports their interruption
 GRACE_ENV = "ISC_STOP_GRACE_S"
 DEFAULT_GRACE_S = 20.0
@@ -104,7 +108,8 @@ atexit.register(_end_loader_workers_at_exit)
 
 
 def loader_worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` of every DataLoader: a worker ignores SIGTERM.
+    """``worker_init_fn`` of every DataLoader: a worker ignores SIGTERM (and SIGHUP / SIGQUIT, which a
+    terminal sends to the whole process group just the same).
 
     Why: a SIGTERM to a process group (``timeout``, torchrun stopping a rank with ``killpg``, Slurm) reaches
     the DataLoader workers too; a worker killed by it makes its main process fail with "DataLoader worker
@@ -117,7 +122,8 @@ def loader_worker_init(worker_id: int) -> None:
     descriptor from the worker: ``multiprocessing``'s resource sharer thread printed that lost connection
     as a traceback through ``sys.excepthook`` (CI, a step interrupted mid-batch: a traceback beside the
     step's one line)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_IGN)
     sys.excepthook = _quiet_about_a_lost_fetcher(sys.excepthook)
 
 
@@ -204,7 +210,7 @@ def children_end_with_us(on_stopped: Callable[[list[int]], None]) -> Iterator[No
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    sigs = (signal.SIGTERM, signal.SIGINT)
+    sigs = STOP_SIGNALS
     previous = {s: signal.getsignal(s) for s in sigs}
     repeated = threading.Event()
     old_env = os.environ.get(PARENT_ENV)

@@ -42,8 +42,11 @@ def _statuses(db: Path) -> list[str]:
         return []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"])
 def test_a_signal_marks_the_run_killed_with_one_line(tmp_path, sig):
+    """SIGHUP (the ssh session or terminal went away) and SIGQUIT (Ctrl-\\) once killed the command and left
+    its run RUNNING for ever (a hostile round); every stop signal now ends it as SIGTERM does."""
     rng = np.random.default_rng(0)
     n = 400
     x = rng.standard_normal((2 * n, 16)).astype("float32")
@@ -103,14 +106,18 @@ def test_the_next_writer_removes_what_a_sigkilled_writer_left(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_train_ends_its_dataloader_workers_and_marks_the_run_killed(tmp_path, mini_data):
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGHUP, True)],
+                         ids=["SIGTERM", "SIGHUP-to-the-group"])
+def test_sigterm_to_train_ends_its_dataloader_workers_and_marks_the_run_killed(tmp_path, mini_data, sig, group):
+    """SIGHUP to the process group is what a closed terminal sends: the DataLoader workers get it too and
+    must not die of it first (their main process would fail with a worker-killed traceback, run FAILED)."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "entrypoints.train", "--config", str(PROJECT_ROOT / "isc" / "configs" / "smoke.yaml"),
          "--data", str(mini_data.root), "--workers", "2", "--epochs", "50", "--output-dir", str(tmp_path / "out")],
-        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group,
     )
     children: list[int] = []
     try:
@@ -121,12 +128,15 @@ def test_sigterm_to_train_ends_its_dataloader_workers_and_marks_the_run_killed(t
             time.sleep(0.5)
             out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
             children = [int(p) for p in out.split()]
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert _ended_by(proc, signal.SIGTERM, err)[0].startswith("error: interrupted by SIGTERM")
+    assert _ended_by(proc, sig, err)[0].startswith(f"error: interrupted by {signal.Signals(sig).name}")
     time.sleep(2)
     alive = []
     for pid in children:
