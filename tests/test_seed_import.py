@@ -214,6 +214,19 @@ def test_the_cli_refuses_an_exploit_with_one_error_line_and_exit_2(tmp_path):
     assert not marker.exists() and not (tmp_path / "out.pth.tar").exists()
 
 
+def test_an_isc_checkpoint_is_refused_not_rewritten_with_the_seed_parsers_defaults(seed_file, tmp_path):
+    """A hostile round imported a 32-px isc checkpoint: exit 0, and its copy said 224 px and GeM p 3 (the
+    seed parser's defaults for the args it lacks)."""
+    path, _ = seed_file
+    ours = tmp_path / "ours.pth.tar"
+    import_seed_checkpoint(path, ours)
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.cli", "import-seed", str(ours), "--output",
+                           str(tmp_path / "again.pth.tar")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {ours}: already an isc checkpoint (it has model_config)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "again.pth.tar").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "random", "empty", "not_a_dict"])
 def test_a_damaged_file_gives_one_clear_error_naming_it(seed_file, tmp_path, damage):
     path, _ = seed_file

@@ -163,6 +163,9 @@ def read_seed_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
         keys = sorted(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise SeedImportError(path, f"not a seed checkpoint: expected a dict with 'state_dict', got {keys}")
+    if "model_config" in ckpt:  # read as the seed's, its settings would become the seed parser's defaults
+        raise SeedImportError(path, "already an isc checkpoint (it has model_config): use it as it is "
+                                    "(--model, --init-checkpoint), there is nothing to import")
     bad = [k for k, v in ckpt["state_dict"].items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise SeedImportError(path, f"state_dict entries that are not tensors: {bad[:5]}")
