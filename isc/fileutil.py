@@ -281,7 +281,7 @@ def check_outputs(
         if hit is not None:
             raise ConfigError(param, f"{out} ({out_name}) is both an input and an output (the input {hit}); "
                                      "writing it would destroy the input; choose another output path")
-        kind = _special_file_kind(out)
+        kind = special_file_kind(out)
         if kind:  # --overwrite would rename a regular file onto it: /dev/null replaced by descriptors
             raise ConfigError(param, f"{out} ({out_name}) is a {kind}, not a regular file; outputs are written "
                                      "as new files, so give a file path")
@@ -292,7 +292,7 @@ def check_outputs(
     return list(outs.values())
 
 
-def _special_file_kind(path: Path) -> str:
+def special_file_kind(path: Path) -> str:
     """``"character device"``, ``"block device"``, ``"FIFO"`` or ``"socket"`` for such a path (through
     symlinks); ``""`` for a regular file, a folder or nothing there."""
     try:

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from isc.errors import DescriptorFileError
-from isc.fileutil import atomic_path
+from isc.fileutil import atomic_path, special_file_kind
 
 MAX_DIM = 256  # the descriptor track's limit
 # Largest |value| accepted in a descriptor. faiss scores in float32: squared L2 distances of rows beyond
@@ -224,7 +224,9 @@ def read_ground_truth(path: str | Path) -> GroundTruth:
         listing = ", ".join(found) if found else "no CSV file"
         raise DescriptorFileError(path, f"is a folder, not a ground-truth CSV (holds: {listing}); name one")
     if not path.is_file():
-        raise DescriptorFileError(path, "no such ground-truth file")
+        kind = special_file_kind(path)  # /dev/null, a FIFO: it exists, so "no such file" would mislead
+        raise DescriptorFileError(path, f"is a {kind}, not a ground-truth CSV file" if kind
+                                  else "no such ground-truth file")
     queries: list[str] = []
     seen: set[str] = set()
     positives: set[tuple[str, str]] = set()

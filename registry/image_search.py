@@ -29,7 +29,7 @@ import numpy as np
 
 from isc.contract import ModelRef, model_version_uri
 from isc.errors import ConfigError
-from isc.fileutil import atomic_path, check_outputs
+from isc.fileutil import atomic_path, check_outputs, special_file_kind
 from isc.tracking import configure
 from registry.model_logging import ISC_PACKAGE_DIR, MODEL_CODE_PATH
 
@@ -210,6 +210,8 @@ def collect_images(sources: list[str | Path], param: str) -> list[tuple[str, Pat
             found = list_images(p)
         elif p.is_file():
             found = [(p.stem, p)]
+        elif kind := special_file_kind(p):
+            raise ConfigError(param, f"{src}: is a {kind}, not an image file or folder")
         else:
             raise ConfigError(param, f"{src}: no such image file or folder")
         for image_id, path in found:

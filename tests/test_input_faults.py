@@ -6,6 +6,8 @@ and a real SQLite MLflow store."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -112,6 +114,20 @@ def test_binary_ground_truth_is_refused_naming_it(files, tracking, capsys, kind)
     assert _running(tracking) == []
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev-null"])
+def test_a_ground_truth_that_is_a_fifo_or_device_is_named_for_what_it_is(files, tracking, capsys, kind):
+    """It exists: "no such ground-truth file" (what a hostile round got) sent the user looking for a typo."""
+    if kind == "fifo":
+        gt = files["dir"] / "gt_fifo.csv"
+        os.mkfifo(gt)
+    else:
+        gt = Path("/dev/null")
+    rc, _, err = _evaluate(files["desc"], gt, capsys)
+    expected = "is a FIFO, not a ground-truth CSV file" if kind == "fifo" else "is a character device, not a"
+    _assert_refused(rc, err, str(gt), expected)
+    assert _running(tracking) == []
+
+
 def test_ground_truth_folder_is_refused_naming_its_split_files(files, tracking, capsys):
     folder = files["dir"] / "data"
     folder.mkdir()
@@ -136,3 +152,13 @@ def test_utf8_bom_ground_truth_is_accepted(files, tracking, capsys):
     plain_rc, plain_out, _ = _evaluate(files["desc"], files["gt"], capsys)
     assert plain_rc == 0
     assert json.loads(out)["average_precision"] == json.loads(plain_out)["average_precision"]
+
+
+def test_search_names_a_fifo_query_for_what_it_is(tmp_path):
+    from isc.errors import ConfigError
+    from registry.image_search import collect_images
+
+    fifo = tmp_path / "q.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"q\.png: is a FIFO, not an image file or folder"):
+        collect_images([fifo], "queries")

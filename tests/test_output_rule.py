@@ -9,6 +9,7 @@ SQLite store, the real CLI path (``run_entrypoint``, what ``isc <command>`` runs
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -162,24 +163,33 @@ def test_make_mini_out_inside_its_source_is_refused_even_with_overwrite(tmp_path
     assert [p.name for p in src.iterdir()] == [photo.name]
 
 
-@pytest.mark.parametrize("special", ["fifo", "link-to-dev-null"])
+@pytest.mark.parametrize("special", ["fifo", "link-to-fifo", "char-device"])
 @pytest.mark.parametrize("command", ["match", "postprocess"])
 def test_an_output_that_is_a_device_or_fifo_is_refused_even_with_overwrite(command, special, files, tracking,
                                                                             capsys):
     """--overwrite renames a new regular file onto the output path: a device node there (a hostile round
-    replaced a character device with a CSV) or a FIFO would be destroyed, so such outputs are refused."""
+    replaced a character device with a CSV; postprocess, which resolves links, replaced what a link pointed
+    at) or a FIFO would be destroyed, so such outputs are refused. Only nodes made here: a regression must
+    not be able to replace the system's /dev/null."""
     argv, target = COMMANDS[command]
     out = target(files)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if special == "fifo":
-        os.mkfifo(out)
+    node = out if special != "link-to-fifo" else out.with_name("fifo")
+    if special == "char-device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a null device of the test's own
     else:
-        out.symlink_to("/dev/null")
+        os.mkfifo(node)
+    if special == "link-to-fifo":
+        out.symlink_to(node)
     rc, err = _run(command, [*argv(files), "--overwrite", "true"], capsys)
     assert rc == 2
     line = _error_line(err)
-    kind = "FIFO" if special == "fifo" else "character device"
+    kind = "character device" if special == "char-device" else "FIFO"
     named = {str(out), str(out.resolve())}  # postprocess names the link's target
     assert any(n in line for n in named) and f"is a {kind}, not a regular file" in line, line
-    assert out.is_fifo() if special == "fifo" else (out.is_symlink() and Path("/dev/null").is_char_device())
+    mode = node.stat().st_mode
+    assert stat.S_ISCHR(mode) if special == "char-device" else stat.S_ISFIFO(mode)
+    assert out.is_symlink() == (special == "link-to-fifo")
     assert _run_count(tracking) == 0
