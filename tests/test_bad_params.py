@@ -67,6 +67,12 @@ CASES = [
         "{missing}",
         "{out}/n.h5",
     ),
+    (
+        "postprocess",
+        "--descriptors {desc} --train-descriptors {train} --output {out}/n.h5 --num-iter 10000000",
+        "num_iter",
+        "{out}/n.h5",
+    ),  # ran for hours
     ("evaluate", "--descriptors {desc} --ground-truth {gt} --knn 0", "knn", None),
     ("evaluate", "--descriptors {desc} --ground-truth {gt} --bootstrap 100000000", "bootstrap", None),  # ran for ever
     (
