@@ -14,6 +14,10 @@ WORKERS_PER_CPU = 4  # DataLoader decoding processes per usable CPU: beyond it t
 MIN_MAX_WORKERS = 16  # a floor, so the stage configs' workers: 8 still run on a 1-CPU machine
 MAX_INPUT_SIZE = 2048  # px; the recipe trains at 256-512 and extracts at 512 (a 2048^2 batch of 64 is ~3 GB)
 MAX_BOOTSTRAP = 100_000  # query-bootstrap replicates; the default 1,000 already gives a stable 95 % interval
+# Training seeds: torch.manual_seed takes a signed 64-bit value, and the sampler seeds each epoch with
+# seed * 1_000_003 + epoch (2**62 overflowed mid-epoch, 2**64 failed at start, both as tracebacks);
+# below 2**31 that product stays far inside int64. The recipe's seeds are 0-90.
+MAX_SEED = 2**31 - 1
 
 
 def usable_cpus() -> int:
@@ -43,6 +47,13 @@ def check_input_size(size: int, param: str = "input_size") -> int:
         raise ConfigError(param, f"{size} px > {MAX_INPUT_SIZE} px: one image alone would need "
                                  f"{3 * 4 * size * size / 2**30:.3g} GiB as a float tensor")
     return size
+
+
+def check_seed(seed: int, param: str = "seed") -> int:
+    if seed < 0 or seed > MAX_SEED:
+        raise ConfigError(param, f"{seed} is outside [0, 2**31 - 1 = {MAX_SEED}]: the per-epoch sampler seed "
+                                 "(seed x 1,000,003 + epoch) must fit torch's 64-bit generator")
+    return seed
 
 
 def check_bootstrap(n: int, param: str = "bootstrap") -> int:

@@ -33,6 +33,9 @@ CASES = [
     ("train", "--data {mini} --input-size 0", "input_size", None),
     ("train", "--data {mini} --input-size 99999999", "input_size", None),  # was a MemoryError traceback
     ("train", "--data {mini} --workers 99999", "workers", None),  # was the OOM killer, run left RUNNING
+    ("train", "--data {mini} --seed 18446744073709551616", "seed", None),  # 2**64: a torch traceback
+    ("train", "--data {mini} --seed 4611686018427387904", "seed", None),  # 2**62: overflowed mid-epoch
+    ("train", "--data {mini} --seed -1", "seed", None),
     ("train", "--data {mini} --epochs -1", "epochs", None),
     ("train", "--data {mini} --head-init random", "head_init", None),
     ("train", "--data {mini} --freeze-blocks -1", "freeze_blocks", None),

@@ -12,9 +12,11 @@ from isc.errors import ConfigError
 from isc.limits import (
     MAX_BOOTSTRAP,
     MAX_INPUT_SIZE,
+    MAX_SEED,
     WORKERS_PER_CPU,
     check_bootstrap,
     check_input_size,
+    check_seed,
     check_workers,
     usable_cpus,
 )
@@ -40,3 +42,15 @@ def test_input_size_and_bootstrap_bounds():
     assert check_bootstrap(MAX_BOOTSTRAP) == MAX_BOOTSTRAP
     with pytest.raises(ConfigError, match=r"bootstrap: 100000000 replicates is outside \[0, 100,000\]"):
         check_bootstrap(100_000_000)
+
+
+def test_seed_bound_keeps_the_sampler_seed_inside_int64():
+    """The sampler seeds an epoch with seed * 1_000_003 + epoch: at MAX_SEED that still fits torch's int64
+    generator (2**62 overflowed mid-epoch in the hostile round)."""
+    import torch
+
+    assert check_seed(0) == 0 and check_seed(MAX_SEED) == MAX_SEED
+    torch.Generator().manual_seed(MAX_SEED * 1_000_003 + 10_000)
+    for bad in (-1, MAX_SEED + 1, 2**62, 2**64):
+        with pytest.raises(ConfigError, match=rf"seed: {bad} is outside \[0, 2\*\*31 - 1"):
+            check_seed(bad)

@@ -16,7 +16,7 @@ from typing import Any
 from isc.cliutil import optional_str, str2bool
 from isc.contract import parse_bool
 from isc.errors import ConfigError
-from isc.limits import check_input_size, check_workers
+from isc.limits import check_input_size, check_seed, check_workers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The recipe's stages, named like their packaged configs (stage1.yaml, ...), and the script of the seed's
@@ -396,6 +396,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(0 <= cfg.momentum < 1, "momentum", f"must be in [0, 1), got {cfg.momentum}")
     _check(cfg.wd >= 0, "wd", f"must be >= 0, got {cfg.wd}")
     _check(cfg.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
+    check_seed(cfg.seed)
     _check(cfg.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
     _check(cfg.head_init in HEAD_INITS, "head_init", f"one of {', '.join(HEAD_INITS)}, got '{cfg.head_init}'")
     _check(cfg.head_init_images >= 2, "head_init_images", f"must be >= 2, got {cfg.head_init_images}")
