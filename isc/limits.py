@@ -12,6 +12,10 @@ from isc.errors import ConfigError
 
 WORKERS_PER_CPU = 4  # DataLoader decoding processes per usable CPU: beyond it they only contend for cores
 MIN_MAX_WORKERS = 16  # a floor, so the stage configs' workers: 8 still run on a 1-CPU machine
+# px; below the backbones' stride of 32 the last feature map is one padded pixel, and train's perspective
+# augmentation has no solution at a few px (--input-size 1 was a torch LinAlgError traceback). The smoke
+# config trains at 32; `isc settings --sizes` already takes 32-2048.
+MIN_INPUT_SIZE = 32
 MAX_INPUT_SIZE = 2048  # px; the recipe trains at 256-512 and extracts at 512 (a 2048^2 batch of 64 is ~3 GB)
 MAX_BOOTSTRAP = 100_000  # query-bootstrap replicates; the default 1,000 already gives a stable 95 % interval
 # Training seeds: torch.manual_seed takes a signed 64-bit value, and the sampler seeds each epoch with
@@ -43,6 +47,9 @@ def check_workers(workers: int, param: str = "workers") -> int:
 
 
 def check_input_size(size: int, param: str = "input_size") -> int:
+    if size < MIN_INPUT_SIZE:
+        raise ConfigError(param, f"{size} px < {MIN_INPUT_SIZE} px: the backbones downsample by 32, and the "
+                                 "augmentations need a few pixels to transform")
     if size > MAX_INPUT_SIZE:
         raise ConfigError(param, f"{size} px > {MAX_INPUT_SIZE} px: one image alone would need "
                                  f"{3 * 4 * size * size / 2**30:.3g} GiB as a float tensor")

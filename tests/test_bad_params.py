@@ -32,6 +32,7 @@ CASES = [
     ("train", "--data {mini} --backbone no_such_net_v9", "backbone", None),
     ("train", "--data {mini} --input-size 0", "input_size", None),
     ("train", "--data {mini} --input-size 99999999", "input_size", None),  # was a MemoryError traceback
+    ("train", "--data {mini} --input-size 1", "input_size", None),  # was a torch LinAlgError traceback
     ("train", "--data {mini} --workers 99999", "workers", None),  # was the OOM killer, run left RUNNING
     ("train", "--data {mini} --seed 18446744073709551616", "seed", None),  # 2**64: a torch traceback
     ("train", "--data {mini} --seed 4611686018427387904", "seed", None),  # 2**62: overflowed mid-epoch
@@ -52,6 +53,7 @@ CASES = [
     ("extract", "--model {missing}.pth.tar --data {mini} --workers 99999", "workers", None),
     ("extract", "--model {missing}.pth.tar --data {mini} --input-size 99999999", "input_size", None),
     ("extract", "--model {missing}.pth.tar --data {mini} --sets xyz", "sets", None),
+    ("extract", "--model {missing}.pth.tar --data {mini} --input-size 8", "input_size", None),
     (
         "postprocess",
         "--descriptors {desc} --train-descriptors {train} --output {out}/n.h5 --k 0",
@@ -137,6 +139,7 @@ CASES = [
     ("import_seed", "{missing}.pth.tar --output {out}/seed.pth.tar", "{missing}", "{out}/seed.pth.tar"),
     ("import_seed", "{missing}.pth.tar --input-size -3", "input_size", None),
     ("import_seed", "{missing}.pth.tar --overwrite maybe", "overwrite", None),
+    ("import_seed", "{missing}.pth.tar --input-size 8", "input_size", None),
     ("main", "--data {mini} --profile bogus", "profile", None),
     ("main", "--data {mini} --force maybe", "force", None),
     ("main", "--data {mini} --nnodes 2 --rdzv-endpoint node0", "rdzv_endpoint", None),

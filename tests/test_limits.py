@@ -13,6 +13,7 @@ from isc.limits import (
     MAX_BOOTSTRAP,
     MAX_INPUT_SIZE,
     MAX_SEED,
+    MIN_INPUT_SIZE,
     WORKERS_PER_CPU,
     check_bootstrap,
     check_input_size,
@@ -37,6 +38,9 @@ def test_workers_bound_is_a_multiple_of_the_cpus_this_process_may_use():
 
 def test_input_size_and_bootstrap_bounds():
     assert check_input_size(MAX_INPUT_SIZE) == MAX_INPUT_SIZE
+    assert check_input_size(MIN_INPUT_SIZE) == MIN_INPUT_SIZE == 32  # the smoke config's size
+    with pytest.raises(ConfigError, match=r"input_size: 1 px < 32 px"):
+        check_input_size(1)
     with pytest.raises(ConfigError, match=r"input_size: 99999999 px > 2048 px"):
         check_input_size(99_999_999)
     assert check_bootstrap(MAX_BOOTSTRAP) == MAX_BOOTSTRAP
