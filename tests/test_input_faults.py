@@ -136,3 +136,15 @@ def test_utf8_bom_ground_truth_is_accepted(files, tracking, capsys):
     plain_rc, plain_out, _ = _evaluate(files["desc"], files["gt"], capsys)
     assert plain_rc == 0
     assert json.loads(out)["average_precision"] == json.loads(plain_out)["average_precision"]
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), "stage: smoke\nrun_name: caf\u00e9\n".encode("latin-1")],
+                         ids=["binary", "latin1"])
+def test_config_file_that_is_not_utf8_is_refused_naming_it(mini_data, tracking, capsys, tmp_path, content):
+    """read_yaml caught only YAMLError: a binary or Latin-1 --config was a UnicodeDecodeError traceback."""
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    rc, _, err = _run("train", ["--config", config, "--data", mini_data.root, "--output-dir", tmp_path / "t"], capsys)
+    line = _assert_refused(rc, err, "config", str(config), "not UTF-8")
+    assert "offset" in line, line
+    assert _running(tracking) == [] and not (tmp_path / "t").exists()

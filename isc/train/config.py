@@ -322,7 +322,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        # utf-8-sig: a BOM is text too. A binary or Latin-1 file was a UnicodeDecodeError traceback.
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                    f"{exc.start}); save the YAML as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError("config", f"{path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError("config", f"{path}: invalid YAML ({exc})") from exc
     if not isinstance(data, dict):
