@@ -148,3 +148,45 @@ def test_config_file_that_is_not_utf8_is_refused_naming_it(mini_data, tracking, 
     line = _assert_refused(rc, err, "config", str(config), "not UTF-8")
     assert "offset" in line, line
     assert _running(tracking) == [] and not (tmp_path / "t").exists()
+
+
+def _crafted_h5(path, q, r, reference) -> None:
+    """An ISC21 h5 whose ``reference`` is made by ``reference(f, r)``: a link or an oddly declared dataset."""
+    with h5py.File(path, "w") as f:
+        f["query"] = q.astype("float32")
+        f["query_ids"] = np.array([i.encode() for i in QIDS])
+        f["reference_ids"] = np.array([i.encode() for i in RIDS])
+        reference(f, r)
+
+
+CRAFTED = {
+    # h5py followed it into the named file: a text file, or /etc/passwd (a traceback either way)
+    "external_link_to_text": (lambda f, r: f.__setitem__("reference", h5py.ExternalLink("other.txt", "/reference")),
+                              "external link (to 'other.txt')"),
+    "external_link_abs": (lambda f, r: f.__setitem__("reference", h5py.ExternalLink("/etc/passwd", "/x")),
+                          "external link (to '/etc/passwd')"),
+    "soft_link_loop": (lambda f, r: f.__setitem__("reference", h5py.SoftLink("/reference")),
+                       "soft link (to '/reference')"),
+    # 10**10 x 256 float32 declared, no chunk written: h5py allocated 9.3 TiB of fill values (MemoryError)
+    "huge_declared_shape": (lambda f, r: f.create_dataset("reference", shape=(10**10, 256), dtype="f4",
+                                                          chunks=(1024, 256)),
+                            "declares shape (10000000000, 256)"),
+    # compressed, so the file size proves nothing: refused by the memory it would take
+    "huge_compressed": (lambda f, r: f.create_dataset("reference", shape=(10**10, 256), dtype="f4",
+                                                      chunks=(1024, 256), compression="gzip"),
+                        "GiB available"),
+    "zero_dim": (lambda f, r: f.create_dataset("reference", shape=(len(RIDS), 0), dtype="f4"), "dimension 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_descriptor_h5_is_refused_naming_file_and_dataset(files, tracking, capsys, case):
+    reference, says = CRAFTED[case]
+    (files["dir"] / "other.txt").write_text("not an HDF5 file\n")
+    bad = files["dir"] / f"{case}.h5"
+    _crafted_h5(bad, files["q"], files["r"], reference)
+    assert bad.stat().st_size < 1_000_000
+    rc, _, err = _evaluate(bad, files["gt"], capsys, "--output-dir", files["dir"] / "ev")
+    line = _assert_refused(rc, err, str(bad), "reference", says)
+    assert "all zero" not in line, line
+    assert _running(tracking) == [] and not (files["dir"] / "ev").exists()
