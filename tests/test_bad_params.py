@@ -29,6 +29,7 @@ CASES = [
     ("train", "--data {mini} --pos-margin -1", "pos_margin", None),
     ("train", "--data {mini} --neg-margin -0.5", "neg_margin", None),
     ("train", "--data {mini} --memory-size 0", "memory_size", None),
+    ("train", "--data {mini} --memory-size 10000000000000", "memory_size", None),  # an allocator traceback
     ("train", "--data {mini} --backbone no_such_net_v9", "backbone", None),
     ("train", "--data {mini} --input-size 0", "input_size", None),
     ("train", "--data {mini} --input-size 99999999", "input_size", None),  # was a MemoryError traceback

@@ -12,11 +12,13 @@ from isc.errors import ConfigError
 from isc.limits import (
     MAX_BOOTSTRAP,
     MAX_INPUT_SIZE,
+    MAX_MEMORY_BANK_BYTES,
     MAX_SEED,
     MIN_INPUT_SIZE,
     WORKERS_PER_CPU,
     check_bootstrap,
     check_input_size,
+    check_memory_size,
     check_seed,
     check_workers,
     usable_cpus,
@@ -58,3 +60,12 @@ def test_seed_bound_keeps_the_sampler_seed_inside_int64():
     for bad in (-1, MAX_SEED + 1, 2**62, 2**64):
         with pytest.raises(ConfigError, match=rf"seed: {bad} is outside \[0, 2\*\*31 - 1"):
             check_seed(bad)
+
+
+def test_memory_bank_bound_states_the_largest_size_at_the_dimension():
+    top = MAX_MEMORY_BANK_BYTES // (4 * 256 + 8)
+    assert check_memory_size(20_000, 256) == 20_000 and check_memory_size(top, 256) == top
+    with pytest.raises(ConfigError, match=rf"memory_size: {top + 1} embeddings of dimension 256 .* {top:,} at"):
+        check_memory_size(top + 1, 256)
+    with pytest.raises(ConfigError, match=r"memory_size: 10000000000000 embeddings"):
+        check_memory_size(10**13, 256)

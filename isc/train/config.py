@@ -16,7 +16,7 @@ from typing import Any
 from isc.cliutil import optional_str, str2bool
 from isc.contract import parse_bool
 from isc.errors import ConfigError
-from isc.limits import check_input_size, check_seed, check_workers
+from isc.limits import check_input_size, check_memory_size, check_seed, check_workers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The recipe's stages, named like their packaged configs (stage1.yaml, ...), and the script of the seed's
@@ -428,6 +428,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.num_negatives is None or cfg.num_negatives >= 0, "num_negatives",
            f"must be >= 0, got {cfg.num_negatives}")
     _check(cfg.memory_size > 0, "memory_size", f"must be > 0, got {cfg.memory_size}")
+    check_memory_size(cfg.memory_size, cfg.dim)
     from isc.losses import LOSSES
 
     _check(cfg.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}, got '{cfg.loss}'")
