@@ -190,3 +190,32 @@ def test_crafted_descriptor_h5_is_refused_naming_file_and_dataset(files, trackin
     line = _assert_refused(rc, err, str(bad), "reference", says)
     assert "all zero" not in line, line
     assert _running(tracking) == [] and not (files["dir"] / "ev").exists()
+
+
+def _refused_train_config(text: str, mini_data, tracking, capsys, tmp_path, *names: str) -> str:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    rc, _, err = _run("train", ["--config", config, "--data", mini_data.root, "--output-dir", tmp_path / "t"], capsys)
+    line = _assert_refused(rc, err, *names)
+    assert len(line) < 600, f"{len(line)} characters: {line[:300]}"
+    assert _running(tracking) == [] and not (tmp_path / "t").exists()
+    return line
+
+
+def test_config_list_for_a_text_option_is_refused_without_expanding_it(mini_data, tracking, capsys, tmp_path):
+    """Nested YAML aliases (10**5 leaves from a few lines) under known text options were str()-coerced and the
+    error echoed the whole expansion (522 KB in the hostile case): a list is refused by its key, described."""
+    levels = ["run_name: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{key}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]"
+               for i, key in enumerate(["experiment_name", "output_dir", "data", "backbone"], start=1)]
+    line = _refused_train_config("stage: smoke\n" + "\n".join(levels) + "\n", mini_data, tracking, capsys,
+                                 tmp_path, "run_name", "expected a single value")
+    assert "a list of 10 item(s)" in line, line
+
+
+def test_long_config_values_are_cut_in_the_error_line(mini_data, tracking, capsys, tmp_path):
+    line = _refused_train_config(f"stage: smoke\nbackbone: {'x' * 100_000}\n", mini_data, tracking, capsys,
+                                 tmp_path, "backbone", "(100,000 characters)")
+    assert "x" * 200 in line and "x" * 201 not in line, line
+    _refused_train_config(f"stage: smoke\nepochs: {'9x' * 50_000}\n", mini_data, tracking, capsys, tmp_path,
+                          "epochs")
