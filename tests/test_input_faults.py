@@ -1,5 +1,7 @@
 """Malformed inputs give one ``error:`` line and exit status 2 (no traceback, no wrong result, no RUNNING
-run): string-typed descriptors, overflowing descriptors, a binary/h5/folder ground truth. A UTF-8 BOM
+run): string-typed descriptors, overflowing descriptors, a binary/h5/folder ground truth, crafted descriptor
+h5s (external / soft links, impossible declared shapes, dimension 0), training configs that are not UTF-8 or
+hold lists / huge values for one-value options. A UTF-8 BOM
 ground truth is accepted. Every case runs the real CLI path (``entrypoints.cli.run_entrypoint``) on real files
 and a real SQLite MLflow store."""
 
