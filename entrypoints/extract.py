@@ -109,7 +109,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     letters = parse_sets(args.sets)
     check_workers(args.workers)
-    check_input_size(args.input_size)
+    if args.input_size:  # 0 = the model's own size
+        check_input_size(args.input_size)
     data = DISC21(args.data)
     if not data.root.is_dir():
         raise ConfigError("data", f"{data.root} is not a folder")

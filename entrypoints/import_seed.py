@@ -83,7 +83,11 @@ def register(result, name: str) -> tuple[str, str]:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from isc.limits import check_input_size
     from isc.models.seed_import import import_seed_checkpoint
+
+    if args.input_size is not None:
+        check_input_size(args.input_size)
 
     output = args.output or _default_output(args.checkpoint)
     result = import_seed_checkpoint(args.checkpoint, output, overwrite=args.overwrite, backbone=args.backbone,

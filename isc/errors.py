@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+SHOWN_CHARS = 200  # longest value echoed in an error line: a YAML alias bomb once printed 522 KB of it
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``value`` as text for an error message, cut to ``limit`` characters. A list or mapping is described,
+    never expanded: str() of nested YAML aliases builds the whole tree (10**7 leaves from a 1 KB file)."""
+    if isinstance(value, (list, tuple, set, dict)):
+        kind = "mapping" if isinstance(value, dict) else "list"
+        return f"a {kind} of {len(value)} item(s)"
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
 
 class ISCError(Exception):
     """Base class: the CLI prints these as one clean ``error:`` line and exits with status 2."""

@@ -11,6 +11,7 @@ Every writer is atomic (temp file + rename) and every reader validates and names
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ def validate_matrix(
         raise DescriptorFileError(path, f"dataset '{name}' has {x.shape[0]} rows but {len(ids)} ids")
     if x.shape[0] == 0:
         raise DescriptorFileError(path, f"dataset '{name}' is empty")
+    if x.shape[1] == 0:  # else the all-zero check said "every descriptor is all zero" of a (n, 0) set
+        raise DescriptorFileError(path, f"dataset '{name}' has dimension 0 (shape {x.shape}): no descriptor values")
     if max_dim is not None and x.shape[1] > max_dim:
         raise DescriptorFileError(
             path, f"dataset '{name}' has dimension {x.shape[1]} > {max_dim} (pass allow_large_dim to accept)"
@@ -113,12 +116,54 @@ def _open_h5(path: Path, what: str) -> h5py.File:
         raise DescriptorFileError(path, f"not a readable HDF5 file ({exc})") from exc
 
 
+def available_memory() -> int:
+    """Bytes this machine can still allocate without swapping (MemAvailable; physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_declared_size(path: Path, ds: h5py.Dataset, name: str) -> None:
+    """Refuse a dataset whose declared shape cannot be real before h5py allocates it: a 68 KB file declaring
+    (10**10, 256) float32 (unwritten chunks read as fill values) was a 9.3 TiB MemoryError traceback, and a
+    size just under RAM would really be allocated. Without filters the data must be in the file; compressed
+    or not, it (and its float32 copy) must fit in the memory available now."""
+    count = int(np.prod(ds.shape, dtype=np.float64)) if ds.shape else 1
+    declared = count * ds.dtype.itemsize
+    filtered = ds.id.get_create_plist().get_nfilters() > 0
+    file_size = path.stat().st_size
+    if not filtered and declared > file_size:
+        raise DescriptorFileError(path, f"dataset '{name}' declares shape {ds.shape} ({declared:,} bytes) but the "
+                                        f"file holds {file_size:,} bytes: truncated or crafted")
+    needed = declared + (count * 4 if ds.dtype.kind in "fiub" and ds.dtype != np.float32 else 0)
+    if needed > available_memory():
+        raise DescriptorFileError(path, f"dataset '{name}' of shape {ds.shape} needs {needed / 2**30:.3g} GiB in "
+                                        f"memory, more than the {available_memory() / 2**30:.3g} GiB available")
+
+
 def _read_dataset(path: Path, f: h5py.File, name: str) -> np.ndarray:
-    if name not in f:
+    # Links are checked before anything follows them: an ExternalLink opens another file named by the h5
+    # (a text file, /etc/passwd...) and a SoftLink can loop; both were h5py tracebacks. Our writers store
+    # every dataset in the file itself.
+    link = f.get(name, getlink=True)
+    if link is None:
         raise DescriptorFileError(path, f"missing dataset '{name}' (has: {sorted(f.keys())})")
-    if not isinstance(f[name], h5py.Dataset):
+    if isinstance(link, h5py.ExternalLink):
+        raise DescriptorFileError(path, f"dataset '{name}' is an HDF5 external link (to {link.filename!r}); "
+                                        "only datasets stored in the file itself are read")
+    if isinstance(link, h5py.SoftLink):
+        raise DescriptorFileError(path, f"dataset '{name}' is an HDF5 soft link (to {link.path!r}); only "
+                                        "datasets stored under their own name are read")
+    obj = f[name]
+    if not isinstance(obj, h5py.Dataset):
         raise DescriptorFileError(path, f"'{name}' is an HDF5 group, not a dataset")
-    return f[name][()]
+    _check_declared_size(path, obj, name)
+    return obj[()]
 
 
 def _read_ids(path: Path, f: h5py.File, name: str) -> list[str]:

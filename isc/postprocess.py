@@ -45,6 +45,12 @@ _EPS = 1e-12  # guards the division when a vector is subtracted down to (numeric
 # around 1e19 float32 overflows to all-zero rows that still score (µAP of noise, exit 0). The recipe
 # uses 0.35; a tuning range never needs more than a few units.
 MAX_BETA = 100.0
+# Each NES iteration is a full kNN search of every row: --num-iter 10000000 ran for hours (hostile round).
+# The seed uses 1 and a second pass barely moves the vectors; 100 is far above any useful value.
+MAX_NUM_ITER = 100
+# k / dba_k neighbours: each search batch holds batch x k scores and ids (65,536 x 1,000 is ~0.8 GB). The
+# seed uses 10; the bank-size check (check_bank) does not bound a large bank.
+MAX_K = 1000
 
 
 @dataclass(frozen=True)
@@ -61,15 +67,20 @@ class NESConfig:
         """Raise :class:`ConfigError` naming the first bad constant; return ``self``."""
         if int(self.k) < 1:
             raise ConfigError("k", f"must be >= 1, got {self.k}")
+        if int(self.k) > MAX_K:
+            raise ConfigError("k", f"{self.k} > {MAX_K}: every search would hold batch x k neighbours; the seed "
+                                   "uses 10")
         if not np.isfinite(self.beta) or self.beta < 0:
             raise ConfigError("beta", f"must be a finite number >= 0, got {self.beta}")
         if self.beta > MAX_BETA:
             raise ConfigError("beta", f"{self.beta:g} > {MAX_BETA:g}: the output would be the neighbours' mean "
                                       "alone (or all zero), not the descriptor; the recipe uses 0.35")
-        if int(self.num_iter) < 0:
-            raise ConfigError("num_iter", f"must be >= 0, got {self.num_iter}")
+        check_num_iter(int(self.num_iter))
         if int(self.dba_k) < 0:
             raise ConfigError("dba_k", f"must be >= 0 (0 disables DBA), got {self.dba_k}")
+        if int(self.dba_k) > MAX_K:
+            raise ConfigError("dba_k", f"{self.dba_k} > {MAX_K}: every search would hold batch x k neighbours; "
+                                       "the seed uses 10")
         if not np.isfinite(self.dba_alpha) or self.dba_alpha < 0:
             raise ConfigError("dba_alpha", f"must be a finite number >= 0, got {self.dba_alpha}")
         return self
@@ -81,6 +92,14 @@ class NESConfig:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(name, f"{k} > the {n_train} training descriptors in {source}; pass {flag} "
                                   f"<= {n_train} or more training descriptors")
+
+
+def check_num_iter(num_iter: int) -> int:
+    """``num_iter`` in [0, MAX_NUM_ITER], else a ConfigError stating the bound (the CLI and the pyfunc)."""
+    if num_iter < 0 or num_iter > MAX_NUM_ITER:
+        raise ConfigError("num_iter", f"{num_iter} is outside [0, {MAX_NUM_ITER}]: each iteration searches every "
+                                      "row again; the seed uses 1")
+    return num_iter
 
 
 def _as_matrix(name: str, x: np.ndarray) -> np.ndarray:
@@ -186,8 +205,7 @@ def negative_embedding_subtraction(
     x = _as_matrix("descriptors", x)
     if k < 1:
         raise ConfigError("k", f"must be >= 1, got {k}")
-    if num_iter < 0:
-        raise ConfigError("num_iter", f"must be >= 0, got {num_iter}")
+    check_num_iter(num_iter)
     if beta < 0 or not np.isfinite(beta) or beta > MAX_BETA:
         raise ConfigError("beta", f"must be a finite number in [0, {MAX_BETA:g}], got {beta}")
     index = bank if isinstance(bank, FlatIndex) else None

@@ -29,10 +29,15 @@ CASES = [
     ("train", "--data {mini} --pos-margin -1", "pos_margin", None),
     ("train", "--data {mini} --neg-margin -0.5", "neg_margin", None),
     ("train", "--data {mini} --memory-size 0", "memory_size", None),
+    ("train", "--data {mini} --memory-size 10000000000000", "memory_size", None),  # an allocator traceback
     ("train", "--data {mini} --backbone no_such_net_v9", "backbone", None),
     ("train", "--data {mini} --input-size 0", "input_size", None),
     ("train", "--data {mini} --input-size 99999999", "input_size", None),  # was a MemoryError traceback
+    ("train", "--data {mini} --input-size 1", "input_size", None),  # was a torch LinAlgError traceback
     ("train", "--data {mini} --workers 99999", "workers", None),  # was the OOM killer, run left RUNNING
+    ("train", "--data {mini} --seed 18446744073709551616", "seed", None),  # 2**64: a torch traceback
+    ("train", "--data {mini} --seed 4611686018427387904", "seed", None),  # 2**62: overflowed mid-epoch
+    ("train", "--data {mini} --seed -1", "seed", None),
     ("train", "--data {mini} --epochs -1", "epochs", None),
     ("train", "--data {mini} --head-init random", "head_init", None),
     ("train", "--data {mini} --freeze-blocks -1", "freeze_blocks", None),
@@ -49,6 +54,7 @@ CASES = [
     ("extract", "--model {missing}.pth.tar --data {mini} --workers 99999", "workers", None),
     ("extract", "--model {missing}.pth.tar --data {mini} --input-size 99999999", "input_size", None),
     ("extract", "--model {missing}.pth.tar --data {mini} --sets xyz", "sets", None),
+    ("extract", "--model {missing}.pth.tar --data {mini} --input-size 8", "input_size", None),
     (
         "postprocess",
         "--descriptors {desc} --train-descriptors {train} --output {out}/n.h5 --k 0",
@@ -67,6 +73,12 @@ CASES = [
         "{missing}",
         "{out}/n.h5",
     ),
+    (
+        "postprocess",
+        "--descriptors {desc} --train-descriptors {train} --output {out}/n.h5 --num-iter 10000000",
+        "num_iter",
+        "{out}/n.h5",
+    ),  # ran for hours
     ("evaluate", "--descriptors {desc} --ground-truth {gt} --knn 0", "knn", None),
     ("evaluate", "--descriptors {desc} --ground-truth {gt} --bootstrap 100000000", "bootstrap", None),  # ran for ever
     (
@@ -128,6 +140,7 @@ CASES = [
     ("import_seed", "{missing}.pth.tar --output {out}/seed.pth.tar", "{missing}", "{out}/seed.pth.tar"),
     ("import_seed", "{missing}.pth.tar --input-size -3", "input_size", None),
     ("import_seed", "{missing}.pth.tar --overwrite maybe", "overwrite", None),
+    ("import_seed", "{missing}.pth.tar --input-size 8", "input_size", None),
     ("main", "--data {mini} --profile bogus", "profile", None),
     ("main", "--data {mini} --force maybe", "force", None),
     ("main", "--data {mini} --nnodes 2 --rdzv-endpoint node0", "rdzv_endpoint", None),

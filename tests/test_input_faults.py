@@ -1,5 +1,7 @@
 """Malformed inputs give one ``error:`` line and exit status 2 (no traceback, no wrong result, no RUNNING
-run): string-typed descriptors, overflowing descriptors, a binary/h5/folder ground truth. A UTF-8 BOM
+run): string-typed descriptors, overflowing descriptors, a binary/h5/folder ground truth, crafted descriptor
+h5s (external / soft links, impossible declared shapes, dimension 0), training configs that are not UTF-8 or
+hold lists / huge values for one-value options. A UTF-8 BOM
 ground truth is accepted. Every case runs the real CLI path (``entrypoints.cli.run_entrypoint``) on real files
 and a real SQLite MLflow store."""
 
@@ -162,3 +164,86 @@ def test_search_names_a_fifo_query_for_what_it_is(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match=r"q\.png: is a FIFO, not an image file or folder"):
         collect_images([fifo], "queries")
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), "stage: smoke\nrun_name: caf\u00e9\n".encode("latin-1")],
+                         ids=["binary", "latin1"])
+def test_config_file_that_is_not_utf8_is_refused_naming_it(mini_data, tracking, capsys, tmp_path, content):
+    """read_yaml caught only YAMLError: a binary or Latin-1 --config was a UnicodeDecodeError traceback."""
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    rc, _, err = _run("train", ["--config", config, "--data", mini_data.root, "--output-dir", tmp_path / "t"], capsys)
+    line = _assert_refused(rc, err, "config", str(config), "not UTF-8")
+    assert "offset" in line, line
+    assert _running(tracking) == [] and not (tmp_path / "t").exists()
+
+
+def _crafted_h5(path, q, r, reference) -> None:
+    """An ISC21 h5 whose ``reference`` is made by ``reference(f, r)``: a link or an oddly declared dataset."""
+    with h5py.File(path, "w") as f:
+        f["query"] = q.astype("float32")
+        f["query_ids"] = np.array([i.encode() for i in QIDS])
+        f["reference_ids"] = np.array([i.encode() for i in RIDS])
+        reference(f, r)
+
+
+CRAFTED = {
+    # h5py followed it into the named file: a text file, or /etc/passwd (a traceback either way)
+    "external_link_to_text": (lambda f, r: f.__setitem__("reference", h5py.ExternalLink("other.txt", "/reference")),
+                              "external link (to 'other.txt')"),
+    "external_link_abs": (lambda f, r: f.__setitem__("reference", h5py.ExternalLink("/etc/passwd", "/x")),
+                          "external link (to '/etc/passwd')"),
+    "soft_link_loop": (lambda f, r: f.__setitem__("reference", h5py.SoftLink("/reference")),
+                       "soft link (to '/reference')"),
+    # 10**10 x 256 float32 declared, no chunk written: h5py allocated 9.3 TiB of fill values (MemoryError)
+    "huge_declared_shape": (lambda f, r: f.create_dataset("reference", shape=(10**10, 256), dtype="f4",
+                                                          chunks=(1024, 256)),
+                            "declares shape (10000000000, 256)"),
+    # compressed, so the file size proves nothing: refused by the memory it would take
+    "huge_compressed": (lambda f, r: f.create_dataset("reference", shape=(10**10, 256), dtype="f4",
+                                                      chunks=(1024, 256), compression="gzip"),
+                        "GiB available"),
+    "zero_dim": (lambda f, r: f.create_dataset("reference", shape=(len(RIDS), 0), dtype="f4"), "dimension 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_descriptor_h5_is_refused_naming_file_and_dataset(files, tracking, capsys, case):
+    reference, says = CRAFTED[case]
+    (files["dir"] / "other.txt").write_text("not an HDF5 file\n")
+    bad = files["dir"] / f"{case}.h5"
+    _crafted_h5(bad, files["q"], files["r"], reference)
+    assert bad.stat().st_size < 1_000_000
+    rc, _, err = _evaluate(bad, files["gt"], capsys, "--output-dir", files["dir"] / "ev")
+    line = _assert_refused(rc, err, str(bad), "reference", says)
+    assert "all zero" not in line, line
+    assert _running(tracking) == [] and not (files["dir"] / "ev").exists()
+
+
+def _refused_train_config(text: str, mini_data, tracking, capsys, tmp_path, *names: str) -> str:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    rc, _, err = _run("train", ["--config", config, "--data", mini_data.root, "--output-dir", tmp_path / "t"], capsys)
+    line = _assert_refused(rc, err, *names)
+    assert len(line) < 600, f"{len(line)} characters: {line[:300]}"
+    assert _running(tracking) == [] and not (tmp_path / "t").exists()
+    return line
+
+
+def test_config_list_for_a_text_option_is_refused_without_expanding_it(mini_data, tracking, capsys, tmp_path):
+    """Nested YAML aliases (10**5 leaves from a few lines) under known text options were str()-coerced and the
+    error echoed the whole expansion (522 KB in the hostile case): a list is refused by its key, described."""
+    levels = ["run_name: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{key}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]"
+               for i, key in enumerate(["experiment_name", "output_dir", "data", "backbone"], start=1)]
+    line = _refused_train_config("stage: smoke\n" + "\n".join(levels) + "\n", mini_data, tracking, capsys,
+                                 tmp_path, "run_name", "expected a single value")
+    assert "a list of 10 item(s)" in line, line
+
+
+def test_long_config_values_are_cut_in_the_error_line(mini_data, tracking, capsys, tmp_path):
+    line = _refused_train_config(f"stage: smoke\nbackbone: {'x' * 100_000}\n", mini_data, tracking, capsys,
+                                 tmp_path, "backbone", "(100,000 characters)")
+    assert "x" * 200 in line and "x" * 201 not in line, line
+    _refused_train_config(f"stage: smoke\nepochs: {'9x' * 50_000}\n", mini_data, tracking, capsys, tmp_path,
+                          "epochs")

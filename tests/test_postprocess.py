@@ -13,6 +13,8 @@ from entrypoints import postprocess as pp_entry
 from isc.errors import ConfigError, DescriptorFileError
 from isc.io import read_descriptors, read_train_descriptors, write_descriptors, write_train_descriptors
 from isc.postprocess import (
+    MAX_K,
+    MAX_NUM_ITER,
     NESConfig,
     bank_index,
     dba,
@@ -151,6 +153,19 @@ def test_bad_constants_are_rejected_by_name():
         with pytest.raises(ConfigError) as err:
             NESConfig(**{field: value}).validate()
         assert err.value.param == field
+
+
+def test_constants_above_their_stated_maximum_are_refused():
+    """--num-iter 10000000 ran for hours (hostile round); k / dba_k above MAX_K hold batch x k neighbours per
+    search. The bound itself is accepted; the pyfunc's path (negative_embedding_subtraction) refuses too."""
+    for field, top in [("num_iter", MAX_NUM_ITER), ("k", MAX_K), ("dba_k", MAX_K)]:
+        NESConfig(**{field: top}).validate()
+        with pytest.raises(ConfigError, match=rf"{field}: {top + 1}.* {top}\b") as err:
+            NESConfig(**{field: top + 1}).validate()
+        assert err.value.param == field
+    rng = np.random.default_rng(5)
+    with pytest.raises(ConfigError, match="num_iter: 10000000 is outside"):
+        negative_embedding_subtraction(_unit(rng, 3, 8), _unit(rng, 20, 8), num_iter=10_000_000)
 
 
 # ---- the entry point ----

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isc.errors import ConfigError
+from isc.errors import SHOWN_CHARS, ConfigError, shown
 from isc.models import packaged
 from isc.models.gem import GeM
 
@@ -69,9 +69,9 @@ def check_backbone(name: str) -> None:
         raise ConfigError("backbone", "empty backbone name")
     if timm.is_model(name):
         return
-    close = _close_backbones(name)
+    close = _close_backbones(name) if len(name) <= SHOWN_CHARS else []  # difflib is quadratic in the length
     hint = f"; close names: {', '.join(close)}" if close else ""
-    raise ConfigError("backbone", f"unknown timm model '{name}'{hint}")
+    raise ConfigError("backbone", f"unknown timm model '{shown(name)}'{hint}")
 
 
 def create_model(

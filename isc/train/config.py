@@ -15,8 +15,8 @@ from typing import Any
 
 from isc.cliutil import optional_str, str2bool
 from isc.contract import parse_bool
-from isc.errors import ConfigError
-from isc.limits import check_input_size, check_workers
+from isc.errors import SHOWN_CHARS, ConfigError, shown
+from isc.limits import check_input_size, check_memory_size, check_seed, check_workers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The recipe's stages, named like their packaged configs (stage1.yaml, ...), and the script of the seed's
@@ -225,6 +225,10 @@ def _coerce(name: str, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(name, "must not be empty")
+    # Only keep_epochs (above) and the mapping fields take a YAML list / mapping: any other was str()-coerced,
+    # so nested aliases expanded into a 522 KB "value" that the error then echoed whole.
+    if isinstance(value, (list, tuple, set, dict)) and not ftype.startswith("dict"):
+        raise ConfigError(name, f"expected a single value, got {shown(value)}")
     try:
         if name == "pretrained":  # a boolean, or the name of a weights package
             text = str(value).strip()
@@ -233,31 +237,34 @@ def _coerce(name: str, value: Any) -> Any:
             from isc.models.packaged import PACKAGES, is_packaged
 
             if not is_packaged(text):
-                raise ValueError(f"true, false or a weights package ({', '.join(PACKAGES)}), got '{value}'")
+                raise ValueError(f"true, false or a weights package ({', '.join(PACKAGES)}), got '{shown(value)}'")
             return text.lower().replace("_", "-")
         if ftype.startswith("bool"):
             return parse_bool(value)
         if ftype.startswith("int"):
             if name == "keep_checkpoints" and isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-                raise ValueError(f"a number of checkpoints or 'all', got '{value}'")
+                raise ValueError(f"a number of checkpoints or 'all', got '{shown(value)}'")
             if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"expected an integer, got {value}")
+                raise ValueError(f"expected an integer, got {shown(value)}")
             return int(value)
         if ftype.startswith("float"):
             out = float(value)
             if not math.isfinite(out):
-                raise ValueError(f"expected a finite number, got {value}")
+                raise ValueError(f"expected a finite number, got {shown(value)}")
             return out
         if ftype.startswith("dict"):
             if not isinstance(value, dict):
-                raise ValueError(f"expected a mapping, got {value!r}")
+                raise ValueError(f"expected a mapping, got {shown(repr(value))}")
+            nested = [k for k, v in value.items() if isinstance(v, (list, tuple, set, dict))]
+            if nested:
+                raise ValueError(f"expected text values, got {shown(nested[0])}: {shown(value[nested[0]])}")
             return {str(k): str(v) for k, v in value.items()}
         if name == "stage":
             return OLD_STAGE_NAMES.get(str(value), str(value))
         if ftype.startswith("str"):
             return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(name, str(exc)) from exc
+    except (TypeError, ValueError) as exc:  # int('x' * 10**6) echoes its argument: cut
+        raise ConfigError(name, shown(exc, 4 * SHOWN_CHARS)) from exc
     return value
 
 
@@ -278,7 +285,7 @@ def parse_epochs(value: Any) -> list[int]:
         except (TypeError, ValueError):
             number = math.nan
         if not number.is_integer():
-            raise ConfigError("keep_epochs", f"expected epoch indices (e.g. 4 or 4,5), got {item!r}")
+            raise ConfigError("keep_epochs", f"expected epoch indices (e.g. 4 or 4,5), got {shown(repr(item))}")
         out.add(int(number))
     return sorted(out)
 
@@ -293,7 +300,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "
         if name not in FIELDS:
             close = [f for f in FIELDS if f.startswith(name[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(key, f"unknown training option in {source}{hint}")
+            raise ConfigError(shown(key), f"unknown training option in {source}{hint}")
         values[name] = _coerce(name, value)
     return TrainConfig(**values)
 
@@ -322,7 +329,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        # utf-8-sig: a BOM is text too. A binary or Latin-1 file was a UnicodeDecodeError traceback.
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                    f"{exc.start}); save the YAML as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError("config", f"{path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError("config", f"{path}: invalid YAML ({exc})") from exc
     if not isinstance(data, dict):
@@ -339,10 +354,10 @@ def parse_overrides(text: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError("overrides", f"not YAML/JSON: {exc}") from exc
     if not isinstance(value, dict):
-        raise ConfigError("overrides", f"expected a mapping of option: value, got {text!r}")
+        raise ConfigError("overrides", f"expected a mapping of option: value, got {shown(repr(text))}")
     unknown = sorted(str(k) for k in value if str(k).replace("-", "_") not in FIELDS)
     if unknown:
-        raise ConfigError("overrides", f"unknown training option(s): {', '.join(unknown)}")
+        raise ConfigError("overrides", f"unknown training option(s): {', '.join(shown(k) for k in unknown[:10])}")
     return value
 
 
@@ -388,21 +403,22 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Raise ``ConfigError`` naming the first bad parameter. Touches no run, reads only folder listings."""
     from isc.models.iscnet import check_backbone
 
-    _check(cfg.stage in STAGES, "stage", f"unknown stage '{cfg.stage}' (one of {', '.join(STAGES)})")
+    _check(cfg.stage in STAGES, "stage", f"unknown stage '{shown(cfg.stage)}' (one of {', '.join(STAGES)})")
     _check(cfg.epochs >= 0, "epochs", f"must be >= 0 (0 = no fine-tuning: the starting model), got {cfg.epochs}")
     _check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
     _check(cfg.lr_world_size >= 1, "lr_world_size",
            f"must be >= 1 (the process count the lr is stated for), got {cfg.lr_world_size}")
     _check(0 <= cfg.momentum < 1, "momentum", f"must be in [0, 1), got {cfg.momentum}")
     _check(cfg.wd >= 0, "wd", f"must be >= 0, got {cfg.wd}")
-    _check(cfg.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
+    _check(cfg.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}, got '{shown(cfg.schedule)}'")
+    check_seed(cfg.seed)
     _check(cfg.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
-    _check(cfg.head_init in HEAD_INITS, "head_init", f"one of {', '.join(HEAD_INITS)}, got '{cfg.head_init}'")
+    _check(cfg.head_init in HEAD_INITS, "head_init", f"one of {', '.join(HEAD_INITS)}, got '{shown(cfg.head_init)}'")
     _check(cfg.head_init_images >= 2, "head_init_images", f"must be >= 2, got {cfg.head_init_images}")
     _check(cfg.freeze_blocks >= 0, "freeze_blocks", f"must be >= 0, got {cfg.freeze_blocks}")
-    _check(cfg.views in ("recipe", "edits"), "views", f"recipe or edits, got '{cfg.views}'")
-    _check(cfg.anchor in ("moderate", "plain"), "anchor", f"moderate or plain, got '{cfg.anchor}'")
-    _check(cfg.amp in ("auto", "true", "false", "on", "off"), "amp", f"auto, true or false, got '{cfg.amp}'")
+    _check(cfg.views in ("recipe", "edits"), "views", f"recipe or edits, got '{shown(cfg.views)}'")
+    _check(cfg.anchor in ("moderate", "plain"), "anchor", f"moderate or plain, got '{shown(cfg.anchor)}'")
+    _check(cfg.amp in ("auto", "true", "false", "on", "off"), "amp", f"auto, true or false, got '{shown(cfg.amp)}'")
     _check(cfg.input_size > 0, "input_size", f"must be > 0, got {cfg.input_size}")
     check_input_size(cfg.input_size)
     _check(cfg.sample_size > 0, "sample_size", f"must be > 0, got {cfg.sample_size}")
@@ -419,12 +435,13 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.num_negatives is None or cfg.num_negatives >= 0, "num_negatives",
            f"must be >= 0, got {cfg.num_negatives}")
     _check(cfg.memory_size > 0, "memory_size", f"must be > 0, got {cfg.memory_size}")
+    check_memory_size(cfg.memory_size, cfg.dim)
     from isc.losses import LOSSES
 
-    _check(cfg.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}, got '{cfg.loss}'")
+    _check(cfg.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}, got '{shown(cfg.loss)}'")
     check_batch(cfg, world_size)
     _check(cfg.resume_state in RESUME_STATES, "resume_state",
-           f"one of {', '.join(RESUME_STATES)}, got '{cfg.resume_state}'")
+           f"one of {', '.join(RESUME_STATES)}, got '{shown(cfg.resume_state)}'")
     _check(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     check_workers(cfg.workers)
     _check(cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
@@ -437,7 +454,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(not (cfg.init_from and cfg.resume_from), "init_from",
            "give either init_from (weights only, new stage) or resume_from (full state), not both")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
-           f"auto, cpu or cuda[:N], got '{cfg.device}'")
+           f"auto, cpu or cuda[:N], got '{shown(cfg.device)}'")
     if cfg.device.startswith("cuda"):
         import torch
 
@@ -445,7 +462,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     check_backbone(cfg.backbone)
     if cfg.weights_file:
         _check(Path(cfg.weights_file).expanduser().is_file(), "weights_file",
-               f"{cfg.weights_file} does not exist")
+               f"{shown(cfg.weights_file)} does not exist")
     _validate_data(cfg, world_size)
 
 
