@@ -164,3 +164,30 @@ def test_match_cli_writes_capped_best_first_csv_and_logs_row_count(tracking, eva
         match_ep.main(
             ["--descriptors", str(eval_inputs["after"]), "--output", str(out_csv), "--max-results", "600000"]
         )
+
+
+@pytest.mark.slow
+def test_relative_model_ref_is_stored_absolute_so_promote_works_from_another_folder(
+        tracking, eval_inputs, tmp_path, monkeypatch, capsys):
+    """``--model-ref train/model.pth.tar`` given in one folder, ``isc promote`` run from another: the
+    evaluation recorded the path as typed, and promote failed 'no such file'."""
+    import torch
+
+    from isc.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    (tmp_path / "train").mkdir()
+    ckpt = save_checkpoint(tmp_path / "train" / "model.pth.tar",
+                           create_model("test_efficientnet", pretrained=False, input_size=32), epoch=0)
+    monkeypatch.chdir(tmp_path)
+    rc = run_entrypoint("entrypoints.evaluate", ["--descriptors", str(eval_inputs["after"]), "--ground-truth",
+                                                 str(eval_inputs["gt"]), "--bootstrap", "0",
+                                                 "--model-ref", "train/model.pth.tar"])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    assert _only_evaluate_run().data.tags["isc.model_ref"] == str(ckpt.resolve())
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    rc = run_entrypoint("entrypoints.promote", ["--ground-truth", str(eval_inputs["gt"]), "--model-name", "rel"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert [v.version for v in mlflow.MlflowClient().search_model_versions("name = 'rel'")] == [1]
