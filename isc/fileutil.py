@@ -135,6 +135,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def partial_dir(path: str | Path) -> Path:
+    """A new, empty folder beside ``path`` to build a folder output in, named like :func:`atomic_path`'s
+    temporaries (one per process: two writers at once never share it; :func:`remove_stale_partials` finds a
+    killed one's), with a plain folder's mode (``mkdtemp`` gives 0700). Stale ones are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{partial_stem(path.name)}.{_owner()}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def _named_disk_error(exc: BaseException, tmp: Path) -> OSError | None:
     """A full/read-only/failing disk error of writing ``tmp`` that names no file, as an OSError naming it
     (``os_error_line`` shows the output's own name): a failed ``write``/``close`` carries no file name, and
@@ -338,9 +350,8 @@ def os_error_line(exc: OSError) -> str:
         m = _H5_FILENAME_RE.search(str(exc))
         name = m.group(1) if m else None
     if name:
-        path = Path(os.fsdecode(name))
-        m = _PARTIAL_RE.match(path.name)
-        name = str(path.with_name(m.group("name"))) if m else str(path)
+        parts = Path(os.fsdecode(name)).parts  # a file inside a folder output's temporary: name the output
+        name = str(Path(*[(m.group("name") if (m := _PARTIAL_RE.match(p)) else p) for p in parts]))
     reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [type(exc).__name__])[0]
     if exc.errno and isinstance(exc.strerror, str) and exc.strerror.startswith(f"{reason} ("):
         reason = exc.strerror  # ours, with detail (no_space: needed and free sizes)

@@ -217,3 +217,28 @@ def test_entrypoint_logs_counts_to_mlflow_when_tracked(tmp_path, tracking):
     assert run.data.metrics["n_references"] == SIZES["tiny"].n_references
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "data")}
     assert "data/ground_truth_test.csv" in arts
+
+
+def test_two_make_mini_at_once_on_one_out_leave_one_complete_dataset(tmp_path):
+    """Two ``isc data make-mini --out o`` at once both failed and built nothing: they shared ``o.partial``,
+    each deleting the other's. Now each builds in its own folder and one rename wins; the other exits 0 or
+    with one line naming ``out``. A killed build's folder (dead pid) is removed."""
+    import os
+    import socket
+
+    out = tmp_path / "o"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".o.@{socket.gethostname()}@{dead.pid}.abcdefgh.partial"
+    (stale / "query_images").mkdir(parents=True)
+    cmd = [sys.executable, "-m", "entrypoints.cli", "data", "make-mini", "--out", str(out), "--size", "tiny"]
+    env = {**os.environ, "ISC_HOME": str(tmp_path), "PYTHONPATH": str(PROJECT_ROOT)}
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    done = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in done)[0] == 0, [err[-2000:] for _, err in done]
+    for rc, err in done:
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert rc == 0 or (rc == 2 and len(errors) == 1 and errors[0].startswith(f"error: out: {out} ")), err[-2000:]
+    assert len(_manifest(out)["queries"]) == SIZES["tiny"].n_queries and (out / "ground_truth_val.csv").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
