@@ -242,3 +242,17 @@ def test_two_make_mini_at_once_on_one_out_leave_one_complete_dataset(tmp_path):
         assert rc == 0 or (rc == 2 and len(errors) == 1 and errors[0].startswith(f"error: out: {out} ")), err[-2000:]
     assert len(_manifest(out)["queries"]) == SIZES["tiny"].n_queries and (out / "ground_truth_val.csv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_a_250_byte_out_name_is_built_and_overwritten(tmp_path):
+    """``--out <250 bytes>`` failed 'File name too long' on ``<out>.partial``, and --overwrite on its
+    ``<out>.old-<pid>`` swap folder: both temporaries now fit wherever the name itself fits."""
+    import os
+
+    out = tmp_path / ("m" * 250)
+    cmd = [sys.executable, "-m", "entrypoints.cli", "data", "make-mini", "--out", str(out), "--size", "tiny"]
+    env = {**os.environ, "ISC_HOME": str(tmp_path), "PYTHONPATH": str(PROJECT_ROOT)}
+    for extra in ([], ["--overwrite", "true"]):
+        proc = subprocess.run(cmd + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (out / "ground_truth_val.csv").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]

@@ -287,7 +287,7 @@ def _publish(partial: Path, out: Path, overwrite: bool) -> None:
     --overwrite) is swapped away first and removed only after."""
     old = None
     if overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        old = out.with_name(out.name + f".old-{os.getpid()}")
+        old = partial.with_name(partial.name.removesuffix(".partial") + ".old")  # fits where out's name fits
         os.replace(out, old)
     try:
         os.rename(partial, out)  # onto nothing or an empty folder; never onto a filled one
