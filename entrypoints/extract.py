@@ -17,7 +17,7 @@ import torch
 
 from isc import tracking
 from isc.cliutil import Parser, nonnegative_int, positive_int, str2bool
-from isc.contract import ARTIFACT_DESCRIPTORS, Step, Tag, parse_bool
+from isc.contract import ARTIFACT_DESCRIPTORS, Step, Tag, parse_bool, stored_model_ref
 from isc.data.disc21 import DISC21
 from isc.errors import ConfigError
 from isc.extract.describe import resolve_device, resolve_input_size
@@ -144,7 +144,7 @@ def _run(args, letters: list[str], data: DISC21, output_dir: Path, info: ddp.Dis
         skip_bad_images=args.skip_bad_images,
         limit=args.limit or None,
         tta=settings.tta,
-        model_ref=str(args.model),
+        model_ref=stored_model_ref(args.model),
         overwrite=args.overwrite,
     )
     if not info.primary:  # other ranks only extract their shards; rank 0 tracks, merges and reports

@@ -259,6 +259,14 @@ class ModelRef:
         return self.kind in ("alias", "version")
 
 
+def stored_model_ref(ref: str | Path | None) -> str:
+    """``ref`` as a run records it: a local path made absolute (``isc promote`` or ``extract --model
+    <evaluation>`` may run from another folder), anything else (run ids, ``runs:/``, ``models:/``) as given."""
+    text = str(ref or "").strip()
+    local = Path(text).expanduser()
+    return os.path.abspath(local) if text and local.exists() else text
+
+
 # ------------------------------------------------------------------ the evaluation record
 @dataclass
 class Evaluation:

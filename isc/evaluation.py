@@ -27,6 +27,7 @@ from isc.contract import (
     DESCRIPTORS_FILE,
     NES_DESCRIPTORS_FILE,
     Evaluation,
+    stored_model_ref,
 )
 from isc.errors import DescriptorFileError
 from isc.fileutil import atomic_path, check_outputs
@@ -205,7 +206,7 @@ def run_evaluation(
         if mlflow.active_run() is not None:
             settings = settings or extraction_settings(descriptors, before)
             record = Evaluation(average_precision=out.get("average_precision"), gt_fingerprint=out["gt_fingerprint"],
-                                gt_path=gt_path or inputs.gt_path, protocol=protocol, model_ref=str(model_ref or ""),
+                                gt_path=gt_path or inputs.gt_path, protocol=protocol, model_ref=stored_model_ref(model_ref),
                                 nes_bank=str(nes_bank) if nes_bank else None,
                                 nes_params=lineage.nes_params_of(str(nes_bank)) if nes_bank else {},
                                 input_size=settings.input_size if settings else None,

@@ -43,6 +43,22 @@ def _owner() -> str:
     return f"@{socket.gethostname()}@{os.getpid()}"
 
 
+NAME_MAX = 255  # bytes per file name on ext4, xfs, btrfs, tmpfs, NFS
+
+
+def partial_stem(name: str) -> str:
+    """``name`` as it appears in its temporary names (``.<stem>.@host@pid.XXXXXXXX.partial``): itself when
+    that fits :data:`NAME_MAX`, else its head and ``~`` + 8 hex of its hash -- a legal 244-byte output name
+    failed 'File name too long' on its temporary name. Room is kept for any pid, so every writer of one
+    output (and :func:`remove_stale_partials`) computes the same stem."""
+    raw = os.fsencode(name)
+    room = NAME_MAX - len(f"..@{socket.gethostname()}@{'9' * 10}..XXXXXXXX.partial".encode())
+    if len(raw) <= room:
+        return name
+    tag = "~" + hashlib.sha256(raw).hexdigest()[:8]
+    return raw[: room - len(tag)].decode("utf-8", "ignore") + tag
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -58,14 +74,17 @@ def remove_stale_partials(path: str | Path) -> list[Path]:
     power loss: nothing ran to clean up) whose process is gone; returns them. Files of live processes,
     of other hosts and of other outputs are left alone."""
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.@{re.escape(socket.gethostname())}@(\d+)\..*\.partial$")
+    pattern = re.compile(rf"^\.{re.escape(partial_stem(path.name))}\.@{re.escape(socket.gethostname())}@(\d+)\..*\.partial$")
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(path.parent):
             m = pattern.match(entry.name)
             if m and not _alive(int(m.group(1))):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):  # a folder output (make-mini) is built in one
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
                     removed.append(Path(entry.path))
     return removed
 
@@ -98,7 +117,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=".partial", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{partial_stem(path.name)}.{_owner()}.", suffix=".partial", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
     finally:
@@ -114,6 +133,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if named is not None:
             raise named from exc
         raise
+
+
+def partial_dir(path: str | Path) -> Path:
+    """A new, empty folder beside ``path`` to build a folder output in, named like :func:`atomic_path`'s
+    temporaries (one per process: two writers at once never share it; :func:`remove_stale_partials` finds a
+    killed one's), with a plain folder's mode (``mkdtemp`` gives 0700). Stale ones are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{partial_stem(path.name)}.{_owner()}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def _named_disk_error(exc: BaseException, tmp: Path) -> OSError | None:
@@ -319,9 +350,8 @@ def os_error_line(exc: OSError) -> str:
         m = _H5_FILENAME_RE.search(str(exc))
         name = m.group(1) if m else None
     if name:
-        path = Path(os.fsdecode(name))
-        m = _PARTIAL_RE.match(path.name)
-        name = str(path.with_name(m.group("name"))) if m else str(path)
+        parts = Path(os.fsdecode(name)).parts  # a file inside a folder output's temporary: name the output
+        name = str(Path(*[(m.group("name") if (m := _PARTIAL_RE.match(p)) else p) for p in parts]))
     reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [type(exc).__name__])[0]
     if exc.errno and isinstance(exc.strerror, str) and exc.strerror.startswith(f"{reason} ("):
         reason = exc.strerror  # ours, with detail (no_space: needed and free sizes)

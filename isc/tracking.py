@@ -87,11 +87,17 @@ def configure(tracking_uri: str | None = None, check: bool = True) -> str:
     return uri
 
 
-def get_or_create_experiment(name: str) -> str:
+# Bytes (UTF-8) of an experiment's artifact folder name under ISC_HOME/mlartifacts. File systems allow 255
+# per component; past it MLflow only warns on every upload and the run still ends FINISHED without artifacts.
+MAX_EXPERIMENT_FOLDER_BYTES = 200
+
+
+def get_or_create_experiment(name: str, param: str = "--experiment-name") -> str:
     """Return the id of experiment ``name``, creating it with an absolute artifact root if needed.
 
     With a direct database URI MLflow would otherwise resolve ``./mlruns`` against whatever the
-    creator's working directory was; behind a server the server chooses (proxied artifacts).
+    creator's working directory was; behind a server the server chooses (proxied artifacts). A name
+    whose local artifact folder could not exist is ``ConfigError(param)``, before any run opens.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -102,7 +108,13 @@ def get_or_create_experiment(name: str) -> str:
         return exp.experiment_id
     location = None
     if not is_http(os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri())):
-        location = str(Path(default_artifact_root()) / name.replace("/", "_"))
+        folder = name.replace("/", "_")
+        size = len(folder.encode("utf-8", "surrogateescape"))
+        if size > MAX_EXPERIMENT_FOLDER_BYTES:
+            raise ConfigError(param, f"'{name[:40]}...' is {size} bytes (UTF-8); an experiment this platform "
+                                     f"creates keeps its artifacts in a folder of that name, at most "
+                                     f"{MAX_EXPERIMENT_FOLDER_BYTES} bytes: use a shorter name")
+        location = str(Path(default_artifact_root()) / folder)
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:
@@ -131,7 +143,7 @@ def experiment_id(explicit: str | None = None, create: bool = True) -> str:
             return client.get_experiment(text).experiment_id
     if not create:
         raise ConfigError("experiment", f"no MLflow experiment named (or with id) '{text}'")
-    return get_or_create_experiment(text)
+    return get_or_create_experiment(text, "--experiment-name" if (explicit or "").strip() else "MLFLOW_EXPERIMENT_NAME")
 
 
 def git_commit(root: str | Path | None = None) -> str | None:

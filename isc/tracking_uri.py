@@ -157,15 +157,22 @@ def _importable(module: str) -> bool:
 def check_store_uri(uri: str) -> str:
     """The tracking URI to use, or :class:`TrackingUnavailableError` naming it (password masked).
 
-    Refused before MLflow sees them (it would end in a traceback): schemes it has no store for, the
-    file store (MLflow 3 keeps it in maintenance mode and fails on it), and database URIs whose driver
+    Refused before MLflow sees them (it would end in a traceback, or a silent second store): surrounding
+    whitespace, schemes it has no store for, Databricks (no credential flow here), the file store (MLflow 3 keeps it in maintenance mode and fails on it), and database URIs whose driver
     is not installed -- a plain ``postgresql://``/``mysql://`` is mapped to an installed driver instead.
     """
     shown = redact(uri)
+    if uri != uri.strip():  # 'mlflow.db ' is a legal file name: a silent second store, not an error, below
+        raise TrackingUnavailableError(f"MLFLOW_TRACKING_URI: {shown!r} has leading or trailing whitespace; "
+                                       "remove it")
     scheme, sep, rest = uri.partition("://")
     scheme = scheme.lower() if sep else ""
-    if scheme in ("http", "https", "sqlite", "databricks", "databricks-uc"):
+    if scheme in ("http", "https", "sqlite"):
         return uri
+    if (scheme or uri.lower()) in ("databricks", "databricks-uc", "uc"):  # MLflow takes the bare word too
+        raise TrackingUnavailableError(
+            f"tracking URI {shown}: the '{scheme or uri}' scheme is not supported here; use sqlite:///..., "
+            "postgresql://..., mysql://... or http(s)://...")
     if scheme in ("", "file"):
         raise TrackingUnavailableError(
             f"tracking URI {shown}: MLflow's file store is not supported (MLflow 3 keeps it in maintenance mode); "
@@ -192,6 +199,9 @@ def check_store_uri(uri: str) -> str:
 def check_database(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, naming the URI, when a database store cannot be connected to (refused, unknown host,
     bad password): MLflow would retry and then raise its own traceback."""
+    if uri.lower().startswith("sqlite:"):
+        check_sqlite_path(uri)
+        return
     if uri.partition("://")[0].split("+")[0].lower() not in _DB_DRIVERS:
         return
     import sqlalchemy
@@ -208,3 +218,21 @@ def check_database(uri: str, timeout: float = 5.0) -> None:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise TrackingUnavailableError(f"tracking database {redact(uri)} is unreachable "
                                        f"({redact(first[0]) if first else type(exc).__name__})") from exc
+
+
+def check_sqlite_path(uri: str) -> None:
+    """Refuse a ``sqlite:///`` path that is a folder, or under a file: MLflow retries opening it for
+    about 100 s before failing. A missing parent folder is fine (MLflow creates it); in-memory and
+    ``file:`` URI forms are left to SQLite."""
+    rest = uri.partition("://")[2]
+    path = rest[1:].split("?", 1)[0] if rest.startswith("/") else ""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise TrackingUnavailableError(f"tracking URI {redact(uri)}: {path} is a folder, not a SQLite database file")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TrackingUnavailableError(f"tracking URI {redact(uri)}: {parent} is not a folder")

@@ -234,7 +234,7 @@ FULL_DISK_COMMANDS = {
                                        str(m.root / "ground_truth.csv"), "--output-dir", str(o / "ev"),
                                        "--bootstrap", "10"], "ev/"),
     "make-mini": (0, lambda d, m, o: ["entrypoints.make_mini", "make-mini", "--out", str(o / "mini"), "--size",
-                                      "tiny"], "mini.partial/"),
+                                      "tiny"], "mini/"),
     "train": (0, lambda d, m, o: ["entrypoints.train", "--config", str(PROJECT_ROOT / "isc/configs/smoke.yaml"),
                                   "--data", str(m.root), "--output-dir", str(o / "train"), "--epochs", "1"],
               "train/checkpoints/checkpoint_0000.pth.tar"),

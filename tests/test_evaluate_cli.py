@@ -164,3 +164,52 @@ def test_match_cli_writes_capped_best_first_csv_and_logs_row_count(tracking, eva
         match_ep.main(
             ["--descriptors", str(eval_inputs["after"]), "--output", str(out_csv), "--max-results", "600000"]
         )
+
+
+@pytest.mark.slow
+def test_relative_model_ref_is_stored_absolute_so_promote_works_from_another_folder(
+        tracking, eval_inputs, tmp_path, monkeypatch, capsys):
+    """``--model-ref train/model.pth.tar`` given in one folder, ``isc promote`` run from another: the
+    evaluation recorded the path as typed, and promote failed 'no such file'."""
+    import torch
+
+    from isc.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    (tmp_path / "train").mkdir()
+    ckpt = save_checkpoint(tmp_path / "train" / "model.pth.tar",
+                           create_model("test_efficientnet", pretrained=False, input_size=32), epoch=0)
+    monkeypatch.chdir(tmp_path)
+    rc = run_entrypoint("entrypoints.evaluate", ["--descriptors", str(eval_inputs["after"]), "--ground-truth",
+                                                 str(eval_inputs["gt"]), "--bootstrap", "0",
+                                                 "--model-ref", "train/model.pth.tar"])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    assert _only_evaluate_run().data.tags["isc.model_ref"] == str(ckpt.resolve())
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    rc = run_entrypoint("entrypoints.promote", ["--ground-truth", str(eval_inputs["gt"]), "--model-name", "rel"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert [v.version for v in mlflow.MlflowClient().search_model_versions("name = 'rel'")] == [1]
+
+
+@pytest.mark.parametrize(("flag", "env"), [("e" * 300, None), (None, "é" * 101)], ids=["flag", "env_utf8"])
+def test_experiment_name_too_long_for_its_artifact_folder_is_refused_before_any_run(
+        tracking, eval_inputs, monkeypatch, capsys, flag, env):
+    """A 300-character name: the run ended FINISHED with exit 0 while every upload failed ENAMETOOLONG
+    (warnings only). Now one line naming where the name came from; a 200-byte name still stores artifacts."""
+    from mlflow.entities import ViewType
+
+    if env:
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", env)
+    base = ["--descriptors", str(eval_inputs["after"]), "--ground-truth", str(eval_inputs["gt"]), "--bootstrap", "0"]
+    rc = run_entrypoint("entrypoints.evaluate", base + (["--experiment-name", flag] if flag else []))
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("error: --experiment-name:" if flag else "error: MLFLOW_EXPERIMENT_NAME:"), errors[0]
+    assert "202 bytes" in errors[0] if env else "300 bytes" in errors[0], errors[0]
+    assert mlflow.search_runs(search_all_experiments=True, run_view_type=ViewType.ALL, output_format="list") == []
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert run_entrypoint("entrypoints.evaluate", base + ["--experiment-name", "e" * 200]) == 0
+    assert "evaluation/metrics.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(_only_evaluate_run().info.run_id,
+                                                                                  "evaluation")}

@@ -217,3 +217,42 @@ def test_entrypoint_logs_counts_to_mlflow_when_tracked(tmp_path, tracking):
     assert run.data.metrics["n_references"] == SIZES["tiny"].n_references
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "data")}
     assert "data/ground_truth_test.csv" in arts
+
+
+def test_two_make_mini_at_once_on_one_out_leave_one_complete_dataset(tmp_path):
+    """Two ``isc data make-mini --out o`` at once both failed and built nothing: they shared ``o.partial``,
+    each deleting the other's. Now each builds in its own folder and one rename wins; the other exits 0 or
+    with one line naming ``out``. A killed build's folder (dead pid) is removed."""
+    import os
+    import socket
+
+    out = tmp_path / "o"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".o.@{socket.gethostname()}@{dead.pid}.abcdefgh.partial"
+    (stale / "query_images").mkdir(parents=True)
+    cmd = [sys.executable, "-m", "entrypoints.cli", "data", "make-mini", "--out", str(out), "--size", "tiny"]
+    env = {**os.environ, "ISC_HOME": str(tmp_path), "PYTHONPATH": str(PROJECT_ROOT)}
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    done = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in done)[0] == 0, [err[-2000:] for _, err in done]
+    for rc, err in done:
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert rc == 0 or (rc == 2 and len(errors) == 1 and errors[0].startswith(f"error: out: {out} ")), err[-2000:]
+    assert len(_manifest(out)["queries"]) == SIZES["tiny"].n_queries and (out / "ground_truth_val.csv").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_a_250_byte_out_name_is_built_and_overwritten(tmp_path):
+    """``--out <250 bytes>`` failed 'File name too long' on ``<out>.partial``, and --overwrite on its
+    ``<out>.old-<pid>`` swap folder: both temporaries now fit wherever the name itself fits."""
+    import os
+
+    out = tmp_path / ("m" * 250)
+    cmd = [sys.executable, "-m", "entrypoints.cli", "data", "make-mini", "--out", str(out), "--size", "tiny"]
+    env = {**os.environ, "ISC_HOME": str(tmp_path), "PYTHONPATH": str(PROJECT_ROOT)}
+    for extra in ([], ["--overwrite", "true"]):
+        proc = subprocess.run(cmd + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (out / "ground_truth_val.csv").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -67,3 +68,42 @@ def test_plain_postgresql_scheme_is_mapped_to_the_installed_driver():
     assert check_store_uri("postgresql://u:p@h:5432/db") == "postgresql+psycopg2://u:p@h:5432/db"
     assert check_store_uri("postgresql+psycopg2://u:p@h/db") == "postgresql+psycopg2://u:p@h/db"
     assert check_store_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def _evaluate(tmp_path, files, uri):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("MLFLOW_RUN_ID", None)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "entrypoints.evaluate", "--descriptors", str(files[0]), "--ground-truth",
+         str(files[1]), "--bootstrap", "0"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    return proc, time.monotonic() - start
+
+
+# (URI, what the error says, what to make first). Before: a second store 'mlflow.db ' silently used;
+# 103 s of MLflow retries on a folder; "MLflow's file store is not supported" for databricks.
+LOCAL_CASES = [
+    ("sqlite:///{tmp}/mlflow.db ", "MLFLOW_TRACKING_URI: 'sqlite:///{tmp}/mlflow.db ' has leading or trailing", None),
+    (" sqlite:///{tmp}/mlflow.db", "MLFLOW_TRACKING_URI: ' sqlite:///{tmp}/mlflow.db' has leading or trailing", None),
+    ("sqlite:///{tmp}/dir.db", "{tmp}/dir.db is a folder, not a SQLite database file", "dir.db/"),
+    ("sqlite:///{tmp}/plain.txt/x.db", "{tmp}/plain.txt is not a folder", "plain.txt"),
+    ("databricks", "tracking URI databricks: the 'databricks' scheme is not supported here", None),
+    ("databricks://profile", "the 'databricks' scheme is not supported here", None),
+]
+
+
+@pytest.mark.parametrize(("uri", "expect", "make"), LOCAL_CASES, ids=["space", "lead", "dir", "under_file", "dbx",
+                                                                      "dbx_url"])
+def test_tracking_uri_mistakes_are_one_quick_line_and_create_no_store(tmp_path, files, uri, expect, make):
+    if make and make.endswith("/"):
+        (tmp_path / make).mkdir()
+    elif make:
+        (tmp_path / make).write_text("not a folder\n")
+    proc, took = _evaluate(tmp_path, files, uri.format(tmp=tmp_path))
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert expect.format(tmp=tmp_path) in errors[0], errors[0]
+    assert took < 60, took  # a folder took 103 s of retries
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("mlflow.db") or p.name == "mlartifacts"]

@@ -39,12 +39,14 @@ Query splits: ``ground_truth.csv`` lists every query; ``ground_truth_{train,val,
 queries (each split has positives and distractors): *train* pairs feed stage 4, *val* scores tuning
 trials and chooses the champion, *test* is held out for the reported numbers.
 
-The dataset is built in ``<out>.partial`` and renamed onto ``out`` at the end, so a crash never leaves a
-folder that looks complete.
+The dataset is built in a folder of its own beside ``out`` (``.<out>.@host@pid.XXXXXXXX.partial``, one per
+process) and renamed onto ``out`` at the end, so a crash never leaves a folder that looks complete and two
+builds at once never share one.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
@@ -64,6 +66,7 @@ from isc.data.copy_edits import edit_chain, resize_long
 from isc.data.disc21 import DISC21, list_images
 from isc.data.images import IMAGE_EXTENSIONS, load_image
 from isc.errors import BadImageError, ConfigError
+from isc.fileutil import partial_dir
 from isc.io import write_ground_truth
 
 log = logging.getLogger(__name__)
@@ -275,20 +278,24 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
             raise ConfigError(
                 "out", f"{out} already exists and is not empty (pass --overwrite to replace it)"
             )
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
+    return partial_dir(out)
 
 
-def _publish(partial: Path, out: Path) -> None:
-    """Swap the finished ``partial`` folder onto ``out`` (the old ``out`` is removed only after)."""
+def _publish(partial: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``partial`` folder onto ``out`` in one rename, which fails if another make-mini
+    filled ``out`` meanwhile (that one wins; this one says so). An ``out`` that was there before (only with
+    --overwrite) is swapped away first and removed only after."""
     old = None
-    if out.exists():
-        old = out.with_name(out.name + f".old-{os.getpid()}")
+    if overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        old = partial.with_name(partial.name.removesuffix(".partial") + ".old")  # fits where out's name fits
         os.replace(out, old)
-    os.replace(partial, out)
+    try:
+        os.rename(partial, out)  # onto nothing or an empty folder; never onto a filled one
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise ConfigError("out", f"{out} was filled by another process while this one built it (two "
+                                 "make-mini at once?); it is left as that one wrote it") from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -321,7 +328,7 @@ def make_mini(
     partial = _prepare_out(out, overwrite)
     try:
         _build(partial, paths, spec, seed, size, source)
-        _publish(partial, out)
+        _publish(partial, out, overwrite)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
