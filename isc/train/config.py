@@ -17,6 +17,7 @@ from isc.cliutil import optional_str, str2bool
 from isc.contract import parse_bool
 from isc.errors import SHOWN_CHARS, ConfigError, shown
 from isc.limits import check_input_size, check_memory_size, check_seed, check_workers
+from isc.yamlfile import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The recipe's stages, named like their packaged configs (stage1.yaml, ...), and the script of the seed's
@@ -322,27 +323,6 @@ def config_path(path_or_name: str | Path) -> Path:
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError("config", f"{text}: no such file, and not a packaged config ({', '.join(names)})")
     return path
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    try:
-        # utf-8-sig: a BOM is text too. A binary or Latin-1 file was a UnicodeDecodeError traceback.
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError("config", f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                                    f"{exc.start}); save the YAML as UTF-8") from None
-    except OSError as exc:
-        raise ConfigError("config", f"{path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", f"{path}: invalid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError("config", f"{path}: expected a mapping of option: value")
-    return data
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

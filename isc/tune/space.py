@@ -15,7 +15,8 @@ from typing import Any
 
 from isc.contract import parse_bool
 from isc.errors import ConfigError
-from isc.train.config import FIELDS, load_config, read_yaml
+from isc.train.config import FIELDS, load_config
+from isc.yamlfile import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_TUNE_CONFIG = CONFIG_DIR / "tune.yaml"
