@@ -90,3 +90,20 @@ def postgres(tmp_path_factory: pytest.TempPathFactory):
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 256 KiB tmpfs (needs root with CAP_SYS_ADMIN; skipped with the reason otherwise): a full disk
+    for the disk-fault tests and too little disk for the main job's preflight."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()[:100]}); the ulimit case still runs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

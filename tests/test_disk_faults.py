@@ -33,19 +33,6 @@ def inputs(tmp_path):
     return desc, train
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()[:100]}); the ulimit case still runs")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def _postprocess(tmp_path, inputs, out: Path, prefix: str = ""):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(ISC_HOME=str(tmp_path / "home"), PYTHONPATH=str(PROJECT_ROOT))

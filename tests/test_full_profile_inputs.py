@@ -188,18 +188,18 @@ def test_stage1b_resumes_with_an_empty_bank_as_the_seed_unless_told_exact(tracki
     assert params["resumed_memory_bank"] == ("restored" if restored else "empty")
 
 
-def test_too_little_disk_for_the_checkpoints_is_named_before_training(readme_data, tmp_path):
+def test_too_little_disk_for_the_checkpoints_is_named_before_training(readme_data, tmp_path, small_tmpfs):
     """The checkpoints each stage keeps (local + artifact copy), weighed against the free space where they go:
-    a bank of 10^12 slots (about 1 PB a checkpoint) cannot fit on any test machine's disk."""
+    the tiny network's checkpoints (a 256-slot bank alone is 264 KB) do not fit on a 256 KiB disk. (A bank
+    of 10^12 slots, which this test once used, is now refused by the memory bound before the disk check.)"""
     from isc.preflight import check_main_inputs, checkpoint_bytes
     from tests.test_main import TINY_FULL
 
     small = checkpoint_bytes(load_config("stage1", **TINY_FULL))
-    assert 4 * 2 * 1000 < small < 50 * 2**20  # the tiny test network: weights + momentum + a 256-slot bank
+    assert 256 * 2**10 < small < 50 * 2**20  # the tiny test network: weights + momentum + a 256-slot bank
     check_main_inputs("full", readme_data, TINY_FULL, out_root=tmp_path / "outputs" / "train")
     with pytest.raises(ConfigError, match=r"disk: .* GiB free; the profile's checkpoints need about"):
-        check_main_inputs("full", readme_data, {**TINY_FULL, "memory_size": 10**12},
-                          out_root=tmp_path / "outputs" / "train")
+        check_main_inputs("full", readme_data, TINY_FULL, out_root=small_tmpfs / "outputs" / "train")
 
 
 def test_tuning_stage4_on_one_process_without_negatives_is_named_before_training(tmp_path, mini_data):
