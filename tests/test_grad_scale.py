@@ -74,7 +74,7 @@ def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
 
 def _seed_update() -> tuple[dict[str, torch.Tensor], ...]:
     """By hand: W_SEED processes as the seed ran them (pml 0.9.99's DistributedLossWrapper: the global batch
-    gathered with only the local slice differentiable -- the local rank first --, the loss not scaled;
+    gathered in rank order with only the local slice differentiable, the loss not scaled;
     DDP's average of the W_SEED gradients), then SGD's first step ``p - lr * (g + wd * p)`` with the
     project's weight-decay groups. Returns (expected params, the seed's averaged gradient, grad(L), the
     weight-decay part lr * wd * p of the update)."""
@@ -103,9 +103,9 @@ def _seed_update() -> tuple[dict[str, torch.Tensor], ...]:
     slices = list(torch.arange(len(images)).chunk(W_SEED))
     per_rank = []
     for k in range(W_SEED):
-        order = [slices[k]] + [s for j, s in enumerate(slices) if j != k]  # pml 0.9.99: local rank first
-        gathered = torch.cat([emb[s] if j == 0 else emb[s].detach() for j, s in enumerate(order)])
-        per_rank.append(torch.autograd.grad(xbm_loss(gathered, labels[torch.cat(order)]), params, retain_graph=True))
+        # pml 0.9.99's all_gather: every rank's slice in rank order, the local one put back with its gradient
+        gathered = torch.cat([emb[s] if j == k else emb[s].detach() for j, s in enumerate(slices)])
+        per_rank.append(torch.autograd.grad(xbm_loss(gathered, labels), params, retain_graph=True))
     seed_grad = [torch.stack(gs).mean(0) for gs in zip(*per_rank, strict=True)]
     wd_of = {id(p): group["weight_decay"] for group in param_groups(net, CFG.wd) for p in group["params"]}
     expected = {n: (p - CFG.lr * (g + wd_of[id(p)] * p)).detach() for n, p, g in zip(names, params, seed_grad, strict=True)}
