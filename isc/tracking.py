@@ -198,8 +198,7 @@ def tracked_run(
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.set_tag(Tag.ERROR, "interrupted")
-        mlflow.end_run(status="KILLED")
+        _end_interrupted_run()
         raise
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -208,6 +207,45 @@ def tracked_run(
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def _end_interrupted_run(tries: int = 4) -> None:
+    """End the active run KILLED (tag ``isc.error`` = interrupted), retrying a store that is busy for a moment.
+
+    Why: a SIGTERM to ``isc train`` on a SQLite store once met "database is locked" (the system-metrics
+    thread was writing; SQLite answers a lock upgrade that could deadlock at once, without waiting): the tag
+    write raised, the command printed a store error with exit 2, and the run stayed RUNNING. The tag is
+    best-effort; ending the run is what must happen. MLflow logs each failed try with a traceback
+    (``mlflow.store.db.utils``); a try we retry is not an error of the command, so that logger is muted here."""
+    import mlflow
+
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    level = db_log.level
+    db_log.setLevel(logging.CRITICAL)
+    try:
+        _tag_and_end_killed(mlflow, tries)
+    finally:
+        db_log.setLevel(level)
+
+
+def _tag_and_end_killed(mlflow: Any, tries: int) -> None:
+    for attempt in range(tries):
+        try:
+            mlflow.set_tag(Tag.ERROR, "interrupted")
+            break
+        except Exception:  # noqa: BLE001 -- MlflowException / SQLAlchemy errors of a busy store
+            if attempt == tries - 1:
+                log.warning("could not tag the interrupted run", exc_info=True)
+            else:
+                time.sleep(0.5 * 2**attempt)
+    for attempt in range(tries):
+        try:
+            mlflow.end_run(status="KILLED")
+            return
+        except Exception:  # noqa: BLE001
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
 
 
 def log_params(params: Mapping[str, Any], prefix: str = "") -> None:

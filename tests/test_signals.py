@@ -81,6 +81,50 @@ def test_a_signal_marks_the_run_killed_with_one_line(tmp_path, sig):
     assert not out.exists() or not list(out.glob(".*.partial"))
 
 
+@pytest.mark.slow
+def test_a_store_locked_when_the_signal_lands_still_ends_the_run_killed(tmp_path):
+    """CI once saw SIGTERM to train meet "database is locked" while marking its run KILLED: exit 2, a store
+    error, the run left RUNNING. Here another connection holds the SQLite store's write lock past MLflow's
+    20 s busy timeout when SIGTERM arrives; once it lets go, the run ends KILLED with the one line."""
+    rng = np.random.default_rng(0)
+    n = 400
+    x = rng.standard_normal((2 * n, 16)).astype("float32")
+    qids, rids = [f"Q{i:05d}" for i in range(n)], [f"R{i:06d}" for i in range(n)]
+    desc = write_descriptors(tmp_path / "d.h5", x[:n], qids, x[n:], rids)
+    gt = write_ground_truth(tmp_path / "gt.csv", [(q, rids[i] if i % 2 else None) for i, q in enumerate(qids)])
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.evaluate", "--descriptors", str(desc), "--ground-truth", str(gt),
+         "--bootstrap", "100000", "--output-dir", str(tmp_path / "eval")],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "RUNNING" not in _statuses(home / "mlflow.db"):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        lock = sqlite3.connect(home / "mlflow.db", timeout=30, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # no other connection reads or writes until the rollback
+        try:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(23)  # past MLflow's busy_timeout (20 s): the first KILLED write fails
+            assert proc.poll() is None, "the command gave up while the store was locked"
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = _ended_by(proc, signal.SIGTERM, err)
+    assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0], err[-3000:]
+    assert _statuses(home / "mlflow.db") == ["KILLED"]
+
+
 def test_the_next_writer_removes_what_a_sigkilled_writer_left(tmp_path):
     target = tmp_path / "descriptors.h5"
     code = ("import sys, time; from isc.fileutil import atomic_path\n"
