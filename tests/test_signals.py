@@ -42,50 +42,9 @@ def _statuses(db: Path) -> list[str]:
         return []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT],
-                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"])
-def test_a_signal_marks_the_run_killed_with_one_line(tmp_path, sig):
-    """SIGHUP (the ssh session or terminal went away) and SIGQUIT (Ctrl-\\) once killed the command and left
-    its run RUNNING for ever (a hostile round); every stop signal now ends it as SIGTERM does."""
-    rng = np.random.default_rng(0)
-    n = 400
-    x = rng.standard_normal((2 * n, 16)).astype("float32")
-    qids, rids = [f"Q{i:05d}" for i in range(n)], [f"R{i:06d}" for i in range(n)]
-    desc = write_descriptors(tmp_path / "d.h5", x[:n], qids, x[n:], rids)
-    gt = write_ground_truth(tmp_path / "gt.csv", [(q, rids[i] if i % 2 else None) for i, q in enumerate(qids)])
-    home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(ISC_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
-    out = tmp_path / "eval"
-    # 100,000 bootstrap replicates: long enough to be interrupted inside the open run.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "entrypoints.evaluate", "--descriptors", str(desc), "--ground-truth", str(gt),
-         "--bootstrap", "100000", "--output-dir", str(out)],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while "RUNNING" not in _statuses(home / "mlflow.db"):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the run never started"
-            time.sleep(0.2)
-        time.sleep(1.0)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    lines = _ended_by(proc, sig, err)
-    assert len(lines) == 1 and "interrupted by" in lines[0] and "KILLED" in lines[0], err[-3000:]
-    assert _statuses(home / "mlflow.db") == ["KILLED"]
-    assert not out.exists() or not list(out.glob(".*.partial"))
-
-
-@pytest.mark.slow
-def test_a_store_locked_when_the_signal_lands_still_ends_the_run_killed(tmp_path):
-    """CI once saw SIGTERM to train meet "database is locked" while marking its run KILLED: exit 2, a store
-    error, the run left RUNNING. Here another connection holds the SQLite store's write lock past MLflow's
-    20 s busy timeout when SIGTERM arrives; once it lets go, the run ends KILLED with the one line."""
+def _evaluate_inside_its_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """An ``isc evaluate`` of 100,000 bootstrap replicates (long enough to be interrupted inside its open run),
+    returned once its run is RUNNING, with the SQLite store it writes to."""
     rng = np.random.default_rng(0)
     n = 400
     x = rng.standard_normal((2 * n, 16)).astype("float32")
@@ -107,7 +66,39 @@ def test_a_store_locked_when_the_signal_lands_still_ends_the_run_killed(tmp_path
             assert time.monotonic() < deadline, "the run never started"
             time.sleep(0.2)
         time.sleep(1.0)
-        lock = sqlite3.connect(home / "mlflow.db", timeout=30, isolation_level=None)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, home / "mlflow.db"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"])
+def test_a_signal_marks_the_run_killed_with_one_line(tmp_path, sig):
+    """SIGHUP (the ssh session or terminal went away) and SIGQUIT (Ctrl-\\) once killed the command and left
+    its run RUNNING for ever (a hostile round); every stop signal now ends it as SIGTERM does."""
+    proc, db = _evaluate_inside_its_run(tmp_path)
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = _ended_by(proc, sig, err)
+    assert len(lines) == 1 and "interrupted by" in lines[0] and "KILLED" in lines[0], err[-3000:]
+    assert _statuses(db) == ["KILLED"]
+    out = tmp_path / "eval"
+    assert not out.exists() or not list(out.glob(".*.partial"))
+
+
+@pytest.mark.slow
+def test_a_store_locked_when_the_signal_lands_still_ends_the_run_killed(tmp_path):
+    """CI once saw SIGTERM to train meet "database is locked" while marking its run KILLED: exit 2, a store
+    error, the run left RUNNING. Here another connection holds the SQLite store's write lock past MLflow's
+    20 s busy timeout when SIGTERM arrives; once it lets go, the run ends KILLED with the one line."""
+    proc, db = _evaluate_inside_its_run(tmp_path)
+    try:
+        lock = sqlite3.connect(db, timeout=30, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")  # no other connection reads or writes until the rollback
         try:
             proc.send_signal(signal.SIGTERM)
@@ -122,7 +113,7 @@ def test_a_store_locked_when_the_signal_lands_still_ends_the_run_killed(tmp_path
             proc.kill()
     lines = _ended_by(proc, signal.SIGTERM, err)
     assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0], err[-3000:]
-    assert _statuses(home / "mlflow.db") == ["KILLED"]
+    assert _statuses(db) == ["KILLED"]
 
 
 def test_the_next_writer_removes_what_a_sigkilled_writer_left(tmp_path):
