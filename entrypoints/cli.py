@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from isc.errors import ISCError
 from isc.fileutil import disk_error_in, os_error_line
@@ -86,7 +87,7 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
         if not under_reporting_parent():
             print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
                   "unfinished outputs were removed", file=sys.stderr)
-        elif (driver := dead_parent()) is not None:  # nobody is left to report: this step says it
+        elif (driver := _dead_parent_soon(signum)) is not None:  # nobody is left to report: this step says it
 
             report_dead_driver(driver, step_run)
         return 128 + int(signum)
@@ -126,6 +127,17 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
             signal.signal(signum, handler)
         if previous is not None:
             sys.unraisablehook = sys.__unraisablehook__
+
+
+def _dead_parent_soon(signum: int, wait_s: float = 1.0) -> str | None:
+    """:func:`isc.proctree.dead_parent`, looked at again for up to ``wait_s`` after a SIGTERM (the signal the
+    kernel sends when the driver dies). Why: in one CI run of six (2026-12-07) a step ended KILLED
+    after its driver's SIGKILL but printed nothing, as if it still saw the driver as its parent when it
+    checked; a second look costs a live driver's forwarded SIGTERM at most this wait."""
+    deadline = time.monotonic() + (wait_s if signum == signal.SIGTERM else 0.0)
+    while (driver := dead_parent()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return driver
 
 
 class Terminated(KeyboardInterrupt):
