@@ -229,20 +229,20 @@ def _end_interrupted_run(tries: int = 4) -> None:
 
 
 def _tag_and_end_killed(mlflow: Any, tries: int) -> None:
+    try:
+        _retry(lambda: mlflow.set_tag(Tag.ERROR, "interrupted"), tries)
+    except Exception:  # noqa: BLE001 -- the tag is best-effort
+        log.warning("could not tag the interrupted run", exc_info=True)
+    _retry(lambda: mlflow.end_run(status="KILLED"), tries)
+
+
+def _retry(call: Any, tries: int) -> None:
+    """``call()``, tried ``tries`` times with a doubling pause from 0.5 s; the last failure is raised."""
     for attempt in range(tries):
         try:
-            mlflow.set_tag(Tag.ERROR, "interrupted")
-            break
-        except Exception:  # noqa: BLE001 -- MlflowException / SQLAlchemy errors of a busy store
-            if attempt == tries - 1:
-                log.warning("could not tag the interrupted run", exc_info=True)
-            else:
-                time.sleep(0.5 * 2**attempt)
-    for attempt in range(tries):
-        try:
-            mlflow.end_run(status="KILLED")
+            call()
             return
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 -- MlflowException / SQLAlchemy errors of a busy store
             if attempt == tries - 1:
                 raise
             time.sleep(0.5 * 2**attempt)
