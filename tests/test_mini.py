@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from isc.data.images import load_image
-from isc.data.mini import MANIFEST, SIZES, make_mini, partition
+from isc.data.mini import MANIFEST, SIZES, TRAIN_ONLY_PHOTOS, make_mini, partition
 from isc.errors import ConfigError
 from isc.io import read_ground_truth
 
@@ -21,6 +21,17 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def _manifest(root: Path) -> dict:
     return json.loads((root / MANIFEST).read_text())
+
+
+@pytest.fixture(scope="module")
+def default_data(tmp_path_factory):
+    """The demo's size (val and test at photo sizes), built once: ~3 s."""
+    return make_mini(tmp_path_factory.mktemp("mini_default") / "mini", seed=0, size="default")
+
+
+@pytest.fixture(params=["tiny", "default"])
+def any_data(request):
+    return request.getfixturevalue("mini_data" if request.param == "tiny" else "default_data")
 
 
 def test_tiny_dataset_has_disc21_layout_and_ids(mini_data):
@@ -63,10 +74,11 @@ def test_distractor_fraction_is_between_20_and_50_percent_and_most_references_ne
     assert len(queried) < len(mini_data.images("reference")) / 2
 
 
-def test_pools_come_from_pairwise_non_overlapping_photo_regions(mini_data):
-    m = _manifest(mini_data.root)
+def test_pools_come_from_pairwise_non_overlapping_photo_regions(any_data):
+    m = _manifest(any_data.root)
     regions = list(m["references"].values()) + list(m["training"].values()) + m["partners"]
-    regions += [v["source"] for v in m["queries"].values() if v["reference"] is None]
+    # a distractor source may be copied by several queries (held-out splits at photo sizes): one region
+    regions += sorted({tuple(v["source"]) for v in m["queries"].values() if v["reference"] is None})
     assert len(regions) == len({tuple(x) for x in regions})
     by_photo: dict[int, list] = {}
     for photo, *rect in regions:
@@ -80,8 +92,8 @@ def test_pools_come_from_pairwise_non_overlapping_photo_regions(mini_data):
             assert not ((ox > 0) & (oy > 0)).any()
 
 
-def test_val_and_test_queries_copy_photos_no_training_image_was_cut_from(mini_data):
-    m = _manifest(mini_data.root)
+def test_val_and_test_queries_copy_photos_no_training_image_was_cut_from(any_data):
+    m = _manifest(any_data.root)
     train_photos = {photo for photo, *_ in m["training"].values()} | {photo for photo, *_ in m["partners"]}
     split_of = {q: split for split, qids in m["splits"].items() for q in qids}
     held_out_photos: set[int] = set()
@@ -115,6 +127,50 @@ def test_queries_use_varied_edit_chains_of_one_to_four_edits(mini_data):
     chains = [v["edits"] for v in m["queries"].values()]
     assert all(1 <= len(c) <= 4 for c in chains)
     assert len({e for c in chains for e in c}) >= 12
+
+
+def test_default_val_and_test_are_photos_at_native_size_each_copied_several_times(default_data):
+    """Issue 19: held-out images at photo sizes (native pixels, 192-512 px), not 256-px upscaled tiles."""
+    m = _manifest(default_data.root)
+    lo, hi = SIZES["default"].heldout_side
+    split_of_ref = {q["reference"]: q["split"] for q in m["queries"].values() if q["reference"]}
+    by_split: dict[str, list[str]] = {}
+    for rid, (_, x0, y0, x1, y1) in m["references"].items():
+        size = load_image(default_data.reference_dir / f"{rid}.jpg").size
+        split = split_of_ref.get(rid, "train")  # unqueried references are the train split's
+        by_split.setdefault(split, []).append(rid)
+        if split == "train":
+            assert max(size) == SIZES["default"].long_side
+        elif max(x1 - x0, y1 - y0) <= hi:
+            assert size == (x1 - x0, y1 - y0)  # the photo's own pixels, never resized
+        else:
+            assert max(size) == hi and max(x1 - x0, y1 - y0) > hi  # only ever downscaled
+        if split != "train":
+            assert lo <= max(size) <= hi
+    for split in ("val", "test"):
+        qids = m["splits"][split]
+        assert len(qids) == 90
+        per_ref: dict[str, int] = {}
+        per_source: dict[tuple, int] = {}
+        for q in qids:
+            v = m["queries"][q]
+            if v["reference"]:
+                per_ref[v["reference"]] = per_ref.get(v["reference"], 0) + 1
+            else:
+                per_source[tuple(v["source"])] = per_source.get(tuple(v["source"]), 0) + 1
+            assert max(load_image(default_data.query_dir / f"{q}.jpg").size) <= hi
+        # every held-out reference is queried, each about equally often, several times over
+        assert sorted(per_ref) == sorted(by_split[split])
+        assert max(per_ref.values()) - min(per_ref.values()) <= 1 and min(per_ref.values()) >= 2
+        assert max(per_source.values()) - min(per_source.values()) <= 1 and sum(per_source.values()) == 32
+        assert len(per_ref) >= 5 and len(per_source) >= 2
+    # val and test are everyday photographs: the telescope, microscope and scanner images train only
+    held_out = {Path(p).name for k in ("val", "test") for p in m["photo_splits"][k]}
+    assert held_out and not held_out & TRAIN_ONLY_PHOTOS
+    assert TRAIN_ONLY_PHOTOS <= {Path(p).name for p in m["photo_splits"]["train"]}
+    # the reference set still holds many never-queried references (the train split's)
+    queried = {v["reference"] for v in m["queries"].values() if v["reference"]}
+    assert len(m["references"]) - len(queried) >= 50
 
 
 def test_partition_tiles_the_photo_exactly_without_overlap():

@@ -100,6 +100,14 @@ SKIMAGE_PHOTOS = (
     "rocket.jpg",
     "text.png",
 )
+# Bundled images that are not what a user photographs (a microscope, a telescope, a scanner): they feed the
+# train split only, so val and test, which choose and report, are copies of everyday photographs (issue 19).
+TRAIN_ONLY_PHOTOS = frozenset(
+    {"cell.png", "hubble_deep_field.jpg", "ihc.png", "moon.png", "page.png", "retina.jpg", "text.png"}
+)
+# Of the everyday photos' area when the train split also has train-only photos (the train split then still
+# gets some everyday photos to learn from; val and test get most of them).
+EVERYDAY_SHARES = {"train": 0.3, "val": 0.3, "test": 0.4}
 # Other real photographs that ship inside installed packages: (package, relative path).
 PACKAGE_PHOTOS = (
     ("sklearn", "datasets/images/china.jpg"),
@@ -118,6 +126,19 @@ class MiniSpec:
     long_side: int  # px, long side of every reference / training image and the cap for queries
     distractor_fraction: float  # of the queries
     n_partners: int  # overlay partners ("other images" of overlay edits)
+    # Held-out splits (val, test) at photo sizes: when ``heldout_side`` is set, their references and distractor
+    # sources are regions of their photos at native resolution (long side between its two values, never
+    # upscaled), each copied by as many independent edit chains as the split's query count needs.
+    heldout_side: tuple[int, int] | None = None
+
+
+# Why the default's val and test are at photo sizes: a user's photos (DISC21's, a folder of one's own) are
+# several hundred px per side with real detail; 256-px tiles upscaled from ~70-px regions reward the
+# training size, so extraction settings chosen on them did not carry over (issue 19: 128 px chosen, 0.611
+# on another photo set where the same weights gave 0.719 at 224 px + TTA).
+HELDOUT_SIDE = (192, 512)
+HELDOUT_SPLITS = ("val", "test")
+HELDOUT_MIN_REGIONS = 3  # per held-out split: one distractor source and two references at least
 
 
 SIZES: dict[str, MiniSpec] = {
@@ -125,7 +146,8 @@ SIZES: dict[str, MiniSpec] = {
         n_references=64, n_queries=40, n_train=64, long_side=160, distractor_fraction=0.35, n_partners=8
     ),
     "default": MiniSpec(
-        n_references=400, n_queries=300, n_train=400, long_side=256, distractor_fraction=0.35, n_partners=16
+        n_references=400, n_queries=300, n_train=400, long_side=256, distractor_fraction=0.35, n_partners=16,
+        heldout_side=HELDOUT_SIDE,
     ),
 }
 
@@ -205,25 +227,30 @@ def load_photos(paths: Sequence[Path]) -> list[tuple[str, Image.Image]]:
 
 
 # ----------------------------------------------------------------------------------------- tiling
-def partition(width: int, height: int, target: float, rng: random.Random) -> list[tuple[int, int, int, int]]:
+def partition(width: int, height: int, target: float, rng: random.Random,
+              min_cut: int = MIN_TILE_SIDE) -> list[tuple[int, int, int, int]]:
     """Random k-d partition of a width x height photo into non-overlapping rectangles (x0, y0, x1, y1).
 
     A region is split (across its longer side at U(35 %, 65 %)) while that side exceeds
     ``target x U(1, 2)`` px, so leaves come at different scales; together they cover the photo exactly.
+    With ``min_cut`` above the default, a split leaves both parts at least ``min_cut`` px along the cut side
+    (the cut is drawn inside that range), so no leaf is wasted under a minimum size.
     """
     out: list[tuple[int, int, int, int]] = []
     stack = [(0, 0, width, height)]
     while stack:
         x0, y0, x1, y1 = stack.pop()
         w, h = x1 - x0, y1 - y0
-        if max(w, h) <= target * rng.uniform(1.0, 2.0) or max(w, h) < 2 * MIN_TILE_SIDE:
+        if max(w, h) <= target * rng.uniform(1.0, 2.0) or max(w, h) < 2 * min_cut:
             out.append((x0, y0, x1, y1))
             continue
+        side = max(w, h)
+        lo, hi = (0.35, 0.65) if min_cut == MIN_TILE_SIDE else (max(0.35, min_cut / side), min(0.65, 1 - min_cut / side))
         if w >= h:
-            cut = x0 + round(w * rng.uniform(0.35, 0.65))
+            cut = x0 + round(w * rng.uniform(lo, hi))
             stack += [(cut, y0, x1, y1), (x0, y0, cut, y1)]
         else:
-            cut = y0 + round(h * rng.uniform(0.35, 0.65))
+            cut = y0 + round(h * rng.uniform(lo, hi))
             stack += [(x0, cut, x1, y1), (x0, y0, x1, cut)]
     return out
 
@@ -259,6 +286,45 @@ def make_tiles(
     for t in tiles:
         t.image = resize_long(by_name[t.photo].crop(t.rect), long_side)
     return tiles
+
+
+def make_regions(
+    photos: Sequence[tuple[str, Image.Image]], n_wanted: int, sides: tuple[int, int], seed: int
+) -> list[Tile]:
+    """Up to ``n_wanted`` non-flat, pairwise non-overlapping regions at photo sizes, shuffled.
+
+    Why not ``make_tiles``: held-out images must look like a user's photos, so a region is kept at native
+    resolution (downscaled only past ``sides[1]``) and dropped when its long side is under ``sides[0]``,
+    instead of being upscaled. The partition's target side follows the area per wanted region, but never
+    below ``sides[0]``: few photos give fewer regions (the caller copies each several times), many photos
+    give larger regions, downscaled.
+    """
+    lo, hi = sides
+    area = sum(img.width * img.height for _, img in photos)
+    target = max(lo, math.sqrt(area / max(1, n_wanted)))
+    rng = random.Random(seed)
+    tiles: list[Tile] = []
+    for name, img in photos:
+        gray = np.asarray(img.convert("L"), dtype=np.float32)
+        for rect in partition(img.width, img.height, target, rng, min_cut=lo):
+            x0, y0, x1, y1 = rect
+            if max(x1 - x0, y1 - y0) < lo or min(x1 - x0, y1 - y0) < MIN_TILE_SIDE:
+                continue
+            if gray[y0:y1, x0:x1].std() < MIN_TILE_STD:
+                continue
+            tiles.append(Tile(name, rect))
+    rng.shuffle(tiles)
+    tiles = tiles[:n_wanted]
+    by_name = dict(photos)
+    for t in tiles:
+        crop = by_name[t.photo].crop(t.rect)
+        t.image = resize_long(crop, hi) if max(crop.size) > hi else crop
+    return tiles
+
+
+def spread(total: int, slots: int) -> list[int]:
+    """``total`` as ``slots`` counts that differ by at most one (the first ones get the extra)."""
+    return [total // slots + (i < total % slots) for i in range(slots)]
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -335,28 +401,32 @@ def make_mini(
     return DISC21(out)
 
 
-def assign_photo_groups(photos: Sequence[tuple[str, Image.Image]], rng: random.Random) -> dict[str, list[int]]:
+def assign_photo_groups(photos: Sequence[tuple[str, Image.Image]], rng: random.Random,
+                        train_only: frozenset[int] = frozenset()) -> dict[str, list[int]]:
     """Deal whole photos to the query splits (train / val / test), about in ``PHOTO_SHARES`` of area.
 
     Why: a held-out query must be a copy of a photo the model never saw a piece of. Every tile of a
     photo goes to one split's pools, and training images come only from the train split's photos.
     Largest photo first, each to the split furthest below its share of the area; every split gets one.
+    Photos in ``train_only`` (indices) go to train; the others are then dealt in ``EVERYDAY_SHARES``.
     """
-    if len(photos) < len(SPLIT_FRACTIONS):
+    if len(photos) - len(train_only) < len(SPLIT_FRACTIONS):
         raise ConfigError("source", f"need at least {len(SPLIT_FRACTIONS)} photos (one per query split), "
-                                    f"got {len(photos)}")
-    order = list(range(len(photos)))
+                                    f"got {len(photos) - len(train_only)}")
+    shares = EVERYDAY_SHARES if train_only else PHOTO_SHARES
+    order = [i for i in range(len(photos)) if i not in train_only]
     rng.shuffle(order)  # ties broken by the seed, not by file order
     order.sort(key=lambda i: -photos[i][1].width * photos[i][1].height)
     groups: dict[str, list[int]] = {k: [] for k in SPLIT_FRACTIONS}
     area = dict.fromkeys(SPLIT_FRACTIONS, 0.0)
+    groups["train"] += sorted(train_only)
     for n, i in enumerate(order):
         empty = [k for k in groups if not groups[k]]
         left = len(order) - n
         if empty and left <= len(empty):  # the last photos go to splits that have none yet
             split = empty[0]
         else:
-            split = min(PHOTO_SHARES, key=lambda k: area[k] / PHOTO_SHARES[k])
+            split = min(shares, key=lambda k: area[k] / shares[k])
         groups[split].append(i)
         area[split] += photos[i][1].width * photos[i][1].height
     return groups
@@ -379,6 +449,9 @@ def _cut_tiles(photos, groups: dict[str, list[int]], spec: MiniSpec, seed: int, 
     train: list[Tile] = []
     for k, idx in groups.items():
         n_refs = max(ref_n[k], pos_n[k])
+        if spec.heldout_side and k in HELDOUT_SPLITS:
+            refs_by[k], distractor_by[k] = _heldout_regions([photos[i] for i in idx], k, n_refs, dis_n[k], spec, seed)
+            continue
         extra = spec.n_partners + spec.n_train if k == "train" else 0
         tiles = make_tiles([photos[i] for i in idx], n_refs + dis_n[k] + extra, spec.long_side, seed)
         refs_by[k], distractor_by[k] = tiles[:n_refs], tiles[n_refs:n_refs + dis_n[k]]
@@ -388,8 +461,26 @@ def _cut_tiles(photos, groups: dict[str, list[int]], spec: MiniSpec, seed: int, 
     return refs_by, distractor_by, partners, train
 
 
+def _heldout_regions(photos, split: str, n_refs: int, n_dis: int, spec: MiniSpec,
+                     seed: int) -> tuple[list[Tile], list[Tile]]:
+    """A held-out split's references and distractor sources at photo sizes (``spec.heldout_side``).
+
+    The split keeps its query counts: with fewer regions than wanted, about ``distractor_fraction`` of them
+    (at least one) are distractor sources, the rest references, and each is copied by several independent
+    edit chains (``_write_queries``).
+    """
+    regions = make_regions(photos, n_refs + n_dis, spec.heldout_side, seed)
+    if len(regions) < HELDOUT_MIN_REGIONS:
+        raise ConfigError(
+            "source", f"the {split} photos yield {len(regions)} regions of >= {spec.heldout_side[0]} px, "
+                      f"{HELDOUT_MIN_REGIONS} are needed: add photos or use --size tiny")
+    if len(regions) < n_refs + n_dis:
+        n_dis = max(1, round(len(regions) * spec.distractor_fraction))
+    return regions[n_dis:], regions[:n_dis]
+
+
 def _write_queries(rng: random.Random, refs: list[Tile], ref_ids: list[str], ref_split: list[str],
-                   pos_n: dict[str, int], distractor_by: dict[str, list[Tile]], partners: list[Tile], query_dir: Path,
+                   pos_n: dict[str, int], dis_n: dict[str, int], distractor_by: dict[str, list[Tile]], partners: list[Tile], query_dir: Path,
                    reference_dir: Path, spec: MiniSpec, manifest: dict, where) -> tuple[list, dict[str, list[str]]]:
     """Edit and save the queries; ``(ground-truth rows, split -> query ids)``.
 
@@ -398,8 +489,12 @@ def _write_queries(rng: random.Random, refs: list[Tile], ref_ids: list[str], ref
     items: list[tuple[Tile, str | None, str]] = []
     for k in SPLIT_FRACTIONS:
         mine = [i for i, sk in enumerate(ref_split) if sk == k]
-        items += [(refs[i], ref_ids[i], k) for i in rng.sample(mine, pos_n[k])]
-        items += [(t, None, k) for t in distractor_by[k]]
+        if len(mine) >= pos_n[k]:
+            items += [(refs[i], ref_ids[i], k) for i in rng.sample(mine, pos_n[k])]
+        else:  # held-out split at photo sizes: every reference queried, several times
+            items += [(refs[i], ref_ids[i], k) for i, n in zip(mine, spread(pos_n[k], len(mine))) for _ in range(n)]
+        sources = distractor_by[k]
+        items += [(t, None, k) for t, n in zip(sources, spread(dis_n[k], len(sources))) for _ in range(n)]
     rng.shuffle(items)  # query ids mix positives, distractors and splits
     partner_images = [t.image for t in partners]
     rows: list[tuple[str, str | None]] = []
@@ -408,7 +503,8 @@ def _write_queries(rng: random.Random, refs: list[Tile], ref_ids: list[str], ref
         qid = f"Q{i:05d}"
         # Positives are edited from the reference as published (its JPEG pixels), as in DISC21.
         base = load_image(reference_dir / f"{rid}.jpg") if rid else tile.image
-        query, names = edit_chain(base, rng, partner_images, spec.long_side)
+        cap = spec.heldout_side[1] if spec.heldout_side and split in HELDOUT_SPLITS else spec.long_side
+        query, names = edit_chain(base, rng, partner_images, cap)
         _save_jpeg(query, query_dir / f"{qid}.jpg")
         rows.append((qid, rid))
         splits[split].append(qid)
@@ -425,7 +521,9 @@ def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: s
     if min(n_positives, n_distractors) < len(SPLIT_FRACTIONS):
         raise ConfigError("size", "need at least 3 positive and 3 distractor queries")
     photos = load_photos(paths)
-    groups = assign_photo_groups(photos, rng)
+    bundled = source in (None, "")
+    train_only = frozenset(i for i, (name, _) in enumerate(photos) if bundled and Path(name).name in TRAIN_ONLY_PHOTOS)
+    groups = assign_photo_groups(photos, rng, train_only)
     pos_n, dis_n = _split_counts(n_positives), _split_counts(n_distractors)
     refs_by, distractor_by, partners, train = _cut_tiles(photos, groups, spec, seed, pos_n, dis_n)
     # reference ids in random order, so an id says nothing about its split
@@ -456,7 +554,7 @@ def _build(root: Path, paths: Sequence[Path], spec: MiniSpec, seed: int, size: s
         manifest["training"][f"T{i:06d}"] = where(t)
     manifest["partners"] = [where(t) for t in partners]
 
-    rows, splits = _write_queries(rng, refs, ref_ids, ref_split, pos_n, distractor_by, partners, dirs["q"],
+    rows, splits = _write_queries(rng, refs, ref_ids, ref_split, pos_n, dis_n, distractor_by, partners, dirs["q"],
                                   dirs["r"], spec, manifest, where)
     write_ground_truth(root / "ground_truth.csv", rows)
     by_query = dict(rows)
