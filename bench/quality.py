@@ -17,7 +17,8 @@ test queries, that is what tells a real lead from luck.
     # other photos: the champion (and its stage 0) of the main job above, on a folder it never saw a pixel of
     python bench/quality.py --data data/mini --store . --experiment-name isc --transfer /data/other_photos
 
-``--transfer DIR`` does the same (the champion as pulled, stage 0 at its settings) on DIR (queries, references, training
+``--transfer-ground-truth`` picks DIR's scoring files (e.g. ``ground_truth_val.csv,ground_truth_test.csv``: a make-mini
+folder's photo-size splits). ``--transfer DIR`` does the same (the champion as pulled, stage 0 at its settings) on DIR (queries, references, training
 images), applies negative embedding subtraction with DIR's own training images as the negatives (as on
 DISC21), and scores DIR's ``ground_truth.csv`` (every query: none of DIR was seen in training).
 """
@@ -137,6 +138,9 @@ def main() -> int:
                    help="with --store: score the champion and stage 0 already there, without running the main job")
     p.add_argument("--transfer", default="",
                    help="also score the champion and stage 0 on this other DISC21-layout folder (its ground_truth.csv)")
+    p.add_argument("--transfer-ground-truth", default="",
+                   help="the --transfer folder's scoring GT (default its ground_truth.csv; several: comma-separated, "
+                        "pooled, e.g. ground_truth_val.csv,ground_truth_test.csv for a make-mini folder's photo-size splits)")
     args = p.parse_args()
 
     from isc.data.disc21 import DISC21
@@ -162,14 +166,32 @@ def main() -> int:
     from isc.io import read_ground_truth
 
     print(f"main job: {wall:.0f} s")
-    scored = [(data, gt)] + ([(DISC21(args.transfer), DISC21(args.transfer).ground_truth())] if args.transfer else [])
+    scored = [(data, gt)]
+    if args.transfer:
+        other = DISC21(args.transfer)
+        names = [n for n in args.transfer_ground_truth.split(",") if n]
+        scored.append((other, [other.root / n for n in names] if names else other.ground_truth()))
     for folder, gt_path in scored:
-        gt_obj = read_ground_truth(gt_path)
+        gt_obj = pooled_ground_truth(gt_path) if isinstance(gt_path, list) else read_ground_truth(gt_path)
         rows = [{**_score(r["name"], r["desc"], gt_obj), "wall_s": r["wall_s"]}
                 for r in pulled_rows(store, args.experiment_name, folder)]
         rows += [baseline_row(m, folder, gt_obj) for m in ("phash", "pdq")]
         _print(rows, gt_obj, gt_path)
     return 0
+
+
+def pooled_ground_truth(paths: list[Path]):
+    """Several ground-truth files of one folder (disjoint queries) read as one."""
+    import tempfile as _t
+
+    from isc.io import read_ground_truth
+
+    lines = ["query_id,reference_id"]
+    for path in paths:
+        lines += [ln for ln in Path(path).read_text().splitlines()[1:] if ln.strip()]
+    with _t.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
+        f.write("\n".join(lines) + "\n")
+    return read_ground_truth(f.name)
 
 
 def _print(rows: list[dict], gt_obj, gt_path) -> None:
