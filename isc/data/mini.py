@@ -492,9 +492,9 @@ def _write_queries(rng: random.Random, refs: list[Tile], ref_ids: list[str], ref
         if len(mine) >= pos_n[k]:
             items += [(refs[i], ref_ids[i], k) for i in rng.sample(mine, pos_n[k])]
         else:  # held-out split at photo sizes: every reference queried, several times
-            items += [(refs[i], ref_ids[i], k) for i, n in zip(mine, spread(pos_n[k], len(mine))) for _ in range(n)]
+            items += [(refs[i], ref_ids[i], k) for i, n in zip(mine, spread(pos_n[k], len(mine)), strict=True) for _ in range(n)]
         sources = distractor_by[k]
-        items += [(t, None, k) for t, n in zip(sources, spread(dis_n[k], len(sources))) for _ in range(n)]
+        items += [(t, None, k) for t, n in zip(sources, spread(dis_n[k], len(sources)), strict=True) for _ in range(n)]
     rng.shuffle(items)  # query ids mix positives, distractors and splits
     partner_images = [t.image for t in partners]
     rows: list[tuple[str, str | None]] = []
