@@ -66,7 +66,13 @@ def seed_report(rows: list[dict], val_gt, n_boot: int) -> dict:
     lo, hi, _ = boot.difference(0, 1)
     return {"pick": rows[pick]["candidate"], "pick_test": rows[pick]["test"], "test_best": rows[best]["candidate"],
             "best_test": rows[best]["test"], "regret": rows[best]["test"] - rows[pick]["test"],
-            "val_gap": rows[pick]["val"] - rows[runner]["val"], "gap_ci": (lo, hi), "hit": pick == best}
+            "val_gap": rows[pick]["val"] - rows[runner]["val"], "gap_ci": (lo, hi), "hit": pick == best,
+            # the stage alone (any size): does val at least choose the right weights?
+            "stage_hit": _stage(rows[pick]["candidate"]) == _stage(rows[best]["candidate"])}
+
+
+def _stage(candidate: str) -> str:
+    return candidate.split(" @ ")[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
               f"({rep['best_test']:.4f}); regret {rep['regret']:.4f}; val gap to runner-up {rep['val_gap']:+.4f}, "
               f"paired 95% interval {lo:+.3f} to {hi:+.3f} (width {hi - lo:.3f})")
     hits = sum(r["hit"] for r in reports)
+    stage_hits = sum(r["stage_hit"] for r in reports)
     mean_regret = sum(r["regret"] for r in reports) / len(reports)
     widths = [r["gap_ci"][1] - r["gap_ci"][0] for r in reports]
-    print(f"\nval picked the test-best candidate in {hits} of {len(reports)} seeds; mean regret {mean_regret:.4f} "
-          f"test µAP; paired interval width on val {min(widths):.3f}-{max(widths):.3f}")
+    print(f"\nval picked the test-best candidate in {hits} of {len(reports)} seeds (its stage in {stage_hits}); "
+          f"mean regret {mean_regret:.4f} test µAP; paired interval width on val {min(widths):.3f}-{max(widths):.3f}")
     return 0
 
 

@@ -40,11 +40,11 @@ def test_seed_report_names_val_pick_test_best_and_regret():
         rows.append(row)
     assert rows[0]["val"] > rows[1]["val"] and rows[0]["test"] > rows[1]["test"]
     rep = seed_report(rows, val, n_boot=200)
-    assert rep["pick"] == rep["test_best"] == "clean" and rep["hit"] and rep["regret"] == 0.0
+    assert rep["pick"] == rep["test_best"] == "clean" and rep["hit"] and rep["stage_hit"] and rep["regret"] == 0.0
     assert rep["val_gap"] > 0 and rep["gap_ci"][0] <= rep["val_gap"] <= rep["gap_ci"][1]
     # val fooled: swap the val scores, and the report counts the miss and what it costs on test
     rows[0]["val"], rows[1]["val"] = rows[1]["val"], rows[0]["val"]
     rows[0]["_ranked_val"], rows[1]["_ranked_val"] = rows[1]["_ranked_val"], rows[0]["_ranked_val"]
     miss = seed_report(rows, val, n_boot=200)
-    assert miss["pick"] == "noisy" and not miss["hit"]
+    assert miss["pick"] == "noisy" and not miss["hit"] and not miss["stage_hit"]
     assert miss["regret"] == rows[0]["test"] - rows[1]["test"] > 0
