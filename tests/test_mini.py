@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from isc.data.images import load_image
-from isc.data.mini import MANIFEST, SIZES, TRAIN_ONLY_PHOTOS, make_mini, partition
+from isc.data.mini import MANIFEST, SIZES, TRAIN_ONLY_PHOTOS, make_mini
+from isc.data.regions import partition
 from isc.errors import ConfigError
 from isc.io import read_ground_truth
 

@@ -50,7 +50,6 @@ import errno
 import importlib.util
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -58,13 +57,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from isc.data.copy_edits import edit_chain, resize_long
+from isc.data.copy_edits import edit_chain
 from isc.data.disc21 import DISC21, list_images
 from isc.data.images import IMAGE_EXTENSIONS, load_image
+from isc.data.regions import MIN_TILE_SIDE, Tile, make_regions, make_tiles, spread
 from isc.errors import BadImageError, ConfigError
 from isc.fileutil import partial_dir
 from isc.io import write_ground_truth
@@ -72,8 +71,6 @@ from isc.io import write_ground_truth
 log = logging.getLogger(__name__)
 
 MANIFEST = "mini_manifest.json"
-MIN_TILE_SIDE = 32  # px (in the working copy): thinner leaves are dropped
-MIN_TILE_STD = 8.0  # grey-level std below which a leaf counts as flat (black sky, white page margin)
 WORKING_LONG_SIDE = 2048  # photos larger than this are downscaled before tiling (bounds memory)
 SPLIT_FRACTIONS = {"train": 0.4, "val": 0.3, "test": 0.3}  # of the queries and references
 # of the photos' area: the train photos also yield every training image, so they get the larger share
@@ -152,15 +149,6 @@ SIZES: dict[str, MiniSpec] = {
 }
 
 
-@dataclass
-class Tile:
-    """One source image: a rectangle (x0, y0, x1, y1) of photo ``photo`` (working-copy pixels)."""
-
-    photo: str
-    rect: tuple[int, int, int, int]
-    image: Image.Image | None = None
-
-
 # ------------------------------------------------------------------------------------------ sources
 def bundled_photo_paths() -> list[Path]:
     """The real photographs available offline: scikit-image's, plus scikit-learn's / matplotlib's."""
@@ -224,107 +212,6 @@ def load_photos(paths: Sequence[Path]) -> list[tuple[str, Image.Image]]:
             "source", f"none of the {len(paths)} image files is a readable photo >= {MIN_TILE_SIDE} px"
         )
     return photos
-
-
-# ----------------------------------------------------------------------------------------- tiling
-def partition(width: int, height: int, target: float, rng: random.Random,
-              min_cut: int = MIN_TILE_SIDE) -> list[tuple[int, int, int, int]]:
-    """Random k-d partition of a width x height photo into non-overlapping rectangles (x0, y0, x1, y1).
-
-    A region is split (across its longer side at U(35 %, 65 %)) while that side exceeds
-    ``target x U(1, 2)`` px, so leaves come at different scales; together they cover the photo exactly.
-    With ``min_cut`` above the default, a split leaves both parts at least ``min_cut`` px along the cut side
-    (the cut is drawn inside that range), so no leaf is wasted under a minimum size.
-    """
-    out: list[tuple[int, int, int, int]] = []
-    stack = [(0, 0, width, height)]
-    while stack:
-        x0, y0, x1, y1 = stack.pop()
-        w, h = x1 - x0, y1 - y0
-        if max(w, h) <= target * rng.uniform(1.0, 2.0) or max(w, h) < 2 * min_cut:
-            out.append((x0, y0, x1, y1))
-            continue
-        side = max(w, h)
-        lo, hi = (0.35, 0.65) if min_cut == MIN_TILE_SIDE else (max(0.35, min_cut / side), min(0.65, 1 - min_cut / side))
-        if w >= h:
-            cut = x0 + round(w * rng.uniform(lo, hi))
-            stack += [(cut, y0, x1, y1), (x0, y0, cut, y1)]
-        else:
-            cut = y0 + round(h * rng.uniform(lo, hi))
-            stack += [(x0, cut, x1, y1), (x0, y0, x1, cut)]
-    return out
-
-
-def make_tiles(
-    photos: Sequence[tuple[str, Image.Image]], n_needed: int, long_side: int, seed: int
-) -> list[Tile]:
-    """At least ``n_needed`` non-flat, pairwise non-overlapping tiles, resized to ``long_side``, shuffled."""
-    area = sum(img.width * img.height for _, img in photos)
-    target = 1.5 * math.sqrt(area / n_needed)  # start too big, shrink until enough leaves survive
-    while True:
-        rng = random.Random(seed)
-        tiles: list[Tile] = []
-        for name, img in photos:
-            gray = np.asarray(img.convert("L"), dtype=np.float32)
-            for rect in partition(img.width, img.height, target, rng):
-                x0, y0, x1, y1 = rect
-                if min(x1 - x0, y1 - y0) < MIN_TILE_SIDE or gray[y0:y1, x0:x1].std() < MIN_TILE_STD:
-                    continue
-                tiles.append(Tile(name, rect))
-        if len(tiles) >= n_needed:
-            break
-        if target * 0.9 < MIN_TILE_SIDE:
-            raise ConfigError(
-                "source",
-                f"the photos yield only {len(tiles)} distinct regions >= {MIN_TILE_SIDE} px, {n_needed} are needed: "
-                "add photos or use a smaller --size",
-            )
-        target *= 0.9
-    rng.shuffle(tiles)
-    tiles = tiles[:n_needed]
-    by_name = dict(photos)
-    for t in tiles:
-        t.image = resize_long(by_name[t.photo].crop(t.rect), long_side)
-    return tiles
-
-
-def make_regions(
-    photos: Sequence[tuple[str, Image.Image]], n_wanted: int, sides: tuple[int, int], seed: int
-) -> list[Tile]:
-    """Up to ``n_wanted`` non-flat, pairwise non-overlapping regions at photo sizes, shuffled.
-
-    Why not ``make_tiles``: held-out images must look like a user's photos, so a region is kept at native
-    resolution (downscaled only past ``sides[1]``) and dropped when its long side is under ``sides[0]``,
-    instead of being upscaled. The partition's target side follows the area per wanted region, but never
-    below ``sides[0]``: few photos give fewer regions (the caller copies each several times), many photos
-    give larger regions, downscaled.
-    """
-    lo, hi = sides
-    area = sum(img.width * img.height for _, img in photos)
-    target = max(lo, math.sqrt(area / max(1, n_wanted)))
-    rng = random.Random(seed)
-    tiles: list[Tile] = []
-    for name, img in photos:
-        gray = np.asarray(img.convert("L"), dtype=np.float32)
-        for rect in partition(img.width, img.height, target, rng, min_cut=lo):
-            x0, y0, x1, y1 = rect
-            if max(x1 - x0, y1 - y0) < lo or min(x1 - x0, y1 - y0) < MIN_TILE_SIDE:
-                continue
-            if gray[y0:y1, x0:x1].std() < MIN_TILE_STD:
-                continue
-            tiles.append(Tile(name, rect))
-    rng.shuffle(tiles)
-    tiles = tiles[:n_wanted]
-    by_name = dict(photos)
-    for t in tiles:
-        crop = by_name[t.photo].crop(t.rect)
-        t.image = resize_long(crop, hi) if max(crop.size) > hi else crop
-    return tiles
-
-
-def spread(total: int, slots: int) -> list[int]:
-    """``total`` as ``slots`` counts that differ by at most one (the first ones get the extra)."""
-    return [total // slots + (i < total % slots) for i in range(slots)]
 
 
 # ------------------------------------------------------------------------------------------ splits
