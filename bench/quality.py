@@ -78,11 +78,8 @@ def pulled_rows(store: Path, experiment: str, folder, model_name: str = "isc-des
     subtraction against ``folder``'s own training images (as on DISC21). Rows: name, descriptors, wall time."""
     import mlflow
 
-    from isc.contract import CHAMPION, DESCRIPTORS_FILE, TRAIN_DESCRIPTORS_FILE, Tag, model_uri
-    from isc.extract.streamed import extract_descriptors
-    from isc.io import Descriptors, read_descriptors, read_train_descriptors
+    from isc.contract import CHAMPION, Tag, model_uri
     from isc.models import load_model
-    from isc.postprocess import postprocess_descriptors
     from isc.settings import resolve, served_settings
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
@@ -95,15 +92,25 @@ def pulled_rows(store: Path, experiment: str, folder, model_name: str = "isc-des
     rows = []
     for name, model in models.items():
         t0 = time.perf_counter()
-        out = Path(tempfile.mkdtemp(prefix="isc-pulled-"))
-        extract_descriptors(model, folder, "qrt", out, input_size=settings.input_size, tta=settings.tta,
-                            batch_size=32, workers=2)
-        raw = read_descriptors(out / DESCRIPTORS_FILE)
-        train, _ = read_train_descriptors(out / TRAIN_DESCRIPTORS_FILE)
-        nes = postprocess_descriptors(raw.query, raw.reference, train)
-        desc = Descriptors(nes.query, raw.query_ids, nes.reference, raw.reference_ids)
+        desc = nes_descriptors(model, folder, Path(tempfile.mkdtemp(prefix="isc-pulled-")), settings.input_size,
+                               settings.tta)
         rows.append({"name": name, "desc": desc, "wall_s": time.perf_counter() - t0})
     return rows
+
+
+def nes_descriptors(model, folder, out: Path, input_size: int | None, tta: bool):
+    """``model``'s query and reference descriptors of ``folder`` after negative embedding subtraction with the
+    folder's own training images (as on DISC21), extracted into ``out``."""
+    from isc.contract import DESCRIPTORS_FILE, TRAIN_DESCRIPTORS_FILE
+    from isc.extract.streamed import extract_descriptors
+    from isc.io import Descriptors, read_descriptors, read_train_descriptors
+    from isc.postprocess import postprocess_descriptors
+
+    extract_descriptors(model, folder, "qrt", out, input_size=input_size, tta=tta, batch_size=32, workers=2)
+    raw = read_descriptors(out / DESCRIPTORS_FILE)
+    train, _ = read_train_descriptors(out / TRAIN_DESCRIPTORS_FILE)
+    nes = postprocess_descriptors(raw.query, raw.reference, train)
+    return Descriptors(nes.query, raw.query_ids, nes.reference, raw.reference_ids)
 
 
 def quality_table(rows: list[dict], gt, n_boot: int = 2000):
@@ -182,16 +189,10 @@ def main() -> int:
 
 def pooled_ground_truth(paths: list[Path]):
     """Several ground-truth files of one folder (disjoint queries) read as one."""
-    import tempfile as _t
+    from isc.io import GroundTruth, read_ground_truth
 
-    from isc.io import read_ground_truth
-
-    lines = ["query_id,reference_id"]
-    for path in paths:
-        lines += [ln for ln in Path(path).read_text().splitlines()[1:] if ln.strip()]
-    with _t.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
-        f.write("\n".join(lines) + "\n")
-    return read_ground_truth(f.name)
+    parts = [read_ground_truth(p) for p in paths]
+    return GroundTruth([q for g in parts for q in g.queries], set().union(*(g.positives for g in parts)))
 
 
 def _print(rows: list[dict], gt_obj, gt_path) -> None:

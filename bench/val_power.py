@@ -23,30 +23,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import _main_tags  # noqa: E402
+from bench.quality import _main_tags, nes_descriptors  # noqa: E402
 
 STAGES = ("stage0", "stage1", "stage1b", "stage2", "stage3", "stage4")
 
 
 def candidate_scores(models: dict, data, sizes: list[int], work: Path) -> list[dict]:
     """(stage, size) -> val / test µAP after NES, with the ranked lists for the bootstrap."""
-    from isc.contract import DESCRIPTORS_FILE, TRAIN_DESCRIPTORS_FILE
     from isc.extract.describe import resolve_input_size
-    from isc.extract.streamed import extract_descriptors
-    from isc.io import Descriptors, read_descriptors, read_ground_truth, read_train_descriptors
+    from isc.io import read_ground_truth
     from isc.metrics import evaluate
-    from isc.postprocess import postprocess_descriptors
 
     gts = {k: read_ground_truth(data.ground_truth(k)) for k in ("val", "test")}
     rows = []
     for stage, model in models.items():
         for size in sizes:
-            out = Path(tempfile.mkdtemp(prefix=f"{stage}-{size}-", dir=work))
-            extract_descriptors(model, data, "qrt", out, input_size=size or None, tta=False, batch_size=32, workers=2)
-            raw = read_descriptors(out / DESCRIPTORS_FILE)
-            train, _ = read_train_descriptors(out / TRAIN_DESCRIPTORS_FILE)
-            nes = postprocess_descriptors(raw.query, raw.reference, train)
-            desc = Descriptors(nes.query, raw.query_ids, nes.reference, raw.reference_ids)
+            desc = nes_descriptors(model, data, Path(tempfile.mkdtemp(prefix=f"{stage}-{size}-", dir=work)),
+                                   size or None, False)
             row = {"candidate": f"{stage} @ {resolve_input_size(model, size)} px"}
             for k, gt in gts.items():
                 res = evaluate(desc, gt)

@@ -33,24 +33,25 @@ class Tile:
 
 
 def partition(width: int, height: int, target: float, rng: random.Random,
-              min_cut: int = MIN_TILE_SIDE) -> list[tuple[int, int, int, int]]:
+              min_cut: int | None = None) -> list[tuple[int, int, int, int]]:
     """Random k-d partition of a width x height photo into non-overlapping rectangles (x0, y0, x1, y1).
 
     A region is split (across its longer side at U(35 %, 65 %)) while that side exceeds
     ``target x U(1, 2)`` px, so leaves come at different scales; together they cover the photo exactly.
-    With ``min_cut`` above the default, a split leaves both parts at least ``min_cut`` px along the cut side
-    (the cut is drawn inside that range), so no leaf is wasted under a minimum size.
+    With ``min_cut``, a split leaves both parts at least ``min_cut`` px along the cut side (the cut is drawn
+    inside that range), so no leaf is wasted under a minimum size.
     """
+    stop = 2 * (min_cut or MIN_TILE_SIDE)
     out: list[tuple[int, int, int, int]] = []
     stack = [(0, 0, width, height)]
     while stack:
         x0, y0, x1, y1 = stack.pop()
         w, h = x1 - x0, y1 - y0
-        if max(w, h) <= target * rng.uniform(1.0, 2.0) or max(w, h) < 2 * min_cut:
+        side = max(w, h)
+        if side <= target * rng.uniform(1.0, 2.0) or side < stop:
             out.append((x0, y0, x1, y1))
             continue
-        side = max(w, h)
-        lo, hi = (0.35, 0.65) if min_cut == MIN_TILE_SIDE else (max(0.35, min_cut / side), min(0.65, 1 - min_cut / side))
+        lo, hi = (0.35, 0.65) if min_cut is None else (max(0.35, min_cut / side), min(0.65, 1 - min_cut / side))
         if w >= h:
             cut = x0 + round(w * rng.uniform(lo, hi))
             stack += [(cut, y0, x1, y1), (x0, y0, cut, y1)]
@@ -58,6 +59,21 @@ def partition(width: int, height: int, target: float, rng: random.Random,
             cut = y0 + round(h * rng.uniform(lo, hi))
             stack += [(x0, cut, x1, y1), (x0, y0, x1, cut)]
     return out
+
+
+def _leaves(photos: Sequence[tuple[str, Image.Image]], target: float, rng: random.Random,
+            min_cut: int | None = None, min_long: int = 0) -> list[Tile]:
+    """The partition's leaves worth an image: not flat (grey std >= MIN_TILE_STD), short side >= MIN_TILE_SIDE,
+    long side >= ``min_long``; in photo order, without pixels yet."""
+    tiles: list[Tile] = []
+    for name, img in photos:
+        gray = np.asarray(img.convert("L"), dtype=np.float32)
+        for x0, y0, x1, y1 in partition(img.width, img.height, target, rng, min_cut):
+            if min(x1 - x0, y1 - y0) < MIN_TILE_SIDE or max(x1 - x0, y1 - y0) < min_long:
+                continue
+            if gray[y0:y1, x0:x1].std() >= MIN_TILE_STD:
+                tiles.append(Tile(name, (x0, y0, x1, y1)))
+    return tiles
 
 
 def make_tiles(
@@ -68,14 +84,7 @@ def make_tiles(
     target = 1.5 * math.sqrt(area / n_needed)  # start too big, shrink until enough leaves survive
     while True:
         rng = random.Random(seed)
-        tiles: list[Tile] = []
-        for name, img in photos:
-            gray = np.asarray(img.convert("L"), dtype=np.float32)
-            for rect in partition(img.width, img.height, target, rng):
-                x0, y0, x1, y1 = rect
-                if min(x1 - x0, y1 - y0) < MIN_TILE_SIDE or gray[y0:y1, x0:x1].std() < MIN_TILE_STD:
-                    continue
-                tiles.append(Tile(name, rect))
+        tiles = _leaves(photos, target, rng)
         if len(tiles) >= n_needed:
             break
         if target * 0.9 < MIN_TILE_SIDE:
@@ -106,18 +115,8 @@ def make_regions(
     """
     lo, hi = sides
     area = sum(img.width * img.height for _, img in photos)
-    target = max(lo, math.sqrt(area / max(1, n_wanted)))
     rng = random.Random(seed)
-    tiles: list[Tile] = []
-    for name, img in photos:
-        gray = np.asarray(img.convert("L"), dtype=np.float32)
-        for rect in partition(img.width, img.height, target, rng, min_cut=lo):
-            x0, y0, x1, y1 = rect
-            if max(x1 - x0, y1 - y0) < lo or min(x1 - x0, y1 - y0) < MIN_TILE_SIDE:
-                continue
-            if gray[y0:y1, x0:x1].std() < MIN_TILE_STD:
-                continue
-            tiles.append(Tile(name, rect))
+    tiles = _leaves(photos, max(lo, math.sqrt(area / max(1, n_wanted))), rng, min_cut=lo, min_long=lo)
     rng.shuffle(tiles)
     tiles = tiles[:n_wanted]
     by_name = dict(photos)
