@@ -8,17 +8,17 @@ here, on the entry-point side: the ``isc`` library never imports ``entrypoints``
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import logging
 import os
 import signal
 import sys
 import threading
-import time
 
 from isc.errors import ISCError
 from isc.fileutil import disk_error_in, os_error_line
-from isc.proctree import STOP_SIGNALS, dead_parent, end_with_parent, under_reporting_parent
+from isc.proctree import STOP_SIGNALS, dead_parent_soon, end_with_parent, under_reporting_parent
 from isc.redact import install_log_redaction, redact
 from isc.tracking import report_dead_driver
 
@@ -87,7 +87,7 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
         if not under_reporting_parent():
             print(f"error: interrupted by {name}; its MLflow run (if one was open) is marked KILLED and "
                   "unfinished outputs were removed", file=sys.stderr)
-        elif (driver := _dead_parent_soon(signum)) is not None:  # nobody is left to report: this step says it
+        elif (driver := dead_parent_soon(signum)) is not None:  # nobody is left to report: this step says it
 
             report_dead_driver(driver, step_run)
         return 128 + int(signum)
@@ -127,17 +127,6 @@ def run_entrypoint(module: str, argv: list[str]) -> int:
             signal.signal(signum, handler)
         if previous is not None:
             sys.unraisablehook = sys.__unraisablehook__
-
-
-def _dead_parent_soon(signum: int, wait_s: float = 1.0) -> str | None:
-    """:func:`isc.proctree.dead_parent`, looked at again for up to ``wait_s`` after a SIGTERM (the signal the
-    kernel sends when the driver dies). Why: in one CI run of six (2026-12-07) a step ended KILLED
-    after its driver's SIGKILL but printed nothing, as if it still saw the driver as its parent when it
-    checked; a second look costs a live driver's forwarded SIGTERM at most this wait."""
-    deadline = time.monotonic() + (wait_s if signum == signal.SIGTERM else 0.0)
-    while (driver := dead_parent()) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return driver
 
 
 class Terminated(KeyboardInterrupt):
@@ -200,6 +189,8 @@ def _catch_signals() -> dict[int, object] | None:
     if threading.current_thread() is not threading.main_thread():
         return None
     sys.unraisablehook = _reraise_swallowed
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's stack on stderr, for a step that hangs
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     return {signum: signal.signal(signum, _raise_interrupted if signum == signal.SIGINT else _raise_terminated)
             for signum in STOP_SIGNALS}
 

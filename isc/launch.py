@@ -26,7 +26,7 @@ import sys
 
 from isc.errors import ConfigError
 from isc.local_torchrun import main as local_main
-from isc.proctree import PARENT_ENV, dead_parent, end_with_parent, under_reporting_parent
+from isc.proctree import PARENT_ENV, STOP_SIGNALS, dead_parent_soon, end_with_parent, under_reporting_parent
 from isc.tracking import report_dead_driver
 
 
@@ -80,6 +80,25 @@ def _int(options: dict[str, str], name: str, default: int = 1) -> int:
         raise ConfigError(name, f"expected a whole number, got '{options[name]}'") from None
 
 
+def _stop_once() -> None:
+    """Under ``isc main``: torchrun's stop handler fires once, later stop signals are ignored while it stops
+    the ranks (as :mod:`entrypoints.cli` does for a step). Why: each further signal raised torchrun's
+    ``SignalException`` again, inside its wait for the ranks, so it exited while they still cleaned up.
+    A SIGKILLed driver sends that: the kernel's PR_SET_PDEATHSIG comes once per driver thread that exits
+    (2-3 in a row, measured), and ci17 saw a rank outlive torchrun and report torchrun as the dead driver.
+    The driver SIGKILLs a step that does not end in its grace period, so nothing waits for ever."""
+    import torch.distributed.elastic.multiprocessing.api as elastic_api
+
+    torch_handler = elastic_api._terminate_process_handler  # start() installs it by this module-level name
+
+    def once(signum: int, frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        torch_handler(signum, frame)
+
+    elastic_api._terminate_process_handler = once
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -96,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet = under_reporting_parent()  # a step of `isc main`: the driver prints the line
     driver = os.environ.get(PARENT_ENV, "")
+    if quiet:
+        _stop_once()
     end_with_parent()  # SIGTERM (torchrun stops its ranks) when the driver is killed
     os.environ[PARENT_ENV] = str(os.getpid())  # the ranks stay quiet: this process reports for them
     try:
@@ -111,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if not quiet:
             print(f"error: interrupted by {signal.Signals(exc.sigval).name}; the ranks were stopped and the "
                   "MLflow run (if one was open) is marked KILLED", file=sys.stderr)
-        elif dead_parent(driver) is not None:  # the driver was SIGKILLed: nobody else reports or marks the job
+        elif dead_parent_soon(exc.sigval, driver) is not None:  # the driver was SIGKILLed: nobody else reports
 
             report_dead_driver(driver, os.environ.get("MLFLOW_RUN_ID", ""))
         return 128 + int(exc.sigval)

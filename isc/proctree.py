@@ -64,6 +64,18 @@ def dead_parent(parent: str | None = None) -> str | None:
     return parent if parent.isdigit() and os.getppid() != int(parent) else None
 
 
+def dead_parent_soon(signum: int, parent: str | None = None, wait_s: float = 1.0) -> str | None:
+    """:func:`dead_parent`, looked at again for up to ``wait_s`` after a SIGTERM (the signal the kernel sends
+    when the parent dies). Why: a parent killed by SIGKILL dies thread by thread, and ``getppid()`` names it
+    until its last thread is gone -- after the kernel's PR_SET_PDEATHSIG, which comes as its first thread
+    exits. Seen in CI: a step ended KILLED after its driver's SIGKILL but printed nothing. A live parent's
+    forwarded SIGTERM costs this wait at most."""
+    deadline = time.monotonic() + (wait_s if signum == signal.SIGTERM else 0.0)
+    while (dead := dead_parent(parent)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return dead
+
+
 def end_with_parent() -> None:
     """In a step process: get SIGTERM when the parent that reports for it (:data:`PARENT_ENV`) dies -- also
     by SIGKILL or the OOM killer, which nothing in the parent can handle (before: the step trained on, an

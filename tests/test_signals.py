@@ -32,6 +32,17 @@ def _ended_by(proc: subprocess.Popen, sig: int, err: str) -> list[str]:
     return _error_lines(err)
 
 
+def _communicate_or_stacks(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc.communicate``; on a hang, fail with the stacks of its threads (``kill -USR1``: faulthandler)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        raise AssertionError(f"no exit in {timeout} s; its stacks:\n" + proc.communicate()[1][-6000:]) from None
+
+
 def _statuses(db: Path) -> list[str]:
     if not db.exists():
         return []
@@ -80,7 +91,7 @@ def test_a_signal_marks_the_run_killed_with_one_line(tmp_path, sig):
     proc, db = _evaluate_inside_its_run(tmp_path)
     try:
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        _, err = _communicate_or_stacks(proc, 120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -107,7 +118,7 @@ def test_a_store_locked_when_the_signal_lands_still_ends_the_run_killed(tmp_path
         finally:
             lock.execute("ROLLBACK")
             lock.close()
-        _, err = proc.communicate(timeout=120)
+        _, err = _communicate_or_stacks(proc, 120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -167,7 +178,7 @@ def test_sigterm_to_train_ends_its_dataloader_workers_and_marks_the_run_killed(t
             os.killpg(proc.pid, sig)
         else:
             proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        _, err = _communicate_or_stacks(proc, 120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -226,7 +237,7 @@ def test_a_signal_to_main_ends_every_step_process_and_marks_the_runs_killed(tmp_
                 break
             time.sleep(0.5)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=180)
+        _, err = _communicate_or_stacks(proc, 180)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -286,7 +297,7 @@ def test_a_signal_to_one_process_of_main_still_ends_the_step_killed(tmp_path, mi
         step = psutil.Process(proc.pid).children()[0]
         (step if target == "step-SIGTERM" else proc).send_signal(
             signal.SIGTERM if target == "step-SIGTERM" else signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
+        _, err = _communicate_or_stacks(proc, 120)
         end = time.monotonic() + 60
         while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree) and time.monotonic() < end:
             time.sleep(0.5)
@@ -308,6 +319,55 @@ def test_a_signal_to_one_process_of_main_still_ends_the_step_killed(tmp_path, mi
         assert len(lines) == 1 and lines[0].startswith(f"error: the main job's process (pid {proc.pid}) died"), err[-3000:]
         assert "its main run" in lines[0] and "Traceback" not in err, err[-3000:]
         assert [s for n, s in names.items() if n.startswith("main-")] == ["KILLED"], names
+
+
+SLOW_CLEANUP_RANK = """
+import os, pathlib, sys, time
+from entrypoints.cli import run_entrypoint
+
+def main(argv):
+    out = pathlib.Path(argv[0])
+    (out / f"up{os.environ['RANK']}").write_text("")
+    try:
+        while True:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        time.sleep(2)  # a rank's cleanup: its run marked KILLED, its partial files removed
+        (out / f"cleaned{os.environ['RANK']}").write_text("")
+        raise
+
+if __name__ == "__main__":
+    sys.exit(run_entrypoint("slow_cleanup_rank", sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_repeated_stop_signals_to_torchrun_under_main_still_wait_for_the_ranks(tmp_path):
+    """A SIGKILLed driver's death signal comes once per driver thread (2-3 SIGTERMs in a row). Before, each
+    raised torchrun's stop again inside its wait for the ranks: ``isc.launch`` exited while they cleaned up
+    (ci17: a rank outlived it and reported it as the dead driver). Now the first one is acted on and the
+    ranks' cleanup is waited for."""
+    (tmp_path / "slow_cleanup_rank.py").write_text(SLOW_CLEANUP_RANK)
+    env = {**os.environ, "PYTHONPATH": f"{PROJECT_ROOT}{os.pathsep}{tmp_path}", "ISC_PARENT_PID": str(os.getpid())}
+    proc = subprocess.Popen([sys.executable, "-m", "isc.launch", "--nproc-per-node", "2", "-m", "slow_cleanup_rank",
+                             str(tmp_path)], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((tmp_path / "up0").exists() and (tmp_path / "up1").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        for _ in range(3):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        proc.wait(timeout=120)
+        cleaned = sorted(p.name for p in tmp_path.glob("cleaned*"))  # as the launcher exits
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert cleaned == ["cleaned0", "cleaned1"], err[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert _error_lines(err) == [], err[-3000:]  # under a reporting parent: the parent says it
 
 
 def test_a_signal_that_lands_in_a_finalizer_still_interrupts(tmp_path):
