@@ -149,3 +149,26 @@ def test_persistent_workers_see_every_new_epoch_and_match_the_main_process(mini_
         assert labels.tolist() == [i for i in sampler._indices()[:4] for _ in range(cfg.ncrops)]
     assert not torch.equal(first[0], first[1])  # a new epoch, new views
     assert loader._iterator is not None and loader._iterator._persistent_workers
+
+
+@pytest.mark.parametrize("stage", ["demo_stage3", "demo_stage4"])
+def test_no_reference_of_val_or_test_is_ever_a_training_negative(mini_data, stage):
+    """Stages 3 and 4 draw extra negatives from the reference folder. Before, val's and test's references
+    were among them, so the model had seen the photos it was then scored and chosen on."""
+    from isc.io import read_ground_truth
+    from isc.train.parts import build_dataset
+
+    heldout = {r for split in ("val", "test") for _, r in read_ground_truth(mini_data.ground_truth(split)).positives}
+    refs = {r for r, _ in mini_data.images("reference")}
+    assert heldout and heldout < refs
+    cfg = load_config(stage, data=str(mini_data.root), backbone="test_efficientnet", pretrained=False,
+                      input_size=32, workers=0)
+    dataset, facts = build_dataset(cfg, [0.5] * 3, [0.25] * 3)
+    pool = {p.stem for p in dataset.negatives}
+    assert pool and not pool & heldout
+    assert facts["n_heldout_references_excluded"] == len(heldout)
+    if stage == "demo_stage3":  # every other reference stays a negative (v98: all references)
+        assert pool == refs - heldout
+    else:  # v107: nor any positive of the pairs file (the train split)
+        train_refs = {r for _, r in read_ground_truth(mini_data.ground_truth("train")).positives}
+        assert pool == refs - heldout - train_refs

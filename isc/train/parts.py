@@ -38,6 +38,7 @@ from isc.train.datasets import (
     ResumableShuffleSampler,
     ViewsDataset,
     collate,
+    heldout_references,
     read_positive_pairs,
 )
 
@@ -130,6 +131,8 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float],
     facts: dict[str, Any] = {}
     negatives: list[Path] = []
     n_negatives = cfg.negatives_at(world_size)
+    heldout = heldout_references(data.root) if n_negatives else set()
+    pool = [p for r, p in data.images("reference") if r not in heldout] if n_negatives else []
     if cfg.stage == PAIRS_STAGE:
         pairs_path = resolve_pairs_path(cfg)
         all_pairs = read_positive_pairs(pairs_path, data.root)
@@ -138,7 +141,7 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float],
             # v107.py: negatives come from the references that are no positive of any pair of the file
             # (all of it, also when sample_size trains on fewer pairs)
             positive_refs = {r for _, r in all_pairs}
-            negatives = [p for _, p in data.images("reference") if p not in positive_refs]
+            negatives = [p for p in pool if p not in positive_refs]
         transform = augment.build_eval_transform(cfg.input_size, mean, std)
         ds: torch.utils.data.Dataset = PairsDataset(pairs, transform, cfg.seed, negatives, n_negatives)
         facts["pairs_path"] = str(pairs_path)
@@ -150,12 +153,13 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float],
                                                   views=cfg.views, anchor=cfg.anchor)
         neg_transform = None
         if n_negatives:
-            negatives = [p for _, p in data.images("reference")]
+            negatives = pool  # minus the held-out splits' references (heldout_references)
             # v98.py: the reference negatives get the plain Resize((s, s)) + Normalize, no random view
             neg_transform = augment.build_eval_transform(cfg.input_size, mean, std)
         ds = ViewsDataset(paths, transform, cfg.seed, negatives, n_negatives, neg_transform)
     facts["n_items"] = len(ds)
     facts["n_negative_pool"] = len(negatives)
+    facts["n_heldout_references_excluded"] = len(heldout)
     return ds, facts
 
 
