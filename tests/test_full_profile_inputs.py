@@ -96,6 +96,17 @@ def test_broken_inputs_fail_in_seconds_before_any_training_run_naming_every_file
     assert runs[0].info.status == "FAILED"
 
 
+def test_the_negative_pool_check_counts_no_held_out_reference(readme_data):
+    """64 references, 8 of them the test split's: 60 negatives per item are more than stage 3 may draw."""
+    from isc.preflight import check_main_inputs
+    from tests.test_main import TINY_FULL
+
+    with pytest.raises(ConfigError) as err:
+        check_main_inputs("full", readme_data, {**TINY_FULL, "num_negatives": 60}, n_trials=0, world_size=2)
+    assert "56 reference image(s)" in str(err.value) and "outside val and test" in str(err.value)
+    check_main_inputs("full", readme_data, {**TINY_FULL, "num_negatives": 30}, n_trials=0, world_size=2)
+
+
 def test_scoring_on_stage4s_training_pairs_is_refused(readme_data):
     """A test ground truth that shares queries with the pairs stage 4 trains on is refused by name."""
     from isc.preflight import check_main_inputs
@@ -131,7 +142,11 @@ def test_v107_batch_is_one_pair_and_2g_minus_2_negatives_per_process_over_every_
     assert facts["pairs_path"] == str(readme_data / "public_ground_truth.csv") and facts["n_items"] == 18
     refs = DISC21(readme_data).images("reference")
     positive_refs = {r for _, r in public.positives}
-    assert facts["n_negative_pool"] == len(refs) - len(positive_refs)
+    # minus the references the held-out test split scores: never seen in training (the seed has no such split)
+    heldout = {r for _, r in read_ground_truth(readme_data / "ground_truth_test.csv").positives}
+    assert heldout and not heldout & positive_refs
+    assert facts["n_negative_pool"] == len(refs) - len(positive_refs) - len(heldout)
+    assert facts["n_heldout_references_excluded"] == len(heldout)
     pairs_seen, negatives_seen = [], set()
     for rank in range(g):
         sampler = ResumableShuffleSampler(len(dataset), cfg.per_process_batch(g), cfg.seed, rank, g)
