@@ -167,7 +167,6 @@ def _check_stage_data(label: str, cfg: Any, world_size: int, scored: dict[str, P
                       found: _Findings) -> None:  # fmt: skip
     """The images (and, for stage 4, the pairs) one stage trains on: enough for a step and its negatives."""
     from isc.train import config as tc
-    from isc.train.datasets import heldout_references
 
     ds, negatives, batch = found.ds, cfg.negatives_at(world_size), cfg.global_batch(world_size)
     if cfg.stage == tc.PAIRS_STAGE:
@@ -177,7 +176,7 @@ def _check_stage_data(label: str, cfg: Any, world_size: int, scored: dict[str, P
         if 0 < n < batch:
             found.problems.append(f"{label}: {n} training image(s) under {ds.training_dir}, fewer than one step's "
                                   f"global batch of {batch}")
-        pool = set(found.images("reference")) - heldout_references(ds.root)  # as build_dataset draws them
+        pool = set(found.images("reference")) - ds.heldout_references()  # as build_dataset draws them
         if cfg.stage in tc.NEGATIVE_STAGES and negatives and 0 < len(pool) < negatives:
             found.problems.append(f"{label}: {len(pool)} reference image(s) under {ds.reference_dir} outside "
                                   f"val and test, fewer than the {negatives} negatives per item")
@@ -188,7 +187,6 @@ def _check_pairs_stage(label: str, cfg: Any, batch: int, negatives: int, scored:
     """Stage 4's pairs: enough usable pairs for a step, no query shared with a scored ground truth, enough
     references outside the pairs for the negatives."""
     from isc.train import config as tc
-    from isc.train.datasets import heldout_references
 
     pairs_path = tc.resolve_pairs_path(cfg)
     pairs_gt = found.ground_truth(pairs_path, f"{label} pairs")
@@ -208,7 +206,7 @@ def _check_pairs_stage(label: str, cfg: Any, batch: int, negatives: int, scored:
                 f"{pairs_path} (e.g. {sorted(shared)[:3]}): scoring on training pairs is refused; give "
                 f"a ground truth disjoint from them, or stage 4 another `pairs` file")
     if negatives:
-        pool = len(set(refs) - {r for _, r in pairs_gt.positives} - heldout_references(found.ds.root))
+        pool = len(set(refs) - {r for _, r in pairs_gt.positives} - found.ds.heldout_references())
         if pool < negatives:
             found.problems.append(f"{label}: {pool} reference image(s) under {found.ds.reference_dir} are no "
                                   f"positive of {pairs_path} nor a val/test reference, fewer than the {negatives} "

@@ -154,13 +154,20 @@ def test_persistent_workers_see_every_new_epoch_and_match_the_main_process(mini_
 @pytest.mark.parametrize("stage", ["demo_stage3", "demo_stage4"])
 def test_no_reference_of_val_or_test_is_ever_a_training_negative(mini_data, stage):
     """Stages 3 and 4 draw extra negatives from the reference folder. Before, val's and test's references
-    were among them, so the model had seen the photos it was then scored and chosen on."""
+    were among them, so the model had seen the photos it was then scored and chosen on -- the queried ones
+    (ground-truth positives) and the never-queried regions of the same photos (the manifest's)."""
+    import json
+
     from isc.io import read_ground_truth
     from isc.train.parts import build_dataset
 
-    heldout = {r for split in ("val", "test") for _, r in read_ground_truth(mini_data.ground_truth(split)).positives}
+    scored = {r for split in ("val", "test") for _, r in read_ground_truth(mini_data.ground_truth(split)).positives}
+    manifest = json.loads((mini_data.root / "mini_manifest.json").read_text())
+    held_photos = set(manifest["photo_splits"]["val"]) | set(manifest["photo_splits"]["test"])
+    heldout = {r for r, where in manifest["references"].items() if manifest["photos"][where[0]] in held_photos}
     refs = {r for r, _ in mini_data.images("reference")}
-    assert heldout and heldout < refs
+    assert scored and scored < heldout < refs  # the tiny data has never-queried regions of held-out photos too
+    assert mini_data.heldout_references() == heldout
     cfg = load_config(stage, data=str(mini_data.root), backbone="test_efficientnet", pretrained=False,
                       input_size=32, workers=0)
     dataset, facts = build_dataset(cfg, [0.5] * 3, [0.25] * 3)
@@ -172,3 +179,12 @@ def test_no_reference_of_val_or_test_is_ever_a_training_negative(mini_data, stag
     else:  # v107: nor any positive of the pairs file (the train split)
         train_refs = {r for _, r in read_ground_truth(mini_data.ground_truth("train")).positives}
         assert pool == refs - heldout - train_refs
+
+
+def test_a_broken_mini_manifest_is_named(tmp_path):
+    from isc.data.disc21 import DISC21
+
+    (tmp_path / "mini_manifest.json").write_text('{"references": {"R0": [7]}, "photos": [], "photo_splits": {}}')
+    with pytest.raises(ConfigError, match="mini_manifest.json: unreadable make-mini manifest"):
+        DISC21(tmp_path).heldout_references()
+    assert DISC21(tmp_path / "elsewhere").heldout_references() == set()  # no split file, no manifest: none

@@ -16,6 +16,7 @@ file ``public_ground_truth.csv``; pass it explicitly.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from isc.errors import ConfigError
 
 SPLIT_DIRS = {"query": "query_images", "reference": "reference_images", "train": "training_images"}
 SPLIT_LETTERS = {"q": "query", "r": "reference", "t": "train"}
+HELDOUT_SPLITS = ("val", "test")
+MINI_MANIFEST = "mini_manifest.json"  # written by ``isc data make-mini`` (isc.data.mini)
 
 
 def list_images(folder: str | Path, limit: int | None = None) -> list[tuple[str, Path]]:
@@ -81,6 +84,33 @@ class DISC21:
 
     def images(self, split: str, limit: int | None = None) -> list[tuple[str, Path]]:
         return list_images(self.split_dir(split), limit)
+
+    def heldout_references(self) -> set[str]:
+        """Ids of the references of the held-out splits (val, test): never a training negative.
+
+        The positives of ``ground_truth_val.csv`` / ``ground_truth_test.csv`` where present, plus, in a
+        ``make-mini`` folder, every reference cut from a val or test photo (``mini_manifest.json``), queried
+        or not. Why: stages 3 and 4 draw extra negatives from the reference folder (v98, v107); the seed draws
+        from all of it, the evaluation's references included, which here let stage 4 see every val and test
+        photo about ten times, and val then preferred the stage that had seen its photos. Without split files
+        or manifest (the seed's ``public_ground_truth.csv`` alone) nothing is held out: the seed's pool."""
+        from isc.io import read_ground_truth
+
+        out: set[str] = set()
+        for split in HELDOUT_SPLITS:
+            path = self.ground_truth(split)
+            if path.exists():
+                out |= {str(r) for _, r in read_ground_truth(path).positives}
+        manifest = self.root / MINI_MANIFEST
+        if manifest.exists():
+            try:
+                m = json.loads(manifest.read_text())
+                heldout_photos = {p for split in HELDOUT_SPLITS for p in m.get("photo_splits", {}).get(split, [])}
+                out |= {r for r, where in m.get("references", {}).items() if m["photos"][where[0]] in heldout_photos}
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise ConfigError(str(manifest), f"unreadable make-mini manifest ({exc!r}); rebuild the folder "
+                                                 "with `isc data make-mini` or remove the file") from None
+        return out
 
     def validate(self, splits: str = "qrt") -> None:
         """Raise a ``ConfigError`` naming the first missing folder."""

@@ -225,30 +225,6 @@ def read_positive_pairs(path: Path, data_root: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-HELDOUT_SPLITS = ("val", "test")
-
-
-def heldout_references(data_root: Path) -> set[str]:
-    """Ids of the references that a held-out split scores (positives of ``ground_truth_val.csv`` /
-    ``ground_truth_test.csv``, where present): never a training negative.
-
-    Why: stages 3 and 4 draw extra negatives from the reference folder (v98, v107). On DISC21 the seed
-    draws from all of it, the evaluation's references included; here that let stage 4 see every val and
-    test photo about ten times, and val then preferred the stage that had seen its photos (bundled test
-    +0.04 over stage 3, yet at stage 0's level on photos no stage had seen). With no split files (the seed's
-    ``public_ground_truth.csv`` alone) nothing is excluded: the seed's pool."""
-    from isc.data.disc21 import DISC21
-    from isc.io import read_ground_truth
-
-    data = DISC21(data_root)
-    out: set[str] = set()
-    for split in HELDOUT_SPLITS:
-        path = data.ground_truth(split)
-        if path.exists():
-            out |= {str(r) for _, r in read_ground_truth(path).positives}
-    return out
-
-
 def _gt_pairs(gt: Any) -> list[tuple[str, str]]:
     """(query_id, reference_id) positives of an ``isc.io.GroundTruth``, sorted (a stable item order)."""
     return sorted((str(q), str(r)) for q, r in gt.positives)

@@ -38,7 +38,6 @@ from isc.train.datasets import (
     ResumableShuffleSampler,
     ViewsDataset,
     collate,
-    heldout_references,
     read_positive_pairs,
 )
 
@@ -131,7 +130,7 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float],
     facts: dict[str, Any] = {}
     negatives: list[Path] = []
     n_negatives = cfg.negatives_at(world_size)
-    heldout = heldout_references(data.root) if n_negatives else set()
+    heldout = data.heldout_references() if n_negatives else set()
     pool = [p for r, p in data.images("reference") if r not in heldout] if n_negatives else []
     if cfg.stage == PAIRS_STAGE:
         pairs_path = resolve_pairs_path(cfg)
@@ -153,7 +152,7 @@ def build_dataset(cfg: TrainConfig, mean: list[float], std: list[float],
                                                   views=cfg.views, anchor=cfg.anchor)
         neg_transform = None
         if n_negatives:
-            negatives = pool  # minus the held-out splits' references (heldout_references)
+            negatives = pool  # minus the held-out splits' references
             # v98.py: the reference negatives get the plain Resize((s, s)) + Normalize, no random view
             neg_transform = augment.build_eval_transform(cfg.input_size, mean, std)
         ds = ViewsDataset(paths, transform, cfg.seed, negatives, n_negatives, neg_transform)
