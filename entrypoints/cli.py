@@ -8,6 +8,7 @@ here, on the entry-point side: the ``isc`` library never imports ``entrypoints``
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib
 import logging
@@ -190,7 +191,8 @@ def _catch_signals() -> dict[int, object] | None:
         return None
     sys.unraisablehook = _reraise_swallowed
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's stack on stderr, for a step that hangs
-        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr with no file descriptor:
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)  # (captured, in-process) skip
     return {signum: signal.signal(signum, _raise_interrupted if signum == signal.SIGINT else _raise_terminated)
             for signum in STOP_SIGNALS}
 
