@@ -176,8 +176,10 @@ def _check_stage_data(label: str, cfg: Any, world_size: int, scored: dict[str, P
         if 0 < n < batch:
             found.problems.append(f"{label}: {n} training image(s) under {ds.training_dir}, fewer than one step's "
                                   f"global batch of {batch}")
+        if cfg.stage not in tc.NEGATIVE_STAGES or not negatives:
+            return
         pool = set(found.images("reference")) - ds.heldout_references()  # as build_dataset draws them
-        if cfg.stage in tc.NEGATIVE_STAGES and negatives and 0 < len(pool) < negatives:
+        if 0 < len(pool) < negatives:
             found.problems.append(f"{label}: {len(pool)} reference image(s) under {ds.reference_dir} outside "
                                   f"val and test, fewer than the {negatives} negatives per item")
 
